@@ -1,0 +1,11 @@
+//! tidemark: continuous, crash-consistent block replication for Linux.
+//!
+//! The module tree follows the data path: a write is recorded by [`capture`],
+//! batched, compressed and sealed into a [`frame`] by the [`agent`], carried over
+//! mutual TLS by [`transport`] to the [`relay`], which spools it durably and
+//! forwards it to the [`target`], which applies it in chain order to an
+//! [`image`]. [`bench`] runs all of it on one machine.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod error;
