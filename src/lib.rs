@@ -8,5 +8,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod capture;
 pub mod error;
+pub mod transport;
 pub mod util;
