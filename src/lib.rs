@@ -10,5 +10,6 @@
 
 pub mod capture;
 pub mod error;
+pub mod target;
 pub mod transport;
 pub mod util;
