@@ -440,15 +440,19 @@ impl Opener {
                 known: self.epochs(),
             });
         };
-        // parse() checked bytes.len() == 128 + stored_len + 16.
-        let (aad, rest) = bytes.split_at(HEADER_LEN);
-        let (body, tag) = rest.split_at(h.stored_len as usize);
-        let tag = Tag::try_from(tag).map_err(|_| FrameError::LengthMismatch {
+        // parse() checked bytes.len() == 128 + stored_len + 16; the checked splits
+        // only keep a broken invariant from turning into a panic.
+        let mismatch = || FrameError::LengthMismatch {
             frame_no: h.frame_no,
             stored_len: h.stored_len,
             expected: h.wire_len(),
             actual: bytes.len(),
-        })?;
+        };
+        let (aad, rest) = bytes.split_at_checked(HEADER_LEN).ok_or_else(mismatch)?;
+        let (body, tag) = rest
+            .split_at_checked(h.stored_len as usize)
+            .ok_or_else(mismatch)?;
+        let tag = Tag::try_from(tag).map_err(|_| mismatch())?;
         let nonce = Nonce::from(nonce(h.key_epoch, h.frame_no));
         let auth = || FrameError::AuthFailed {
             group: h.group,
@@ -503,9 +507,8 @@ impl Opener {
             detail,
         };
         records.reserve_exact(h.record_count as usize);
-        for (i, chunk) in data[..hdr_len].chunks_exact(RECORD_HEADER_LEN).enumerate() {
-            let chunk: &[u8; RECORD_HEADER_LEN] =
-                chunk.try_into().unwrap_or(&[0; RECORD_HEADER_LEN]);
+        let (chunks, _) = data[..hdr_len].as_chunks::<RECORD_HEADER_LEN>();
+        for (i, chunk) in chunks.iter().enumerate() {
             records.push(RecordHeader::decode(i, chunk).map_err(invalid)?);
         }
         let bounds = RecordBounds {
