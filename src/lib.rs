@@ -8,8 +8,18 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod capture;
 pub mod error;
-pub mod target;
-pub mod transport;
 pub mod util;
+
+pub mod config;
+pub mod pki;
+
+pub mod capture;
+pub mod frame;
+pub mod transport;
+
+pub mod agent;
+pub mod relay;
+pub mod target;
+
+pub mod image;
