@@ -256,31 +256,25 @@ pub trait IoEngine: Send {
     fn read_at(&mut self, file: &File, offset: u64, buf: &mut [u8]) -> io::Result<()>;
 }
 
-/// Why an engine's batch failed.
+/// Which op of an engine's batch failed, and why (the lowest-indexed failing op).
 #[derive(Debug, thiserror::Error)]
-pub enum EngineError {
-    /// One op of the batch failed (the lowest-indexed failing op is reported).
-    #[error("{kind} at offset {offset}, len {len} (op {index} of the batch) failed: {source}")]
-    Op {
-        /// Index of the op in the batch.
-        index: usize,
-        /// Write or zero.
-        kind: OpKind,
-        /// Offset of the op.
-        offset: u64,
-        /// Length of the op.
-        len: u64,
-        /// The OS error (errno in `raw_os_error()`).
-        source: io::Error,
-    },
-    /// The ring itself failed with nothing in flight (io_uring_enter error).
-    #[error("io_uring submission failed: {0}")]
-    Ring(io::Error),
+#[error("{kind} at offset {offset}, len {len} (op {index} of the batch) failed: {source}")]
+pub struct EngineError {
+    /// Index of the op in the batch.
+    pub index: usize,
+    /// Write or zero.
+    pub kind: OpKind,
+    /// Offset of the op.
+    pub offset: u64,
+    /// Length of the op.
+    pub len: u64,
+    /// The OS error (errno in `raw_os_error()`).
+    pub source: io::Error,
 }
 
 impl EngineError {
     pub(crate) fn op(index: usize, op: &WriteOp<'_>, source: io::Error) -> Self {
-        EngineError::Op {
+        EngineError {
             index,
             kind: op.kind(),
             offset: op.offset(),
@@ -375,14 +369,6 @@ pub enum ImageError {
         /// The OS error (errno in `raw_os_error()`).
         source: io::Error,
     },
-    /// io_uring_enter failed with nothing in flight.
-    #[error("{path}: io_uring submission failed: {source}")]
-    Ring {
-        /// Image path.
-        path: PathBuf,
-        /// Cause.
-        source: io::Error,
-    },
     /// fdatasync failed: data written since the last successful flush may be lost.
     #[error("{path}: flush (fdatasync) failed: {source}")]
     Flush {
@@ -437,25 +423,13 @@ pub enum ImageError {
 
 impl ImageError {
     pub(crate) fn from_engine(path: &Path, e: EngineError) -> Self {
-        match e {
-            EngineError::Op {
-                index,
-                kind,
-                offset,
-                len,
-                source,
-            } => ImageError::Op {
-                path: path.to_path_buf(),
-                index,
-                kind,
-                offset,
-                len,
-                source,
-            },
-            EngineError::Ring(source) => ImageError::Ring {
-                path: path.to_path_buf(),
-                source,
-            },
+        ImageError::Op {
+            path: path.to_path_buf(),
+            index: e.index,
+            kind: e.kind,
+            offset: e.offset,
+            len: e.len,
+            source: e.source,
         }
     }
 
@@ -465,7 +439,6 @@ impl ImageError {
             ImageError::Open { source, .. }
             | ImageError::Create { source, .. }
             | ImageError::Op { source, .. }
-            | ImageError::Ring { source, .. }
             | ImageError::Flush { source, .. }
             | ImageError::Read { source, .. }
             | ImageError::Grow { source, .. }
@@ -481,7 +454,6 @@ impl Classify for ImageError {
             ImageError::Open { .. }
             | ImageError::Create { .. }
             | ImageError::Op { .. }
-            | ImageError::Ring { .. }
             | ImageError::Flush { .. }
             | ImageError::Read { .. }
             | ImageError::Grow { .. } => ErrorKind::Io,

@@ -71,28 +71,27 @@ impl UringEngine {
     }
 
     /// Submit pushed SQEs and wait for at least `want` completions. Retryable
-    /// failures (EINTR, EAGAIN, EBUSY) return `Ok` so the caller reaps and comes
-    /// back. Any other failure with SQEs outstanding aborts the process: the
-    /// kernel may still use buffers the caller would free on return.
-    fn enter(&mut self, want: usize, outstanding: bool) -> io::Result<()> {
-        match self.ring.submit_and_wait(want) {
-            Ok(_) => Ok(()),
-            Err(e) => match e.raw_os_error() {
-                Some(libc::EINTR) => Ok(()),
-                Some(libc::EAGAIN | libc::EBUSY) => {
-                    // Kernel short of resources or completion queue full: let the
-                    // caller reap; back off a little if there is nothing to reap.
-                    if self.ring.completion().is_empty() {
-                        std::thread::sleep(std::time::Duration::from_millis(1));
-                    }
-                    Ok(())
+    /// failures (EINTR, EAGAIN, EBUSY) return so the caller reaps and comes back.
+    /// Any other failure aborts the process: this is only called with SQEs
+    /// outstanding, and returning would let the caller free buffers the kernel
+    /// may still use (such a failure means the ring itself is broken).
+    fn enter(&mut self, want: usize) {
+        let Err(e) = self.ring.submit_and_wait(want) else {
+            return;
+        };
+        match e.raw_os_error() {
+            Some(libc::EINTR) => {}
+            Some(libc::EAGAIN | libc::EBUSY) => {
+                // Kernel short of resources or completion queue full: let the
+                // caller reap; back off a little if there is nothing to reap.
+                if self.ring.completion().is_empty() {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
                 }
-                _ if outstanding => {
-                    tracing::error!(error = %e, "io_uring_enter failed with I/O in flight; aborting to keep the kernel off freed buffers");
-                    std::process::abort();
-                }
-                _ => Err(e),
-            },
+            }
+            _ => {
+                tracing::error!(error = %e, "io_uring_enter failed with I/O in flight; aborting to keep the kernel off freed buffers");
+                std::process::abort();
+            }
         }
     }
 
@@ -123,13 +122,13 @@ impl UringEngine {
         loop {
             if self.ring.submission().is_full() {
                 // Nothing of ours is pending between calls; flush anything stale.
-                self.enter(0, true)?;
+                self.enter(0);
             }
             let entry = build().user_data(SINGLE);
             // SAFETY: forwarded to the caller's contract: we wait for the CQE below.
             unsafe { self.push(&entry) };
             let res = loop {
-                self.enter(1, true)?;
+                self.enter(1);
                 if let Some(cqe) = self.ring.completion().next() {
                     debug_assert_eq!(cqe.user_data(), SINGLE);
                     break cqe.result();
@@ -395,7 +394,7 @@ impl IoEngine for UringEngine {
                 debug_assert!(next == ops.len() && batch.work.is_empty());
                 return Ok(());
             }
-            self.enter(1, true).map_err(EngineError::Ring)?;
+            self.enter(1);
             for cqe in self.ring.completion() {
                 Self::complete(&mut batch, zero, cqe.user_data(), cqe.result());
             }
