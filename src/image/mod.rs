@@ -1,0 +1,468 @@
+//! Image backends: how applied writes reach a replica.
+//!
+//! Shaped like cloud-hypervisor's `block` crate: an image *format* (where a
+//! virtual disk offset lives in the backing file; today [`RawImage`], VMDK later)
+//! runs over an I/O *engine* (how file-level writes reach the kernel:
+//! [`UringEngine`] or [`SyncEngine`]), and [`open_image`] is the one factory that
+//! picks both from an [`ImageSpec`]. A format translates virtual ops into file ops
+//! and hands them to the engine through [`IoEngine`]; the engine owns ordering,
+//! retries and completion. See docs/IMAGE.md.
+
+mod raw;
+mod sync;
+mod uring;
+
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Classify, ErrorKind};
+
+pub use raw::RawImage;
+pub use sync::SyncEngine;
+pub use uring::UringEngine;
+
+/// Submission queue depth of the io_uring engine: at most this many file
+/// operations are in flight at once (the completion queue is twice as deep, so
+/// it can never overflow).
+pub const URING_ENTRIES: u32 = 256;
+
+/// Size of the shared zero buffer used when zeroing by writing: a zero op is
+/// written in chunks of at most this many bytes, whatever its length.
+pub const ZERO_CHUNK: usize = 1 << 20;
+
+/// Largest single read or write handed to the kernel (below Linux's
+/// 0x7ffff000-byte cap on one transfer; fits the u32 length of an SQE).
+pub(crate) const MAX_IO_CHUNK: usize = 1 << 30;
+
+/// One immutable, shared buffer of zeros (in .bss: costs no file size and no
+/// allocation). `'static`, so the kernel may read it at any time.
+pub(crate) static ZEROS: [u8; ZERO_CHUNK] = [0u8; ZERO_CHUNK];
+
+/// One change to apply to an image, at a byte offset of the virtual disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteOp<'a> {
+    /// Write `data` at `offset`.
+    Write {
+        /// Byte offset in the image.
+        offset: u64,
+        /// Bytes to write; borrowed until `write_batch` returns.
+        data: &'a [u8],
+    },
+    /// Make `len` bytes at `offset` read back as zeros (punching a hole where the
+    /// file system allows it).
+    Zero {
+        /// Byte offset in the image.
+        offset: u64,
+        /// Number of bytes to zero.
+        len: u64,
+    },
+}
+
+impl WriteOp<'_> {
+    /// Byte offset the op starts at.
+    pub fn offset(&self) -> u64 {
+        match *self {
+            WriteOp::Write { offset, .. } | WriteOp::Zero { offset, .. } => offset,
+        }
+    }
+
+    /// Number of bytes the op covers.
+    pub fn len(&self) -> u64 {
+        match *self {
+            WriteOp::Write { data, .. } => data.len() as u64,
+            WriteOp::Zero { len, .. } => len,
+        }
+    }
+
+    /// True for an op that covers no bytes (applied as a no-op).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// End offset (exclusive), or `None` if `offset + len` overflows a u64.
+    pub fn end(&self) -> Option<u64> {
+        self.offset().checked_add(self.len())
+    }
+
+    /// Which kind of op this is, for error messages.
+    pub fn kind(&self) -> OpKind {
+        match self {
+            WriteOp::Write { .. } => OpKind::Write,
+            WriteOp::Zero { .. } => OpKind::Zero,
+        }
+    }
+
+    /// True when the byte ranges of `self` and `other` intersect.
+    pub(crate) fn overlaps(&self, other: &WriteOp<'_>) -> bool {
+        // Ranges were checked not to overflow before anything is submitted;
+        // saturate anyway so a bad caller cannot panic here.
+        let (a0, a1) = (self.offset(), self.offset().saturating_add(self.len()));
+        let (b0, b1) = (other.offset(), other.offset().saturating_add(other.len()));
+        a0 < a1 && b0 < b1 && a0 < b1 && b0 < a1
+    }
+}
+
+/// The kind of a [`WriteOp`], named in errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpKind {
+    /// [`WriteOp::Write`].
+    Write,
+    /// [`WriteOp::Zero`].
+    Zero,
+}
+
+impl fmt::Display for OpKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OpKind::Write => "write",
+            OpKind::Zero => "zero",
+        })
+    }
+}
+
+/// Layout of the image file. VMDK variants come later behind the same [`Image`] trait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageFormat {
+    /// Virtual offset = file offset: a regular file or a block device.
+    Raw,
+}
+
+/// How file operations reach the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// One io_uring per image, up to [`URING_ENTRIES`] ops in flight.
+    Uring,
+    /// Plain `pwrite`/`pread`/`fallocate`/`fdatasync`, one op at a time.
+    Sync,
+}
+
+impl fmt::Display for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Engine::Uring => "io_uring",
+            Engine::Sync => "sync",
+        })
+    }
+}
+
+/// What to open: path, format, engine, and whether to create it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageSpec {
+    /// Regular file or block device.
+    pub path: PathBuf,
+    /// Layout of the file.
+    pub format: ImageFormat,
+    /// I/O engine.
+    pub engine: Engine,
+    /// If the path does not exist, create a sparse file of this many bytes.
+    /// An existing image is opened as is, whatever this says.
+    pub create_size: Option<u64>,
+}
+
+/// How an engine makes a range read back as zeros.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZeroMode {
+    /// `fallocate(PUNCH_HOLE | KEEP_SIZE)`; on EOPNOTSUPP the engine writes zeros
+    /// instead and switches the mode to [`ZeroMode::WriteZeros`] for good.
+    PunchHole,
+    /// Write zeros in chunks of [`ZERO_CHUNK`] from one shared buffer (block
+    /// devices, and file systems that cannot punch holes).
+    WriteZeros,
+}
+
+/// A replica image opened for applying writes. Used from one thread at a time
+/// (the target's apply thread); never from an async executor thread.
+pub trait Image: Send + fmt::Debug {
+    /// Size of the virtual disk in bytes.
+    fn size(&self) -> u64;
+
+    /// Apply `ops` so that the result equals applying them one after another in
+    /// slice order, even where they overlap. Every op is range-checked first: an
+    /// op outside the image fails the whole batch with nothing written. Returns
+    /// when every op has completed (written, not yet durable: see [`Image::flush`]).
+    /// On an I/O error, every in-flight op has been reaped before this returns and
+    /// the error names the op; which of the batch's other ops took effect is then
+    /// unspecified (the caller redoes the batch).
+    fn write_batch(&mut self, ops: &[WriteOp<'_>]) -> Result<(), ImageError>;
+
+    /// Make everything written so far durable (fdatasync).
+    fn flush(&mut self) -> Result<(), ImageError>;
+
+    /// Read exactly `buf.len()` bytes at `offset` (must lie inside the image).
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError>;
+
+    /// Path the image was opened from.
+    fn path(&self) -> &Path;
+
+    /// The engine the image runs on.
+    fn engine(&self) -> Engine;
+
+    /// Grow a regular-file image to `size` bytes (sparse, durable before return).
+    /// Never shrinks: a `size` at or below the current size is a no-op. Fails on
+    /// a block device with [`ImageError::NotGrowable`].
+    fn grow_to(&mut self, size: u64) -> Result<(), ImageError>;
+
+    /// `Ok` if the image holds at least `needed` bytes, else [`ImageError::TooSmall`].
+    fn ensure_size(&self, needed: u64) -> Result<(), ImageError> {
+        if self.size() < needed {
+            return Err(ImageError::TooSmall {
+                path: self.path().to_path_buf(),
+                size: self.size(),
+                needed,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Open (or create) the image described by `spec`.
+///
+/// With [`Engine::Uring`], a kernel without a usable io_uring (too old, disabled,
+/// seccomp) gives [`ImageError::UringUnavailable`]; the caller may retry with
+/// [`Engine::Sync`].
+pub fn open_image(spec: &ImageSpec) -> Result<Box<dyn Image>, ImageError> {
+    match spec.format {
+        ImageFormat::Raw => Ok(Box::new(RawImage::open(spec)?)),
+    }
+}
+
+/// A file-level I/O engine: executes ops on one file descriptor. Formats use it
+/// for both data and metadata writes; it knows nothing of image sizes or layouts.
+pub trait IoEngine: Send {
+    /// Which engine this is.
+    fn kind(&self) -> Engine;
+
+    /// Apply `ops` to `file` with the ordering and completion guarantees of
+    /// [`Image::write_batch`] (without the range check, which is the format's
+    /// job). `zero` says how to zero; the engine downgrades it to
+    /// [`ZeroMode::WriteZeros`] if the file system refuses to punch holes.
+    fn write_batch(
+        &mut self,
+        file: &File,
+        ops: &[WriteOp<'_>],
+        zero: &mut ZeroMode,
+    ) -> Result<(), EngineError>;
+
+    /// fdatasync `file`.
+    fn sync_data(&mut self, file: &File) -> io::Result<()>;
+
+    /// Read exactly `buf.len()` bytes at `offset`; reading past the end of the
+    /// file is an `UnexpectedEof` error.
+    fn read_at(&mut self, file: &File, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+}
+
+/// Which op of an engine's batch failed, and why (the lowest-indexed failing op).
+#[derive(Debug, thiserror::Error)]
+#[error("{kind} at offset {offset}, len {len} (op {index} of the batch) failed: {source}")]
+pub struct EngineError {
+    /// Index of the op in the batch.
+    pub index: usize,
+    /// Write or zero.
+    pub kind: OpKind,
+    /// Offset of the op.
+    pub offset: u64,
+    /// Length of the op.
+    pub len: u64,
+    /// The OS error (errno in `raw_os_error()`).
+    pub source: io::Error,
+}
+
+impl EngineError {
+    pub(crate) fn op(index: usize, op: &WriteOp<'_>, source: io::Error) -> Self {
+        EngineError {
+            index,
+            kind: op.kind(),
+            offset: op.offset(),
+            len: op.len(),
+            source,
+        }
+    }
+}
+
+/// Errors of the image backends. Each names the image path and what failed where.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// Opening an existing image (or finding it absent with no create size).
+    #[error("{path}: opening image: {source}")]
+    Open {
+        /// Image path.
+        path: PathBuf,
+        /// Cause.
+        source: io::Error,
+    },
+    /// Creating a new sparse image failed (the partial file is removed).
+    #[error("{path}: creating sparse image of {size} bytes: {source}")]
+    Create {
+        /// Image path.
+        path: PathBuf,
+        /// Requested size.
+        size: u64,
+        /// Cause.
+        source: io::Error,
+    },
+    /// The path is neither a regular file nor a block device.
+    #[error("{path}: not a regular file or block device")]
+    NotFileOrBlockDevice {
+        /// Image path.
+        path: PathBuf,
+    },
+    /// The image is smaller than the caller needs (e.g. the source disk).
+    #[error("{path}: image is {size} bytes but {needed} bytes are needed")]
+    TooSmall {
+        /// Image path.
+        path: PathBuf,
+        /// Actual size.
+        size: u64,
+        /// Needed size.
+        needed: u64,
+    },
+    /// An op of a batch lies (partly) outside the image; nothing of the batch was written.
+    #[error(
+        "{path}: {kind} op {index} of the batch at offset {offset}, len {len} is outside the image of {size} bytes; nothing of the batch was written"
+    )]
+    OutOfRange {
+        /// Image path.
+        path: PathBuf,
+        /// Index of the op in the batch.
+        index: usize,
+        /// Write or zero.
+        kind: OpKind,
+        /// Offset of the op.
+        offset: u64,
+        /// Length of the op.
+        len: u64,
+        /// Image size.
+        size: u64,
+    },
+    /// A read lies (partly) outside the image.
+    #[error("{path}: read at offset {offset}, len {len} is outside the image of {size} bytes")]
+    ReadOutOfRange {
+        /// Image path.
+        path: PathBuf,
+        /// Offset of the read.
+        offset: u64,
+        /// Length of the read.
+        len: u64,
+        /// Image size.
+        size: u64,
+    },
+    /// An op of a batch failed in the kernel; every in-flight op was reaped first.
+    #[error(
+        "{path}: {kind} at offset {offset}, len {len} (op {index} of the batch) failed: {source}"
+    )]
+    Op {
+        /// Image path.
+        path: PathBuf,
+        /// Index of the op in the batch.
+        index: usize,
+        /// Write or zero.
+        kind: OpKind,
+        /// Offset of the op.
+        offset: u64,
+        /// Length of the op.
+        len: u64,
+        /// The OS error (errno in `raw_os_error()`).
+        source: io::Error,
+    },
+    /// fdatasync failed: data written since the last successful flush may be lost.
+    #[error("{path}: flush (fdatasync) failed: {source}")]
+    Flush {
+        /// Image path.
+        path: PathBuf,
+        /// Cause.
+        source: io::Error,
+    },
+    /// A read failed.
+    #[error("{path}: read at offset {offset}, len {len} failed: {source}")]
+    Read {
+        /// Image path.
+        path: PathBuf,
+        /// Offset of the read.
+        offset: u64,
+        /// Length of the read.
+        len: u64,
+        /// Cause.
+        source: io::Error,
+    },
+    /// grow_to on a block device.
+    #[error("{path}: cannot grow a block device from {size} to {requested} bytes")]
+    NotGrowable {
+        /// Image path.
+        path: PathBuf,
+        /// Current size.
+        size: u64,
+        /// Requested size.
+        requested: u64,
+    },
+    /// Growing a regular file failed.
+    #[error("{path}: growing image from {size} to {requested} bytes: {source}")]
+    Grow {
+        /// Image path.
+        path: PathBuf,
+        /// Current size.
+        size: u64,
+        /// Requested size.
+        requested: u64,
+        /// Cause.
+        source: io::Error,
+    },
+    /// io_uring could not be set up or lacks a needed opcode; use [`Engine::Sync`].
+    #[error("{path}: io_uring unavailable ({source}); the sync engine can be used instead")]
+    UringUnavailable {
+        /// Image path.
+        path: PathBuf,
+        /// Cause.
+        source: io::Error,
+    },
+}
+
+impl ImageError {
+    pub(crate) fn from_engine(path: &Path, e: EngineError) -> Self {
+        ImageError::Op {
+            path: path.to_path_buf(),
+            index: e.index,
+            kind: e.kind,
+            offset: e.offset,
+            len: e.len,
+            source: e.source,
+        }
+    }
+
+    /// The OS errno behind this error, if any.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            ImageError::Open { source, .. }
+            | ImageError::Create { source, .. }
+            | ImageError::Op { source, .. }
+            | ImageError::Flush { source, .. }
+            | ImageError::Read { source, .. }
+            | ImageError::Grow { source, .. }
+            | ImageError::UringUnavailable { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
+impl Classify for ImageError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            ImageError::Open { .. }
+            | ImageError::Create { .. }
+            | ImageError::Op { .. }
+            | ImageError::Flush { .. }
+            | ImageError::Read { .. }
+            | ImageError::Grow { .. } => ErrorKind::Io,
+            // An op outside the image comes from the stream: refuse it, never retry it.
+            ImageError::OutOfRange { .. } | ImageError::ReadOutOfRange { .. } => ErrorKind::Corrupt,
+            ImageError::NotFileOrBlockDevice { .. }
+            | ImageError::TooSmall { .. }
+            | ImageError::NotGrowable { .. }
+            | ImageError::UringUnavailable { .. } => ErrorKind::Config,
+        }
+    }
+}

@@ -1,0 +1,529 @@
+//! Tests of the image backends: a differential property test of both engines
+//! against sequential `pwrite`, and the open/create/grow/zero/range contracts.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::error::{Classify, ErrorKind};
+use crate::util::prng::Prng;
+
+fn spec(path: &Path, engine: Engine, create_size: Option<u64>) -> ImageSpec {
+    ImageSpec {
+        path: path.to_path_buf(),
+        format: ImageFormat::Raw,
+        engine,
+        create_size,
+    }
+}
+
+/// Engine configurations under test: (engine, ring depth, zero mode).
+const CONFIGS: [(Engine, u32, ZeroMode); 5] = [
+    (Engine::Uring, URING_ENTRIES, ZeroMode::PunchHole),
+    (Engine::Uring, URING_ENTRIES, ZeroMode::WriteZeros),
+    (Engine::Uring, 4, ZeroMode::PunchHole),
+    (Engine::Sync, 0, ZeroMode::PunchHole),
+    (Engine::Sync, 0, ZeroMode::WriteZeros),
+];
+
+fn open_config(path: &Path, engine: Engine, depth: u32, zero: ZeroMode) -> RawImage {
+    let eng: Box<dyn IoEngine> = match engine {
+        Engine::Uring => Box::new(UringEngine::new(depth).expect("io_uring setup")),
+        Engine::Sync => Box::new(SyncEngine::new()),
+    };
+    let mut img = RawImage::open_with(&spec(path, engine, None), eng).expect("open image");
+    img.set_zero_mode(zero);
+    img
+}
+
+/// A file of `size` bytes of seeded random data.
+fn random_file(path: &Path, size: usize, seed: u64) {
+    let mut data = vec![0u8; size];
+    Prng::new(seed).fill(&mut data);
+    std::fs::write(path, &data).unwrap();
+}
+
+/// The reference: apply ops one after another with plain pwrite.
+fn reference_apply(file: &File, ops: &[WriteOp<'_>]) {
+    for op in ops {
+        match *op {
+            WriteOp::Write { offset, data } => file.write_all_at(data, offset).unwrap(),
+            WriteOp::Zero { offset, len } => {
+                file.write_all_at(&vec![0u8; len as usize], offset).unwrap()
+            }
+        }
+    }
+}
+
+/// An op description for the property test: (is_zero, offset, len, seed).
+type OpDesc = (bool, u64, u64, u64);
+
+fn materialize(descs: &[OpDesc], size: u64) -> Vec<(bool, u64, Vec<u8>, u64)> {
+    descs
+        .iter()
+        .map(|&(is_zero, offset, len, seed)| {
+            let offset = offset % size;
+            let len = len.min(size - offset);
+            let mut data = Vec::new();
+            if !is_zero {
+                data = vec![0u8; len as usize];
+                Prng::new(seed).fill(&mut data);
+            }
+            (is_zero, offset, data, len)
+        })
+        .collect()
+}
+
+fn as_ops(owned: &[(bool, u64, Vec<u8>, u64)]) -> Vec<WriteOp<'_>> {
+    owned
+        .iter()
+        .map(|(is_zero, offset, data, len)| {
+            if *is_zero {
+                WriteOp::Zero {
+                    offset: *offset,
+                    len: *len,
+                }
+            } else {
+                WriteOp::Write {
+                    offset: *offset,
+                    data,
+                }
+            }
+        })
+        .collect()
+}
+
+fn differential(batches: &[Vec<OpDesc>], size: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let ref_path = dir.path().join("reference.img");
+    random_file(&ref_path, size as usize, 99);
+    let reference = OpenOptions::new().write(true).open(&ref_path).unwrap();
+    let owned: Vec<_> = batches.iter().map(|b| materialize(b, size)).collect();
+    for batch in &owned {
+        reference_apply(&reference, &as_ops(batch));
+    }
+    let expected = std::fs::read(&ref_path).unwrap();
+    for (i, &(engine, depth, zero)) in CONFIGS.iter().enumerate() {
+        let path = dir.path().join(format!("image{i}.img"));
+        random_file(&path, size as usize, 99);
+        let mut img = open_config(&path, engine, depth, zero);
+        for batch in &owned {
+            img.write_batch(&as_ops(batch)).unwrap();
+        }
+        img.flush().unwrap();
+        let mut got = vec![0u8; size as usize];
+        img.read_at(0, &mut got).unwrap();
+        assert!(
+            got == expected,
+            "{engine} (depth {depth}, {zero:?}) differs from sequential pwrite"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), expected);
+    }
+}
+
+fn op_desc() -> impl Strategy<Value = OpDesc> {
+    // Offsets and lengths both small against the file so that ops overlap often,
+    // and unaligned so partial blocks and pages are exercised.
+    (
+        any::<bool>(),
+        0u64..96 * 1024,
+        0u64..24 * 1024,
+        any::<u64>(),
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Random batches of overlapping writes and zeros give the same file through
+    /// every engine as through sequential pwrite.
+    #[test]
+    fn engines_equal_sequential_pwrite(
+        batches in prop::collection::vec(prop::collection::vec(op_desc(), 0..48), 1..4)
+    ) {
+        differential(&batches, 96 * 1024);
+    }
+}
+
+#[test]
+fn many_overlapping_ops_through_a_tiny_ring() {
+    // 2000 ops over 16 KiB on a ring of 4: constant throttling and overlap waits.
+    let mut r = Prng::new(5);
+    let batch: Vec<OpDesc> = (0..2000)
+        .map(|_| {
+            (
+                r.below(4) == 0,
+                r.below(16 * 1024),
+                r.below(3000),
+                r.next_u64(),
+            )
+        })
+        .collect();
+    differential(&[batch], 16 * 1024);
+}
+
+#[test]
+fn large_zero_ops_are_written_in_chunks() {
+    // Zeros larger than the shared zero buffer, unaligned, then overlapping writes.
+    let size = 5 * ZERO_CHUNK as u64 + 777;
+    let batch: Vec<OpDesc> = vec![
+        (false, 100, 2 * ZERO_CHUNK as u64, 1),
+        (true, 3, 3 * ZERO_CHUNK as u64 + 12345, 0),
+        (false, ZERO_CHUNK as u64 + 5, 4096, 2),
+        (true, 2 * ZERO_CHUNK as u64, 2 * ZERO_CHUNK as u64 + 700, 0),
+        (false, 4 * ZERO_CHUNK as u64 - 9, 100, 3),
+    ];
+    differential(&[batch], size);
+}
+
+#[test]
+fn punch_hole_reads_back_zeros_and_frees_blocks() {
+    for engine in [Engine::Uring, Engine::Sync] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("punch.img");
+        random_file(&path, 4 << 20, 7);
+        let mut img = open_image(&spec(&path, engine, None)).unwrap();
+        img.flush().unwrap();
+        let before = std::fs::metadata(&path).unwrap().blocks();
+        img.write_batch(&[WriteOp::Zero {
+            offset: 1 << 20,
+            len: 2 << 20,
+        }])
+        .unwrap();
+        img.flush().unwrap();
+        let mut buf = vec![0xAAu8; 2 << 20];
+        img.read_at(1 << 20, &mut buf).unwrap();
+        assert!(
+            buf.iter().all(|&b| b == 0),
+            "{engine}: zeroed range reads back zeros"
+        );
+        let mut edge = [0u8; 1];
+        img.read_at((1 << 20) - 1, &mut edge).unwrap();
+        let mut orig = vec![0u8; 4 << 20];
+        Prng::new(7).fill(&mut orig);
+        assert_eq!(
+            edge[0],
+            orig[(1 << 20) - 1],
+            "{engine}: byte before the hole kept"
+        );
+        let after = std::fs::metadata(&path).unwrap().blocks();
+        // ext4, xfs, btrfs and tmpfs all punch; 2 MiB = 4096 sectors freed.
+        assert!(
+            after + 4000 <= before,
+            "{engine}: blocks {before} -> {after}"
+        );
+    }
+}
+
+#[test]
+fn out_of_range_op_fails_whole_batch_with_nothing_written() {
+    for engine in [Engine::Uring, Engine::Sync] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("range.img");
+        random_file(&path, 8192, 3);
+        let original = std::fs::read(&path).unwrap();
+        let mut img = open_image(&spec(&path, engine, None)).unwrap();
+        let data = [0x55u8; 20];
+        let cases: [(WriteOp<'_>, u64, u64); 3] = [
+            (
+                WriteOp::Write {
+                    offset: 8182,
+                    data: &data,
+                },
+                8182,
+                20,
+            ),
+            (
+                WriteOp::Zero {
+                    offset: 9000,
+                    len: 1,
+                },
+                9000,
+                1,
+            ),
+            (
+                WriteOp::Zero {
+                    offset: u64::MAX,
+                    len: 2,
+                },
+                u64::MAX,
+                2,
+            ),
+        ];
+        for (bad, off, len) in cases {
+            let ops = [
+                WriteOp::Write {
+                    offset: 0,
+                    data: &data,
+                },
+                bad,
+            ];
+            let err = img.write_batch(&ops).unwrap_err();
+            match &err {
+                ImageError::OutOfRange {
+                    index,
+                    offset,
+                    len: l,
+                    size,
+                    ..
+                } => assert_eq!((*index, *offset, *l, *size), (1, off, len, 8192)),
+                other => panic!("expected OutOfRange, got {other}"),
+            }
+            assert_eq!(err.kind(), ErrorKind::Corrupt);
+            let msg = err.to_string();
+            assert!(
+                msg.contains(&off.to_string()) && msg.contains("8192"),
+                "{msg}"
+            );
+        }
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            original,
+            "{engine}: file unchanged"
+        );
+        let mut buf = [0u8; 2];
+        assert!(matches!(
+            img.read_at(8191, &mut buf),
+            Err(ImageError::ReadOutOfRange {
+                offset: 8191,
+                len: 2,
+                size: 8192,
+                ..
+            })
+        ));
+        // An op ending exactly at the end is fine.
+        img.write_batch(&[WriteOp::Write {
+            offset: 8172,
+            data: &data,
+        }])
+        .unwrap();
+    }
+}
+
+#[test]
+fn create_sparse_64_gib_takes_no_space() {
+    for engine in [Engine::Uring, Engine::Sync] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.img");
+        let size = 64u64 << 30;
+        let mut img = open_image(&spec(&path, engine, Some(size))).unwrap();
+        assert_eq!(img.size(), size);
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.len(), size);
+        assert!(meta.blocks() <= 64, "sparse: {} blocks", meta.blocks());
+        // Writes near the end land; the file stays sparse.
+        img.write_batch(&[WriteOp::Write {
+            offset: size - 4096,
+            data: &[1u8; 4096],
+        }])
+        .unwrap();
+        img.flush().unwrap();
+        let mut buf = [0u8; 4096];
+        img.read_at(size - 4096, &mut buf).unwrap();
+        assert_eq!(buf, [1u8; 4096]);
+        assert!(std::fs::metadata(&path).unwrap().blocks() <= 128);
+    }
+}
+
+#[test]
+fn existing_image_opened_with_its_own_size_and_never_truncated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("existing.img");
+    random_file(&path, (1 << 20) + 7, 11);
+    let original = std::fs::read(&path).unwrap();
+    for engine in [Engine::Uring, Engine::Sync] {
+        let img = open_image(&spec(&path, engine, Some(10 << 30))).unwrap();
+        assert_eq!(img.size(), (1 << 20) + 7);
+        assert_eq!(img.path(), path.as_path());
+        assert_eq!(img.engine(), engine);
+        let err = img.ensure_size(2 << 20).unwrap_err();
+        assert!(
+            matches!(err, ImageError::TooSmall { size, needed, .. } if size == (1 << 20) + 7 && needed == 2 << 20)
+        );
+        assert_eq!(err.kind(), ErrorKind::Config);
+        img.ensure_size(1 << 20).unwrap();
+        let small = open_image(&spec(&path, engine, Some(5))).unwrap();
+        assert_eq!(small.size(), (1 << 20) + 7);
+    }
+    assert_eq!(std::fs::read(&path).unwrap(), original);
+}
+
+#[test]
+fn missing_image_without_create_size_is_an_open_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("absent.img");
+    let err = open_image(&spec(&path, Engine::Sync, None)).unwrap_err();
+    assert!(
+        matches!(&err, ImageError::Open { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+    );
+    assert_eq!(err.errno(), Some(libc::ENOENT));
+    assert!(err.to_string().contains("absent.img"));
+    assert!(!path.exists());
+}
+
+#[test]
+fn not_a_file_or_block_device_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fifo");
+    nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let err = open_image(&spec(&path, Engine::Sync, None)).unwrap_err();
+    assert!(
+        matches!(err, ImageError::NotFileOrBlockDevice { .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn grow_to_grows_sparsely_and_never_shrinks() {
+    for engine in [Engine::Uring, Engine::Sync] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("grow.img");
+        let mut img = open_image(&spec(&path, engine, Some(4096))).unwrap();
+        img.write_batch(&[WriteOp::Write {
+            offset: 0,
+            data: &[9u8; 4096],
+        }])
+        .unwrap();
+        img.grow_to(1 << 30).unwrap();
+        assert_eq!(img.size(), 1 << 30);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 30);
+        assert!(std::fs::metadata(&path).unwrap().blocks() <= 64);
+        img.grow_to(100).unwrap();
+        assert_eq!(img.size(), 1 << 30, "never shrinks");
+        img.write_batch(&[WriteOp::Write {
+            offset: (1 << 30) - 1,
+            data: &[3],
+        }])
+        .unwrap();
+        let mut buf = [0u8; 4096];
+        img.read_at(0, &mut buf).unwrap();
+        assert_eq!(buf, [9u8; 4096]);
+        let mut last = [0u8; 2];
+        img.read_at((1 << 30) - 2, &mut last).unwrap();
+        assert_eq!(last, [0, 3]);
+        drop(img);
+        let reopened = open_image(&spec(&path, engine, None)).unwrap();
+        assert_eq!(reopened.size(), 1 << 30);
+    }
+}
+
+#[test]
+fn flush_and_reopen_keep_the_data() {
+    for engine in [Engine::Uring, Engine::Sync] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("flush.img");
+        let mut img = open_image(&spec(&path, engine, Some(1 << 20))).unwrap();
+        img.flush().unwrap();
+        let data = vec![0x5Au8; 65536];
+        img.write_batch(&[
+            WriteOp::Write {
+                offset: 4096,
+                data: &data,
+            },
+            WriteOp::Zero {
+                offset: 8192,
+                len: 100,
+            },
+            WriteOp::Write {
+                offset: 0,
+                data: &[],
+            },
+            WriteOp::Zero {
+                offset: 1 << 20,
+                len: 0,
+            },
+        ])
+        .unwrap();
+        img.flush().unwrap();
+        img.flush().unwrap();
+        drop(img);
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(bytes[4096..8192].iter().all(|&b| b == 0x5A));
+        assert!(bytes[8192..8292].iter().all(|&b| b == 0));
+        assert!(bytes[8292..4096 + 65536].iter().all(|&b| b == 0x5A));
+    }
+}
+
+#[test]
+fn kernel_errors_name_the_op_and_leave_the_engine_usable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ro.img");
+    random_file(&path, 1 << 20, 1);
+    let read_only = File::open(&path).unwrap();
+    let writable = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let data = vec![1u8; 4096];
+    let ops: Vec<WriteOp<'_>> = (0..40)
+        .map(|i| WriteOp::Write {
+            offset: i * 8192,
+            data: &data,
+        })
+        .collect();
+    let engines: [Box<dyn IoEngine>; 2] = [
+        Box::new(UringEngine::new(8).unwrap()),
+        Box::new(SyncEngine::new()),
+    ];
+    for mut eng in engines {
+        let mut zero = ZeroMode::PunchHole;
+        let err = eng.write_batch(&read_only, &ops, &mut zero).unwrap_err();
+        assert_eq!((err.index, err.offset, err.len), (0, 0, 4096));
+        assert_eq!(err.source.raw_os_error(), Some(libc::EBADF));
+        let img_err = ImageError::from_engine(&path, err);
+        assert_eq!(img_err.errno(), Some(libc::EBADF));
+        assert!(img_err.to_string().contains("ro.img"));
+        // The ring was fully drained: the next batch works.
+        eng.write_batch(&writable, &ops, &mut zero).unwrap();
+        eng.sync_data(&writable).unwrap();
+        let mut buf = vec![0u8; 4096];
+        eng.read_at(&writable, 39 * 8192, &mut buf).unwrap();
+        assert_eq!(buf, data);
+        let mut past = [0u8; 8];
+        let e = eng
+            .read_at(&writable, (1 << 20) - 4, &mut past)
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+    }
+}
+
+#[test]
+fn create_in_missing_directory_fails_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path: PathBuf = dir.path().join("no/such/dir/x.img");
+    let err = open_image(&spec(&path, Engine::Sync, Some(4096))).unwrap_err();
+    assert!(
+        matches!(err, ImageError::Create { size: 4096, .. }),
+        "{err}"
+    );
+    assert_eq!(err.kind(), ErrorKind::Io);
+}
+
+#[test]
+fn op_accessors_and_overlap() {
+    let w = WriteOp::Write {
+        offset: 10,
+        data: &[0; 5],
+    };
+    let z = WriteOp::Zero { offset: 15, len: 3 };
+    assert_eq!(
+        (w.offset(), w.len(), w.end(), w.kind()),
+        (10, 5, Some(15), OpKind::Write)
+    );
+    assert!(!w.overlaps(&z) && !z.overlaps(&w));
+    assert!(w.overlaps(&WriteOp::Zero { offset: 14, len: 1 }));
+    assert!(!w.overlaps(&WriteOp::Zero { offset: 12, len: 0 }));
+    assert_eq!(
+        WriteOp::Zero {
+            offset: u64::MAX,
+            len: 1
+        }
+        .end(),
+        None
+    );
+    assert!(WriteOp::Zero { offset: 3, len: 0 }.is_empty());
+}
