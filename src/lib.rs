@@ -9,4 +9,5 @@
 #![warn(missing_docs)]
 
 pub mod error;
+pub mod relay;
 pub mod util;

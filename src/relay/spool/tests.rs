@@ -1,0 +1,1 @@
+//! Spool tests: round trips, group commit, chain rules, recovery.
