@@ -27,6 +27,7 @@ mod writer;
 mod tests;
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry as MapEntry;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -576,20 +577,18 @@ impl Spool {
             let mut files: HashMap<u64, (PathBuf, File)> = HashMap::new();
             let mut out = Vec::with_capacity(plan.len());
             for (seg_first, e) in plan {
-                if !files.contains_key(&seg_first) {
-                    let path = gdir.join(segment::segment_file_name(seg_first));
-                    match File::open(&path) {
-                        Ok(f) => {
-                            files.insert(seg_first, (path, f));
+                let (path, f) = match files.entry(seg_first) {
+                    MapEntry::Occupied(o) => o.into_mut(),
+                    MapEntry::Vacant(v) => {
+                        let path = gdir.join(segment::segment_file_name(seg_first));
+                        match File::open(&path) {
+                            Ok(f) => v.insert((path, f)),
+                            Err(err) if err.kind() == io::ErrorKind::NotFound && attempts < 4 => {
+                                continue 'plan;
+                            }
+                            Err(err) => return Err(io_err("open", &path)(err)),
                         }
-                        Err(err) if err.kind() == io::ErrorKind::NotFound && attempts < 4 => {
-                            continue 'plan;
-                        }
-                        Err(err) => return Err(io_err("open", &path)(err)),
                     }
-                }
-                let Some((path, f)) = files.get(&seg_first) else {
-                    continue 'plan;
                 };
                 let (h, bytes) =
                     segment::read_record(f, path, u64::from(e.offset), e.frame_no, e.len)?;

@@ -251,6 +251,7 @@ struct SegFile {
     path: PathBuf,
     file: File,
     len: u64,
+    version: FormatVersion,
 }
 
 /// Open and check the header of every segment file; quarantine unusable ones.
@@ -271,7 +272,7 @@ fn open_segments(
             .open(&path)
             .map_err(io_err("open segment", &path))?;
         let len = file.metadata().map_err(io_err("stat", &path))?.len();
-        let verdict: Result<(), String> = if len > u64::from(u32::MAX) {
+        let verdict: Result<FormatVersion, String> = if len > u64::from(u32::MAX) {
             Err(format!("{len} bytes, above the 4 GiB segment limit"))
         } else if len < SEGMENT_HEADER_LEN as u64 {
             if newest {
@@ -309,18 +310,16 @@ fn open_segments(
                     "header names first frame {}, file name {first}",
                     h.first_frame_no
                 )),
-                Ok(h) if h.version != FormatVersion::CURRENT => {
-                    Err(format!("format version {:?} not writable", h.version))
-                }
-                Ok(_) => Ok(()),
+                Ok(h) => Ok(h.version),
             }
         };
         match verdict {
-            Ok(()) => out.push(SegFile {
+            Ok(version) => out.push(SegFile {
                 first,
                 path,
                 file,
                 len,
+                version,
             }),
             Err(why) => {
                 drop(file);
@@ -535,9 +534,14 @@ fn recover_group(
             }
             seg.file_len = x;
         }
+        // Keep last_frame_no monotonic across segments (binary search relies on
+        // it) even for a segment where nothing could be indexed.
+        seg.last_frame_no = seg.last_frame_no.max(last.map_or(0, |l| l.0));
         gi.frames += seg.entries.len() as u64;
         gi.disk_bytes += seg.file_len;
-        if newest {
+        // The writer appends only to a segment of the version it writes; for an
+        // older one it starts a new segment.
+        if newest && sf.version == FormatVersion::CURRENT {
             active = Some((seg.first_frame_no, seg.file_len));
         }
         gi.segments.push_back(seg);

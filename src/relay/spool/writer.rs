@@ -322,8 +322,6 @@ fn write_group(
     work: &mut Work,
 ) -> Result<(), SpoolError> {
     for (req, _) in items {
-        // Appends left unprocessed after an error are marked by the caller's zip:
-        // push an outcome for every item before anything can fail.
         if req.frame_no <= g.head {
             outcomes.push(if req.frame_no <= durable_head {
                 Outcome::Done(Ok(AppendOutcome::Duplicate))
