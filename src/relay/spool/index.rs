@@ -61,9 +61,13 @@ pub struct GroupIndex {
 }
 
 impl GroupIndex {
-    /// Append an entry to the segment starting at `seg_first` (which must be the
-    /// last segment).
+    /// Append an entry to the segment starting at `seg_first`, which must be the
+    /// last segment (an entry for any other segment would break the order).
     pub fn push_entry(&mut self, seg_first: u64, e: Entry) {
+        debug_assert_eq!(
+            self.segments.back().map(|s| s.first_frame_no),
+            Some(seg_first)
+        );
         if let Some(seg) = self.segments.back_mut()
             && seg.first_frame_no == seg_first
         {

@@ -929,3 +929,92 @@ fn handle_is_send_sync_and_errors_are_classified() {
     assert_eq!(c.kind(), ErrorKind::Corrupt);
     assert!(c.to_string().contains("/s/g/1.seg") && c.to_string().contains("offset 7"));
 }
+
+#[test]
+fn rotation_inside_one_group_commit_keeps_every_record_indexed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path(), 4096);
+    o.max_batch_bytes = 64 << 10;
+    let (s, _) = open(o.clone());
+    // Queue everything before waiting, so batches hold many records and rotate
+    // in the middle.
+    let rxs: Vec<_> = (1..=300).map(|f| s.append(req("r", f, 500))).collect();
+    for rx in rxs {
+        assert_eq!(rx.blocking_recv().unwrap().unwrap(), AppendOutcome::Stored);
+    }
+    let check = |s: &Spool| {
+        let v = all(s, "r");
+        assert_eq!(frame_nos(&v), (1..=300).collect::<Vec<_>>());
+        v.iter().for_each(|f| check_frame("r", f, 500));
+    };
+    check(&s);
+    let st = s.stats("r").unwrap();
+    let segs = seg_files(dir.path(), "r");
+    assert_eq!((st.frames, st.segments), (300, segs.len()));
+    let disk: u64 = segs
+        .iter()
+        .map(|f| fs::metadata(seg_path(dir.path(), "r", *f)).unwrap().len())
+        .sum();
+    assert_eq!(st.bytes, disk);
+    s.shutdown();
+    drop(s);
+    let (s, report) = open(o);
+    assert!(report.is_clean(), "{report:?}");
+    check(&s);
+}
+
+#[test]
+fn a_failed_sync_undoes_the_batch_and_the_group_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(dir.path(), 4096);
+    let (s, _) = open(o.clone());
+    for f in 1..=3 {
+        s.append_blocking(req("fault-a", f, 500)).unwrap();
+    }
+    let segs_before = seg_files(dir.path(), "fault-a");
+    let bytes_before = s.total_bytes();
+    // The batch of 4..=12 rotates (old segment synced, new one created) and its
+    // second sync fails: the new segment must go, the old one shrink back.
+    writer::fault::fail_sync("fault-a", 1);
+    s.shutdown();
+    drop(s);
+    let (s, _) = open(o.clone());
+    let rxs: Vec<_> = (4..=12).map(|f| s.append(req("fault-a", f, 500))).collect();
+    let results: Vec<_> = rxs
+        .into_iter()
+        .map(|rx| rx.blocking_recv().unwrap())
+        .collect();
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    assert!(failed > 0, "{results:?}");
+    for r in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(r.kind(), ErrorKind::Io, "{r}");
+        assert!(r.to_string().contains("injected fault"), "{r}");
+    }
+    // Whatever was not acknowledged is gone from the index and the disk.
+    let stored = results.iter().filter(|r| r.is_ok()).count() as u64;
+    let head = s.head("fault-a").unwrap().frame_no;
+    assert_eq!(head, 3 + stored);
+    assert_eq!(
+        frame_nos(&all(&s, "fault-a")),
+        (1..=head).collect::<Vec<_>>()
+    );
+    if stored == 0 {
+        assert_eq!(seg_files(dir.path(), "fault-a"), segs_before);
+        assert_eq!(s.total_bytes(), bytes_before);
+    }
+    // The sender resends; the group continues.
+    for f in head + 1..=12 {
+        assert_eq!(
+            s.append_blocking(req("fault-a", f, 500)).unwrap(),
+            AppendOutcome::Stored
+        );
+    }
+    s.shutdown();
+    drop(s);
+    let (s, report) = open(o);
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(frame_nos(&all(&s, "fault-a")), (1..=12).collect::<Vec<_>>());
+    all(&s, "fault-a")
+        .iter()
+        .for_each(|f| check_frame("fault-a", f, 500));
+}

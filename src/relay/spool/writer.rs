@@ -86,6 +86,12 @@ impl Active {
     }
 
     fn sync(&mut self) -> Result<(), SpoolError> {
+        #[cfg(test)]
+        if fault::hit(&self.path) {
+            return Err(io_err("fdatasync segment", &self.path)(
+                std::io::Error::other("injected fault"),
+            ));
+        }
         let f = self.file()?;
         f.sync_data()
             .map_err(io_err("fdatasync segment", &self.path))
@@ -464,10 +470,14 @@ fn sync_group(g: &mut WGroup, root: &std::path::Path, work: &mut Work) -> Result
 fn publish(index: &Mutex<SpoolIndex>, name: &str, g: &WGroup, work: &Work) {
     let mut idx = lock(index);
     let gi = idx.groups.entry(name.to_string()).or_default();
-    for first in &work.new_segs {
-        gi.segments.push_back(SegIndex::new(*first, 0));
-    }
+    // Entries are in write order; a rotation inside the batch shows up as the
+    // first entry of a new segment, which is added to the index just before it.
     for (first, e) in &work.entries {
+        if gi.segments.back().map(|s| s.first_frame_no) != Some(*first)
+            && work.new_segs.contains(first)
+        {
+            gi.segments.push_back(SegIndex::new(*first, 0));
+        }
         gi.push_entry(*first, *e);
     }
     for (first, len) in &work.seg_lens {
@@ -516,8 +526,9 @@ fn undo(g: &mut WGroup, name: &str, saved: Option<(u64, u64)>, work: &Work) {
         len,
         file: None,
     });
-    if let Some((first, len)) = saved
-        && work.seg_lens.iter().any(|(f, _)| *f == first)
+    // Always truncate: a failed write may have left bytes beyond the length the
+    // writer had recorded.
+    if let Some((_, len)) = saved
         && let Some(a) = g.active.as_mut()
     {
         let path = a.path.clone();
@@ -534,5 +545,35 @@ fn undo(g: &mut WGroup, name: &str, saved: Option<(u64, u64)>, work: &Work) {
         let reason = failures.join("; ");
         tracing::error!(group = name, %reason, "could not undo a failed spool write; group refuses appends until restart");
         g.poisoned = Some(reason);
+    }
+}
+
+/// Test-only fault injection: make the n-th segment sync of a group fail.
+#[cfg(test)]
+pub mod fault {
+    use std::path::Path;
+    use std::sync::Mutex;
+
+    static PLAN: Mutex<Vec<(String, u32)>> = Mutex::new(Vec::new());
+
+    /// Fail the sync after `skip` successful ones in group directory `group`
+    /// (matched as a path component, so use a name no other test uses).
+    pub fn fail_sync(group: &str, skip: u32) {
+        super::lock(&PLAN).push((format!("/{group}/"), skip));
+    }
+
+    pub(super) fn hit(path: &Path) -> bool {
+        let p = path.to_string_lossy();
+        let mut plan = super::lock(&PLAN);
+        let Some(i) = plan.iter().position(|(g, _)| p.contains(g.as_str())) else {
+            return false;
+        };
+        if plan[i].1 == 0 {
+            plan.remove(i);
+            true
+        } else {
+            plan[i].1 -= 1;
+            false
+        }
     }
 }
