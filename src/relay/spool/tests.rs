@@ -400,27 +400,30 @@ fn queue_full_is_a_throttle() {
     let mut o = opts(dir.path(), 1 << 20);
     o.queue_depth = 1;
     let (s, _) = open(o);
-    let mut throttled = 0;
-    let mut rxs = Vec::new();
-    let mut f = 1;
-    // Submit until the one-slot queue refuses; each refusal is Throttled.
-    while throttled == 0 && f < 100_000 {
-        let mut rx = s.append(req("g", f, 100_000));
+    // With the writer held, at most one append is in its hands and one queued:
+    // of three, at least one is refused at once.
+    writer::fault::hold("qfull");
+    let rxs: Vec<_> = (1..=3).map(|f| s.append(req("qfull", f, 10))).collect();
+    let mut throttled = Vec::new();
+    let mut pending = Vec::new();
+    for mut rx in rxs {
         match rx.try_recv() {
-            Ok(Err(e)) => {
-                assert_eq!(e.kind(), ErrorKind::Throttled, "{e}");
-                throttled += 1;
-            }
-            _ => {
-                rxs.push(rx);
-                f += 1;
-            }
+            Ok(Err(e)) => throttled.push(e),
+            Ok(Ok(o)) => panic!("completed while the writer is held: {o:?}"),
+            Err(_) => pending.push(rx),
         }
     }
-    assert_eq!(throttled, 1);
-    for rx in rxs {
-        assert!(rx.blocking_recv().unwrap().is_ok());
+    writer::fault::release("qfull");
+    assert!(!throttled.is_empty());
+    for e in &throttled {
+        assert_eq!(e.kind(), ErrorKind::Throttled, "{e}");
+        assert!(e.to_string().contains("queue full"), "{e}");
     }
+    // Accepted appends complete once released (a later one may be a chain break
+    // when the one before it was throttled).
+    let first = pending.into_iter().next().unwrap().blocking_recv().unwrap();
+    assert_eq!(first.unwrap(), AppendOutcome::Stored);
+    assert_eq!(frame_nos(&all(&s, "qfull"))[0], 1);
 }
 
 /// A one-group spool with `n` frames in a single segment; returns the segment

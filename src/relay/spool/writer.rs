@@ -250,6 +250,8 @@ impl Writer {
     }
 
     fn commit_group(&mut self, name: &str, items: Vec<(AppendRequest, Reply)>) {
+        #[cfg(test)]
+        fault::wait_while_held(name);
         let root = self.root.clone();
         let g = self
             .groups
@@ -555,6 +557,23 @@ pub mod fault {
     use std::sync::Mutex;
 
     static PLAN: Mutex<Vec<(String, u32)>> = Mutex::new(Vec::new());
+    static HELD: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+    /// Make the writer stop before committing anything of `group` until released.
+    pub fn hold(group: &str) {
+        super::lock(&HELD).push(group.to_string());
+    }
+
+    /// Let the writer continue with `group`.
+    pub fn release(group: &str) {
+        super::lock(&HELD).retain(|g| g != group);
+    }
+
+    pub(super) fn wait_while_held(group: &str) {
+        while super::lock(&HELD).iter().any(|g| g == group) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
 
     /// Fail the sync after `skip` successful ones in group directory `group`
     /// (matched as a path component, so use a name no other test uses).
