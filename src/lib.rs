@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod error;
+pub mod relay;
 pub mod util;
 
 pub mod config;

@@ -1,0 +1,598 @@
+//! The writer thread: group commit of appends.
+//!
+//! One thread owns every segment file that is written to. It takes what is queued
+//! (up to `max_batch_bytes` of payload), checks each append against its group's
+//! chain, writes the records, then makes the batch durable — one `fdatasync` per
+//! touched segment, an fsync of each directory that gained an entry — publishes the
+//! new records to the index, and only then completes the appends, in submission
+//! order per group. A failed batch is undone group by group (new files removed,
+//! the active segment truncated back) and its appends fail.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use crossbeam_channel::Receiver;
+use tokio::sync::oneshot;
+
+use super::index::{Entry, SegIndex, SpoolIndex};
+use super::record::{
+    FormatVersion, RECORD_HEADER_LEN, RecordHeader, SEGMENT_HEADER_LEN, SegmentHeader,
+};
+use super::segment::segment_file_name;
+use super::state::fsync_dir;
+use super::{AppendOutcome, AppendRequest, SpoolError, SpoolHead, io_err, lock};
+
+/// Payloads at least this large are written from the caller's buffer instead of
+/// being copied into the batch buffer.
+const DIRECT_WRITE: usize = 64 << 10;
+/// The batch buffer is written out when it reaches this size.
+const FLUSH_AT: usize = 1 << 20;
+
+/// Completion of one append.
+pub type Reply = oneshot::Sender<Result<AppendOutcome, SpoolError>>;
+
+/// A message to the writer thread.
+pub enum Cmd {
+    /// Append a frame and report the outcome.
+    Append(AppendRequest, Reply),
+    /// Finish what was queued before, then exit.
+    Shutdown,
+}
+
+/// What recovery tells the writer about a group.
+#[derive(Debug, Clone)]
+pub struct GroupInit {
+    /// Head frame number (0 when none).
+    pub head: u64,
+    /// Last seq of the head frame.
+    pub head_seq: u64,
+    /// The segment to keep appending to: (first frame, valid length).
+    pub active: Option<(u64, u64)>,
+}
+
+struct Active {
+    first: u64,
+    path: PathBuf,
+    len: u64,
+    file: Option<File>,
+}
+
+impl Active {
+    fn file(&mut self) -> Result<&File, SpoolError> {
+        if self.file.is_none() {
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&self.path)
+                .map_err(io_err("open segment", &self.path))?;
+            self.file = Some(f);
+        }
+        match &self.file {
+            Some(f) => Ok(f),
+            None => unreachable!("file was just opened"),
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<(), SpoolError> {
+        let at = self.len;
+        let f = self.file()?;
+        f.write_all_at(bytes, at)
+            .map_err(io_err("write segment", &self.path))?;
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), SpoolError> {
+        #[cfg(test)]
+        if fault::hit(&self.path) {
+            return Err(io_err("fdatasync segment", &self.path)(
+                std::io::Error::other("injected fault"),
+            ));
+        }
+        let f = self.file()?;
+        f.sync_data()
+            .map_err(io_err("fdatasync segment", &self.path))
+    }
+}
+
+struct WGroup {
+    dir: PathBuf,
+    dir_ready: bool,
+    head: u64,
+    head_seq: u64,
+    active: Option<Active>,
+    poisoned: Option<String>,
+}
+
+enum Outcome {
+    /// Decided: sent as is whatever happens to the batch.
+    Done(Result<AppendOutcome, SpoolError>),
+    /// Written in this batch: Stored once the batch is durable.
+    Stored,
+    /// Duplicate of a frame written in this batch: Duplicate once it is durable.
+    DupPending,
+}
+
+#[derive(Default)]
+struct Work {
+    buf: Vec<u8>,
+    /// Active segment has bytes written or buffered in this batch not yet synced.
+    dirty: bool,
+    new_dir: bool,
+    new_files: Vec<PathBuf>,
+    new_segs: Vec<u64>,
+    entries: Vec<(u64, Entry)>,
+    /// Latest length of each segment written in this batch.
+    seg_lens: Vec<(u64, u64)>,
+}
+
+impl Work {
+    fn note_len(&mut self, first: u64, len: u64) {
+        match self.seg_lens.iter_mut().find(|(f, _)| *f == first) {
+            Some(e) => e.1 = len,
+            None => self.seg_lens.push((first, len)),
+        }
+    }
+
+    fn flush(&mut self, a: &mut Active) -> Result<(), SpoolError> {
+        if !self.buf.is_empty() {
+            a.write(&self.buf)?;
+            self.buf.clear();
+        }
+        self.note_len(a.first, a.len);
+        Ok(())
+    }
+}
+
+/// The writer thread's state.
+pub struct Writer {
+    root: PathBuf,
+    segment_bytes: u64,
+    max_batch_bytes: usize,
+    groups: HashMap<String, WGroup>,
+    index: Arc<Mutex<SpoolIndex>>,
+    rx: Receiver<Cmd>,
+}
+
+impl Writer {
+    /// A writer for the spool at `root`, continuing the recovered groups.
+    pub fn new(
+        root: PathBuf,
+        segment_bytes: u64,
+        max_batch_bytes: usize,
+        init: Vec<(String, GroupInit)>,
+        index: Arc<Mutex<SpoolIndex>>,
+        rx: Receiver<Cmd>,
+    ) -> Self {
+        let groups = init
+            .into_iter()
+            .map(|(name, gi)| {
+                let dir = root.join(&name);
+                let active = gi.active.map(|(first, len)| Active {
+                    first,
+                    path: dir.join(segment_file_name(first)),
+                    len,
+                    file: None,
+                });
+                let g = WGroup {
+                    dir,
+                    dir_ready: true,
+                    head: gi.head,
+                    head_seq: gi.head_seq,
+                    active,
+                    poisoned: None,
+                };
+                (name, g)
+            })
+            .collect();
+        Writer {
+            root,
+            segment_bytes,
+            max_batch_bytes,
+            groups,
+            index,
+            rx,
+        }
+    }
+
+    /// Run until shut down (or every sender is gone); then fail what is left queued.
+    pub fn run(mut self) {
+        while let Ok(first) = self.rx.recv() {
+            let mut batch = Vec::new();
+            let mut bytes = 0usize;
+            let mut stop = false;
+            let mut next = Some(first);
+            while let Some(cmd) = next.take() {
+                match cmd {
+                    Cmd::Append(req, reply) => {
+                        bytes = bytes.saturating_add(req.bytes.len());
+                        batch.push((req, reply));
+                    }
+                    Cmd::Shutdown => {
+                        stop = true;
+                        break;
+                    }
+                }
+                if bytes < self.max_batch_bytes {
+                    next = self.rx.try_recv().ok();
+                }
+            }
+            self.commit(batch);
+            if stop {
+                break;
+            }
+        }
+        while let Ok(cmd) = self.rx.try_recv() {
+            if let Cmd::Append(_, reply) = cmd {
+                let _ = reply.send(Err(SpoolError::Shutdown));
+            }
+        }
+    }
+
+    fn commit(&mut self, batch: Vec<(AppendRequest, Reply)>) {
+        let mut order: Vec<String> = Vec::new();
+        let mut by_group: HashMap<String, Vec<(AppendRequest, Reply)>> = HashMap::new();
+        for (req, reply) in batch {
+            let items = by_group.entry(req.group.clone()).or_insert_with(|| {
+                order.push(req.group.clone());
+                Vec::new()
+            });
+            items.push((req, reply));
+        }
+        for name in order {
+            if let Some(items) = by_group.remove(&name) {
+                self.commit_group(&name, items);
+            }
+        }
+    }
+
+    fn commit_group(&mut self, name: &str, items: Vec<(AppendRequest, Reply)>) {
+        #[cfg(test)]
+        fault::wait_while_held(name);
+        let root = self.root.clone();
+        let g = self
+            .groups
+            .entry(name.to_string())
+            .or_insert_with(|| WGroup {
+                dir: root.join(name),
+                dir_ready: false,
+                head: 0,
+                head_seq: 0,
+                active: None,
+                poisoned: None,
+            });
+        if let Some(reason) = &g.poisoned {
+            for (_, reply) in items {
+                let _ = reply.send(Err(SpoolError::Poisoned {
+                    group: name.to_string(),
+                    reason: reason.clone(),
+                }));
+            }
+            return;
+        }
+        let durable_head = g.head;
+        let durable_seq = g.head_seq;
+        let saved_active = g.active.as_ref().map(|a| (a.first, a.len));
+        let mut outcomes: Vec<Outcome> = Vec::with_capacity(items.len());
+        let mut work = Work::default();
+
+        let res = write_group(
+            g,
+            name,
+            self.segment_bytes,
+            durable_head,
+            &items,
+            &mut outcomes,
+            &mut work,
+        )
+        .and_then(|()| sync_group(g, &root, &mut work));
+
+        match res {
+            Ok(()) => {
+                publish(&self.index, name, g, &work);
+                for ((_, reply), out) in items.into_iter().zip(outcomes) {
+                    let r = match out {
+                        Outcome::Done(r) => r,
+                        Outcome::Stored => Ok(AppendOutcome::Stored),
+                        Outcome::DupPending => Ok(AppendOutcome::Duplicate),
+                    };
+                    let _ = reply.send(r);
+                }
+            }
+            Err(e) => {
+                tracing::error!(group = name, error = %e, "spool group commit failed; undoing the batch");
+                undo(g, name, saved_active, &work);
+                g.head = durable_head;
+                g.head_seq = durable_seq;
+                for ((_, reply), out) in items.into_iter().zip(outcomes) {
+                    let r = match out {
+                        Outcome::Done(r) => r,
+                        Outcome::Stored | Outcome::DupPending => Err(e.duplicate()),
+                    };
+                    let _ = reply.send(r);
+                }
+            }
+        }
+    }
+}
+
+/// Check and write every append of one group's part of the batch (not yet synced).
+fn write_group(
+    g: &mut WGroup,
+    name: &str,
+    segment_bytes: u64,
+    durable_head: u64,
+    items: &[(AppendRequest, Reply)],
+    outcomes: &mut Vec<Outcome>,
+    work: &mut Work,
+) -> Result<(), SpoolError> {
+    for (req, _) in items {
+        if req.frame_no <= g.head {
+            outcomes.push(if req.frame_no <= durable_head {
+                Outcome::Done(Ok(AppendOutcome::Duplicate))
+            } else {
+                Outcome::DupPending
+            });
+            continue;
+        }
+        if g.head != 0 && req.prev_frame_no != g.head {
+            outcomes.push(Outcome::Done(Err(SpoolError::ChainBreak {
+                group: name.to_string(),
+                frame_no: req.frame_no,
+                expected_prev: g.head,
+                got_prev: req.prev_frame_no,
+            })));
+            continue;
+        }
+        outcomes.push(Outcome::Stored);
+        if let Err(e) = write_one(g, name, segment_bytes, req, work) {
+            // Later items of this group never ran: they fail with the batch.
+            while outcomes.len() < items.len() {
+                outcomes.push(Outcome::Stored);
+            }
+            return Err(e);
+        }
+    }
+    if let Some(a) = g.active.as_mut() {
+        work.flush(a)?;
+    }
+    Ok(())
+}
+
+fn write_one(
+    g: &mut WGroup,
+    name: &str,
+    segment_bytes: u64,
+    req: &AppendRequest,
+    work: &mut Work,
+) -> Result<(), SpoolError> {
+    if !g.dir_ready {
+        match fs::create_dir(&g.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err("create group directory", &g.dir)(e)),
+        }
+        g.dir_ready = true;
+        work.new_dir = true;
+    }
+    let rec_len = (RECORD_HEADER_LEN + req.bytes.len()) as u64;
+    let rotate = match &g.active {
+        None => true,
+        Some(a) => {
+            let cur = a.len + work.buf.len() as u64;
+            cur > SEGMENT_HEADER_LEN as u64 && cur + rec_len > segment_bytes
+        }
+    };
+    if rotate {
+        if let Some(a) = g.active.as_mut() {
+            // The old segment is complete and durable before the next one exists,
+            // so only the newest segment of a group can ever have a torn tail.
+            work.flush(a)?;
+            if work.dirty {
+                a.sync()?;
+                work.dirty = false;
+            }
+        }
+        let path = g.dir.join(segment_file_name(req.frame_no));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io_err("create segment", &path))?;
+        work.new_files.push(path.clone());
+        work.new_segs.push(req.frame_no);
+        g.active = Some(Active {
+            first: req.frame_no,
+            path,
+            len: 0,
+            file: Some(file),
+        });
+        let header = SegmentHeader {
+            version: FormatVersion::CURRENT,
+            group: name.to_string(),
+            first_frame_no: req.frame_no,
+        };
+        work.buf.extend_from_slice(&header.encode());
+        work.dirty = true;
+    }
+    let Some(a) = g.active.as_mut() else {
+        unreachable!("an active segment exists after rotation")
+    };
+    let offset = a.len + work.buf.len() as u64;
+    let header = RecordHeader::new(req.frame_no, req.prev_frame_no, req.last_seq, &req.bytes);
+    work.buf.extend_from_slice(&header.encode());
+    if req.bytes.len() >= DIRECT_WRITE {
+        work.flush(a)?;
+        a.write(&req.bytes)?;
+        work.note_len(a.first, a.len);
+    } else {
+        work.buf.extend_from_slice(&req.bytes);
+        if work.buf.len() >= FLUSH_AT {
+            work.flush(a)?;
+        }
+    }
+    work.dirty = true;
+    work.entries.push((
+        a.first,
+        Entry {
+            frame_no: req.frame_no,
+            // Segments stay below 4 GiB: segment_bytes <= 1 GiB plus one record.
+            offset: offset as u32,
+            len: req.bytes.len() as u32,
+        },
+    ));
+    g.head = req.frame_no;
+    g.head_seq = req.last_seq;
+    Ok(())
+}
+
+/// Make the batch durable: fdatasync the active segment, fsync the directories
+/// that gained entries (group dir for new segments, spool dir for a new group).
+fn sync_group(g: &mut WGroup, root: &std::path::Path, work: &mut Work) -> Result<(), SpoolError> {
+    if work.dirty
+        && let Some(a) = g.active.as_mut()
+    {
+        a.sync()?;
+        work.dirty = false;
+    }
+    if work.new_dir || !work.new_files.is_empty() {
+        fsync_dir(&g.dir)?;
+    }
+    if work.new_dir {
+        fsync_dir(root)?;
+    }
+    Ok(())
+}
+
+/// Show the durable batch to readers: new segments, entries, lengths, head.
+fn publish(index: &Mutex<SpoolIndex>, name: &str, g: &WGroup, work: &Work) {
+    let mut idx = lock(index);
+    let gi = idx.groups.entry(name.to_string()).or_default();
+    // Entries are in write order; a rotation inside the batch shows up as the
+    // first entry of a new segment, which is added to the index just before it.
+    for (first, e) in &work.entries {
+        if gi.segments.back().map(|s| s.first_frame_no) != Some(*first)
+            && work.new_segs.contains(first)
+        {
+            gi.segments.push_back(SegIndex::new(*first, 0));
+        }
+        gi.push_entry(*first, *e);
+    }
+    for (first, len) in &work.seg_lens {
+        if let Some(seg) = gi
+            .segments
+            .iter_mut()
+            .rev()
+            .find(|s| s.first_frame_no == *first)
+        {
+            gi.disk_bytes = (gi.disk_bytes + len).saturating_sub(seg.file_len);
+            seg.file_len = *len;
+        }
+    }
+    if g.head > 0 {
+        gi.head = Some(SpoolHead {
+            frame_no: g.head,
+            last_seq: g.head_seq,
+        });
+    }
+}
+
+/// Undo a failed batch of one group: remove the segments it created, truncate
+/// the previously active segment to its durable length. If that fails too, the
+/// group refuses further appends (its files are in an unknown state).
+fn undo(g: &mut WGroup, name: &str, saved: Option<(u64, u64)>, work: &Work) {
+    let mut failures = Vec::new();
+    for p in &work.new_files {
+        if let Err(e) = fs::remove_file(p)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            failures.push(format!("remove {}: {e}", p.display()));
+        }
+    }
+    if !work.new_files.is_empty()
+        && let Err(e) = fsync_dir(&g.dir)
+    {
+        failures.push(e.to_string());
+    }
+    if work.new_dir {
+        // The directory may not be durable: fsync the spool dir again next time.
+        g.dir_ready = false;
+    }
+    g.active = saved.map(|(first, len)| Active {
+        first,
+        path: g.dir.join(segment_file_name(first)),
+        len,
+        file: None,
+    });
+    // Always truncate: a failed write may have left bytes beyond the length the
+    // writer had recorded.
+    if let Some((_, len)) = saved
+        && let Some(a) = g.active.as_mut()
+    {
+        let path = a.path.clone();
+        let r = a.file().and_then(|f| {
+            f.set_len(len)
+                .and_then(|()| f.sync_data())
+                .map_err(io_err("truncate segment after failed write", &path))
+        });
+        if let Err(e) = r {
+            failures.push(e.to_string());
+        }
+    }
+    if !failures.is_empty() {
+        let reason = failures.join("; ");
+        tracing::error!(group = name, %reason, "could not undo a failed spool write; group refuses appends until restart");
+        g.poisoned = Some(reason);
+    }
+}
+
+/// Test-only fault injection: make the n-th segment sync of a group fail.
+#[cfg(test)]
+pub mod fault {
+    use std::path::Path;
+    use std::sync::Mutex;
+
+    static PLAN: Mutex<Vec<(String, u32)>> = Mutex::new(Vec::new());
+    static HELD: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+    /// Make the writer stop before committing anything of `group` until released.
+    pub fn hold(group: &str) {
+        super::lock(&HELD).push(group.to_string());
+    }
+
+    /// Let the writer continue with `group`.
+    pub fn release(group: &str) {
+        super::lock(&HELD).retain(|g| g != group);
+    }
+
+    pub(super) fn wait_while_held(group: &str) {
+        while super::lock(&HELD).iter().any(|g| g == group) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// Fail the sync after `skip` successful ones in group directory `group`
+    /// (matched as a path component, so use a name no other test uses).
+    pub fn fail_sync(group: &str, skip: u32) {
+        super::lock(&PLAN).push((format!("/{group}/"), skip));
+    }
+
+    pub(super) fn hit(path: &Path) -> bool {
+        let p = path.to_string_lossy();
+        let mut plan = super::lock(&PLAN);
+        let Some(i) = plan.iter().position(|(g, _)| p.contains(g.as_str())) else {
+            return false;
+        };
+        if plan[i].1 == 0 {
+            plan.remove(i);
+            true
+        } else {
+            plan[i].1 -= 1;
+            false
+        }
+    }
+}
