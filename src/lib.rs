@@ -9,7 +9,6 @@
 #![warn(missing_docs)]
 
 pub mod error;
-pub mod relay;
 pub mod util;
 
 pub mod config;
