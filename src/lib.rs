@@ -8,5 +8,8 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod config;
 pub mod error;
+pub mod pki;
+pub mod transport;
 pub mod util;

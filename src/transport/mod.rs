@@ -1,0 +1,3 @@
+//! Carrying frames between roles: mutual TLS on every hop.
+
+pub mod tls;
