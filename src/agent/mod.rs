@@ -1,0 +1,4 @@
+//! The agent: captures writes, batches, seals and pushes frames to the relay.
+
+pub mod outbox;
+pub mod state;
