@@ -192,7 +192,9 @@ mod tests {
             })
             .unwrap();
         assert_eq!(trimmed, Some(20));
-        let resent: Vec<u64> = std::iter::from_fn(|| o.next_to_send()).map(|f| f.frame_no).collect();
+        let resent: Vec<u64> = std::iter::from_fn(|| o.next_to_send())
+            .map(|f| f.frame_no)
+            .collect();
         assert_eq!(resent, vec![3, 4, 5]);
     }
 

@@ -192,7 +192,8 @@ mod tests {
         assert_eq!(start.frame_next, 1 + FRAME_BLOCK);
         assert!(!start.was_clean);
         assert!(s.is_copied(0));
-        s.close_clean(1 + SEQ_BLOCK + 5, 1 + FRAME_BLOCK + 2).unwrap();
+        s.close_clean(1 + SEQ_BLOCK + 5, 1 + FRAME_BLOCK + 2)
+            .unwrap();
         drop(s);
         let (_s, start) = AgentState::open(d.path(), "g1").unwrap();
         assert_eq!(start.seq_next, 1 + SEQ_BLOCK + 5);

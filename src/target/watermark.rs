@@ -184,7 +184,7 @@ impl Watermark {
     /// Durably store a new watermark (write the other slot, fdatasync).
     pub fn store(&mut self, m: Mark) -> Result<(), WatermarkError> {
         let generation = self.generation + 1;
-        let slot = (generation % 2) as u64;
+        let slot = generation % 2;
         let b = encode_slot(generation, &m);
         let io = |source| WatermarkError::Io {
             path: self.path.clone(),

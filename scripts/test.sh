@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Install what the test suite needs and run all of it. README's second command;
+# .ci/run calls this same script, so CI proves the README.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_pkgs=()
+# Tools the tests and benchmark scripts use (qemu-img ships preinstalled).
+for tool in e2fsck:e2fsprogs; do
+    bin=${tool%%:*}; pkg=${tool##*:}
+    command -v "$bin" >/dev/null 2>&1 || need_pkgs+=("$pkg")
+done
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}"
+    else
+        echo "scripts/test.sh: missing packages ${need_pkgs[*]} and not root to install them" >&2
+        exit 1
+    fi
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --all-targets --quiet -- -D warnings
+echo "== tests"
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --no-fail-fast
+else
+    cargo test --no-fail-fast
+fi
