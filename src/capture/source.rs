@@ -21,6 +21,8 @@ use crate::error::{Classify, ErrorKind};
 pub const COPY_BLOCK: usize = 64 * 1024;
 /// Bytes read per exclusive-lock hold during the initial copy.
 pub const COPY_CHUNK: usize = 4 * 1024 * 1024;
+/// Largest range one zero record covers (the frame format's length is 32 bits).
+pub const MAX_ZERO_RECORD: u64 = 1 << 30;
 
 /// Errors of the source disk path.
 #[derive(Debug, Error)]
@@ -197,8 +199,13 @@ impl SourceDisk {
                 hole_end
             };
             if hole_end > off {
-                self.journal
-                    .record_zero(self.id, off, hole_end - off, Ordering::M)?;
+                // A zero record covers at most MAX_ZERO_RECORD bytes.
+                let mut z = off;
+                while z < hole_end {
+                    let l = (hole_end - z).min(MAX_ZERO_RECORD);
+                    self.journal.record_zero(self.id, z, l, Ordering::M)?;
+                    z += l;
+                }
                 stats.zero_bytes += hole_end - off;
                 off = hole_end;
                 progress.store(off, AO::Relaxed);
