@@ -1,6 +1,10 @@
 //! Small helpers shared by several roles: a fast seeded PRNG, synthetic data with a
-//! chosen compressibility, and wall-clock time in microseconds that never goes back.
+//! chosen compressibility, wall-clock time in microseconds that never goes back,
+//! a latency histogram, the shutdown signal and atomic status files.
 
 pub mod datagen;
+pub mod hist;
 pub mod prng;
+pub mod shutdown;
+pub mod statusfile;
 pub mod time;
