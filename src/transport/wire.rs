@@ -455,23 +455,46 @@ pub async fn write_message<W: AsyncWrite + Unpin>(
     w: &mut W,
     msg: &Message,
 ) -> Result<(), WireError> {
+    write_unflushed(w, msg).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+/// Write one message without flushing (the connection layer flushes when its
+/// queue runs dry, so a burst of acks costs one TLS record flush).
+pub async fn write_unflushed<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    msg: &Message,
+) -> Result<(), WireError> {
     match msg {
-        Message::Frame(bytes) => {
-            // Avoid copying a multi-MiB frame into a scratch buffer.
-            let len = (bytes.len() + 1) as u32;
-            let mut head = [0u8; 5];
-            head[..4].copy_from_slice(&len.to_le_bytes());
-            head[4] = T_FRAME;
-            w.write_all(&head).await?;
-            w.write_all(bytes).await?;
-        }
+        Message::Frame(bytes) => write_frame_unflushed(w, bytes).await,
         other => {
             let mut buf = Vec::with_capacity(64);
             encode(other, &mut buf);
             w.write_all(&buf).await?;
+            Ok(())
         }
     }
-    w.flush().await?;
+}
+
+/// Write a frame message from borrowed bytes without flushing: the same wire
+/// form as `Message::Frame`, without copying a multi-MiB frame.
+pub async fn write_frame_unflushed<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    bytes: &[u8],
+) -> Result<(), WireError> {
+    if bytes.len() + 1 > MAX_MESSAGE_LEN {
+        return Err(WireError::BadLength {
+            len: bytes.len() + 1,
+            max: MAX_MESSAGE_LEN,
+        });
+    }
+    let len = (bytes.len() + 1) as u32;
+    let mut head = [0u8; 5];
+    head[..4].copy_from_slice(&len.to_le_bytes());
+    head[4] = T_FRAME;
+    w.write_all(&head).await?;
+    w.write_all(bytes).await?;
     Ok(())
 }
 
