@@ -769,6 +769,12 @@ impl V<'_> {
         ids: &mut HashSet<u32>,
         path: &Path,
     ) -> Result<(), ConfigError> {
+        if id > u32::from(u16::MAX) {
+            return Err(self.err(
+                format!("group[{gi}].disk[{di}].id"),
+                format!("{id} is above 65535 (the frame format carries disk ids in 16 bits)"),
+            ));
+        }
         if !ids.insert(id) {
             return Err(self.err(
                 format!("group[{gi}].disk[{di}].id"),

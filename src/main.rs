@@ -1,9 +1,11 @@
-//! The `tidemark` command: parses arguments, sets up logging, dispatches.
+//! The `tidemark` command: parses arguments, sets up logging, dispatches to one
+//! module per subcommand (`src/cli/`).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+mod cli;
 
 /// Continuous, crash-consistent block replication for Linux.
 #[derive(Parser)]
@@ -17,56 +19,21 @@ struct Cli {
 enum Command {
     /// Create a CA, certificates for relay, target and agent, a data key per
     /// group, and one TOML config per role.
-    Init(InitArgs),
-}
-
-#[derive(clap::Args)]
-struct InitArgs {
-    /// Directory to write into (created if missing).
-    #[arg(long)]
-    dir: PathBuf,
-    /// Name of the relay (also the TLS server name clients expect).
-    #[arg(long, default_value = "relay")]
-    relay_name: String,
-    /// Name of the target.
-    #[arg(long, default_value = "target")]
-    target_name: String,
-    /// Name of the agent.
-    #[arg(long, default_value = "agent")]
-    agent_name: String,
-    /// Consistency group (repeat for several); each gets its own data key.
-    #[arg(long = "group", default_value = "g1")]
-    groups: Vec<String>,
-    /// Extra DNS name or IP address for the relay certificate (repeatable).
-    #[arg(long = "relay-host")]
-    relay_hosts: Vec<String>,
-    /// Address the relay listens on.
-    #[arg(long, default_value = "0.0.0.0:7400")]
-    relay_listen: String,
-    /// Overwrite existing files.
-    #[arg(long)]
-    force: bool,
+    Init(cli::init::InitArgs),
+    /// Run the relay (process server): spool frames durably and forward them.
+    Relay(cli::relay::RelayArgs),
+    /// Run the target (master target): apply frames to the replica images.
+    // TEMP Target(cli::target::TargetArgs),
+    /// Run the agent: capture, seal and push the protected disks' writes.
+    Agent(cli::agent::AgentArgs),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Init(a) => {
-            let mut opts = tidemark::pki::InitOptions::new(&a.dir);
-            opts.relay_name = a.relay_name;
-            opts.target_name = a.target_name;
-            opts.agent_name = a.agent_name;
-            opts.groups = a.groups;
-            if !a.relay_hosts.is_empty() {
-                opts.relay_hosts.extend(a.relay_hosts);
-            }
-            opts.relay_listen = a.relay_listen;
-            opts.force = a.force;
-            let report = tidemark::pki::init(&opts)?;
-            for f in &report.files {
-                println!("wrote {}", f.display());
-            }
-            Ok(())
-        }
+        Command::Init(a) => cli::init::run(a),
+        Command::Relay(a) => cli::relay::run(a),
+        // TEMP Command::Target(a) => cli::target::run(a),
+        Command::Agent(a) => cli::agent::run(a),
     }
 }
 

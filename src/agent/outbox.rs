@@ -28,7 +28,7 @@ pub struct OutFrame {
 /// between them (e.g. the relay's spool was wiped).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "relay holds the group up to frame {head} but the agent's oldest unacknowledged frame {first} follows frame {first_prev}; the frames in between are lost and the group needs a resync"
+    "relay holds the group up to frame {head}, but this agent's chain continues from frame {first_prev} (oldest unacknowledged frame: {first}, 0 = none); frames were lost between them and the group needs a resync"
 )]
 pub struct ChainBreak {
     /// The relay's head frame.
@@ -106,22 +106,44 @@ impl Outbox {
     /// A new connection told us the relay's durable head: frames through it are
     /// acknowledged, everything else is re-sent from the start of the outbox.
     pub fn on_connect(&mut self, head: ChainPos) -> Result<Option<u64>, ChainBreak> {
+        // The relay cannot hold a frame this agent never sealed.
+        let last = self
+            .frames
+            .back()
+            .map_or(self.acked.frame_no, |f| f.frame_no);
+        if head.frame_no > last {
+            return Err(ChainBreak {
+                head: head.frame_no,
+                first: self.frames.front().map_or(0, |f| f.frame_no),
+                first_prev: last,
+            });
+        }
         let trimmed = if head.frame_no > self.acked.frame_no {
             self.on_ack(head.frame_no, head.last_seq)
         } else {
             None
         };
         self.next_send = 0;
-        if let Some(first) = self.frames.front()
-            && first.prev_frame_no != head.frame_no
-        {
-            return Err(ChainBreak {
+        match self.frames.front() {
+            Some(first) if first.prev_frame_no != head.frame_no => Err(ChainBreak {
                 head: head.frame_no,
                 first: first.frame_no,
                 first_prev: first.prev_frame_no,
-            });
+            }),
+            // Nothing unacknowledged: the next frame continues our acknowledged
+            // position, so the relay's head must be exactly that.
+            None if head.frame_no != self.acked.frame_no => Err(ChainBreak {
+                head: head.frame_no,
+                first: 0,
+                first_prev: self.acked.frame_no,
+            }),
+            _ => Ok(trimmed),
         }
-        Ok(trimmed)
+    }
+
+    /// True when a frame waits to be put on the wire.
+    pub fn has_unsent(&self) -> bool {
+        self.next_send < self.frames.len()
     }
 
     /// Frames held.
@@ -205,6 +227,25 @@ mod tests {
         let e = o.on_connect(ChainPos::default()).unwrap_err();
         assert_eq!(e.first, 5);
         assert!(e.to_string().contains("resync"));
+    }
+
+    #[test]
+    fn an_empty_outbox_needs_the_relay_at_our_acknowledged_position() {
+        let pos = ChainPos {
+            frame_no: 4,
+            last_seq: 40,
+        };
+        let mut o = Outbox::new(10, 10_000, pos);
+        assert_eq!(o.on_connect(pos).unwrap(), None);
+        // The relay lost frames it had acknowledged.
+        assert!(o.on_connect(ChainPos::default()).is_err());
+        // The relay holds frames this agent never sent.
+        let mut o = Outbox::new(10, 10_000, pos);
+        let e = o.on_connect(ChainPos {
+            frame_no: 9,
+            last_seq: 90,
+        });
+        assert!(e.is_err());
     }
 
     #[test]

@@ -160,6 +160,21 @@ impl AgentState {
         Ok(())
     }
 
+    /// Forget every disk's copy: after an unclean stop the writes that were only
+    /// in memory are lost, so every disk is copied again (the persisted dirty
+    /// bitmap of a later release narrows this to the dirty regions).
+    pub fn clear_copied(&self) -> std::io::Result<()> {
+        let mut g = self.lock();
+        if g.copied_disks.is_empty() {
+            return Ok(());
+        }
+        let mut next = g.clone();
+        next.copied_disks.clear();
+        self.persist(&next)?;
+        *g = next;
+        Ok(())
+    }
+
     /// Orderly stop: store the exact next values and mark the state clean.
     pub fn close_clean(&self, seq_next: u64, frame_next: u64) -> std::io::Result<()> {
         let mut g = self.lock();

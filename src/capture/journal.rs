@@ -121,7 +121,7 @@ struct Inner {
 }
 
 /// Counters and gauges of the journal, for status and the bench.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct JournalStats {
     /// Entries held (not yet acknowledged by the relay).
     pub entries: usize,

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 
 /// A position in the chain: the last frame accepted and its last seq.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct ChainPos {
     /// Frame number (0 = before the first frame).
     pub frame_no: u64,

@@ -27,7 +27,10 @@ pub enum Outgoing {
 /// Start a task that writes everything sent on the returned channel, flushing
 /// whenever the queue runs dry. The task ends when every sender is dropped (after
 /// writing what was queued and shutting the stream down) or on the first error.
-pub fn spawn_writer<W>(mut w: W, depth: usize) -> (mpsc::Sender<Outgoing>, JoinHandle<Result<(), WireError>>)
+pub fn spawn_writer<W>(
+    mut w: W,
+    depth: usize,
+) -> (mpsc::Sender<Outgoing>, JoinHandle<Result<(), WireError>>)
 where
     W: AsyncWrite + Unpin + Send + 'static,
 {
@@ -53,7 +56,10 @@ where
 /// Start a task that reads messages and forwards them on the returned channel.
 /// The last item is the error that ended the stream (`WireError::Closed` for a
 /// clean end); the task also ends when the receiver is dropped.
-pub fn spawn_reader<R>(mut r: R, depth: usize) -> (mpsc::Receiver<Result<Message, WireError>>, JoinHandle<()>)
+pub fn spawn_reader<R>(
+    mut r: R,
+    depth: usize,
+) -> (mpsc::Receiver<Result<Message, WireError>>, JoinHandle<()>)
 where
     R: AsyncRead + Unpin + Send + 'static,
 {

@@ -4,6 +4,7 @@
 
 pub mod datagen;
 pub mod hist;
+pub mod lockfile;
 pub mod prng;
 pub mod shutdown;
 pub mod statusfile;

@@ -8,12 +8,17 @@ use std::path::Path;
 
 /// File name of a role's status snapshot inside its state (or spool) directory.
 pub const STATUS_FILE: &str = "status.json";
+/// The temporary file a status snapshot is written to before the rename.
+pub const STATUS_TMP: &str = "status.json.tmp";
 
 /// Write `value` as pretty JSON to `path` through a temporary file and a rename.
 /// No fsync: a status file is a view, not a record; after a crash it may be stale
 /// or missing, never torn.
 pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
-    let tmp = path.with_extension("json.tmp");
+    let tmp = path.with_file_name(match path.file_name().and_then(|n| n.to_str()) {
+        Some(STATUS_FILE) | None => STATUS_TMP.to_string(),
+        Some(other) => format!("{other}.tmp"),
+    });
     {
         let mut f = File::create(&tmp)?;
         let bytes = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
@@ -35,6 +40,6 @@ mod tests {
         write_json(&p, &serde_json::json!({"a": 2})).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&fs::read(&p).unwrap()).unwrap();
         assert_eq!(v["a"], 2);
-        assert!(!p.with_extension("json.tmp").exists());
+        assert!(!d.path().join(STATUS_TMP).exists());
     }
 }

@@ -216,7 +216,11 @@ pub fn recover(root: &Path) -> Result<Recovered, SpoolError> {
             ));
             continue;
         };
-        if name == LOCK_FILE {
+        // The lock file, and the relay's status snapshot that lives beside the groups.
+        if name == LOCK_FILE
+            || name == crate::util::statusfile::STATUS_FILE
+            || name == crate::util::statusfile::STATUS_TMP
+        {
             continue;
         }
         let is_dir = ent.file_type().map(|t| t.is_dir()).unwrap_or(false);

@@ -1,0 +1,651 @@
+//! The agent process: for each group, the capture journal and source disks, the
+//! frame pipeline, the bridge that hands sealed frames to the session in chain
+//! order, the writer thread (initial copy, then the synthetic workload when
+//! asked), and the session with the relay. Also the orderly stop: stop writing,
+//! close the journal, drain every frame to the relay, persist the exact next
+//! seq and frame number.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AO};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use super::outbox::{OutFrame, Outbox};
+use super::pipeline::{Pipeline, PipelineConfig, PipelineError, Reorder, SealOutput};
+use super::session::{
+    CopyMark, Session, SessionEnd, SessionError, agent_hello, connect_with_retry,
+};
+use super::state::{AgentState, StartPoint};
+use super::status::{AgentStatus, CopyState, DiskStatus, GroupInfo, lock};
+use super::workload::{self, WorkloadReport, WorkloadSpec};
+use crate::capture::journal::{CaptureJournal, Ordering};
+use crate::capture::source::{SourceDisk, SourceError};
+use crate::config::{AgentConfig, AgentGroup};
+use crate::error::{Classify, ErrorKind};
+use crate::frame::{DataKey, FrameError, GroupName};
+use crate::transport::client::RelayEndpoint;
+use crate::transport::tls::{self, TlsError};
+use crate::util::lockfile::{self, LockError};
+use crate::util::shutdown::{self, Shutdown};
+use crate::util::statusfile::{self, STATUS_FILE};
+
+/// How long an orderly stop waits for the relay to acknowledge what is queued.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the status snapshot is rewritten.
+pub const STATUS_INTERVAL: Duration = Duration::from_millis(250);
+/// Seal threads per group.
+pub const SEAL_WORKERS: usize = 2;
+
+/// Options of an agent run beyond its config file.
+#[derive(Debug, Clone, Default)]
+pub struct AgentOptions {
+    /// Run this synthetic workload on the first disk of the first group once its
+    /// initial copy is recorded.
+    pub workload: Option<WorkloadSpec>,
+    /// Stop by itself once the workload is done and acknowledged by the relay.
+    pub exit_after_workload: bool,
+}
+
+/// Why the agent could not run, or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// TLS files unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// State directory locked or unusable.
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    /// A group's persisted state could not be read or written.
+    #[error("group {group}: agent state in {dir}: {source}")]
+    State {
+        /// Group.
+        group: String,
+        /// State directory.
+        dir: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A data key or group name is unusable.
+    #[error("group {group}: {source}")]
+    Frame {
+        /// Group.
+        group: String,
+        /// Cause.
+        source: Box<FrameError>,
+    },
+    /// A source disk could not be opened.
+    #[error("group {group}: {source}")]
+    Source {
+        /// Group.
+        group: String,
+        /// Cause.
+        source: SourceError,
+    },
+    /// The pipeline could not start.
+    #[error("group {group}: {source}")]
+    Pipeline {
+        /// Group.
+        group: String,
+        /// Cause.
+        source: Box<PipelineError>,
+    },
+    /// The session failed for good.
+    #[error(transparent)]
+    Session(Box<SessionError>),
+    /// A thread or task failed.
+    #[error("group {group}: {what}")]
+    Internal {
+        /// Group.
+        group: String,
+        /// What failed.
+        what: String,
+    },
+}
+
+impl Classify for AgentError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            AgentError::Tls(e) => e.kind(),
+            AgentError::Lock(e) => e.kind(),
+            AgentError::State { .. } => ErrorKind::Io,
+            AgentError::Frame { source, .. } => source.kind(),
+            AgentError::Source { source, .. } => source.kind(),
+            AgentError::Pipeline { .. } => ErrorKind::Config,
+            AgentError::Session(e) => e.kind(),
+            AgentError::Internal { .. } => ErrorKind::Io,
+        }
+    }
+}
+
+/// One group, ready to run.
+struct Prepared {
+    cfg: AgentGroup,
+    name: GroupName,
+    key: DataKey,
+    state: Arc<AgentState>,
+    start: StartPoint,
+    journal: Arc<CaptureJournal>,
+    disks: Vec<(Arc<SourceDisk>, bool)>,
+    info: Arc<GroupInfo>,
+}
+
+fn prepare(
+    cfg: &AgentGroup,
+    state_dir: &std::path::Path,
+    budget: usize,
+) -> Result<Prepared, AgentError> {
+    let group = cfg.name.clone();
+    let fe = |source| AgentError::Frame {
+        group: group.clone(),
+        source: Box::new(source),
+    };
+    let name = GroupName::new(&cfg.name).map_err(fe)?;
+    let key = DataKey::load(&cfg.key_file).map_err(fe)?;
+    let (state, start) =
+        AgentState::open(state_dir, &cfg.name).map_err(|source| AgentError::State {
+            group: group.clone(),
+            dir: state_dir.to_path_buf(),
+            source,
+        })?;
+    let state = Arc::new(state);
+    if !start.was_clean {
+        tracing::warn!(
+            group = %group,
+            seq_next = start.seq_next,
+            "the previous run did not stop in order: writes it held only in memory may not have reached the relay, so every disk is copied again"
+        );
+        state.clear_copied().map_err(|source| AgentError::State {
+            group: group.clone(),
+            dir: state_dir.to_path_buf(),
+            source,
+        })?;
+    }
+    let reserver_state = state.clone();
+    let journal = Arc::new(CaptureJournal::new(
+        budget,
+        start.seq_next,
+        Box::new(move |from| reserver_state.reserve_seqs(from)),
+    ));
+    let mut disks = Vec::new();
+    let mut views = Vec::new();
+    for d in &cfg.disks {
+        // Config validation keeps ids within 16 bits.
+        let id = u16::try_from(d.id).map_err(|_| AgentError::Internal {
+            group: group.clone(),
+            what: format!("disk id {} does not fit 16 bits", d.id),
+        })?;
+        let disk = SourceDisk::open(id, &d.path, journal.clone()).map_err(|source| {
+            AgentError::Source {
+                group: group.clone(),
+                source,
+            }
+        })?;
+        let copy = if !d.initial_copy {
+            CopyState::Skipped
+        } else if state.is_copied(id) {
+            CopyState::Done
+        } else {
+            CopyState::Pending
+        };
+        views.push(DiskStatus {
+            id,
+            path: d.path.clone(),
+            size: disk.size(),
+            copy,
+            copy_covered: if copy == CopyState::Done {
+                disk.size()
+            } else {
+                0
+            },
+            copy_data_bytes: 0,
+        });
+        disks.push((Arc::new(disk), d.initial_copy));
+    }
+    let info = Arc::new(GroupInfo::new(cfg.name.clone(), journal.clone(), views));
+    Ok(Prepared {
+        cfg: cfg.clone(),
+        name,
+        key,
+        state,
+        start,
+        journal,
+        disks,
+        info,
+    })
+}
+
+/// Run the agent until `shutdown` fires (or, with `exit_after_workload`, until
+/// the workload is done and durable at the relay).
+pub async fn run(
+    cfg: AgentConfig,
+    opts: AgentOptions,
+    shutdown: Shutdown,
+) -> Result<(), AgentError> {
+    let tls = tls::client_config(&cfg.tls.files())?;
+    let _lock = lockfile::lock_dir(&cfg.agent.state_dir)?;
+    let endpoint = RelayEndpoint {
+        addr: cfg.agent.relay.clone(),
+        server_name: cfg.agent.relay_name.clone(),
+        tls,
+    };
+    let budget = (cfg.agent.capture_budget_bytes() / cfg.groups.len().max(1) as u64) as usize;
+    let mut prepared = Vec::new();
+    for g in &cfg.groups {
+        let state_dir = cfg.agent.state_dir.clone();
+        let g2 = g.clone();
+        let p = tokio::task::spawn_blocking(move || prepare(&g2, &state_dir, budget))
+            .await
+            .map_err(|e| AgentError::Internal {
+                group: g.name.clone(),
+                what: e.to_string(),
+            })??;
+        prepared.push(p);
+    }
+    let infos: Vec<Arc<GroupInfo>> = prepared.iter().map(|p| p.info.clone()).collect();
+    let status_path = cfg.agent.state_dir.join(STATUS_FILE);
+    let write_status = {
+        let infos = infos.clone();
+        let name = cfg.agent.name.clone();
+        let path = status_path.clone();
+        move || {
+            let st = AgentStatus {
+                role: "agent".into(),
+                name: name.clone(),
+                pid: std::process::id(),
+                groups: infos.iter().map(|i| i.snapshot()).collect(),
+            };
+            if let Err(e) = statusfile::write_json(&path, &st) {
+                tracing::warn!(path = %path.display(), "cannot write status: {e}");
+            }
+        }
+    };
+    write_status();
+    let (status_stop, mut status_sd) = shutdown::channel();
+    let status_task = {
+        let w = write_status.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(STATUS_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = status_sd.wait() => break,
+                    _ = tick.tick() => {
+                        let w = w.clone();
+                        let _ = tokio::task::spawn_blocking(w).await;
+                    }
+                }
+            }
+        })
+    };
+
+    // The workload's own stop: fired by `exit_after_workload` once it is durable.
+    let (self_stop, self_sd) = shutdown::channel();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, p) in prepared.into_iter().enumerate() {
+        let workload = if i == 0 { opts.workload.clone() } else { None };
+        let endpoint = endpoint.clone();
+        let agent_name = cfg.agent.name.clone();
+        let shutdown = shutdown.clone();
+        let self_sd = self_sd.clone();
+        tasks.spawn(async move {
+            let name = p.cfg.name.clone();
+            let r = run_group(p, endpoint, agent_name, workload, shutdown, self_sd).await;
+            (name, r)
+        });
+    }
+    let mut first_err = None;
+    let mut any_ok = false;
+    let mut wait_workload = opts.exit_after_workload && opts.workload.is_some();
+    loop {
+        tokio::select! {
+            r = tasks.join_next() => {
+                let Some(r) = r else { break };
+                match r {
+                    Ok((_, Ok(()))) => any_ok = true,
+                    Ok((group, Err(e))) => {
+                        tracing::error!(group = %group, "group stopped: {e}");
+                        first_err.get_or_insert(e);
+                    }
+                    Err(e) => {
+                        first_err.get_or_insert(AgentError::Internal { group: "?".into(), what: e.to_string() });
+                    }
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(100)), if wait_workload => {
+                if let Some(info) = infos.first() {
+                    let w = lock(&info.workload_progress).clone();
+                    let acked = lock(&info.acked).last_seq;
+                    if w.done && acked >= w.last_seq {
+                        tracing::info!(last_seq = w.last_seq, "workload done and acknowledged by the relay; stopping");
+                        self_stop.fire();
+                        wait_workload = false;
+                    }
+                }
+            }
+        }
+    }
+    status_stop.fire();
+    let _ = status_task.await;
+    write_status();
+    match first_err {
+        Some(e) if !any_ok => Err(e),
+        Some(e) => {
+            tracing::error!("the agent stopped; at least one group had failed: {e}");
+            Err(e)
+        }
+        None => Ok(()),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_group(
+    p: Prepared,
+    endpoint: RelayEndpoint,
+    agent_name: String,
+    workload: Option<WorkloadSpec>,
+    mut shutdown: Shutdown,
+    mut self_sd: Shutdown,
+) -> Result<(), AgentError> {
+    let group = p.cfg.name.clone();
+    let info = p.info.clone();
+    let internal = |what: String| AgentError::Internal {
+        group: group.clone(),
+        what,
+    };
+
+    // The writer thread: initial copies, then the workload. It runs while the
+    // link is still being established: capture does not wait for the relay.
+    let stop_writer = Arc::new(AtomicBool::new(false));
+    let (copy_tx, copy_rx) = mpsc::unbounded_channel::<CopyMark>();
+    if workload.is_some() {
+        *lock(&info.workload) = Some(WorkloadReport::default());
+    }
+    let writer = {
+        let disks = p.disks.clone();
+        let journal = p.journal.clone();
+        let info = info.clone();
+        let stop = stop_writer.clone();
+        let group = group.clone();
+        std::thread::Builder::new()
+            .name(format!("writer-{group}"))
+            .spawn(move || writer_thread(&group, &disks, &journal, &info, workload, &stop, copy_tx))
+            .map_err(|e| internal(format!("cannot start writer thread: {e}")))?
+    };
+
+    // Stop signal for this group: the process's shutdown or the agent's own.
+    let (group_stop, stop) = shutdown::channel();
+    let stopper = tokio::spawn(async move {
+        tokio::select! {
+            _ = shutdown.wait() => {}
+            _ = self_sd.wait() => {}
+        }
+        group_stop.fire();
+    });
+    let mut stop_for_connect = stop.clone();
+    let hello = agent_hello(&agent_name, &group);
+    let first = connect_with_retry(&endpoint, &hello, &info, &mut stop_for_connect).await;
+    let first = match first {
+        Ok(Some(c)) => c,
+        other => {
+            // Shutdown before the relay was ever reached, or a fatal refusal:
+            // nothing was sealed, so stop writing and leave the state unclean
+            // unless nothing was recorded.
+            stop_writer.store(true, AO::Relaxed);
+            p.journal.close();
+            let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+            stopper.abort();
+            return match other {
+                Err(e) => Err(AgentError::Session(Box::new(e))),
+                _ => {
+                    tracing::warn!(group = %group, "stopped before the relay could be reached; the next start copies the disks again");
+                    Ok(())
+                }
+            };
+        }
+    };
+    let head = first.1.head;
+    let frame_next = p.start.frame_next.max(head.frame_no + 1);
+    if head.frame_no >= p.start.frame_next {
+        tracing::warn!(group = %group, head = head.frame_no, local = p.start.frame_next, "the relay holds frames beyond this agent's persisted frame numbers; continuing above them");
+    }
+    *lock(&info.acked) = head;
+
+    // Pipeline: batcher + seal pool, then the bridge back into chain order.
+    let (seal_tx, seal_rx) = crossbeam_channel::bounded::<SealOutput>(64);
+    let reserve_state = p.state.clone();
+    let pipeline = Pipeline::start(
+        p.journal.clone(),
+        &p.key,
+        PipelineConfig {
+            group: p.name,
+            key_epoch: p.cfg.key_epoch,
+            zstd_level: p.cfg.zstd_level,
+            frame_max_bytes: p.cfg.frame_max_bytes() as usize,
+            linger: p.cfg.frame_linger(),
+            heartbeat: p.cfg.heartbeat(),
+            workers: SEAL_WORKERS,
+            max_jobs: SEAL_WORKERS * 2,
+        },
+        head,
+        frame_next,
+        Box::new(move |f| reserve_state.reserve_frames(f)),
+        seal_tx,
+    )
+    .map_err(|source| AgentError::Pipeline {
+        group: group.clone(),
+        source: Box::new(source),
+    })?;
+    let (frames_tx, frames_rx) = mpsc::channel::<OutFrame>(4);
+    let next_frame = Arc::new(AtomicU64::new(frame_next));
+    let seal_failed: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    let bridge = {
+        let returner = pipeline.permit_returner();
+        let info = info.clone();
+        let next_frame = next_frame.clone();
+        let failed = seal_failed.clone();
+        std::thread::Builder::new()
+            .name(format!("bridge-{group}"))
+            .spawn(move || bridge_thread(seal_rx, returner, frames_tx, &info, &next_frame, &failed))
+            .map_err(|e| internal(format!("cannot start bridge thread: {e}")))?
+    };
+
+    let (drain_trigger, drain) = shutdown::channel();
+    let session = Session {
+        info: info.clone(),
+        state: p.state.clone(),
+        endpoint,
+        hello,
+        frames: frames_rx,
+        outbox: Outbox::new(
+            p.cfg.window_frames as usize,
+            p.cfg.window_bytes() as usize,
+            head,
+        ),
+        max_frames: p.cfg.window_frames as usize,
+        max_bytes: p.cfg.window_bytes() as usize,
+        drain,
+        drain_timeout: DRAIN_TIMEOUT,
+        copies: copy_rx,
+    };
+    let mut session_task = tokio::spawn(session.run(first));
+    let mut stop_wait = stop.clone();
+    let early = tokio::select! {
+        _ = stop_wait.wait() => None,
+        r = &mut session_task => Some(r),
+    };
+    // Orderly stop: no more writes, close the journal so the batcher flushes the
+    // rest into frames, then let the session drain them to the relay.
+    stop_writer.store(true, AO::Relaxed);
+    let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+    p.journal.close();
+    drain_trigger.fire();
+    let session_result = match early {
+        Some(r) => r,
+        None => session_task.await,
+    }
+    .map_err(|e| internal(format!("session task failed: {e}")))?;
+    let pipe_stop = tokio::task::spawn_blocking(move || pipeline.stop());
+    let _ = pipe_stop.await;
+    let _ = tokio::task::spawn_blocking(move || bridge.join()).await;
+    stopper.abort();
+    if let Some(why) = lock(&seal_failed).clone() {
+        return Err(internal(format!("sealing failed: {why}")));
+    }
+    let end = session_result.map_err(|e| AgentError::Session(Box::new(e)))?;
+    let js = p.journal.stats();
+    if end == SessionEnd::Drained && js.entries == 0 {
+        let next_seq = p.journal.next_seq();
+        let nf = next_frame.load(AO::Relaxed);
+        let st = p.state.clone();
+        tokio::task::spawn_blocking(move || st.close_clean(next_seq, nf))
+            .await
+            .map_err(|e| internal(e.to_string()))?
+            .map_err(|source| AgentError::State {
+                group: group.clone(),
+                dir: PathBuf::new(),
+                source,
+            })?;
+        tracing::info!(group = %group, next_seq, next_frame = nf, "stopped in order: every write is durable at the relay");
+    } else {
+        tracing::warn!(
+            group = %group,
+            unacknowledged_entries = js.entries,
+            ?end,
+            "stopped with writes the relay has not acknowledged; the next start copies the disks again"
+        );
+    }
+    Ok(())
+}
+
+/// Initial copies, then the workload. Runs on its own thread.
+fn writer_thread(
+    group: &str,
+    disks: &[(Arc<SourceDisk>, bool)],
+    journal: &CaptureJournal,
+    info: &GroupInfo,
+    workload: Option<WorkloadSpec>,
+    stop: &AtomicBool,
+    copies: mpsc::UnboundedSender<CopyMark>,
+) {
+    for (disk, initial_copy) in disks {
+        let id = disk.id();
+        let state = info.disk_mut(id, |d| d.copy).unwrap_or(CopyState::Pending);
+        let r = match state {
+            CopyState::Pending => {
+                info.disk_mut(id, |d| d.copy = CopyState::Copying);
+                let progress = AtomicU64::new(0);
+                let r = std::thread::scope(|s| {
+                    let h = s.spawn(|| disk.initial_copy(&progress));
+                    while !h.is_finished() {
+                        let covered = progress.load(AO::Relaxed);
+                        info.disk_mut(id, |d| d.copy_covered = covered);
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+                });
+                r.map(|st| {
+                    info.disk_mut(id, |d| {
+                        d.copy = CopyState::Recorded;
+                        d.copy_covered = st.covered;
+                        d.copy_data_bytes = st.data_bytes;
+                    });
+                    tracing::info!(
+                        group,
+                        disk = id,
+                        data_bytes = st.data_bytes,
+                        zero_bytes = st.zero_bytes,
+                        "initial copy recorded"
+                    );
+                    let _ = copies.send(CopyMark {
+                        disk: id,
+                        seq: journal.next_seq().saturating_sub(1),
+                    });
+                })
+            }
+            // Announce the size so the target can check (or create) the replica.
+            _ => journal
+                .record_disk_size(id, disk.size(), Ordering::W)
+                .map(|_| ())
+                .map_err(SourceError::from),
+        };
+        if let Err(e) = r {
+            if !stop.load(AO::Relaxed) {
+                tracing::error!(group, disk = id, initial_copy, "{e}");
+                info.set_error(e.to_string());
+            }
+            return;
+        }
+    }
+    if let Some(spec) = workload {
+        let Some((disk, _)) = disks.first() else {
+            return;
+        };
+        tracing::info!(
+            group,
+            disk = disk.id(),
+            ?spec,
+            "synthetic workload starting"
+        );
+        match workload::run(disk, &spec, stop, &info.workload_progress) {
+            Ok(r) => tracing::info!(
+                group,
+                writes = r.writes,
+                bytes = r.bytes,
+                seconds = r.seconds,
+                last_seq = r.last_seq,
+                "synthetic workload done"
+            ),
+            Err(e) => {
+                tracing::error!(group, "synthetic workload failed: {e}");
+                info.set_error(e.to_string());
+            }
+        }
+    }
+}
+
+/// Sealed frames back into chain order, onto the session's channel.
+fn bridge_thread(
+    seal_rx: crossbeam_channel::Receiver<SealOutput>,
+    permits: crossbeam_channel::Sender<()>,
+    frames: mpsc::Sender<OutFrame>,
+    info: &GroupInfo,
+    next_frame: &AtomicU64,
+    failed: &Mutex<Option<String>>,
+) {
+    let mut reorder = Reorder::default();
+    for out in seal_rx {
+        reorder.push(out.index, out.result);
+        while let Some(r) = reorder.pop() {
+            let _ = permits.try_send(());
+            let sf = match r {
+                Ok(sf) => sf,
+                Err(e) => {
+                    tracing::error!(group = %info.name, "sealing a frame failed: {e}");
+                    *lock(failed) = Some(e.to_string());
+                    info.set_error(e.to_string());
+                    return;
+                }
+            };
+            let h = sf.header;
+            info.frames_sealed.fetch_add(1, AO::Relaxed);
+            if h.heartbeat {
+                info.heartbeats.fetch_add(1, AO::Relaxed);
+            }
+            info.plain_bytes
+                .fetch_add(u64::from(h.plain_len), AO::Relaxed);
+            info.stored_bytes
+                .fetch_add(sf.bytes.len() as u64, AO::Relaxed);
+            next_frame.store(h.frame_no + 1, AO::Relaxed);
+            let f = OutFrame {
+                frame_no: h.frame_no,
+                prev_frame_no: h.prev_frame_no,
+                last_seq: h.last_seq,
+                bytes: Arc::new(sf.bytes),
+            };
+            if frames.blocking_send(f).is_err() {
+                return;
+            }
+        }
+    }
+}

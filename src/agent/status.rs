@@ -1,0 +1,177 @@
+//! What the agent shows about itself: live counters shared by its threads and
+//! tasks, and the snapshot written to `<state_dir>/status.json`.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+
+use super::workload::WorkloadReport;
+use crate::capture::journal::{CaptureJournal, JournalStats};
+use crate::target::gate::ChainPos;
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Where a disk's initial copy stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CopyState {
+    /// Not started yet.
+    Pending,
+    /// Reading the disk into the journal.
+    Copying,
+    /// All of the disk is in the journal; waiting for the relay's ack.
+    Recorded,
+    /// The relay holds all of it durably (persisted across restarts).
+    Done,
+    /// Not copied: `initial_copy = false`.
+    Skipped,
+}
+
+/// One disk in the status.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskStatus {
+    /// Disk id in the group.
+    pub id: u16,
+    /// Backing file or device.
+    pub path: PathBuf,
+    /// Size in bytes.
+    pub size: u64,
+    /// Initial copy state.
+    pub copy: CopyState,
+    /// Bytes of the disk the copy has covered.
+    pub copy_covered: u64,
+    /// Bytes the copy sent as data (the rest were zeros).
+    pub copy_data_bytes: u64,
+}
+
+/// Live state of one group, shared by its session, bridge and writer.
+pub(crate) struct GroupInfo {
+    pub name: String,
+    pub journal: Arc<CaptureJournal>,
+    pub connected: AtomicBool,
+    pub frames_sealed: AtomicU64,
+    pub heartbeats: AtomicU64,
+    pub plain_bytes: AtomicU64,
+    pub stored_bytes: AtomicU64,
+    pub frames_acked: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub throttles: AtomicU64,
+    pub acked: Mutex<ChainPos>,
+    pub outbox: Mutex<(usize, usize)>,
+    pub last_error: Mutex<Option<String>>,
+    pub disks: Mutex<Vec<DiskStatus>>,
+    pub workload: Mutex<Option<WorkloadReport>>,
+    /// The workload's live progress (the writer thread updates it).
+    pub workload_progress: Arc<Mutex<WorkloadReport>>,
+}
+
+impl GroupInfo {
+    pub fn new(name: String, journal: Arc<CaptureJournal>, disks: Vec<DiskStatus>) -> Self {
+        GroupInfo {
+            name,
+            journal,
+            connected: AtomicBool::new(false),
+            frames_sealed: AtomicU64::new(0),
+            heartbeats: AtomicU64::new(0),
+            plain_bytes: AtomicU64::new(0),
+            stored_bytes: AtomicU64::new(0),
+            frames_acked: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            throttles: AtomicU64::new(0),
+            acked: Mutex::new(ChainPos::default()),
+            outbox: Mutex::new((0, 0)),
+            last_error: Mutex::new(None),
+            disks: Mutex::new(disks),
+            workload: Mutex::new(None),
+            workload_progress: Arc::new(Mutex::new(WorkloadReport::default())),
+        }
+    }
+
+    pub fn set_error(&self, e: String) {
+        *lock(&self.last_error) = Some(e);
+    }
+
+    pub fn disk_mut<R>(&self, id: u16, f: impl FnOnce(&mut DiskStatus) -> R) -> Option<R> {
+        lock(&self.disks).iter_mut().find(|d| d.id == id).map(f)
+    }
+
+    pub fn snapshot(&self) -> AgentGroupStatus {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (outbox_frames, outbox_bytes) = *lock(&self.outbox);
+        let workload = lock(&self.workload)
+            .is_some()
+            .then(|| lock(&self.workload_progress).clone());
+        AgentGroupStatus {
+            name: self.name.clone(),
+            connected: self.connected.load(Ordering::Relaxed),
+            acked: *lock(&self.acked),
+            journal: self.journal.stats(),
+            outbox_frames,
+            outbox_bytes,
+            frames_sealed: r(&self.frames_sealed),
+            heartbeats: r(&self.heartbeats),
+            plain_bytes: r(&self.plain_bytes),
+            stored_bytes: r(&self.stored_bytes),
+            frames_acked: r(&self.frames_acked),
+            reconnects: r(&self.reconnects),
+            throttles: r(&self.throttles),
+            last_error: lock(&self.last_error).clone(),
+            disks: lock(&self.disks).clone(),
+            workload,
+        }
+    }
+}
+
+/// One group in the agent's status.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentGroupStatus {
+    /// Group name.
+    pub name: String,
+    /// A session with the relay is open.
+    pub connected: bool,
+    /// The last frame the relay acknowledged as durable.
+    pub acked: ChainPos,
+    /// The capture journal.
+    pub journal: JournalStats,
+    /// Sealed frames waiting for the relay's ack.
+    pub outbox_frames: usize,
+    /// Their bytes.
+    pub outbox_bytes: usize,
+    /// Frames sealed since start (heartbeats included).
+    pub frames_sealed: u64,
+    /// Of which idle heartbeats.
+    pub heartbeats: u64,
+    /// Plaintext payload bytes sealed.
+    pub plain_bytes: u64,
+    /// Bytes of sealed frames (what goes on the wire).
+    pub stored_bytes: u64,
+    /// Frames the relay acknowledged since start.
+    pub frames_acked: u64,
+    /// Connections lost and re-established.
+    pub reconnects: u64,
+    /// Throttle requests from the relay.
+    pub throttles: u64,
+    /// The last error, if any.
+    pub last_error: Option<String>,
+    /// Disks.
+    pub disks: Vec<DiskStatus>,
+    /// The synthetic workload, when one runs.
+    pub workload: Option<WorkloadReport>,
+}
+
+/// The agent's status snapshot (`<state_dir>/status.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentStatus {
+    /// Always "agent".
+    pub role: String,
+    /// Instance name.
+    pub name: String,
+    /// Process id.
+    pub pid: u32,
+    /// Per group.
+    pub groups: Vec<AgentGroupStatus>,
+}

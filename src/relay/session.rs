@@ -1,0 +1,465 @@
+//! The relay's two kinds of session, after the hello was checked.
+//!
+//! * Agent session ([`run_agent`]): each frame's header is checked without a key
+//!   (structure, group), the frame is queued for a durable spool append, and an
+//!   ack goes back once the append is durable (acks follow frame order because
+//!   appends complete in queue order). Memory held by pending appends is bounded
+//!   relay-wide; a spool above its size limit makes the relay throttle the agent
+//!   instead of reading more.
+//! * Target session ([`run_target`]): frames after what the target has applied
+//!   are read from the spool and forwarded with a window of frames in flight; the
+//!   target's cumulative acks trim the spool. New appends wake the forwarder.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::hub::GroupHub;
+use super::server::Shared;
+use super::spool::{AppendOutcome, AppendRequest, SpoolError, SpooledFrame};
+use crate::error::{Classify, ErrorKind};
+use crate::frame::FrameHeader;
+use crate::target::gate::ChainPos;
+use crate::transport::client::message_name;
+use crate::transport::conn::Outgoing;
+use crate::transport::wire::{Message, PROTOCOL_VERSION, PeerRole, WireError, WireErrorKind};
+
+/// Frames forwarded to a target and not yet acknowledged, at most.
+pub const TARGET_WINDOW_FRAMES: usize = 64;
+/// Bytes forwarded to a target and not yet acknowledged, at most.
+pub const TARGET_WINDOW_BYTES: usize = 128 << 20;
+/// Bytes read from the spool per forwarding batch.
+pub const READ_BATCH_BYTES: usize = 8 << 20;
+/// Frames read from the spool per forwarding batch.
+pub const READ_BATCH_FRAMES: usize = 32;
+/// Pause advised to a throttled agent.
+pub const THROTTLE_MS: u32 = 500;
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The connection failed.
+    #[error("connection: {0}")]
+    Wire(#[from] WireError),
+    /// The peer sent a message its role may not send.
+    #[error("peer sent a {0} message, which is not allowed in this session")]
+    Unexpected(&'static str),
+    /// A frame was refused; the peer was told why.
+    #[error("refused frame {frame_no}: {reason}")]
+    Refused {
+        /// The frame.
+        frame_no: u64,
+        /// Why.
+        reason: String,
+    },
+    /// The spool failed.
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    /// A newer session for the same group and role took over.
+    #[error("superseded by a newer session")]
+    Superseded,
+    /// The relay is shutting down.
+    #[error("relay shutting down")]
+    Shutdown,
+    /// A helper task failed.
+    #[error("internal task failed: {0}")]
+    Task(String),
+}
+
+impl Classify for SessionError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            SessionError::Wire(e) => e.kind(),
+            SessionError::Unexpected(_) => ErrorKind::Peer,
+            SessionError::Refused { .. } => ErrorKind::Corrupt,
+            SessionError::Spool(e) => e.kind(),
+            SessionError::Superseded | SessionError::Shutdown => ErrorKind::Shutdown,
+            SessionError::Task(_) => ErrorKind::Io,
+        }
+    }
+}
+
+type Tx = mpsc::Sender<Outgoing>;
+type Rx = mpsc::Receiver<Result<Message, WireError>>;
+
+async fn send(tx: &Tx, m: Message) -> Result<(), SessionError> {
+    tx.send(Outgoing::Msg(m))
+        .await
+        .map_err(|_| SessionError::Wire(WireError::Closed))
+}
+
+fn set(m: &std::sync::Mutex<Option<String>>, v: String) {
+    *m.lock().unwrap_or_else(|e| e.into_inner()) = Some(v);
+}
+
+/// One append whose durability the acker waits for.
+struct Pending {
+    frame_no: u64,
+    last_seq: u64,
+    len: u64,
+    done: oneshot::Receiver<Result<AppendOutcome, SpoolError>>,
+    _memory: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// Serve an agent: welcome it with the group's durable head, then spool its frames.
+pub(crate) async fn run_agent(
+    shared: &Arc<Shared>,
+    hub: &Arc<GroupHub>,
+    who: &str,
+    rx: &mut Rx,
+    tx: &Tx,
+) -> Result<(), SessionError> {
+    let mut claim = hub.claim(PeerRole::Agent).await;
+    let head = shared.spool.head(&hub.name);
+    send(
+        tx,
+        Message::Welcome {
+            version: PROTOCOL_VERSION,
+            head_frame_no: head.map_or(0, |h| h.frame_no),
+            head_last_seq: head.map_or(0, |h| h.last_seq),
+        },
+    )
+    .await?;
+    hub.counters.agent_connected.store(true, Ordering::Relaxed);
+    let _connected = ResetOnDrop(&hub.counters.agent_connected);
+
+    // The acker: completes appends in order and acknowledges each durable frame.
+    let (pend_tx, mut pend_rx) = mpsc::channel::<Pending>(1024);
+    let acker = {
+        let hub = hub.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while let Some(p) = pend_rx.recv().await {
+                let outcome = p.done.await.unwrap_or(Err(SpoolError::Shutdown));
+                match outcome {
+                    Ok(o) => {
+                        if o == AppendOutcome::Stored {
+                            hub.counters.frames_in.fetch_add(1, Ordering::Relaxed);
+                            hub.counters.bytes_in.fetch_add(p.len, Ordering::Relaxed);
+                            hub.advance_head(p.frame_no);
+                        } else {
+                            hub.counters.duplicates_in.fetch_add(1, Ordering::Relaxed);
+                        }
+                        send(
+                            &tx,
+                            Message::Ack {
+                                frame_no: p.frame_no,
+                                last_seq: p.last_seq,
+                            },
+                        )
+                        .await?;
+                    }
+                    Err(e) => {
+                        let kind = match e.kind() {
+                            ErrorKind::Peer | ErrorKind::Corrupt => WireErrorKind::Peer,
+                            _ => WireErrorKind::Io,
+                        };
+                        let message = format!("group {} frame {}: {e}", hub.name, p.frame_no);
+                        tracing::warn!(group = %hub.name, frame_no = p.frame_no, "append refused: {e}");
+                        set(&hub.last_agent_error, message.clone());
+                        let _ = send(
+                            &tx,
+                            Message::Error {
+                                kind,
+                                frame_no: p.frame_no,
+                                message,
+                            },
+                        )
+                        .await;
+                        return Err(SessionError::Spool(e));
+                    }
+                }
+            }
+            Ok::<(), SessionError>(())
+        })
+    };
+
+    let mut sd = shared.shutdown.clone();
+    let result = loop {
+        let m = tokio::select! {
+            _ = claim.superseded.changed() => break Err(SessionError::Superseded),
+            _ = sd.wait() => break Err(SessionError::Shutdown),
+            m = rx.recv() => m,
+        };
+        let bytes = match m {
+            Some(Ok(Message::Frame(b))) => b,
+            Some(Ok(other)) => {
+                let what = message_name(&other);
+                let _ = send(
+                    tx,
+                    Message::Error {
+                        kind: WireErrorKind::Peer,
+                        frame_no: 0,
+                        message: format!("an agent may not send a {what} message after the hello"),
+                    },
+                )
+                .await;
+                break Err(SessionError::Unexpected(what));
+            }
+            Some(Err(WireError::Closed)) | None => break Ok(()),
+            Some(Err(e)) => break Err(e.into()),
+        };
+        let header = match FrameHeader::parse(&bytes) {
+            Ok(h) if h.group.as_str() == hub.name => h,
+            Ok(h) => {
+                let reason = format!(
+                    "frame {} is for group {}, but this session is for group {}",
+                    h.frame_no, h.group, hub.name
+                );
+                break Err(refuse(hub, tx, WireErrorKind::Auth, h.frame_no, reason).await);
+            }
+            Err(e) => {
+                break Err(refuse(
+                    hub,
+                    tx,
+                    WireErrorKind::Corrupt,
+                    0,
+                    format!("group {}: {e}", hub.name),
+                )
+                .await);
+            }
+        };
+        // Above the spool's size limit: ask the agent to pause, read nothing more.
+        while shared.spool.total_bytes() > shared.spool_max_bytes {
+            hub.counters.throttles.fetch_add(1, Ordering::Relaxed);
+            let _ = send(
+                tx,
+                Message::Throttle {
+                    retry_after_ms: THROTTLE_MS,
+                },
+            )
+            .await;
+            tokio::select! {
+                _ = sd.wait() => break,
+                _ = tokio::time::sleep(Duration::from_millis(u64::from(THROTTLE_MS))) => {}
+            }
+        }
+        let len = bytes.len();
+        let want = len.min(super::server::APPEND_MEMORY) as u32;
+        let permit = tokio::select! {
+            _ = sd.wait() => break Err(SessionError::Shutdown),
+            p = shared.append_memory.clone().acquire_many_owned(want) => match p {
+                Ok(p) => p,
+                Err(_) => break Err(SessionError::Shutdown),
+            },
+        };
+        let done = shared.spool.append(AppendRequest {
+            group: hub.name.clone(),
+            frame_no: header.frame_no,
+            prev_frame_no: header.prev_frame_no,
+            last_seq: header.last_seq,
+            bytes,
+        });
+        let p = Pending {
+            frame_no: header.frame_no,
+            last_seq: header.last_seq,
+            len: len as u64,
+            done,
+            _memory: permit,
+        };
+        if pend_tx.send(p).await.is_err() {
+            // The acker stopped after a refused append; its error is the reason.
+            break Ok(());
+        }
+    };
+    drop(pend_tx);
+    let acked = match tokio::time::timeout(Duration::from_secs(30), acker).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => Err(SessionError::Task(e.to_string())),
+        Err(_) => Err(SessionError::Task("acker did not finish in 30 s".into())),
+    };
+    tracing::debug!(session = who, "agent session loop ended");
+    match (result, acked) {
+        (Err(e), _) => Err(e),
+        (Ok(()), r) => r,
+    }
+}
+
+async fn refuse(
+    hub: &GroupHub,
+    tx: &Tx,
+    kind: WireErrorKind,
+    frame_no: u64,
+    reason: String,
+) -> SessionError {
+    tracing::warn!(group = %hub.name, frame_no, "frame refused: {reason}");
+    set(&hub.last_agent_error, reason.clone());
+    let _ = send(
+        tx,
+        Message::Error {
+            kind,
+            frame_no,
+            message: reason.clone(),
+        },
+    )
+    .await;
+    SessionError::Refused { frame_no, reason }
+}
+
+struct ResetOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for ResetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}
+
+/// Serve a target: trim what it has applied, welcome it, forward the rest.
+pub(crate) async fn run_target(
+    shared: &Arc<Shared>,
+    hub: &Arc<GroupHub>,
+    who: &str,
+    applied: ChainPos,
+    rx: &mut Rx,
+    tx: &Tx,
+) -> Result<(), SessionError> {
+    let mut claim = hub.claim(PeerRole::Target).await;
+    let head = shared.spool.head(&hub.name);
+    let head_no = head.map_or(0, |h| h.frame_no);
+    if applied.frame_no > head_no {
+        tracing::warn!(
+            group = %hub.name, applied = applied.frame_no, head = head_no,
+            "target has applied frames beyond the spool's head (the spool lost frames, or the agent has not resent them yet)"
+        );
+    }
+    // Frames the target has durably applied are no longer needed.
+    let trim_to = applied.frame_no.min(head_no);
+    if trim_to > 0 {
+        trim(shared, &hub.name, trim_to).await;
+    }
+    send(
+        tx,
+        Message::Welcome {
+            version: PROTOCOL_VERSION,
+            head_frame_no: head_no,
+            head_last_seq: head.map_or(0, |h| h.last_seq),
+        },
+    )
+    .await?;
+    hub.counters.target_connected.store(true, Ordering::Relaxed);
+    let _connected = ResetOnDrop(&hub.counters.target_connected);
+    hub.counters
+        .target_acked
+        .fetch_max(applied.frame_no, Ordering::Relaxed);
+
+    // Trims run one at a time in the background; a burst of acks becomes one trim.
+    let (trim_tx, mut trim_rx) = watch::channel(trim_to);
+    let trimmer = {
+        let shared = shared.clone();
+        let group = hub.name.clone();
+        tokio::spawn(async move {
+            while trim_rx.changed().await.is_ok() {
+                let f = *trim_rx.borrow_and_update();
+                trim(&shared, &group, f).await;
+            }
+        })
+    };
+
+    let mut head_rx = hub.head.subscribe();
+    let mut cursor = applied.frame_no;
+    let mut batch: VecDeque<SpooledFrame> = VecDeque::new();
+    let mut in_flight: VecDeque<(u64, usize)> = VecDeque::new();
+    let mut in_flight_bytes = 0usize;
+    let mut acked = applied.frame_no;
+    let mut sd = shared.shutdown.clone();
+    let mut read_backoff = Duration::from_millis(100);
+    let result = loop {
+        if batch.is_empty() && *head_rx.borrow_and_update() > cursor {
+            let spool = shared.spool.clone();
+            let group = hub.name.clone();
+            let after = cursor;
+            let r = tokio::task::spawn_blocking(move || {
+                spool.read_after(&group, after, READ_BATCH_BYTES, READ_BATCH_FRAMES)
+            })
+            .await
+            .map_err(|e| SessionError::Task(e.to_string()))?;
+            match r {
+                Ok(frames) => {
+                    batch.extend(frames);
+                    read_backoff = Duration::from_millis(100);
+                }
+                Err(e) => {
+                    // A damaged record cannot be forwarded; the chain is stuck
+                    // here until an operator acts. Say so, retry slowly.
+                    tracing::error!(group = %hub.name, after, "cannot read the spool: {e}");
+                    set(
+                        &hub.last_target_error,
+                        format!("relay cannot read its spool after frame {after}: {e}"),
+                    );
+                    tokio::select! {
+                        _ = sd.wait() => break Err(SessionError::Shutdown),
+                        _ = claim.superseded.changed() => break Err(SessionError::Superseded),
+                        _ = tokio::time::sleep(read_backoff) => {}
+                    }
+                    read_backoff = (read_backoff * 2).min(Duration::from_secs(10));
+                    continue;
+                }
+            }
+        }
+        let can_send = !batch.is_empty()
+            && in_flight.len() < TARGET_WINDOW_FRAMES
+            && in_flight_bytes < TARGET_WINDOW_BYTES;
+        tokio::select! {
+            biased;
+            _ = claim.superseded.changed() => break Err(SessionError::Superseded),
+            _ = sd.wait() => break Err(SessionError::Shutdown),
+            m = rx.recv() => match m {
+                Some(Ok(Message::Ack { frame_no, last_seq: _ })) => {
+                    while let Some(&(f, len)) = in_flight.front() {
+                        if f > frame_no {
+                            break;
+                        }
+                        in_flight.pop_front();
+                        in_flight_bytes -= len;
+                    }
+                    if frame_no > acked {
+                        acked = frame_no;
+                        hub.counters.target_acked.fetch_max(frame_no, Ordering::Relaxed);
+                        let head_no = *hub.head.borrow();
+                        trim_tx.send_replace(frame_no.min(head_no));
+                    }
+                }
+                Some(Ok(Message::Error { kind, frame_no, message })) => {
+                    tracing::error!(group = %hub.name, frame_no, ?kind, "target refused a frame: {message}");
+                    set(&hub.last_target_error, format!("frame {frame_no}: {message}"));
+                }
+                Some(Ok(other)) => break Err(SessionError::Unexpected(message_name(&other))),
+                Some(Err(WireError::Closed)) | None => break Ok(()),
+                Some(Err(e)) => break Err(e.into()),
+            },
+            permit = tx.reserve(), if can_send => {
+                let Ok(permit) = permit else { break Ok(()) };
+                let f = batch.pop_front().expect("can_send implies a frame");
+                cursor = f.frame_no;
+                let len = f.bytes.len();
+                in_flight.push_back((f.frame_no, len));
+                in_flight_bytes += len;
+                hub.counters.frames_out.fetch_add(1, Ordering::Relaxed);
+                hub.counters.bytes_out.fetch_add(len as u64, Ordering::Relaxed);
+                permit.send(Outgoing::Frame(Arc::new(f.bytes)));
+            }
+            r = head_rx.changed(), if batch.is_empty() => {
+                if r.is_err() {
+                    break Ok(());
+                }
+            }
+        }
+    };
+    drop(trim_tx);
+    let _ = trimmer.await;
+    tracing::debug!(session = who, cursor, acked, "target session loop ended");
+    result
+}
+
+async fn trim(shared: &Arc<Shared>, group: &str, frame_no: u64) {
+    let spool = shared.spool.clone();
+    let g = group.to_string();
+    match tokio::task::spawn_blocking(move || spool.trim_through(&g, frame_no)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(group, frame_no, "spool trim failed: {e}"),
+        Err(e) => tracing::warn!(group, frame_no, "spool trim task failed: {e}"),
+    }
+}

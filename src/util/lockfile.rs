@@ -1,0 +1,76 @@
+//! One process per state directory: an exclusive, non-blocking `flock` on a
+//! `LOCK` file inside it, held for the life of the returned guard (the kernel
+//! drops it when the process dies, so a crash never leaves a stale lock).
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+
+/// Name of the lock file.
+pub const LOCK_FILE: &str = "LOCK";
+
+/// The directory could not be locked.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Creating or opening the directory or the lock file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path concerned.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Another process holds the lock.
+    #[error("{dir} is in use by another process (it holds {dir}/LOCK)", dir = dir.display())]
+    Locked {
+        /// The directory.
+        dir: PathBuf,
+    },
+}
+
+impl crate::error::Classify for LockError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        match self {
+            LockError::Io { .. } => crate::error::ErrorKind::Io,
+            LockError::Locked { .. } => crate::error::ErrorKind::Config,
+        }
+    }
+}
+
+/// Create `dir` if needed and take its lock.
+pub fn lock_dir(dir: &Path) -> Result<Flock<File>, LockError> {
+    std::fs::create_dir_all(dir).map_err(|source| LockError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let path = dir.join(LOCK_FILE);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|source| LockError::Io {
+            path: path.clone(),
+            source,
+        })?;
+    Flock::lock(f, FlockArg::LockExclusiveNonblock).map_err(|_| LockError::Locked {
+        dir: dir.to_path_buf(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_lock_is_refused_until_the_first_is_dropped() {
+        let d = tempfile::tempdir().unwrap();
+        let a = lock_dir(d.path()).unwrap();
+        let e = lock_dir(d.path()).unwrap_err();
+        assert!(e.to_string().contains("in use by another process"), "{e}");
+        drop(a);
+        lock_dir(d.path()).unwrap();
+    }
+}
