@@ -5,6 +5,7 @@
 pub mod datagen;
 pub mod hist;
 pub mod prng;
+pub mod procstat;
 pub mod shutdown;
 pub mod statusfile;
 pub mod time;
