@@ -23,3 +23,5 @@ pub mod relay;
 pub mod target;
 
 pub mod image;
+
+pub mod bench;

@@ -6,6 +6,7 @@ pub mod datagen;
 pub mod hist;
 pub mod lockfile;
 pub mod prng;
+pub mod procstat;
 pub mod shutdown;
 pub mod statusfile;
 pub mod time;
