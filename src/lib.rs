@@ -4,7 +4,7 @@
 //! batched, compressed and sealed into a [`frame`] by the [`agent`], carried over
 //! mutual TLS by [`transport`] to the [`relay`], which spools it durably and
 //! forwards it to the [`target`], which applies it in chain order to an
-//! [`image`]. [`bench`] runs all of it on one machine.
+//! [`image`]. [`bench`](mod@bench) runs all of it on one machine.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -23,17 +23,23 @@ enum Command {
     /// Run the relay (process server): spool frames durably and forward them.
     Relay(cli::relay::RelayArgs),
     /// Run the target (master target): apply frames to the replica images.
-    // TEMP Target(cli::target::TargetArgs),
+    Target(cli::target::TargetArgs),
     /// Run the agent: capture, seal and push the protected disks' writes.
     Agent(cli::agent::AgentArgs),
+    /// Run relay, target and agent on this machine and measure the pipeline.
+    Bench(cli::bench::BenchArgs),
+    /// Show a role's status (from the config file it runs with).
+    Status(cli::status::StatusArgs),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Init(a) => cli::init::run(a),
         Command::Relay(a) => cli::relay::run(a),
-        // TEMP Command::Target(a) => cli::target::run(a),
+        Command::Target(a) => cli::target::run(a),
         Command::Agent(a) => cli::agent::run(a),
+        Command::Bench(a) => cli::bench::run(a),
+        Command::Status(a) => cli::status::run(a),
     }
 }
 

@@ -52,6 +52,8 @@ pub struct WorkloadReport {
     pub bytes: u64,
     /// Seconds from the first write to the last acknowledgement.
     pub seconds: f64,
+    /// When the workload started, µs since the Unix epoch (0 before).
+    pub start_us: u64,
     /// Seq of the first write (0 before it).
     pub first_seq: u64,
     /// Seq of the last write acknowledged (0 before the first).
@@ -101,7 +103,10 @@ pub fn run(
     }
     let slots = disk.size() / ws;
     let mut rng = Prng::new(spec.seed);
-    let mut report = WorkloadReport::default();
+    let mut report = WorkloadReport {
+        start_us: crate::util::time::now_us(),
+        ..WorkloadReport::default()
+    };
     let start = Instant::now();
     let deadline = (spec.seconds > 0.0).then(|| start + Duration::from_secs_f64(spec.seconds));
     let mut next_slot = 0u64;

@@ -2,9 +2,11 @@
 //! clap arguments and calls into the library.
 
 pub mod agent;
+pub mod bench;
 pub mod init;
 pub mod relay;
-// TEMP pub mod target;
+pub mod status;
+pub mod target;
 
 use std::future::Future;
 

@@ -366,8 +366,12 @@ pub(crate) async fn run_target(
     let mut acked = applied.frame_no;
     let mut sd = shared.shutdown.clone();
     let mut read_backoff = Duration::from_millis(100);
+    // The head at which a read found nothing after the cursor (frames the spool
+    // reported lost): read again only once the head moves.
+    let mut empty_at: Option<u64> = None;
     let result = loop {
-        if batch.is_empty() && *head_rx.borrow_and_update() > cursor {
+        let head_now = *head_rx.borrow_and_update();
+        if batch.is_empty() && head_now > cursor && empty_at != Some(head_now) {
             let spool = shared.spool.clone();
             let group = hub.name.clone();
             let after = cursor;
@@ -378,6 +382,14 @@ pub(crate) async fn run_target(
             .map_err(|e| SessionError::Task(e.to_string()))?;
             match r {
                 Ok(frames) => {
+                    if frames.is_empty() {
+                        tracing::error!(
+                            group = %hub.name, after, head = head_now,
+                            "the spool holds no frame after {after} although its head is {head_now}: frames are missing; the target cannot continue until the group is resynced"
+                        );
+                        set(&hub.last_target_error, format!("relay spool has no frames between {after} and its head {head_now}"));
+                        empty_at = Some(head_now);
+                    }
                     batch.extend(frames);
                     read_backoff = Duration::from_millis(100);
                 }

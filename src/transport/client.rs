@@ -216,9 +216,17 @@ async fn open_inner(ep: &RelayEndpoint, hello: &Hello) -> Result<(Stream, Welcom
             .map_err(tls_err)?;
         peer.check_role(Role::Relay).map_err(tls_err)?;
     }
-    let wire_err = |source| ConnectError::Wire {
-        addr: addr.clone(),
-        source,
+    // With TLS 1.3 a client learns that the relay rejected its certificate only
+    // when it next reads or writes: report that as the TLS failure it is.
+    let wire_err = |source| match source {
+        WireError::Io(io) if is_auth_failure(&io) => ConnectError::Handshake {
+            addr: addr.clone(),
+            source: io,
+        },
+        source => ConnectError::Wire {
+            addr: addr.clone(),
+            source,
+        },
     };
     let msg = Message::Hello {
         version: PROTOCOL_VERSION,

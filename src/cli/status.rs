@@ -1,0 +1,173 @@
+//! `tidemark status`: what a role reports about itself, read from the status
+//! snapshot it keeps in its state (or spool) directory.
+
+use std::path::{Path, PathBuf};
+
+use tidemark::agent::AgentStatus;
+use tidemark::config::{AgentConfig, RelayConfig, TargetConfig};
+use tidemark::relay::RelayStatus;
+use tidemark::target::TargetStatus;
+use tidemark::util::statusfile::STATUS_FILE;
+
+/// Show the status of the role a config file belongs to (relay, target or agent).
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    /// The role's config file.
+    #[arg(long)]
+    config: PathBuf,
+    /// Print the status snapshot as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+enum Which {
+    Relay(PathBuf),
+    Target(PathBuf),
+    Agent(PathBuf),
+}
+
+fn which(config: &Path) -> anyhow::Result<Which> {
+    let text = std::fs::read_to_string(config)
+        .map_err(|e| anyhow::anyhow!("{}: cannot read config file: {e}", config.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{}: not TOML: {e}", config.display()))?;
+    Ok(if table.contains_key("relay") {
+        Which::Relay(RelayConfig::load(config)?.relay.spool_dir.join(STATUS_FILE))
+    } else if table.contains_key("target") {
+        Which::Target(TargetConfig::load(config)?.target.state_dir.join(STATUS_FILE))
+    } else if table.contains_key("agent") {
+        Which::Agent(AgentConfig::load(config)?.agent.state_dir.join(STATUS_FILE))
+    } else {
+        anyhow::bail!(
+            "{}: not a role config (no [relay], [target] or [agent] table)",
+            config.display()
+        )
+    })
+}
+
+fn load<T: for<'de> serde::Deserialize<'de>>(path: &Path) -> anyhow::Result<(T, f64)> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        anyhow::anyhow!("{}: no status ({e}); has this role ever run with this config?", path.display())
+    })?;
+    let age = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .map_or(0.0, |d| d.as_secs_f64());
+    let v = serde_json::from_slice(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: unreadable status: {e}", path.display()))?;
+    Ok((v, age))
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn header(role: &str, name: &str, pid: u32, age: f64) {
+    let state = if alive(pid) && age < 5.0 {
+        format!("running (pid {pid})")
+    } else {
+        format!("not running (status from {age:.0} s ago, pid {pid})")
+    };
+    println!("{role} {name}: {state}");
+}
+
+/// Run `status`.
+pub fn run(a: StatusArgs) -> anyhow::Result<()> {
+    match which(&a.config)? {
+        Which::Relay(p) => {
+            let (s, age): (RelayStatus, f64) = load(&p)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+                return Ok(());
+            }
+            header("relay", &s.name, s.pid, age);
+            println!(
+                "  listen {}, spool {:.1} MB in {} frames (throttles above {:.1} GB)",
+                s.listen,
+                s.spool_bytes as f64 / 1e6,
+                s.spool_frames,
+                s.spool_max_bytes as f64 / 1e9
+            );
+            for g in &s.groups {
+                let c = &g.counters;
+                println!(
+                    "  group {}: head {} trimmed {} queued {} frames, agent {}, target {} (acked {})",
+                    g.name,
+                    g.head.map_or(0, |h| h.frame_no),
+                    g.trimmed_through,
+                    g.frames,
+                    if c.agent_connected { "connected" } else { "away" },
+                    if c.target_connected { "connected" } else { "away" },
+                    c.target_acked
+                );
+                if let Some(e) = &g.last_target_error {
+                    println!("    target refused: {e}");
+                }
+                if let Some(e) = &g.last_agent_error {
+                    println!("    agent refused: {e}");
+                }
+            }
+        }
+        Which::Target(p) => {
+            let (s, age): (TargetStatus, f64) = load(&p)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+                return Ok(());
+            }
+            header("target", &s.name, s.pid, age);
+            for g in &s.groups {
+                println!(
+                    "  group {}: watermark frame {} seq {}, {} frames applied ({:.1} MB), {}, lag p50 {:.1} ms p99 {:.1} ms",
+                    g.name,
+                    g.watermark.frame_no,
+                    g.watermark.last_seq,
+                    g.frames_applied,
+                    g.bytes_applied as f64 / 1e6,
+                    if g.connected { "connected" } else { "not connected" },
+                    g.lag_us.p50 as f64 / 1e3,
+                    g.lag_us.p99 as f64 / 1e3
+                );
+                if let Some(why) = &g.stalled {
+                    println!("    STALLED: {why}");
+                }
+            }
+        }
+        Which::Agent(p) => {
+            let (s, age): (AgentStatus, f64) = load(&p)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+                return Ok(());
+            }
+            header("agent", &s.name, s.pid, age);
+            for g in &s.groups {
+                println!(
+                    "  group {}: {}, acked frame {} seq {}, journal {} entries / {:.1} MB of {:.0} MB, {} frames sealed",
+                    g.name,
+                    if g.connected { "connected" } else { "not connected" },
+                    g.acked.frame_no,
+                    g.acked.last_seq,
+                    g.journal.entries,
+                    g.journal.bytes as f64 / 1e6,
+                    g.journal.budget as f64 / 1e6,
+                    g.frames_sealed
+                );
+                for d in &g.disks {
+                    println!(
+                        "    disk {} {} ({:.1} GB): initial copy {:?} {:.0} %",
+                        d.id,
+                        d.path.display(),
+                        d.size as f64 / 1e9,
+                        d.copy,
+                        if d.size > 0 { d.copy_covered as f64 * 100.0 / d.size as f64 } else { 100.0 }
+                    );
+                }
+                if let Some(e) = &g.last_error {
+                    println!("    last error: {e}");
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,341 @@
+//! Test harness: the three roles as separate processes of the built binary, on
+//! loopback with mutual TLS, in a scratch directory. Every child is killed (by
+//! its PID) when the harness is dropped; every wait is bounded.
+
+#![allow(dead_code)]
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tidemark::agent::AgentStatus;
+use tidemark::config::{AgentConfig, RelayConfig, TargetConfig};
+use tidemark::relay::RelayStatus;
+use tidemark::target::TargetStatus;
+use tidemark::util::prng::Prng;
+use tidemark::util::statusfile::STATUS_FILE;
+
+/// The binary under test.
+pub fn exe() -> &'static str {
+    env!("CARGO_BIN_EXE_tidemark")
+}
+
+/// A role process.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `Some(status)` once it has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait (bounded); SIGKILL if it does not exit.
+    pub fn stop(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        if let Some(s) = self.exited() {
+            return Some(s);
+        }
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let until = Instant::now() + grace;
+        while Instant::now() < until {
+            if let Some(s) = self.exited() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill9();
+        None
+    }
+
+    /// Wait (bounded) for the process to exit by itself.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let until = Instant::now() + limit;
+        while Instant::now() < until {
+            if let Some(s) = self.exited() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.exited().is_none() {
+            self.kill9();
+        }
+    }
+}
+
+/// Three roles around one group with one disk.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub conf: PathBuf,
+    pub source: PathBuf,
+    pub replica: PathBuf,
+    pub relay_addr: Option<std::net::SocketAddr>,
+    pub relay: Option<Proc>,
+    pub target: Option<Proc>,
+    pub agent: Option<Proc>,
+    starts: u32,
+}
+
+impl Cluster {
+    /// `tidemark init` into a scratch directory and a sparse source disk of `size` bytes.
+    pub fn new(size: u64) -> Cluster {
+        let dir = tempfile::Builder::new().prefix("tidemark-e2e-").tempdir().unwrap();
+        let conf = dir.path().join("conf");
+        let out = Command::new(exe())
+            .args(["init", "--dir"])
+            .arg(&conf)
+            .args(["--relay-listen", "127.0.0.1:0"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "init: {}", String::from_utf8_lossy(&out.stderr));
+        let source = dir.path().join("source.img");
+        let replica = dir.path().join("replica.img");
+        File::create(&source).unwrap().set_len(size).unwrap();
+        Cluster {
+            dir,
+            conf,
+            source,
+            replica,
+            relay_addr: None,
+            relay: None,
+            target: None,
+            agent: None,
+            starts: 0,
+        }
+    }
+
+    /// Fill `bytes` bytes of the source with seeded data, in 1 MiB pieces every
+    /// `stride` bytes (the rest stays a hole).
+    pub fn prefill(&self, seed: u64, stride: u64) {
+        let f = File::options().write(true).open(&self.source).unwrap();
+        let size = f.metadata().unwrap().len();
+        let mut rng = Prng::new(seed);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut off = 0;
+        while off + buf.len() as u64 <= size {
+            tidemark::util::datagen::fill(&mut buf, 30, &mut rng);
+            f.write_all_at(&buf, off).unwrap();
+            off += stride;
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.conf.join(name)
+    }
+
+    fn spawn(&mut self, role: &str, extra: &[&str]) -> Proc {
+        let config = self.path(&format!("{role}.toml"));
+        self.spawn_config(role, &config, extra)
+    }
+
+    /// Start `role` with a given config file (not tracked by the cluster).
+    pub fn spawn_config(&mut self, role: &str, config: &Path, extra: &[&str]) -> Proc {
+        self.starts += 1;
+        let log = self.dir.path().join(format!("{role}.{}.log", self.starts));
+        let f = File::create(&log).unwrap();
+        let child = Command::new(exe())
+            .arg(role)
+            .arg("--config")
+            .arg(config)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        Proc { child, log }
+    }
+
+    /// Start the relay; the first start binds port 0, later starts reuse the port.
+    pub fn start_relay(&mut self) {
+        let p = self.spawn("relay", &[]);
+        self.relay = Some(p);
+        if self.relay_addr.is_none() {
+            let status = self.relay_status_path();
+            let addr = wait_until(Duration::from_secs(30), "relay listening", || {
+                read_json::<RelayStatus>(&status).map(|s| s.listen)
+            });
+            self.relay_addr = Some(addr);
+            // Pin the port for restarts, point the clients at it.
+            let path = self.path("relay.toml");
+            let mut cfg = RelayConfig::load(&path).unwrap();
+            cfg.relay.listen = addr;
+            cfg.relay.status_listen = None;
+            fs::write(&path, cfg.to_toml_string().unwrap()).unwrap();
+            let path = self.path("target.toml");
+            let mut cfg = TargetConfig::load(&path).unwrap();
+            cfg.target.relay = addr.to_string();
+            cfg.target.relay_name = "127.0.0.1".into();
+            cfg.target.status_listen = None;
+            cfg.groups[0].disks[0].path = self.replica.clone();
+            fs::write(&path, cfg.to_toml_string().unwrap()).unwrap();
+            let path = self.path("agent.toml");
+            let mut cfg = AgentConfig::load(&path).unwrap();
+            cfg.agent.relay = addr.to_string();
+            cfg.agent.relay_name = "127.0.0.1".into();
+            cfg.agent.status_listen = None;
+            cfg.groups[0].disks[0].path = self.source.clone();
+            fs::write(&path, cfg.to_toml_string().unwrap()).unwrap();
+        } else {
+            // A restarted relay recovers its spool before it listens again.
+            let addr = self.relay_addr.unwrap();
+            wait_until(Duration::from_secs(60), "relay listening again", || {
+                std::net::TcpStream::connect(addr).ok()
+            });
+        }
+    }
+
+    pub fn start_target(&mut self) {
+        let p = self.spawn("target", &[]);
+        self.target = Some(p);
+    }
+
+    pub fn start_agent(&mut self, extra: &[&str]) {
+        let p = self.spawn("agent", extra);
+        self.agent = Some(p);
+    }
+
+    pub fn relay_status_path(&self) -> PathBuf {
+        let cfg = RelayConfig::load(&self.path("relay.toml")).unwrap();
+        cfg.relay.spool_dir.join(STATUS_FILE)
+    }
+
+    pub fn agent_status(&self) -> Option<AgentStatus> {
+        let cfg = AgentConfig::load(&self.path("agent.toml")).ok()?;
+        read_json(&cfg.agent.state_dir.join(STATUS_FILE))
+    }
+
+    pub fn target_status(&self) -> Option<TargetStatus> {
+        let cfg = TargetConfig::load(&self.path("target.toml")).ok()?;
+        read_json(&cfg.target.state_dir.join(STATUS_FILE))
+    }
+
+    pub fn relay_status(&self) -> Option<RelayStatus> {
+        read_json(&self.relay_status_path())
+    }
+
+    pub fn target_state_dir(&self) -> PathBuf {
+        TargetConfig::load(&self.path("target.toml"))
+            .unwrap()
+            .target
+            .state_dir
+    }
+
+    /// The workload's last seq once the agent reports it done.
+    pub fn wait_workload_done(&mut self, limit: Duration) -> u64 {
+        let w = wait_until(limit, "workload done", || {
+            if let Some(a) = self.agent.as_mut()
+                && let Some(st) = a.exited()
+                && !st.success()
+            {
+                panic!("agent exited with {st}:\n{}", tail(&a.log_text()));
+            }
+            let s = self.agent_status()?;
+            let w = s.groups.first()?.workload.clone()?;
+            w.done.then_some(w)
+        });
+        assert!(w.error.is_none(), "workload failed: {:?}", w.error);
+        w.last_seq
+    }
+
+    /// Wait until the target's durable watermark reaches `seq`.
+    pub fn wait_applied(&self, seq: u64, limit: Duration) {
+        let t0 = Instant::now();
+        loop {
+            if let Some(t) = self.target_status()
+                && let Some(g) = t.groups.first()
+            {
+                if g.watermark.last_seq >= seq {
+                    return;
+                }
+                if let Some(why) = &g.stalled {
+                    panic!("target stalled: {why}\n{}", self.logs());
+                }
+            }
+            if t0.elapsed() > limit {
+                panic!(
+                    "target did not apply through seq {seq} within {limit:?}; target status: {:?}\n{}",
+                    self.target_status().map(|t| t.groups),
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Tails of every role's current log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for (name, p) in [("relay", &self.relay), ("target", &self.target), ("agent", &self.agent)] {
+            if let Some(p) = p {
+                out.push_str(&format!("--- {name} ({})\n{}\n", p.log.display(), tail(&p.log_text())));
+            }
+        }
+        out
+    }
+
+    pub fn stop_all(&mut self) {
+        for p in [self.agent.as_mut(), self.target.as_mut(), self.relay.as_mut()].into_iter().flatten() {
+            p.stop(Duration::from_secs(40));
+        }
+    }
+
+    pub fn assert_replica_equals_source(&self) {
+        let same = tidemark::bench::run::compare_files(&self.source, &self.replica).unwrap();
+        assert!(same, "replica differs from source\n{}", self.logs());
+    }
+}
+
+/// The last 40 lines of a log.
+pub fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+pub fn read_json<T: for<'de> serde::Deserialize<'de>>(p: &Path) -> Option<T> {
+    serde_json::from_slice(&fs::read(p).ok()?).ok()
+}
+
+/// Poll `f` every 20 ms until it returns `Some`; panic after `limit`.
+pub fn wait_until<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(t0.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Write `text` to `path`.
+pub fn write(path: &Path, text: &str) {
+    File::create(path).unwrap().write_all(text.as_bytes()).unwrap();
+}
