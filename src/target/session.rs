@@ -173,6 +173,11 @@ pub(crate) async fn run_group(s: GroupSession) -> Result<(), TargetError> {
     };
     let result = me.run().await;
     me.drain(None, ChainPos::default(), true).await;
+    if result.is_ok() && !me.s.shutdown.is_fired() {
+        // Stalled: nothing more is applied until restart, but the process
+        // keeps running (other groups, status) until it is told to stop.
+        me.s.shutdown.wait().await;
+    }
     result
 }
 
@@ -287,6 +292,7 @@ impl Session {
             other => {
                 let w = conn.w.take();
                 self.drain(w, conn.acked, conn.error_sent).await;
+                tracing::info!(group = %self.g(), frame_no = self.s.progress.borrow().durable.pos.frame_no, "session with the relay closed");
                 other
             }
         }
@@ -327,6 +333,9 @@ impl Session {
                 Ok(true) => {
                     // Duplicate: ack what is durable, so the relay can trim.
                     let durable = self.s.progress.borrow().durable.pos;
+                    if durable.frame_no == 0 {
+                        return Ok(());
+                    }
                     conn.ack(durable).await
                 }
                 Ok(false) => Ok(()),
@@ -552,14 +561,10 @@ impl Conn {
             reason,
             healthy: false,
         })?;
-        self.acked = ChainPos {
-            frame_no: pos.frame_no.max(self.acked.frame_no),
-            last_seq: if pos.frame_no >= self.acked.frame_no {
-                pos.last_seq
-            } else {
-                self.acked.last_seq
-            },
-        };
+        // The durable watermark only moves forward.
+        if pos.frame_no >= self.acked.frame_no {
+            self.acked = pos;
+        }
         Ok(())
     }
 

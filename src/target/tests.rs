@@ -287,6 +287,18 @@ async fn refuse_after_three(
     // The target closes the session of a stalled group.
     let rest = conn.wait_closed().await;
     assert!(rest.is_empty(), "{rest:?}");
+    // The process keeps running and reporting while the group is stalled:
+    // the status file goes on being refreshed (an exited target writes it
+    // once more at most).
+    let mut last = wait_status(&site.status_path(), |s| s.groups[0].stalled.is_some())
+        .await
+        .updated_us;
+    for _ in 0..2 {
+        let l = last;
+        last = wait_status(&site.status_path(), |s| s.updated_us > l)
+            .await
+            .updated_us;
+    }
     let st = wait_status(&site.status_path(), |s| s.groups[0].stalled.is_some()).await;
     let g = &st.groups[0];
     assert!(
