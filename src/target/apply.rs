@@ -7,7 +7,7 @@
 //! It owns the group's images, watermark and apply log; nothing else touches
 //! them. It never panics on bad input: a frame that fails to open or validate,
 //! or an I/O error, *stalls* the group (nothing more is applied until restart)
-//! and is reported through [`Progress::stall`].
+//! and is reported to the session through the progress watch.
 
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
