@@ -1,4 +1,508 @@
 //! The target (master target): orders, opens and applies frames to replicas.
+//!
+//! Per group (docs/TARGET.md has the whole picture):
+//!
+//! ```text
+//!  relay ──TLS──▶ reader task ──(charged, ≤4)──▶ session task: Gate
+//!                  (budget: 64 frames / 64 MiB)        │ ready frames, in chain order
+//!                                                      ▼
+//!                             open pool (2 std threads, own Opener each)
+//!                                                      │ (index, opened) any order
+//!                                                      ▼
+//!                         apply thread: Reorder → validate → write_batch per disk
+//!                          → group commit: flush images, store watermark
+//!                                                      │ watch: durable mark / stall
+//!  relay ◀──── Ack (cumulative) ◀─── session task ◀────┘
+//! ```
+//!
+//! [`run`] is the role's entry point; [`check_apply_log`] the shared checker of
+//! the apply-order proof; [`TargetStatus`] the status file's schema.
 
+pub mod apply;
+pub mod applylog;
+pub mod budget;
 pub mod gate;
+pub mod open;
+pub mod session;
+pub mod status;
 pub mod watermark;
+
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod testutil;
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use nix::fcntl::{Flock, FlockArg};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::config::{ConfigError, TargetConfig};
+use crate::error::{Classify, ErrorKind};
+use crate::frame::{DataKey, FrameError, GroupName};
+use crate::image::{Engine, ImageError};
+use crate::transport::client::{ConnectError, RelayEndpoint};
+use crate::transport::tls::{self, TlsError};
+use crate::util::shutdown::{self, Shutdown};
+use crate::util::statusfile::{STATUS_FILE, write_json};
+use crate::util::time::now_us;
+
+pub use apply::ApplyError;
+pub use applylog::{APPLY_LOG, ApplyLogSummary, check_apply_log};
+pub use status::{GapStatus, GroupStatus, TargetStatus, WatermarkStatus};
+
+use apply::{ApplySetup, DiskSpec, Progress};
+use budget::Budget;
+use session::GroupSession;
+use status::{STATUS_INTERVAL_MS, SharedStatus};
+use watermark::{Watermark, WatermarkError};
+
+/// Name of the lock file in the state directory (one target per state dir).
+pub const LOCK_FILE: &str = "LOCK";
+/// Name of a group's watermark file in its state directory.
+pub const WATERMARK_FILE: &str = "watermark";
+
+/// Why the target could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    /// The configuration is invalid.
+    #[error("target config: {0}")]
+    Config(#[from] ConfigError),
+    /// A configured disk id does not fit the frame format's 16-bit disk field.
+    #[error(
+        "target config: group {group}: disk id {id} is above 65535, the largest disk id a frame can carry"
+    )]
+    DiskId {
+        /// Group.
+        group: String,
+        /// The id.
+        id: u32,
+    },
+    /// A group name is not a valid frame group name.
+    #[error("target config: group {group}: {source}")]
+    GroupName {
+        /// Group.
+        group: String,
+        /// Why.
+        source: Box<FrameError>,
+    },
+    /// Creating or using the state directory failed.
+    #[error("state directory: {path}: {source}")]
+    StateIo {
+        /// File or directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Another process holds the state directory.
+    #[error("state directory {} is locked by another target process", dir.display())]
+    Locked {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// A group's watermark cannot be read.
+    #[error("group {group}: {source}")]
+    Watermark {
+        /// Group.
+        group: String,
+        /// Why.
+        source: Box<WatermarkError>,
+    },
+    /// A group's data key cannot be loaded.
+    #[error("group {group}: {source}")]
+    Key {
+        /// Group.
+        group: String,
+        /// Why.
+        source: Box<FrameError>,
+    },
+    /// TLS client configuration failed.
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    /// An existing replica cannot be opened at start.
+    #[error("group {group}: cannot open replica: {source}")]
+    Replica {
+        /// Group.
+        group: String,
+        /// Why.
+        source: Box<ImageError>,
+    },
+    /// The session with the relay cannot be opened and retrying will not help
+    /// (authentication refused, bad TLS configuration).
+    #[error("group {group}: {source}")]
+    Session {
+        /// Group.
+        group: String,
+        /// Why.
+        source: Box<ConnectError>,
+    },
+    /// The relay ended the session with an authorization error.
+    #[error("group {group}: the relay refused the session ({kind}): {message}")]
+    RelayRefused {
+        /// Group.
+        group: String,
+        /// Its classification.
+        kind: ErrorKind,
+        /// Its reason.
+        message: String,
+    },
+    /// A thread could not be started.
+    #[error("cannot start the {what}: {source}")]
+    Spawn {
+        /// Which thread.
+        what: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A task of the target ended abnormally (a bug).
+    #[error("group {group}: {what} ended abnormally")]
+    TaskFailed {
+        /// Group.
+        group: String,
+        /// Which task.
+        what: &'static str,
+    },
+}
+
+impl Classify for TargetError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            TargetError::Config(_)
+            | TargetError::DiskId { .. }
+            | TargetError::GroupName { .. }
+            | TargetError::Locked { .. } => ErrorKind::Config,
+            TargetError::StateIo { .. }
+            | TargetError::Spawn { .. }
+            | TargetError::TaskFailed { .. } => ErrorKind::Io,
+            TargetError::Watermark { source, .. } => source.kind(),
+            TargetError::Key { source, .. } => source.kind(),
+            TargetError::Tls(e) => e.kind(),
+            TargetError::Replica { source, .. } => source.kind(),
+            TargetError::Session { source, .. } => source.kind(),
+            TargetError::RelayRefused { kind, .. } => *kind,
+        }
+    }
+}
+
+/// A started group: its session (not yet running), status, budget, threads.
+struct GroupRuntime {
+    session: GroupSession,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// Run the target role until `shutdown` fires (then stop cleanly: everything
+/// already handed to the apply threads is applied, flushed and recorded in the
+/// watermark, and a final status is written) or a fatal error (configuration,
+/// state directory locked, authentication refused by the relay), returned as
+/// a one-line error after the other groups were stopped the same clean way.
+pub async fn run(cfg: TargetConfig, shutdown: Shutdown) -> Result<(), TargetError> {
+    cfg.validate_at(Path::new("target config"))?;
+    let state_dir = cfg.target.state_dir.clone();
+    let (lock, prepared) = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || prepare(&cfg))
+            .await
+            .map_err(|_| TargetError::TaskFailed {
+                group: "*".into(),
+                what: "start-up",
+            })??
+    };
+    let client = tls::client_config(&cfg.tls.files())?;
+    let endpoint = RelayEndpoint {
+        addr: cfg.target.relay.clone(),
+        server_name: cfg.target.relay_name.clone(),
+        tls: client,
+    };
+    let (stop, stop_rx) = shutdown::channel();
+    let stop = Arc::new(stop);
+
+    // Start every group's threads; only then any session.
+    let mut groups: Vec<GroupRuntime> = Vec::new();
+    let mut failed = None;
+    for p in prepared {
+        match start_group(&cfg, p, &endpoint, stop_rx.clone()).await {
+            Ok(g) => groups.push(g),
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    if let Some(e) = failed {
+        // Dropping the sessions closes the pipelines; the threads then end.
+        let threads: Vec<JoinHandle<()>> = groups.into_iter().flat_map(|g| g.threads).collect();
+        join_threads(threads).await;
+        drop(lock);
+        return Err(e);
+    }
+
+    let statuses: Vec<(SharedStatus, Arc<Budget>)> = groups
+        .iter()
+        .map(|g| (g.session.status.clone(), Arc::clone(&g.session.budget)))
+        .collect();
+    let status_path = state_dir.join(STATUS_FILE);
+    let (writer_stop, writer_rx) = shutdown::channel();
+    let writer = tokio::spawn(status_writer(
+        status_path.clone(),
+        cfg.target.name.clone(),
+        statuses.clone(),
+        writer_rx,
+    ));
+    let forward = {
+        let stop = Arc::clone(&stop);
+        let mut ext = shutdown.clone();
+        tokio::spawn(async move {
+            ext.wait().await;
+            stop.fire();
+        })
+    };
+
+    let mut threads = Vec::new();
+    let mut set = JoinSet::new();
+    for g in groups {
+        threads.extend(g.threads);
+        let name = g.session.group.to_string();
+        set.spawn(async move { (name, session::run_group(g.session).await) });
+    }
+    let mut first_err: Option<TargetError> = None;
+    while let Some(res) = set.join_next().await {
+        let err = match res {
+            Ok((_, Ok(()))) => None,
+            Ok((_, Err(e))) => Some(e),
+            Err(_) => Some(TargetError::TaskFailed {
+                group: "?".into(),
+                what: "session task",
+            }),
+        };
+        if let Some(e) = err {
+            tracing::error!("{e}; stopping the target");
+            stop.fire();
+            first_err.get_or_insert(e);
+        }
+    }
+    forward.abort();
+    join_threads(threads).await;
+    writer_stop.fire();
+    let _ = writer.await;
+    let snap = snapshot(&cfg.target.name, &statuses);
+    let _ = tokio::task::spawn_blocking(move || write_json(&status_path, &snap)).await;
+    drop(lock);
+    match first_err {
+        Some(e) => Err(e),
+        None => {
+            tracing::info!("target stopped");
+            Ok(())
+        }
+    }
+}
+
+/// What `prepare` made ready for one group.
+struct Prepared {
+    name: String,
+    group: GroupName,
+    key: DataKey,
+    key_epoch: u32,
+    disks: Vec<DiskSpec>,
+    watermark: Watermark,
+    log_path: PathBuf,
+}
+
+/// Blocking start-up: state directory and its lock, per-group directories,
+/// watermarks and keys.
+fn prepare(cfg: &TargetConfig) -> Result<(Flock<File>, Vec<Prepared>), TargetError> {
+    let dir = &cfg.target.state_dir;
+    let state_io = |path: &Path, source| TargetError::StateIo {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| state_io(dir, e))?;
+    let lock_path = dir.join(LOCK_FILE);
+    let lock_file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .map_err(|e| state_io(&lock_path, e))?;
+    let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock)
+        .map_err(|_| TargetError::Locked { dir: dir.clone() })?;
+    let mut out = Vec::new();
+    for g in &cfg.groups {
+        let group = GroupName::new(&g.name).map_err(|source| TargetError::GroupName {
+            group: g.name.clone(),
+            source: Box::new(source),
+        })?;
+        let mut disks = Vec::new();
+        for d in &g.disks {
+            let id = u16::try_from(d.id).map_err(|_| TargetError::DiskId {
+                group: g.name.clone(),
+                id: d.id,
+            })?;
+            disks.push(DiskSpec {
+                id,
+                path: d.path.clone(),
+            });
+        }
+        let gdir = dir.join(&g.name);
+        std::fs::create_dir_all(&gdir).map_err(|e| state_io(&gdir, e))?;
+        let watermark = Watermark::open(&gdir.join(WATERMARK_FILE)).map_err(|source| {
+            TargetError::Watermark {
+                group: g.name.clone(),
+                source: Box::new(source),
+            }
+        })?;
+        let key = DataKey::load(&g.key_file).map_err(|source| TargetError::Key {
+            group: g.name.clone(),
+            source: Box::new(source),
+        })?;
+        out.push(Prepared {
+            name: g.name.clone(),
+            group,
+            key,
+            key_epoch: g.key_epoch,
+            disks,
+            watermark,
+            log_path: gdir.join(APPLY_LOG),
+        });
+    }
+    Ok((lock, out))
+}
+
+/// Start a group's apply thread and open pool, and build its session.
+async fn start_group(
+    cfg: &TargetConfig,
+    p: Prepared,
+    endpoint: &RelayEndpoint,
+    shutdown: Shutdown,
+) -> Result<GroupRuntime, TargetError> {
+    let mark = p.watermark.get();
+    let status = SharedStatus::new(GroupStatus::new(
+        &p.name,
+        WatermarkStatus {
+            frame_no: mark.pos.frame_no,
+            last_seq: mark.pos.last_seq,
+            time_us: mark.time_us,
+        },
+        mark.pos.frame_no == 0,
+    ));
+    let (progress_tx, progress_rx) = watch::channel(Progress {
+        durable: mark,
+        stall: None,
+    });
+    let (job_tx, job_rx) = crossbeam_channel::bounded(budget::BUDGET_FRAMES as usize);
+    let (opened_tx, opened_rx) = crossbeam_channel::bounded(budget::BUDGET_FRAMES as usize);
+    let engine = match cfg.target.engine {
+        crate::config::Engine::Uring => Engine::Uring,
+        crate::config::Engine::Sync => Engine::Sync,
+    };
+    let (apply_thread, ready) = apply::spawn(
+        ApplySetup {
+            group: p.name.clone(),
+            disks: p.disks,
+            engine,
+            batch_bytes: cfg.target.apply_batch_bytes(),
+            watermark: p.watermark,
+            log_path: p.log_path,
+            status: status.clone(),
+            progress: progress_tx,
+        },
+        opened_rx,
+    )?;
+    let mut threads = vec![apply_thread];
+    let started = ready.await.unwrap_or(Err(TargetError::TaskFailed {
+        group: p.name.clone(),
+        what: "apply thread",
+    }));
+    if let Err(e) = started {
+        join_threads(threads).await;
+        return Err(e);
+    }
+    match open::spawn(
+        p.group,
+        &[(p.key_epoch, p.key)],
+        open::OPEN_THREADS,
+        job_rx,
+        opened_tx,
+    ) {
+        Ok(t) => threads.extend(t),
+        Err(e) => {
+            // The apply thread ends once every sender of its channel is gone.
+            join_threads(threads).await;
+            return Err(e);
+        }
+    }
+    Ok(GroupRuntime {
+        session: GroupSession {
+            group: p.group,
+            name: cfg.target.name.clone(),
+            endpoint: endpoint.clone(),
+            status,
+            budget: Budget::new(),
+            jobs: Some(job_tx),
+            progress: progress_rx,
+            shutdown,
+        },
+        threads,
+    })
+}
+
+async fn join_threads(threads: Vec<JoinHandle<()>>) {
+    let _ = tokio::task::spawn_blocking(move || {
+        for t in threads {
+            if t.join().is_err() {
+                tracing::error!("a target thread panicked");
+            }
+        }
+    })
+    .await;
+}
+
+fn snapshot(name: &str, groups: &[(SharedStatus, Arc<Budget>)]) -> TargetStatus {
+    TargetStatus {
+        role: "target".into(),
+        name: name.to_string(),
+        pid: std::process::id(),
+        updated_us: now_us(),
+        groups: groups
+            .iter()
+            .map(|(s, b)| {
+                let mut g = s.snapshot();
+                let (frames, bytes) = b.in_flight();
+                g.in_flight_frames = frames;
+                g.in_flight_bytes = bytes;
+                g
+            })
+            .collect(),
+    }
+}
+
+/// Write the status file every [`STATUS_INTERVAL_MS`] until `stop` fires.
+async fn status_writer(
+    path: PathBuf,
+    name: String,
+    groups: Vec<(SharedStatus, Arc<Budget>)>,
+    mut stop: Shutdown,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(STATUS_INTERVAL_MS));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait() => return,
+        }
+        let snap = snapshot(&name, &groups);
+        let p = path.clone();
+        match tokio::task::spawn_blocking(move || write_json(&p, &snap)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(path = %path.display(), "cannot write the status file: {e}")
+            }
+            Err(_) => {}
+        }
+    }
+}

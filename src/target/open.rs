@@ -1,0 +1,95 @@
+//! The open pool of one group: a fixed number of std threads that verify,
+//! decrypt and decompress frames (CPU work, kept off the async runtime). Each
+//! thread owns its own [`Opener`]; results go to the apply thread tagged with
+//! their index, in whatever order they finish (the apply thread reorders).
+
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use super::TargetError;
+use super::apply::Opened;
+use super::budget::Charge;
+use super::gate::Link;
+use crate::frame::{DataKey, GroupName, Opener};
+
+/// Threads per group. Two fit the 2-core machines this is built on: AES-GCM and
+/// zstd of one frame run at several hundred MiB/s per core, which the apply
+/// thread's fdatasync rarely outpaces.
+pub const OPEN_THREADS: usize = 2;
+
+/// Frames this large or larger get a fresh [`Opener`] after opening, so that
+/// the opener's scratch buffer (sized to the largest frame seen) does not keep
+/// tens of MiB resident per thread.
+const RECYCLE_AT: usize = 8 << 20;
+
+/// A frame to open.
+#[derive(Debug)]
+pub(crate) struct OpenJob {
+    /// Position in the order frames were handed to the pipeline.
+    pub index: u64,
+    /// Chain fields from its header.
+    pub link: Link,
+    /// The sealed frame.
+    pub bytes: Vec<u8>,
+    /// Its budget share.
+    pub charge: Charge,
+}
+
+/// Start `threads` open threads reading `jobs` and sending to `out`. They end
+/// when `jobs` is disconnected and drained (or `out` is gone).
+pub(crate) fn spawn(
+    group: GroupName,
+    keys: &[(u32, DataKey)],
+    threads: usize,
+    jobs: Receiver<OpenJob>,
+    out: Sender<Opened>,
+) -> Result<Vec<JoinHandle<()>>, TargetError> {
+    let mut handles = Vec::with_capacity(threads);
+    for i in 0..threads.max(1) {
+        let keys: Vec<(u32, DataKey)> = keys.to_vec();
+        let mut opener = Opener::new(group, keys.clone()).map_err(|source| TargetError::Key {
+            group: group.to_string(),
+            source: Box::new(source),
+        })?;
+        let jobs = jobs.clone();
+        let out = out.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("open-{group}-{i}"))
+            .spawn(move || {
+                for job in jobs {
+                    let OpenJob {
+                        index,
+                        link,
+                        bytes,
+                        mut charge,
+                    } = job;
+                    let result = opener.open(&bytes);
+                    let big = bytes.len() >= RECYCLE_AT;
+                    drop(bytes);
+                    charge.release_sealed();
+                    if big {
+                        match Opener::new(group, keys.clone()) {
+                            Ok(o) => opener = o,
+                            Err(e) => tracing::warn!(%group, "cannot renew an opener: {e}"),
+                        }
+                    }
+                    let opened = Opened {
+                        index,
+                        link,
+                        result,
+                        charge,
+                    };
+                    if out.send(opened).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|source| TargetError::Spawn {
+                what: "open thread",
+                source,
+            })?;
+        handles.push(h);
+    }
+    Ok(handles)
+}
