@@ -49,15 +49,11 @@ fn bench_frame(c: &mut Criterion) {
         })
     });
     let mut opener = Opener::new(group, vec![(1, key.clone())]).unwrap();
-    let (mut recs, mut buf) = (Vec::new(), Vec::new());
+    // The target owns each received frame and opens it in place; the copy that
+    // hands the benchmark a fresh buffer per iteration is timed too (a memcpy
+    // of ~2 MB, small against the AEAD and zstd).
     g.bench_function("open_4MiB_zstd1", |b| {
-        b.iter(|| {
-            black_box(
-                opener
-                    .open_into(black_box(&sealed.bytes), &mut recs, &mut buf)
-                    .unwrap(),
-            )
-        })
+        b.iter(|| black_box(opener.open_owned(black_box(sealed.bytes.clone())).unwrap()))
     });
     g.finish();
 }

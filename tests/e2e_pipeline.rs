@@ -38,9 +38,15 @@ fn e2e_three_processes_replicate_256_mib_byte_for_byte() {
     assert!(s.applies > 10, "{s:?}");
     // The relay forwarded what it stored, and the target acknowledged it all.
     let g = &relay.groups[0];
-    assert!(g.counters.frames_in > 0 && g.counters.frames_out >= g.counters.frames_in, "{g:?}");
+    assert!(
+        g.counters.frames_in > 0 && g.counters.frames_out >= g.counters.frames_in,
+        "{g:?}"
+    );
     let a = c.agent_status().unwrap();
-    assert_eq!(a.groups[0].journal.entries, 0, "everything acknowledged at the agent");
+    assert_eq!(
+        a.groups[0].journal.entries, 0,
+        "everything acknowledged at the agent"
+    );
 }
 
 /// Kill one role with SIGKILL twice while the workload runs, restart it each time.
@@ -87,7 +93,11 @@ fn e2e_relay_killed_twice_mid_run() {
     let s = check_apply_log(&c);
     assert_eq!(s.starts, 1);
     let a = c.agent_status().unwrap();
-    assert!(a.groups[0].reconnects >= 2, "the agent reconnected after each kill: {:?}", a.groups[0]);
+    assert!(
+        a.groups[0].reconnects >= 2,
+        "the agent reconnected after each kill: {:?}",
+        a.groups[0]
+    );
 }
 
 #[test]

@@ -139,8 +139,7 @@ pub fn run(
                 s
             }
         };
-        let mut data = vec![0u8; len];
-        datagen::fill(&mut data, spec.compressibility, &mut rng);
+        let data = datagen::generate(len, spec.compressibility, &mut rng);
         match disk.write(slot * ws, data) {
             Ok(seq) => {
                 if report.first_seq == 0 {

@@ -8,19 +8,15 @@
 //! |---|---|---|
 //! | compress | zstd at the configured level, checksum off, one call per `frame_bytes` unit | plaintext byte |
 //! | decompress | zstd decompression of the units that compressed (raw units cost 0) | plaintext byte |
-//! | frame AES-256-GCM | in-place encryption with a detached tag, and decryption, of each stored unit, with the `aes-gcm` crate the frame sealer uses | stored (AES input) byte |
-//! | TLS AES-256-GCM | the same with *ring*, the AEAD rustls runs for TLS 1.3's `TLS13_AES_256_GCM_SHA384` | stored byte |
+//! | AES-256-GCM | in-place encryption with a detached tag, and decryption, of each stored unit, with *ring* (the AEAD both the frame sealer and rustls's `TLS13_AES_256_GCM_SHA384` run) | stored (AES input) byte |
 //! | write + fdatasync | buffered sequential `write_all` of the plaintext, one `fdatasync` at the end | plaintext byte |
 //!
-//! AES runs [`AES_PASSES`] times over the stored bytes in the real pipeline:
-//! [`FRAME_AES_PASSES`] (frame seal and open) with the frame's AEAD and
-//! [`TLS_AES_PASSES`] (TLS encryption and decryption on each of two hops) with
-//! the TLS library's, so each pass is charged at the speed of the code that
-//! really runs it:
+//! AES runs [`AES_PASSES`] times over the stored bytes in the real pipeline
+//! (frame seal and open, TLS encryption and decryption on each of two hops), so
 //!
 //! ```text
 //! total ns per plaintext byte = compress + decompress
-//!                             + (2 × frame_aes + 4 × tls_aes) × stored/plain
+//!                             + AES_PASSES × aes × stored/plain
 //!                             + write_fsync
 //! bound (bytes/s)             = cores × 1e9 / total
 //! efficiency                  = applied bytes/s end to end ÷ bound
@@ -35,10 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use aes_gcm::aead::AeadInOut;
-use aes_gcm::aead::inout::InOutBuf;
-use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
-use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce as RingNonce, UnboundKey};
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, Tag, UnboundKey};
 use serde::{Deserialize, Serialize};
 
 use crate::frame::{HEADER_LEN, MAX_PLAIN_LEN, zstd_level_range};
@@ -49,11 +42,7 @@ use crate::util::procstat;
 /// How many times AES-256-GCM runs over the stored bytes of a frame on its way
 /// from agent to target: frame seal (agent) and open (target), plus TLS
 /// encryption and decryption on the agent→relay and relay→target hops.
-pub const AES_PASSES: u32 = FRAME_AES_PASSES + TLS_AES_PASSES;
-/// Of [`AES_PASSES`]: frame seal (agent) and open (target).
-pub const FRAME_AES_PASSES: u32 = 2;
-/// Of [`AES_PASSES`]: TLS encryption and decryption on two hops.
-pub const TLS_AES_PASSES: u32 = 4;
+pub const AES_PASSES: u32 = 6;
 
 /// Largest accepted `sample_bytes` (the measurement holds about twice the sample
 /// in memory).
@@ -112,16 +101,11 @@ pub struct StageCosts {
     pub compress_ns_per_byte: f64,
     /// zstd decompression, ns per plaintext byte (units stored raw cost nothing).
     pub decompress_ns_per_byte: f64,
-    /// One AES-256-GCM pass as the frame sealer and opener run it (`aes-gcm`
-    /// crate), ns per byte of AES input (the stored, i.e. compressed or raw,
-    /// bytes): the mean of encryption and decryption.
-    pub frame_aes_ns_per_byte: f64,
-    /// Frame AES passes counted in the total ([`FRAME_AES_PASSES`]).
-    pub frame_aes_passes: u32,
-    /// One AES-256-GCM pass as TLS runs it (*ring*, under rustls), ns per stored byte.
-    pub tls_aes_ns_per_byte: f64,
-    /// TLS AES passes counted in the total ([`TLS_AES_PASSES`]).
-    pub tls_aes_passes: u32,
+    /// One AES-256-GCM pass, ns per byte of AES input (the stored, i.e. compressed
+    /// or raw, bytes): the mean of encryption and decryption.
+    pub aes_gcm_ns_per_byte: f64,
+    /// AES passes counted in the total ([`AES_PASSES`]).
+    pub aes_passes: u32,
     /// Buffered sequential write plus one fdatasync, ns per plaintext byte.
     pub write_fsync_ns_per_byte: f64,
     /// Plaintext bytes ÷ stored bytes (a unit that does not compress is stored raw
@@ -217,17 +201,9 @@ pub fn measure(opts: &CostOptions) -> Result<StageCosts, CostError> {
             .iter()
             .map(|r| (per_stored(r.encrypt) + per_stored(r.decrypt)) / 2.0),
     );
-    let tls_aes = median(
-        rounds
-            .iter()
-            .map(|r| (per_stored(r.tls_encrypt) + per_stored(r.tls_decrypt)) / 2.0),
-    );
     let write_fsync = median(rounds.iter().map(|r| per_plain(r.write_fsync)));
     let stored_share = stored_len / plain_len;
-    let total = compress
-        + decompress
-        + (f64::from(FRAME_AES_PASSES) * aes + f64::from(TLS_AES_PASSES) * tls_aes) * stored_share
-        + write_fsync;
+    let total = compress + decompress + f64::from(AES_PASSES) * aes * stored_share + write_fsync;
     if !(total.is_finite() && total > 0.0) {
         return Err(CostError::SelfCheck {
             stage: "total",
@@ -238,10 +214,8 @@ pub fn measure(opts: &CostOptions) -> Result<StageCosts, CostError> {
     Ok(StageCosts {
         compress_ns_per_byte: compress,
         decompress_ns_per_byte: decompress,
-        frame_aes_ns_per_byte: aes,
-        frame_aes_passes: FRAME_AES_PASSES,
-        tls_aes_ns_per_byte: tls_aes,
-        tls_aes_passes: TLS_AES_PASSES,
+        aes_gcm_ns_per_byte: aes,
+        aes_passes: AES_PASSES,
         write_fsync_ns_per_byte: write_fsync,
         compression_ratio: plain_len / stored_len,
         total_ns_per_plain_byte: total,
@@ -312,8 +286,6 @@ struct Round {
     decompress: Duration,
     encrypt: Duration,
     decrypt: Duration,
-    tls_encrypt: Duration,
-    tls_decrypt: Duration,
     write_fsync: Duration,
 }
 
@@ -325,9 +297,7 @@ struct Stages<'a> {
     dir: &'a Path,
     compressor: zstd::bulk::Compressor<'static>,
     decompressor: zstd::bulk::Decompressor<'static>,
-    cipher: Aes256Gcm,
-    tls_cipher: LessSafeKey,
-    tls_tags: Vec<ring::aead::Tag>,
+    cipher: LessSafeKey,
     /// One buffer per unit: the compressed bytes, or a copy of the plaintext when
     /// the unit is stored raw.
     stored: Vec<Vec<u8>>,
@@ -357,10 +327,9 @@ impl<'a> Stages<'a> {
         // Any fixed key will do: the cost does not depend on the key.
         let mut key = [0u8; 32];
         Prng::new(opts.seed ^ 0x0061_6573_5f6b_6579).fill(&mut key);
-        let cipher = Aes256Gcm::new(&key.into());
-        let tls_cipher = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &key).map_err(|_| {
+        let cipher = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &key).map_err(|_| {
             CostError::SelfCheck {
-                stage: "TLS AES-GCM",
+                stage: "AES-GCM",
                 detail: "ring refused a 32-byte AES-256 key".into(),
             }
         })?);
@@ -387,11 +356,9 @@ impl<'a> Stages<'a> {
             compressor,
             decompressor,
             cipher,
-            tls_cipher,
-            tls_tags: Vec::with_capacity(n),
             stored,
             raw: vec![false; n],
-            tags: vec![Tag::default(); n],
+            tags: Vec::with_capacity(n),
             scratch,
         })
     }
@@ -404,7 +371,6 @@ impl<'a> Stages<'a> {
     fn round(&mut self, round: u64) -> Result<Round, CostError> {
         let compress = self.compress();
         let (encrypt, decrypt) = self.aes(round)?;
-        let (tls_encrypt, tls_decrypt) = self.tls_aes(round)?;
         let decompress = self.decompress()?;
         let write_fsync = self.write_fsync()?;
         Ok(Round {
@@ -412,8 +378,6 @@ impl<'a> Stages<'a> {
             decompress,
             encrypt,
             decrypt,
-            tls_encrypt,
-            tls_decrypt,
             write_fsync,
         })
     }
@@ -458,60 +422,26 @@ impl<'a> Stages<'a> {
             let mut n = [0u8; 12];
             n[..8].copy_from_slice(&round.to_le_bytes());
             n[8..].copy_from_slice(&(i as u32).to_le_bytes());
-            Nonce::from(n)
+            Nonce::assume_unique_for_key(n)
         };
         let refused = |what: &str| CostError::SelfCheck {
             stage: "AES-GCM",
             detail: format!("{what} refused a buffer"),
         };
-
-        let start = Instant::now();
-        for (i, (buf, tag)) in self.stored.iter_mut().zip(&mut self.tags).enumerate() {
-            *tag = self
-                .cipher
-                .encrypt_inout_detached(&nonce(i), &aad, InOutBuf::from(&mut buf[..]))
-                .map_err(|_| refused("encryption"))?;
-        }
-        let encrypt = start.elapsed();
-
-        let start = Instant::now();
-        for (i, (buf, tag)) in self.stored.iter_mut().zip(&self.tags).enumerate() {
-            self.cipher
-                .decrypt_inout_detached(&nonce(i), &aad, InOutBuf::from(&mut buf[..]), tag)
-                .map_err(|_| refused("decryption"))?;
-        }
-        let decrypt = start.elapsed();
-        Ok((encrypt, decrypt))
-    }
-
-    /// The same passes with *ring*'s AES-256-GCM, as rustls runs them for TLS 1.3
-    /// records (13 bytes of associated data, the record header).
-    fn tls_aes(&mut self, round: u64) -> Result<(Duration, Duration), CostError> {
-        let nonce = |i: usize| {
-            let mut n = [0u8; 12];
-            n[..8].copy_from_slice(&round.to_le_bytes());
-            n[8..].copy_from_slice(&(i as u32).to_le_bytes());
-            RingNonce::assume_unique_for_key(n)
-        };
-        let refused = |what: &str| CostError::SelfCheck {
-            stage: "TLS AES-GCM",
-            detail: format!("{what} refused a buffer"),
-        };
-        let aad = [0u8; 13];
-        self.tls_tags.clear();
+        self.tags.clear();
         let start = Instant::now();
         for (i, buf) in self.stored.iter_mut().enumerate() {
             let tag = self
-                .tls_cipher
-                .seal_in_place_separate_tag(nonce(i), Aad::from(aad), &mut buf[..])
+                .cipher
+                .seal_in_place_separate_tag(nonce(i), Aad::from(&aad[..]), &mut buf[..])
                 .map_err(|_| refused("encryption"))?;
-            self.tls_tags.push(tag);
+            self.tags.push(tag);
         }
         let encrypt = start.elapsed();
         let start = Instant::now();
-        for (i, (buf, tag)) in self.stored.iter_mut().zip(&self.tls_tags).enumerate() {
-            self.tls_cipher
-                .open_in_place_separate_tag(nonce(i), Aad::from(aad), *tag, &mut buf[..], 0..)
+        for (i, (buf, tag)) in self.stored.iter_mut().zip(&self.tags).enumerate() {
+            self.cipher
+                .open_in_place_separate_tag(nonce(i), Aad::from(&aad[..]), *tag, &mut buf[..], 0..)
                 .map_err(|_| refused("decryption"))?;
         }
         let decrypt = start.elapsed();
@@ -679,8 +609,7 @@ mod tests {
         for (name, x) in [
             ("compress", c.compress_ns_per_byte),
             ("decompress", c.decompress_ns_per_byte),
-            ("frame aes", c.frame_aes_ns_per_byte),
-            ("tls aes", c.tls_aes_ns_per_byte),
+            ("aes", c.aes_gcm_ns_per_byte),
             ("write", c.write_fsync_ns_per_byte),
             ("ratio", c.compression_ratio),
             ("total", c.total_ns_per_plain_byte),
@@ -688,14 +617,12 @@ mod tests {
         ] {
             assert!(positive(x), "{name} = {x} in {c:?}");
         }
-        assert_eq!(c.frame_aes_passes + c.tls_aes_passes, AES_PASSES);
+        assert_eq!(c.aes_passes, AES_PASSES);
         assert_eq!(c.cores, procstat::cores());
         // The bound is exactly the documented formula.
         let total = c.compress_ns_per_byte
             + c.decompress_ns_per_byte
-            + (f64::from(c.frame_aes_passes) * c.frame_aes_ns_per_byte
-                + f64::from(c.tls_aes_passes) * c.tls_aes_ns_per_byte)
-                / c.compression_ratio
+            + f64::from(c.aes_passes) * c.aes_gcm_ns_per_byte / c.compression_ratio
             + c.write_fsync_ns_per_byte;
         assert!((total - c.total_ns_per_plain_byte).abs() <= 1e-9 * total);
         let bound = c.cores as f64 * 1e9 / c.total_ns_per_plain_byte;
@@ -706,7 +633,7 @@ mod tests {
         // (serde_json may round the last bit of a float, hence the tolerance.)
         let json = serde_json::to_string(&c).unwrap();
         let back: StageCosts = serde_json::from_str(&json).unwrap();
-        assert_eq!((back.tls_aes_passes, back.cores), (c.tls_aes_passes, c.cores));
+        assert_eq!((back.aes_passes, back.cores), (c.aes_passes, c.cores));
         for (a, b) in [
             (back.total_ns_per_plain_byte, c.total_ns_per_plain_byte),
             (back.bound_bytes_per_sec, c.bound_bytes_per_sec),
@@ -734,8 +661,8 @@ mod tests {
         // decompress, AES over the plaintext.
         assert_eq!(none.compression_ratio, 1.0);
         assert_eq!(none.decompress_ns_per_byte, 0.0);
-        assert!(positive(none.frame_aes_ns_per_byte));
-        assert!(positive(full.tls_aes_ns_per_byte));
+        assert!(positive(none.aes_gcm_ns_per_byte));
+        assert!(positive(full.aes_gcm_ns_per_byte));
     }
 
     #[test]

@@ -143,12 +143,21 @@ struct Role {
 }
 
 impl Role {
-    fn start(name: &'static str, exe: &Path, args: &[String], dir: &Path) -> Result<Role, BenchError> {
+    fn start(
+        name: &'static str,
+        exe: &Path,
+        args: &[String],
+        dir: &Path,
+    ) -> Result<Role, BenchError> {
         let log = dir.join(format!("{name}.log"));
-        let f = File::create(&log).map_err(|e| BenchError::Setup(format!("{}: {e}", log.display())))?;
+        let f =
+            File::create(&log).map_err(|e| BenchError::Setup(format!("{}: {e}", log.display())))?;
         let child = Command::new(exe)
             .args(args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(f)
@@ -211,7 +220,12 @@ impl Drop for Role {
 fn last_line(log: &Path) -> String {
     fs::read_to_string(log)
         .ok()
-        .and_then(|s| s.lines().rev().find(|l| !l.trim().is_empty()).map(str::to_string))
+        .and_then(|s| {
+            s.lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .map(str::to_string)
+        })
         .unwrap_or_default()
 }
 
@@ -224,7 +238,10 @@ fn setup_err(what: impl std::fmt::Display) -> BenchError {
     BenchError::Setup(what.to_string())
 }
 
-fn write_config(path: &Path, text: Result<String, crate::config::ConfigError>) -> Result<(), BenchError> {
+fn write_config(
+    path: &Path,
+    text: Result<String, crate::config::ConfigError>,
+) -> Result<(), BenchError> {
     let text = text.map_err(setup_err)?;
     fs::write(path, text).map_err(|e| setup_err(format!("{}: {e}", path.display())))
 }
@@ -264,8 +281,10 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
 
 fn run_in(opts: &BenchOptions, dir: &Path) -> Result<BenchReport, BenchError> {
     let conf = dir.join("conf");
+    // The clients' relay address is patched in once the relay has bound its
+    // ephemeral port; until then the configs carry init's placeholder.
     let mut init = crate::pki::InitOptions::new(&conf);
-    init.relay_listen = "127.0.0.1:0".into();
+    init.relay_listen = "127.0.0.1:7400".into();
     crate::pki::init(&init).map_err(setup_err)?;
 
     let source = dir.join("source.img");
@@ -299,6 +318,7 @@ fn run_in(opts: &BenchOptions, dir: &Path) -> Result<BenchReport, BenchError> {
     // Relay on an ephemeral port; learn the port from its status file.
     let relay_toml = conf.join("relay.toml");
     let mut relay_cfg = RelayConfig::load(&relay_toml).map_err(setup_err)?;
+    relay_cfg.relay.listen = ([127, 0, 0, 1], 0).into();
     relay_cfg.relay.status_listen = None;
     write_config(&relay_toml, relay_cfg.to_toml_string())?;
     let exe = &opts.exe;
@@ -407,11 +427,20 @@ fn run_in(opts: &BenchOptions, dir: &Path) -> Result<BenchReport, BenchError> {
         },
     )?;
     if opts.progress {
-        eprintln!("{}caught up; stopping the roles and comparing images", if tty { "\n" } else { "" });
+        eprintln!(
+            "{}caught up; stopping the roles and comparing images",
+            if tty { "\n" } else { "" }
+        );
     }
     let (caught_us, tstat) = caught;
-    let usage = |r: &Role| procstat::read(r.pid()).unwrap_or_else(|_| ProcUsage::default());
-    let (ua, ur, ut) = (usage(&agent), usage(&relay), usage(&target));
+    let usage = |r: &Role| {
+        procstat::read(r.pid()).map_err(|e| BenchError::Role {
+            role: r.name,
+            what: format!("cannot read its CPU and memory use: {e}"),
+            log: r.log.clone(),
+        })
+    };
+    let (ua, ur, ut) = (usage(&agent)?, usage(&relay)?, usage(&target)?);
     let astat = read_status::<AgentStatus>(&agent_status);
     agent.stop(Duration::from_secs(40));
     target.stop(Duration::from_secs(20));
@@ -423,7 +452,11 @@ fn run_in(opts: &BenchOptions, dir: &Path) -> Result<BenchReport, BenchError> {
     let gb = work.bytes as f64 / 1e9;
     let per_gb = |u: &ProcUsage| if gb > 0.0 { u.cpu_seconds / gb } else { 0.0 };
     let mib = |u: &ProcUsage| u.peak_rss_bytes as f64 / (1 << 20) as f64;
-    let applied_mb_s = if seconds > 0.0 { work.bytes as f64 / seconds / 1e6 } else { 0.0 };
+    let applied_mb_s = if seconds > 0.0 {
+        work.bytes as f64 / seconds / 1e6
+    } else {
+        0.0
+    };
     let bound_mb_s = costs.as_ref().map_or(0.0, |c| c.bound_bytes_per_sec / 1e6);
     let (plain, stored) = astat
         .as_ref()
@@ -436,9 +469,21 @@ fn run_in(opts: &BenchOptions, dir: &Path) -> Result<BenchReport, BenchError> {
         source_mb_s: work.mb_per_sec(),
         applied_mb_s,
         bound_mb_s,
-        efficiency: if bound_mb_s > 0.0 { applied_mb_s / bound_mb_s } else { 0.0 },
-        frames_per_s: if seconds > 0.0 { frames as f64 / seconds } else { 0.0 },
-        compression_ratio: if stored > 0 { plain as f64 / stored as f64 } else { 0.0 },
+        efficiency: if bound_mb_s > 0.0 {
+            applied_mb_s / bound_mb_s
+        } else {
+            0.0
+        },
+        frames_per_s: if seconds > 0.0 {
+            frames as f64 / seconds
+        } else {
+            0.0
+        },
+        compression_ratio: if stored > 0 {
+            plain as f64 / stored as f64
+        } else {
+            0.0
+        },
         lag_p50_ms: lag.p50 as f64 / 1e3,
         lag_p99_ms: lag.p99 as f64 / 1e3,
         cpu_s_per_gb: PerRole {
@@ -484,8 +529,10 @@ pub fn compare_files(a: &Path, b: &Path) -> Result<bool, String> {
         let start = next - next % CHUNK;
         let start = start.max(off);
         let n = (la - start).min(CHUNK) as usize;
-        fa.read_exact_at(&mut ba[..n], start).map_err(|e| format!("{}: {e}", a.display()))?;
-        fb.read_exact_at(&mut bb[..n], start).map_err(|e| format!("{}: {e}", b.display()))?;
+        fa.read_exact_at(&mut ba[..n], start)
+            .map_err(|e| format!("{}: {e}", a.display()))?;
+        fb.read_exact_at(&mut bb[..n], start)
+            .map_err(|e| format!("{}: {e}", b.display()))?;
         if ba[..n] != bb[..n] {
             return Ok(false);
         }
@@ -516,10 +563,20 @@ mod tests {
             f.write_all_at(&[7u8; 100], 30 << 20).unwrap();
         }
         assert!(compare_files(&a, &b).unwrap());
-        File::options().write(true).open(&b).unwrap().write_all_at(&[1], (50 << 20) + 3).unwrap();
+        File::options()
+            .write(true)
+            .open(&b)
+            .unwrap()
+            .write_all_at(&[1], (50 << 20) + 3)
+            .unwrap();
         assert!(!compare_files(&a, &b).unwrap());
         // Data written as zeros equals a hole.
-        File::options().write(true).open(&b).unwrap().write_all_at(&[0], (50 << 20) + 3).unwrap();
+        File::options()
+            .write(true)
+            .open(&b)
+            .unwrap()
+            .write_all_at(&[0], (50 << 20) + 3)
+            .unwrap();
         assert!(compare_files(&a, &b).unwrap());
         File::create(&b).unwrap().set_len(1).unwrap();
         assert!(!compare_files(&a, &b).unwrap());

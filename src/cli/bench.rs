@@ -113,18 +113,37 @@ fn print_table(r: &BenchReport) {
         o.compressibility,
         o.zstd_level,
         r.cores,
-        if cfg!(debug_assertions) { " (DEBUG BUILD: figures are not representative)" } else { "" }
+        if cfg!(debug_assertions) {
+            " (DEBUG BUILD: figures are not representative)"
+        } else {
+            ""
+        }
     );
-    println!("  verified (replica == source)   {}", if r.verified { "yes" } else { "NO" });
-    println!("  written at source              {:9.1} MB/s", r.source_mb_s);
-    println!("  applied at target (end to end) {:9.1} MB/s", r.applied_mb_s);
+    println!(
+        "  verified (replica == source)   {}",
+        if r.verified { "yes" } else { "NO" }
+    );
+    println!(
+        "  written at source              {:9.1} MB/s",
+        r.source_mb_s
+    );
+    println!(
+        "  applied at target (end to end) {:9.1} MB/s",
+        r.applied_mb_s
+    );
     if r.bound_mb_s > 0.0 {
         println!("  bound (per-stage costs)        {:9.1} MB/s", r.bound_mb_s);
         println!("  efficiency                     {:9.2}", r.efficiency);
     }
     println!("  frames/s                       {:9.1}", r.frames_per_s);
-    println!("  compression ratio              {:9.2}", r.compression_ratio);
-    println!("  lag p50 / p99                  {:9.1} / {:.1} ms", r.lag_p50_ms, r.lag_p99_ms);
+    println!(
+        "  compression ratio              {:9.2}",
+        r.compression_ratio
+    );
+    println!(
+        "  lag p50 / p99                  {:9.1} / {:.1} ms",
+        r.lag_p50_ms, r.lag_p99_ms
+    );
     println!("                                     agent     relay    target");
     println!(
         "  CPU s per GB                   {:9.2} {:9.2} {:9.2}",

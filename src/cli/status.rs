@@ -35,7 +35,12 @@ fn which(config: &Path) -> anyhow::Result<Which> {
     Ok(if table.contains_key("relay") {
         Which::Relay(RelayConfig::load(config)?.relay.spool_dir.join(STATUS_FILE))
     } else if table.contains_key("target") {
-        Which::Target(TargetConfig::load(config)?.target.state_dir.join(STATUS_FILE))
+        Which::Target(
+            TargetConfig::load(config)?
+                .target
+                .state_dir
+                .join(STATUS_FILE),
+        )
     } else if table.contains_key("agent") {
         Which::Agent(AgentConfig::load(config)?.agent.state_dir.join(STATUS_FILE))
     } else {
@@ -48,7 +53,10 @@ fn which(config: &Path) -> anyhow::Result<Which> {
 
 fn load<T: for<'de> serde::Deserialize<'de>>(path: &Path) -> anyhow::Result<(T, f64)> {
     let bytes = std::fs::read(path).map_err(|e| {
-        anyhow::anyhow!("{}: no status ({e}); has this role ever run with this config?", path.display())
+        anyhow::anyhow!(
+            "{}: no status ({e}); has this role ever run with this config?",
+            path.display()
+        )
     })?;
     let age = std::fs::metadata(path)
         .and_then(|m| m.modified())
@@ -98,8 +106,16 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
                     g.head.map_or(0, |h| h.frame_no),
                     g.trimmed_through,
                     g.frames,
-                    if c.agent_connected { "connected" } else { "away" },
-                    if c.target_connected { "connected" } else { "away" },
+                    if c.agent_connected {
+                        "connected"
+                    } else {
+                        "away"
+                    },
+                    if c.target_connected {
+                        "connected"
+                    } else {
+                        "away"
+                    },
                     c.target_acked
                 );
                 if let Some(e) = &g.last_target_error {
@@ -125,7 +141,11 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
                     g.watermark.last_seq,
                     g.frames_applied,
                     g.bytes_applied as f64 / 1e6,
-                    if g.connected { "connected" } else { "not connected" },
+                    if g.connected {
+                        "connected"
+                    } else {
+                        "not connected"
+                    },
                     g.lag_us.p50 as f64 / 1e3,
                     g.lag_us.p99 as f64 / 1e3
                 );
@@ -145,7 +165,11 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
                 println!(
                     "  group {}: {}, acked frame {} seq {}, journal {} entries / {:.1} MB of {:.0} MB, {} frames sealed",
                     g.name,
-                    if g.connected { "connected" } else { "not connected" },
+                    if g.connected {
+                        "connected"
+                    } else {
+                        "not connected"
+                    },
                     g.acked.frame_no,
                     g.acked.last_seq,
                     g.journal.entries,
@@ -160,7 +184,11 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
                         d.path.display(),
                         d.size as f64 / 1e9,
                         d.copy,
-                        if d.size > 0 { d.copy_covered as f64 * 100.0 / d.size as f64 } else { 100.0 }
+                        if d.size > 0 {
+                            d.copy_covered as f64 * 100.0 / d.size as f64
+                        } else {
+                            100.0
+                        }
                     );
                 }
                 if let Some(e) = &g.last_error {

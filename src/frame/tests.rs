@@ -112,7 +112,7 @@ fn golden_zstd_frame() {
     assert_eq!(hex(&f.bytes), GOLDEN_ZSTD);
     let o = opener().open(&f.bytes).unwrap();
     assert_eq!(o.records.len(), 3);
-    assert_eq!(o.data.len(), 4096);
+    assert_eq!(o.data().len(), 4096);
 }
 
 /// Verified independently: Python `cryptography` AESGCM decrypts it with nonce
@@ -508,25 +508,25 @@ fn authenticated_but_invalid_payloads_are_refused() {
     }
     // And the same forge path accepts the honest payload.
     let f = forge(&forged_header(1, n, Codec::Zstd, z.len() as u32), &z);
-    assert_eq!(o.open(&f).unwrap().data, vec![5u8; 4000]);
+    assert_eq!(o.open(&f).unwrap().data(), vec![5u8; 4000]);
 }
 
 #[test]
-fn open_into_recycles_and_clears_on_error() {
+fn open_owned_decrypts_in_place_and_matches_open() {
     let mut o = opener();
-    let (mut recs, mut data) = (Vec::new(), Vec::new());
-    let h = o
-        .open_into(&golden_zstd().bytes, &mut recs, &mut data)
-        .unwrap();
-    assert_eq!((recs.len(), data.len(), h.frame_no), (3, 4096, 8));
-    let h = o
-        .open_into(&golden_raw().bytes, &mut recs, &mut data)
-        .unwrap();
-    assert_eq!((recs.len(), data.len(), h.frame_no), (1, 64, 7));
+    for f in [golden_zstd(), golden_raw()] {
+        let a = o.open(&f.bytes).unwrap();
+        let b = o.open_owned(f.bytes.clone()).unwrap();
+        assert_eq!(a.header, b.header);
+        assert_eq!(a.records, b.records);
+        assert_eq!(a.data(), b.data());
+    }
     let mut bad = golden_raw().bytes;
     bad[200] ^= 1;
-    assert!(o.open_into(&bad, &mut recs, &mut data).is_err());
-    assert!(recs.is_empty() && data.is_empty());
+    assert!(matches!(
+        o.open_owned(bad),
+        Err(FrameError::AuthFailed { .. })
+    ));
 }
 
 /// Strategy: a valid record set as (seq gap, time gap, kind, len, disk, offset).
@@ -609,6 +609,6 @@ proptest! {
             prop_assert_eq!(r.header, h);
             prop_assert_eq!(r.data, d);
         }
-        prop_assert_eq!(o.data.len(), total);
+        prop_assert_eq!(o.data().len(), total);
     }
 }

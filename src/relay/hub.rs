@@ -7,8 +7,8 @@
 //! and the new one waits, bounded, for it to end before it welcomes its peer, so
 //! two sessions never append or forward for one group concurrently.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -19,6 +19,27 @@ use crate::transport::wire::PeerRole;
 
 /// How long a superseding session waits for the one it replaces to end.
 pub const SUPERSEDE_WAIT: Duration = Duration::from_secs(5);
+/// Bytes of recently spooled frames kept in memory, relay-wide, so a target that
+/// keeps up is forwarded frames without reading them back from the spool.
+pub const HOT_CACHE_BYTES: usize = 48 << 20;
+
+/// A durable frame kept in memory for forwarding.
+#[derive(Debug, Clone)]
+pub struct CachedFrame {
+    /// Frame number.
+    pub frame_no: u64,
+    /// Its predecessor.
+    pub prev_frame_no: u64,
+    /// The sealed bytes (shared with the spool append that made them durable).
+    pub bytes: Arc<Vec<u8>>,
+}
+
+/// The most recent durable frames of a group, in chain order.
+#[derive(Debug, Default)]
+struct HotCache {
+    frames: VecDeque<CachedFrame>,
+    bytes: usize,
+}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -43,6 +64,8 @@ pub struct GroupCounters {
     pub target_acked: AtomicU64,
     /// Throttle messages sent to the agent.
     pub throttles: AtomicU64,
+    /// Frames forwarded from memory rather than read back from the spool.
+    pub cache_hits: AtomicU64,
     /// An agent session is open.
     pub agent_connected: AtomicBool,
     /// A target session is open.
@@ -64,6 +87,10 @@ pub struct GroupHub {
     pub last_agent_error: Mutex<Option<String>>,
     agent: Mutex<Slot>,
     target: Mutex<Slot>,
+    cache: Mutex<HotCache>,
+    /// Bytes cached by all groups together.
+    cache_used: Arc<AtomicUsize>,
+    cache_max: usize,
 }
 
 /// A session's hold on its group and role; dropping it tells a successor that
@@ -102,6 +129,72 @@ impl GroupHub {
         }
     }
 
+    /// Keep a frame that just became durable (frames arrive in chain order),
+    /// evicting this group's oldest frames while the relay-wide budget is
+    /// exceeded; a frame that still does not fit is not cached.
+    pub fn cache_put(&self, f: CachedFrame) {
+        let len = f.bytes.len();
+        let mut c = lock(&self.cache);
+        if c.frames
+            .back()
+            .is_some_and(|b| b.frame_no != f.prev_frame_no)
+        {
+            // Not a continuation of what is cached: start over from this frame.
+            self.cache_used.fetch_sub(c.bytes, Ordering::Relaxed);
+            c.frames.clear();
+            c.bytes = 0;
+        }
+        while self.cache_used.load(Ordering::Relaxed) + len > self.cache_max {
+            let Some(old) = c.frames.pop_front() else {
+                return;
+            };
+            c.bytes -= old.bytes.len();
+            self.cache_used
+                .fetch_sub(old.bytes.len(), Ordering::Relaxed);
+        }
+        c.bytes += len;
+        self.cache_used.fetch_add(len, Ordering::Relaxed);
+        c.frames.push_back(f);
+    }
+
+    /// The cached frames that follow `after` in the chain (at most `max_count`,
+    /// stopping before `max_bytes` would be passed but at least one), or `None`
+    /// when the cache does not hold the frame right after `after`.
+    pub fn cache_after(
+        &self,
+        after: u64,
+        max_bytes: usize,
+        max_count: usize,
+    ) -> Option<Vec<CachedFrame>> {
+        let c = lock(&self.cache);
+        let start = c.frames.partition_point(|f| f.frame_no <= after);
+        let first = c.frames.get(start)?;
+        if first.prev_frame_no != after {
+            return None;
+        }
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for f in c.frames.range(start..) {
+            if !out.is_empty() && (out.len() >= max_count || bytes + f.bytes.len() > max_bytes) {
+                break;
+            }
+            bytes += f.bytes.len();
+            out.push(f.clone());
+        }
+        Some(out)
+    }
+
+    /// Forget cached frames through `frame_no` (the target has them).
+    pub fn cache_trim(&self, frame_no: u64) {
+        let mut c = lock(&self.cache);
+        while c.frames.front().is_some_and(|f| f.frame_no <= frame_no) {
+            if let Some(f) = c.frames.pop_front() {
+                c.bytes -= f.bytes.len();
+                self.cache_used.fetch_sub(f.bytes.len(), Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Publish a new durable head (never moves backwards).
     pub fn advance_head(&self, frame_no: u64) {
         self.head.send_if_modified(|h| {
@@ -116,12 +209,34 @@ impl GroupHub {
 }
 
 /// All groups the relay has seen.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Hub {
     groups: Mutex<HashMap<String, Arc<GroupHub>>>,
+    cache_used: Arc<AtomicUsize>,
+    cache_max: usize,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Hub::new(HOT_CACHE_BYTES)
+    }
 }
 
 impl Hub {
+    /// A hub whose groups cache at most `cache_max` bytes of frames together.
+    pub fn new(cache_max: usize) -> Self {
+        Hub {
+            groups: Mutex::new(HashMap::new()),
+            cache_used: Arc::new(AtomicUsize::new(0)),
+            cache_max,
+        }
+    }
+
+    /// Bytes of frames cached by all groups.
+    pub fn cache_bytes(&self) -> usize {
+        self.cache_used.load(Ordering::Relaxed)
+    }
+
     /// The group's hub, created on first use with `head` as its durable head.
     pub fn group(&self, name: &str, head: u64) -> Arc<GroupHub> {
         let mut g = lock(&self.groups);
@@ -135,6 +250,9 @@ impl Hub {
                     last_agent_error: Mutex::new(None),
                     agent: Mutex::new(None),
                     target: Mutex::new(None),
+                    cache: Mutex::new(HotCache::default()),
+                    cache_used: self.cache_used.clone(),
+                    cache_max: self.cache_max,
                 })
             })
             .clone()
@@ -177,6 +295,8 @@ pub struct GroupCountersView {
     /// See [`GroupCounters`].
     pub throttles: u64,
     /// See [`GroupCounters`].
+    pub cache_hits: u64,
+    /// See [`GroupCounters`].
     pub agent_connected: bool,
     /// See [`GroupCounters`].
     pub target_connected: bool,
@@ -194,6 +314,7 @@ impl GroupCounters {
             bytes_out: r(&self.bytes_out),
             target_acked: r(&self.target_acked),
             throttles: r(&self.throttles),
+            cache_hits: r(&self.cache_hits),
             agent_connected: self.agent_connected.load(Ordering::Relaxed),
             target_connected: self.target_connected.load(Ordering::Relaxed),
         }
@@ -223,6 +344,57 @@ mod tests {
         // Roles are independent.
         let t = g.claim(PeerRole::Target).await;
         assert!(!*t.superseded.borrow());
+    }
+
+    fn cf(frame_no: u64, prev: u64, len: usize) -> CachedFrame {
+        CachedFrame {
+            frame_no,
+            prev_frame_no: prev,
+            bytes: Arc::new(vec![0; len]),
+        }
+    }
+
+    #[test]
+    fn hot_cache_serves_continuations_within_budget() {
+        let hub = Hub::new(300);
+        let g = hub.group("g1", 0);
+        for n in 1..=3 {
+            g.cache_put(cf(n, n - 1, 100));
+        }
+        let got: Vec<u64> = g
+            .cache_after(0, 1000, 10)
+            .unwrap()
+            .iter()
+            .map(|f| f.frame_no)
+            .collect();
+        assert_eq!(got, vec![1, 2, 3]);
+        assert_eq!(
+            g.cache_after(1, 150, 10).unwrap().len(),
+            1,
+            "byte limit, at least one"
+        );
+        assert_eq!(g.cache_after(1, 1000, 1).unwrap()[0].frame_no, 2);
+        assert!(
+            g.cache_after(3, 1000, 10).is_none(),
+            "nothing after the newest"
+        );
+        // Over budget: the oldest goes; a reader before it must use the spool.
+        g.cache_put(cf(4, 3, 100));
+        assert!(g.cache_after(0, 1000, 10).is_none());
+        assert_eq!(g.cache_after(1, 1000, 10).unwrap().len(), 3);
+        assert_eq!(hub.cache_bytes(), 300);
+        // A budget shared by groups: another group's frame evicts only its own.
+        let h = hub.group("g2", 0);
+        h.cache_put(cf(1, 0, 100));
+        assert!(h.cache_after(0, 1000, 10).is_none(), "no room: not cached");
+        g.cache_trim(2);
+        assert_eq!(hub.cache_bytes(), 200);
+        h.cache_put(cf(1, 0, 100));
+        assert_eq!(h.cache_after(0, 1000, 10).unwrap().len(), 1);
+        // A frame that does not continue the cached chain restarts it.
+        g.cache_put(cf(9, 7, 50));
+        assert!(g.cache_after(4, 1000, 10).is_none());
+        assert_eq!(g.cache_after(7, 1000, 10).unwrap()[0].frame_no, 9);
     }
 
     #[test]

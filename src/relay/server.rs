@@ -99,6 +99,8 @@ pub struct RelayStatus {
     pub spool_frames: u64,
     /// Spool size above which agents are throttled.
     pub spool_max_bytes: u64,
+    /// Bytes of recent frames held in memory for forwarding.
+    pub hot_cache_bytes: u64,
     /// Sessions refused (authentication, protocol) since start.
     pub refused_sessions: u64,
     /// Per group.
@@ -166,6 +168,7 @@ fn status(shared: &Shared, name: &str, listen: SocketAddr) -> RelayStatus {
         spool_bytes: spool.total_bytes(),
         spool_frames: spool.total_frames(),
         spool_max_bytes: shared.spool_max_bytes,
+        hot_cache_bytes: shared.hub.cache_bytes() as u64,
         refused_sessions: shared.refused_sessions.load(Ordering::Relaxed),
         groups,
     }

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::hub::GroupHub;
+use super::hub::{CachedFrame, GroupHub};
 use super::server::Shared;
 use super::spool::{AppendOutcome, AppendRequest, SpoolError, SpooledFrame};
 use crate::error::{Classify, ErrorKind};
@@ -98,8 +98,9 @@ fn set(m: &std::sync::Mutex<Option<String>>, v: String) {
 /// One append whose durability the acker waits for.
 struct Pending {
     frame_no: u64,
+    prev_frame_no: u64,
     last_seq: u64,
-    len: u64,
+    bytes: Arc<Vec<u8>>,
     done: oneshot::Receiver<Result<AppendOutcome, SpoolError>>,
     _memory: tokio::sync::OwnedSemaphorePermit,
 }
@@ -138,7 +139,14 @@ pub(crate) async fn run_agent(
                     Ok(o) => {
                         if o == AppendOutcome::Stored {
                             hub.counters.frames_in.fetch_add(1, Ordering::Relaxed);
-                            hub.counters.bytes_in.fetch_add(p.len, Ordering::Relaxed);
+                            hub.counters
+                                .bytes_in
+                                .fetch_add(p.bytes.len() as u64, Ordering::Relaxed);
+                            hub.cache_put(CachedFrame {
+                                frame_no: p.frame_no,
+                                prev_frame_no: p.prev_frame_no,
+                                bytes: p.bytes,
+                            });
                             hub.advance_head(p.frame_no);
                         } else {
                             hub.counters.duplicates_in.fetch_add(1, Ordering::Relaxed);
@@ -237,8 +245,8 @@ pub(crate) async fn run_agent(
                 _ = tokio::time::sleep(Duration::from_millis(u64::from(THROTTLE_MS))) => {}
             }
         }
-        let len = bytes.len();
-        let want = len.min(super::server::APPEND_MEMORY) as u32;
+        let bytes = Arc::new(bytes);
+        let want = bytes.len().min(super::server::APPEND_MEMORY) as u32;
         let permit = tokio::select! {
             _ = sd.wait() => break Err(SessionError::Shutdown),
             p = shared.append_memory.clone().acquire_many_owned(want) => match p {
@@ -251,12 +259,13 @@ pub(crate) async fn run_agent(
             frame_no: header.frame_no,
             prev_frame_no: header.prev_frame_no,
             last_seq: header.last_seq,
-            bytes,
+            bytes: bytes.clone(),
         });
         let p = Pending {
             frame_no: header.frame_no,
+            prev_frame_no: header.prev_frame_no,
             last_seq: header.last_seq,
-            len: len as u64,
+            bytes,
             done,
             _memory: permit,
         };
@@ -360,7 +369,7 @@ pub(crate) async fn run_target(
 
     let mut head_rx = hub.head.subscribe();
     let mut cursor = applied.frame_no;
-    let mut batch: VecDeque<SpooledFrame> = VecDeque::new();
+    let mut batch: VecDeque<CachedFrame> = VecDeque::new();
     let mut in_flight: VecDeque<(u64, usize)> = VecDeque::new();
     let mut in_flight_bytes = 0usize;
     let mut acked = applied.frame_no;
@@ -371,6 +380,15 @@ pub(crate) async fn run_target(
     let mut empty_at: Option<u64> = None;
     let result = loop {
         let head_now = *head_rx.borrow_and_update();
+        if batch.is_empty()
+            && head_now > cursor
+            && let Some(frames) = hub.cache_after(cursor, READ_BATCH_BYTES, READ_BATCH_FRAMES)
+        {
+            hub.counters
+                .cache_hits
+                .fetch_add(frames.len() as u64, Ordering::Relaxed);
+            batch.extend(frames);
+        }
         if batch.is_empty() && head_now > cursor && empty_at != Some(head_now) {
             let spool = shared.spool.clone();
             let group = hub.name.clone();
@@ -387,10 +405,19 @@ pub(crate) async fn run_target(
                             group = %hub.name, after, head = head_now,
                             "the spool holds no frame after {after} although its head is {head_now}: frames are missing; the target cannot continue until the group is resynced"
                         );
-                        set(&hub.last_target_error, format!("relay spool has no frames between {after} and its head {head_now}"));
+                        set(
+                            &hub.last_target_error,
+                            format!(
+                                "relay spool has no frames between {after} and its head {head_now}"
+                            ),
+                        );
                         empty_at = Some(head_now);
                     }
-                    batch.extend(frames);
+                    batch.extend(frames.into_iter().map(|f: SpooledFrame| CachedFrame {
+                        frame_no: f.frame_no,
+                        prev_frame_no: f.prev_frame_no,
+                        bytes: Arc::new(f.bytes),
+                    }));
                     read_backoff = Duration::from_millis(100);
                 }
                 Err(e) => {
@@ -432,6 +459,7 @@ pub(crate) async fn run_target(
                         hub.counters.target_acked.fetch_max(frame_no, Ordering::Relaxed);
                         let head_no = *hub.head.borrow();
                         trim_tx.send_replace(frame_no.min(head_no));
+                        hub.cache_trim(frame_no);
                     }
                 }
                 Some(Ok(Message::Error { kind, frame_no, message })) => {
@@ -451,7 +479,7 @@ pub(crate) async fn run_target(
                 in_flight_bytes += len;
                 hub.counters.frames_out.fetch_add(1, Ordering::Relaxed);
                 hub.counters.bytes_out.fetch_add(len as u64, Ordering::Relaxed);
-                permit.send(Outgoing::Frame(Arc::new(f.bytes)));
+                permit.send(Outgoing::Frame(f.bytes));
             }
             r = head_rx.changed(), if batch.is_empty() => {
                 if r.is_err() {

@@ -18,11 +18,6 @@ use crate::frame::{DataKey, GroupName, Opener};
 /// thread's fdatasync rarely outpaces.
 pub const OPEN_THREADS: usize = 2;
 
-/// Frames this large or larger get a fresh [`Opener`] after opening, so that
-/// the opener's scratch buffer (sized to the largest frame seen) does not keep
-/// tens of MiB resident per thread.
-const RECYCLE_AT: usize = 8 << 20;
-
 /// A frame to open.
 #[derive(Debug)]
 pub(crate) struct OpenJob {
@@ -48,7 +43,7 @@ pub(crate) fn spawn(
     let mut handles = Vec::with_capacity(threads);
     for i in 0..threads.max(1) {
         let keys: Vec<(u32, DataKey)> = keys.to_vec();
-        let mut opener = Opener::new(group, keys.clone()).map_err(|source| TargetError::Key {
+        let mut opener = Opener::new(group, keys).map_err(|source| TargetError::Key {
             group: group.to_string(),
             source: Box::new(source),
         })?;
@@ -64,16 +59,9 @@ pub(crate) fn spawn(
                         bytes,
                         mut charge,
                     } = job;
-                    let result = opener.open(&bytes);
-                    let big = bytes.len() >= RECYCLE_AT;
-                    drop(bytes);
+                    // Decrypted in place: a raw frame's buffer becomes its plaintext.
+                    let result = opener.open_owned(bytes);
                     charge.release_sealed();
-                    if big {
-                        match Opener::new(group, keys.clone()) {
-                            Ok(o) => opener = o,
-                            Err(e) => tracing::warn!(%group, "cannot renew an opener: {e}"),
-                        }
-                    }
                     let opened = Opened {
                         index,
                         link,

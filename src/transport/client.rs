@@ -122,6 +122,9 @@ pub fn is_auth_failure(e: &std::io::Error) -> bool {
                 | A::UnknownCA
                 | A::AccessDenied
                 | A::CertificateRequired
+                // A certificate whose signature does not verify (e.g. issued by
+                // another CA with the same name) is answered with decrypt_error.
+                | A::DecryptError
         ),
         _ => false,
     }

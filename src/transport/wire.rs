@@ -433,18 +433,32 @@ pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Message, Wi
             max: MAX_MESSAGE_LEN,
         });
     }
-    let mut body = vec![0u8; len];
-    let mut got = 0;
-    while got < len {
+    // The type byte first: a frame's bytes (the bulk of the traffic) are then
+    // read straight into the buffer that is handed over, with no shift or copy.
+    let mut ty = [0u8; 1];
+    if r.read(&mut ty).await? == 0 {
+        return Err(WireError::Truncated { got: 0, want: len });
+    }
+    let frame = ty[0] == T_FRAME;
+    let (mut body, mut got) = if frame {
+        (vec![0u8; len - 1], 0)
+    } else {
+        let mut b = vec![0u8; len];
+        b[0] = ty[0];
+        (b, 1)
+    };
+    while got < body.len() {
         let n = r.read(&mut body[got..]).await?;
         if n == 0 {
-            return Err(WireError::Truncated { got, want: len });
+            let received = if frame { got + 1 } else { got };
+            return Err(WireError::Truncated {
+                got: received,
+                want: len,
+            });
         }
         got += n;
     }
-    // Frames are the bulk of the traffic: hand over the body without a copy.
-    if body[0] == T_FRAME {
-        body.remove(0);
+    if frame {
         return Ok(Message::Frame(body));
     }
     decode_body(&body)

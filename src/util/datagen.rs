@@ -25,9 +25,52 @@ pub fn fill(buf: &mut [u8], compressibility: u8, rng: &mut Prng) {
     }
 }
 
+/// The same bytes [`fill`] would write into a `len`-byte buffer, built by
+/// appending: no zeroing pass over memory that is overwritten anyway (the
+/// workload generates every write this way).
+pub fn generate(len: usize, compressibility: u8, rng: &mut Prng) -> Vec<u8> {
+    let pct = compressibility.min(100) as usize;
+    let mut out = Vec::with_capacity(len);
+    let mut left = len;
+    while left > 0 {
+        let block = left.min(BLOCK);
+        let random_len = block * (100 - pct) / 100;
+        for _ in 0..random_len / 8 {
+            out.extend_from_slice(&rng.next_u64().to_le_bytes());
+        }
+        let rest = random_len % 8;
+        if rest > 0 {
+            out.extend_from_slice(&rng.next_u64().to_le_bytes()[..rest]);
+        }
+        let v = rng.next_u64() as u8;
+        out.resize(out.len() + block - random_len, v);
+        left -= block;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn generate_equals_fill() {
+        for (len, pct) in [
+            (0, 50),
+            (1, 0),
+            (4095, 50),
+            (4096, 33),
+            (65536 + 77, 50),
+            (9000, 100),
+        ] {
+            let mut a = Prng::new(42);
+            let mut b = Prng::new(42);
+            let mut want = vec![0u8; len];
+            fill(&mut want, pct, &mut a);
+            assert_eq!(generate(len, pct, &mut b), want, "len {len} pct {pct}");
+            assert_eq!(a.next_u64(), b.next_u64(), "same generator state after");
+        }
+    }
 
     #[test]
     fn compressibility_controls_the_random_share() {

@@ -105,18 +105,31 @@ pub struct Cluster {
 impl Cluster {
     /// `tidemark init` into a scratch directory and a sparse source disk of `size` bytes.
     pub fn new(size: u64) -> Cluster {
-        let dir = tempfile::Builder::new().prefix("tidemark-e2e-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("tidemark-e2e-")
+            .tempdir()
+            .unwrap();
         let conf = dir.path().join("conf");
         let out = Command::new(exe())
             .args(["init", "--dir"])
             .arg(&conf)
-            .args(["--relay-listen", "127.0.0.1:0"])
+            .args(["--relay-listen", "127.0.0.1:7400"])
             .output()
             .unwrap();
-        assert!(out.status.success(), "init: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let source = dir.path().join("source.img");
         let replica = dir.path().join("replica.img");
         File::create(&source).unwrap().set_len(size).unwrap();
+        // The relay binds an ephemeral port; clients learn it from its status.
+        let path = conf.join("relay.toml");
+        let mut cfg = RelayConfig::load(&path).unwrap();
+        cfg.relay.listen = ([127, 0, 0, 1], 0).into();
+        cfg.relay.status_listen = None;
+        fs::write(&path, cfg.to_toml_string().unwrap()).unwrap();
         Cluster {
             dir,
             conf,
@@ -177,7 +190,12 @@ impl Cluster {
     pub fn start_relay(&mut self) {
         let p = self.spawn("relay", &[]);
         self.relay = Some(p);
-        if self.relay_addr.is_none() {
+        if let Some(addr) = self.relay_addr {
+            // A restarted relay recovers its spool before it listens again.
+            wait_until(Duration::from_secs(60), "relay listening again", || {
+                std::net::TcpStream::connect(addr).ok()
+            });
+        } else {
             let status = self.relay_status_path();
             let addr = wait_until(Duration::from_secs(30), "relay listening", || {
                 read_json::<RelayStatus>(&status).map(|s| s.listen)
@@ -203,12 +221,6 @@ impl Cluster {
             cfg.agent.status_listen = None;
             cfg.groups[0].disks[0].path = self.source.clone();
             fs::write(&path, cfg.to_toml_string().unwrap()).unwrap();
-        } else {
-            // A restarted relay recovers its spool before it listens again.
-            let addr = self.relay_addr.unwrap();
-            wait_until(Duration::from_secs(60), "relay listening again", || {
-                std::net::TcpStream::connect(addr).ok()
-            });
         }
     }
 
@@ -293,16 +305,31 @@ impl Cluster {
     /// Tails of every role's current log, for failure messages.
     pub fn logs(&self) -> String {
         let mut out = String::new();
-        for (name, p) in [("relay", &self.relay), ("target", &self.target), ("agent", &self.agent)] {
+        for (name, p) in [
+            ("relay", &self.relay),
+            ("target", &self.target),
+            ("agent", &self.agent),
+        ] {
             if let Some(p) = p {
-                out.push_str(&format!("--- {name} ({})\n{}\n", p.log.display(), tail(&p.log_text())));
+                out.push_str(&format!(
+                    "--- {name} ({})\n{}\n",
+                    p.log.display(),
+                    tail(&p.log_text())
+                ));
             }
         }
         out
     }
 
     pub fn stop_all(&mut self) {
-        for p in [self.agent.as_mut(), self.target.as_mut(), self.relay.as_mut()].into_iter().flatten() {
+        for p in [
+            self.agent.as_mut(),
+            self.target.as_mut(),
+            self.relay.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        {
             p.stop(Duration::from_secs(40));
         }
     }
@@ -330,12 +357,18 @@ pub fn wait_until<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<
         if let Some(v) = f() {
             return v;
         }
-        assert!(t0.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            t0.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 /// Write `text` to `path`.
 pub fn write(path: &Path, text: &str) {
-    File::create(path).unwrap().write_all(text.as_bytes()).unwrap();
+    File::create(path)
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
 }

@@ -120,8 +120,9 @@ pub struct AppendRequest {
     pub prev_frame_no: u64,
     /// Last seq covered by the frame.
     pub last_seq: u64,
-    /// The sealed frame, opaque to the spool.
-    pub bytes: Vec<u8>,
+    /// The sealed frame, opaque to the spool (shared: the relay keeps recent
+    /// frames in memory to forward them without reading them back).
+    pub bytes: Arc<Vec<u8>>,
 }
 
 /// How an append ended.

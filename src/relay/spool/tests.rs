@@ -33,7 +33,7 @@ fn req(group: &str, frame: u64, len: usize) -> AppendRequest {
         frame_no: frame,
         prev_frame_no: frame - 1,
         last_seq: frame * 10,
-        bytes: payload(group, frame, len),
+        bytes: Arc::new(payload(group, frame, len)),
     }
 }
 
@@ -282,7 +282,7 @@ fn duplicates_chain_breaks_and_refusals() {
         frame_no: 42,
         prev_frame_no: 41,
         last_seq: 420,
-        bytes: b"x".to_vec(),
+        bytes: Arc::new(b"x".to_vec()),
     };
     assert_eq!(
         s.append_blocking(first.clone()).unwrap(),
@@ -328,7 +328,7 @@ fn duplicates_chain_breaks_and_refusals() {
     assert!(matches!(e, SpoolError::InvalidGroup { .. }), "{e}");
     let e = s
         .append_blocking(AppendRequest {
-            bytes: vec![0u8; record::MAX_PAYLOAD + 1],
+            bytes: Arc::new(vec![0u8; record::MAX_PAYLOAD + 1]),
             ..req("g", 44, 0)
         })
         .unwrap_err();
@@ -828,7 +828,7 @@ fn recover_bytes(bytes: &[u8], also_older: bool) {
                 frame_no: head + 1,
                 prev_frame_no: head,
                 last_seq: 0,
-                bytes: vec![1],
+                bytes: Arc::new(vec![1]),
             });
         }
     }
