@@ -125,6 +125,30 @@ impl StageCosts {
     pub fn efficiency(&self, applied_bytes_per_sec: f64) -> f64 {
         applied_bytes_per_sec / self.bound_bytes_per_sec
     }
+
+    /// The mean of two measurements of the same data (the bench measures before
+    /// and after the pipeline run, so a disk that was slower or faster for a
+    /// while weighs on both sides alike), with the total and bound recomputed.
+    pub fn mean(&self, other: &StageCosts) -> StageCosts {
+        let m = |a: f64, b: f64| (a + b) / 2.0;
+        let compress = m(self.compress_ns_per_byte, other.compress_ns_per_byte);
+        let decompress = m(self.decompress_ns_per_byte, other.decompress_ns_per_byte);
+        let aes = m(self.aes_gcm_ns_per_byte, other.aes_gcm_ns_per_byte);
+        let write_fsync = m(self.write_fsync_ns_per_byte, other.write_fsync_ns_per_byte);
+        let ratio = m(self.compression_ratio, other.compression_ratio);
+        let total = compress + decompress + f64::from(AES_PASSES) * aes / ratio + write_fsync;
+        StageCosts {
+            compress_ns_per_byte: compress,
+            decompress_ns_per_byte: decompress,
+            aes_gcm_ns_per_byte: aes,
+            aes_passes: AES_PASSES,
+            write_fsync_ns_per_byte: write_fsync,
+            compression_ratio: ratio,
+            total_ns_per_plain_byte: total,
+            cores: self.cores,
+            bound_bytes_per_sec: self.cores as f64 * 1e9 / total,
+        }
+    }
 }
 
 /// Why the cost measurement failed.

@@ -293,27 +293,30 @@ fn run_in(opts: &BenchOptions, dir: &Path) -> Result<BenchReport, BenchError> {
         .and_then(|f| f.set_len(opts.image_size))
         .map_err(|e| setup_err(format!("{}: {e}", source.display())))?;
 
-    // The bound first, on the same file system and the same kind of data.
-    let costs = if opts.skip_bound {
-        None
-    } else {
+    // The bound, on the same file system and the same kind of data: measured
+    // before the run and again after it, and averaged.
+    let cost_opts = CostOptions {
+        compressibility: opts.compressibility,
+        zstd_level: opts.zstd_level,
+        write_size: opts.write_size,
+        frame_bytes: 4 << 20,
+        sample_bytes: 64 << 20,
+        dir: dir.to_path_buf(),
+        seed: opts.seed ^ 0x5eed,
+        rounds: 3,
+    };
+    let measure_costs = || -> Result<Option<StageCosts>, BenchError> {
+        if opts.skip_bound {
+            return Ok(None);
+        }
         if opts.progress {
             eprintln!("measuring per-stage costs (zstd, AES-GCM, write+fdatasync) ...");
         }
-        Some(
-            cost::measure(&CostOptions {
-                compressibility: opts.compressibility,
-                zstd_level: opts.zstd_level,
-                write_size: opts.write_size,
-                frame_bytes: 4 << 20,
-                sample_bytes: 64 << 20,
-                dir: dir.to_path_buf(),
-                seed: opts.seed ^ 0x5eed,
-                rounds: 3,
-            })
-            .map_err(|e| BenchError::Cost(e.to_string()))?,
-        )
+        cost::measure(&cost_opts)
+            .map(Some)
+            .map_err(|e| BenchError::Cost(e.to_string()))
     };
+    let costs_before = measure_costs()?;
 
     // Relay on an ephemeral port; learn the port from its status file.
     let relay_toml = conf.join("relay.toml");
@@ -447,6 +450,10 @@ fn run_in(opts: &BenchOptions, dir: &Path) -> Result<BenchReport, BenchError> {
     relay.stop(Duration::from_secs(20));
 
     let verified = compare_files(&source, &replica).map_err(setup_err)?;
+    let costs = match (costs_before, measure_costs()?) {
+        (Some(a), Some(b)) => Some(a.mean(&b)),
+        _ => None,
+    };
     let tg = tstat.groups.first().cloned();
     let seconds = caught_us.saturating_sub(work.start_us) as f64 / 1e6;
     let gb = work.bytes as f64 / 1e9;

@@ -68,6 +68,22 @@ fn load<T: for<'de> serde::Deserialize<'de>>(path: &Path) -> anyhow::Result<(T, 
     Ok((v, age))
 }
 
+/// Bytes as B, KiB, MiB, GiB or TiB.
+fn human(n: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
+}
+
 fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -179,10 +195,10 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
                 );
                 for d in &g.disks {
                     println!(
-                        "    disk {} {} ({:.1} GB): initial copy {:?} {:.0} %",
+                        "    disk {} {} ({}): initial copy {:?} {:.0} %",
                         d.id,
                         d.path.display(),
-                        d.size as f64 / 1e9,
+                        human(d.size),
                         d.copy,
                         if d.size > 0 {
                             d.copy_covered as f64 * 100.0 / d.size as f64
