@@ -6,6 +6,7 @@
 //! forwards it to the [`target`], which applies it in chain order to an
 //! [`image`]. [`bench`](mod@bench) runs all of it on one machine.
 #![deny(unsafe_code)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 
 pub mod error;

@@ -1,6 +1,8 @@
 //! The `tidemark` command: parses arguments, sets up logging, dispatches to one
 //! module per subcommand (`src/cli/`).
 
+#![deny(unsafe_code)]
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};

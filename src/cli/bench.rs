@@ -16,7 +16,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 30.0)]
     seconds: f64,
     /// Size of the protected disk (sparse; suffixes K, M, G, T).
-    #[arg(long, default_value = "4G", value_parser = parse_size)]
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
     image_size: u64,
     /// Bytes per write (suffixes K, M, G).
     #[arg(long, default_value = "64K", value_parser = parse_size)]

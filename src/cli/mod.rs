@@ -20,6 +20,9 @@ where
     Fut: Future<Output = Result<T, E>>,
     E: std::error::Error + Send + Sync + 'static,
 {
+    if !tidemark::util::malloc::keep_freed_memory() {
+        tracing::debug!("allocator tuning not available on this platform");
+    }
     let workers = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .max(2);

@@ -21,7 +21,7 @@ use crate::transport::wire::PeerRole;
 pub const SUPERSEDE_WAIT: Duration = Duration::from_secs(5);
 /// Bytes of recently spooled frames kept in memory, relay-wide, so a target that
 /// keeps up is forwarded frames without reading them back from the spool.
-pub const HOT_CACHE_BYTES: usize = 48 << 20;
+pub const HOT_CACHE_BYTES: usize = 32 << 20;
 
 /// A durable frame kept in memory for forwarding.
 #[derive(Debug, Clone)]

@@ -35,7 +35,7 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_CONNECTIONS: usize = 256;
 /// Bytes of frames held in memory while their spool append is pending, across
 /// all agent sessions (the relay's peak RSS bar is 256 MiB).
-pub const APPEND_MEMORY: usize = 96 << 20;
+pub const APPEND_MEMORY: usize = 64 << 20;
 /// How often the status snapshot is rewritten.
 pub const STATUS_INTERVAL: Duration = Duration::from_millis(250);
 

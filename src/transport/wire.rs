@@ -440,9 +440,26 @@ pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Message, Wi
         return Err(WireError::Truncated { got: 0, want: len });
     }
     let frame = ty[0] == T_FRAME;
-    let (mut body, mut got) = if frame {
-        (vec![0u8; len - 1], 0)
-    } else {
+    if frame {
+        // Read into spare capacity: no zeroing pass over a multi-MiB buffer that
+        // is overwritten anyway (`take` keeps the read inside this message).
+        let want = len - 1;
+        let mut body = Vec::with_capacity(want);
+        while body.len() < want {
+            let n = (&mut *r)
+                .take((want - body.len()) as u64)
+                .read_buf(&mut body)
+                .await?;
+            if n == 0 {
+                return Err(WireError::Truncated {
+                    got: body.len() + 1,
+                    want: len,
+                });
+            }
+        }
+        return Ok(Message::Frame(body));
+    }
+    let (mut body, mut got) = {
         let mut b = vec![0u8; len];
         b[0] = ty[0];
         (b, 1)
@@ -450,16 +467,9 @@ pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Message, Wi
     while got < body.len() {
         let n = r.read(&mut body[got..]).await?;
         if n == 0 {
-            let received = if frame { got + 1 } else { got };
-            return Err(WireError::Truncated {
-                got: received,
-                want: len,
-            });
+            return Err(WireError::Truncated { got, want: len });
         }
         got += n;
-    }
-    if frame {
-        return Ok(Message::Frame(body));
     }
     decode_body(&body)
 }
@@ -656,6 +666,17 @@ mod tests {
             read_message(&mut b).await,
             Err(WireError::Truncated { got: 2, want: 10 })
         ));
+        // A frame truncated mid-body, and one that ends right after its type byte.
+        for (bytes, got) in [(vec![10u8, 0, 0, 0, 3, 1, 2], 3), (vec![10, 0, 0, 0, 3], 1)] {
+            let (mut a, mut b) = tokio::io::duplex(64);
+            a.write_all(&bytes).await.unwrap();
+            drop(a);
+            let e = read_message(&mut b).await.unwrap_err();
+            assert!(
+                matches!(e, WireError::Truncated { got: g, want: 10 } if g == got),
+                "{e:?}"
+            );
+        }
     }
 
     proptest::proptest! {

@@ -5,6 +5,7 @@
 pub mod datagen;
 pub mod hist;
 pub mod lockfile;
+pub mod malloc;
 pub mod prng;
 pub mod procstat;
 pub mod shutdown;
