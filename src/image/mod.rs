@@ -193,6 +193,12 @@ pub trait Image: Send + fmt::Debug {
     /// Make everything written so far durable (fdatasync).
     fn flush(&mut self) -> Result<(), ImageError>;
 
+    /// A second handle on the image's file for flushing from another thread:
+    /// `sync_data` on it makes durable every write that completed before the
+    /// call, while this image keeps taking writes (the target overlaps the
+    /// flush of one batch with the writes of the next).
+    fn sync_handle(&self) -> Result<std::fs::File, ImageError>;
+
     /// Read exactly `buf.len()` bytes at `offset` (must lie inside the image).
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError>;
 

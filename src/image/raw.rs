@@ -198,6 +198,13 @@ impl Image for RawImage {
         res
     }
 
+    fn sync_handle(&self) -> Result<File, ImageError> {
+        self.file.try_clone().map_err(|source| ImageError::Flush {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
     fn flush(&mut self) -> Result<(), ImageError> {
         self.engine
             .sync_data(&self.file)

@@ -4,15 +4,24 @@
 //! of frames durable (flush every touched image, then store the watermark)
 //! before publishing the new durable position to the session, which acks it.
 //!
-//! It owns the group's images, watermark and apply log; nothing else touches
-//! them. It never panics on bad input: a frame that fails to open or validate,
+//! Commits are pipelined: a batch is handed to the group's *flusher* thread,
+//! which fdatasyncs the touched replicas (through second handles on their
+//! files), stores the watermark and publishes it, while the apply thread
+//! already writes the next batch. At most one batch is being flushed; the next
+//! commit waits for it, so watermarks are stored in order and never claim a
+//! write that is not durable (a flush may also catch some writes of the next
+//! batch, which only makes them durable early).
+//!
+//! It owns the group's images and apply log, the flusher owns the watermark;
+//! nothing else touches them. It never panics on bad input: a frame that fails to open or validate,
 //! or an I/O error, *stalls* the group (nothing more is applied until restart)
 //! and is reported to the session through the progress watch.
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, Sender};
 use tokio::sync::{oneshot, watch};
 
 use super::TargetError;
@@ -283,7 +292,84 @@ struct Slot {
     id: u16,
     path: PathBuf,
     image: Option<Box<dyn Image>>,
+    /// A second handle on the image's file, for the flusher.
+    sync: Option<std::sync::Arc<File>>,
     touched: bool,
+}
+
+/// One batch for the flusher to make durable.
+struct FlushJob {
+    /// Replicas written in the batch, with handles to fdatasync.
+    files: Vec<(PathBuf, std::sync::Arc<File>)>,
+    /// The watermark the batch ends at.
+    mark: Mark,
+    /// Whether the last frame of the batch leaves the replica consistent.
+    consistent: bool,
+    /// The batch's counters and lag samples.
+    pending: Pending,
+}
+
+/// The flusher thread's side: fdatasync, store the watermark, publish.
+struct Flusher {
+    group: String,
+    watermark: Watermark,
+    status: SharedStatus,
+    progress: watch::Sender<Progress>,
+    lag: Histogram,
+}
+
+impl Flusher {
+    fn run(mut self, jobs: Receiver<FlushJob>, done: Sender<Result<(), ApplyError>>) {
+        for job in jobs {
+            let r = self.flush(job);
+            if done.send(r).is_err() {
+                break;
+            }
+        }
+    }
+
+    fn flush(&mut self, job: FlushJob) -> Result<(), ApplyError> {
+        let frame_no = job.mark.pos.frame_no;
+        for (path, f) in &job.files {
+            f.sync_data().map_err(|source| ApplyError::Image {
+                group: self.group.clone(),
+                frame_no,
+                source: Box::new(ImageError::Flush {
+                    path: path.clone(),
+                    source,
+                }),
+            })?;
+        }
+        self.watermark
+            .store(job.mark)
+            .map_err(|source| ApplyError::Watermark {
+                group: self.group.clone(),
+                frame_no,
+                source: Box::new(source),
+            })?;
+        let p = job.pending;
+        let now = now_us();
+        for t in &p.lag_from {
+            self.lag.record(now.saturating_sub(*t));
+        }
+        {
+            let mut s = self.status.lock();
+            s.watermark = WatermarkStatus {
+                frame_no: job.mark.pos.frame_no,
+                last_seq: job.mark.pos.last_seq,
+                time_us: job.mark.time_us,
+            };
+            s.frames_applied += p.frames;
+            s.records_applied += p.records;
+            s.bytes_applied += p.bytes;
+            s.zero_bytes += p.zero_bytes;
+            s.consistent = job.consistent;
+            s.lag_us = self.lag.summary();
+            s.apply_batches += 1;
+        }
+        self.progress.send_modify(|pr| pr.durable = job.mark);
+        Ok(())
+    }
 }
 
 /// What one batch (frames applied since the last commit) accumulated.
@@ -302,7 +388,6 @@ struct Applier {
     slots: Vec<Slot>,
     engine: Engine,
     batch_bytes: u64,
-    watermark: Watermark,
     log: ApplyLog,
     status: SharedStatus,
     progress: watch::Sender<Progress>,
@@ -311,8 +396,13 @@ struct Applier {
     applied_time_us: u64,
     applied_consistent: bool,
     pending: Pending,
-    lag: Histogram,
     stalled: bool,
+    /// To the flusher (None once it has been shut down).
+    flush_tx: Option<Sender<FlushJob>>,
+    flush_done: Receiver<Result<(), ApplyError>>,
+    flusher: Option<JoinHandle<()>>,
+    /// A batch is being flushed.
+    flushing: bool,
 }
 
 /// Says whether the apply thread started.
@@ -395,10 +485,20 @@ impl Applier {
             } else {
                 None
             };
+            let sync = match &image {
+                Some(img) => Some(std::sync::Arc::new(img.sync_handle().map_err(
+                    |source| TargetError::Replica {
+                        group: s.group.clone(),
+                        source: Box::new(source),
+                    },
+                )?)),
+                None => None,
+            };
             slots.push(Slot {
                 id: d.id,
                 path: d.path.clone(),
                 image,
+                sync,
                 touched: false,
             });
         }
@@ -410,12 +510,27 @@ impl Applier {
             engine = %engine,
             "apply thread starting from the durable watermark"
         );
+        let (flush_tx, jobs) = crossbeam_channel::bounded::<FlushJob>(1);
+        let (done_tx, flush_done) = crossbeam_channel::bounded(1);
+        let flusher = Flusher {
+            group: s.group.clone(),
+            watermark: s.watermark,
+            status: s.status.clone(),
+            progress: s.progress.clone(),
+            lag: Histogram::new(),
+        };
+        let flusher = std::thread::Builder::new()
+            .name(format!("flush-{}", s.group))
+            .spawn(move || flusher.run(jobs, done_tx))
+            .map_err(|source| TargetError::Spawn {
+                what: "flusher thread",
+                source,
+            })?;
         Ok(Applier {
             group: s.group,
             slots,
             engine,
             batch_bytes: s.batch_bytes.max(1),
-            watermark: s.watermark,
             log,
             status: s.status,
             progress: s.progress,
@@ -423,8 +538,11 @@ impl Applier {
             applied_time_us: mark.time_us,
             applied_consistent: consistent,
             pending: Pending::default(),
-            lag: Histogram::new(),
             stalled: false,
+            flush_tx: Some(flush_tx),
+            flush_done,
+            flusher: Some(flusher),
+            flushing: false,
         })
     }
 
@@ -454,9 +572,15 @@ impl Applier {
             }
         }
         self.commit_or_stall();
+        self.wait_flush_or_stall();
+        // Stop the flusher (it ends when its queue is closed) and wait for it.
+        self.flush_tx = None;
+        if let Some(h) = self.flusher.take() {
+            let _ = h.join();
+        }
         tracing::info!(
             group = %self.group,
-            frame_no = self.watermark.get().pos.frame_no,
+            frame_no = self.progress.borrow().durable.pos.frame_no,
             "apply thread stopped"
         );
     }
@@ -539,6 +663,9 @@ impl Applier {
             let img = open_replica(&mut self.engine, &self.group, &slot.path, Some(size))
                 .map_err(|e| img_err(&self.group, e))?;
             tracing::info!(group = %self.group, disk = slot.id, path = %slot.path.display(), size = img.size(), "replica opened for a DiskSize record");
+            slot.sync = Some(std::sync::Arc::new(
+                img.sync_handle().map_err(|e| img_err(&self.group, e))?,
+            ));
             slot.image = Some(img);
         }
         let mut ops: Vec<Vec<WriteOp<'_>>> = (0..self.slots.len()).map(|_| Vec::new()).collect();
@@ -626,6 +753,12 @@ impl Applier {
                                     frame_no,
                                     source: Box::new(source),
                                 })?;
+                            let sync = img.sync_handle().map_err(|source| ApplyError::Image {
+                                group: self.group.clone(),
+                                frame_no,
+                                source: Box::new(source),
+                            })?;
+                            slot.sync = Some(std::sync::Arc::new(sync));
                             slot.image = Some(img);
                         } else {
                             create[si] = Some(disk_size);
@@ -686,59 +819,73 @@ impl Applier {
         Ok(create)
     }
 
-    /// Make the batch durable: flush every touched replica, store the
-    /// watermark, then publish it. Nothing is acknowledged before this.
+    /// Hand the batch to the flusher, which makes it durable (flush every
+    /// touched replica, store the watermark) and then publishes it; nothing is
+    /// acknowledged before that. Waits for the previous batch's flush first.
     fn commit(&mut self) -> Result<(), ApplyError> {
+        self.wait_flush()?;
         if self.pending.frames == 0 {
             return Ok(());
         }
-        let frame_no = self.applied.frame_no;
+        let mut files = Vec::new();
         for slot in &mut self.slots {
             if !slot.touched {
                 continue;
             }
-            if let Some(img) = slot.image.as_mut() {
-                img.flush().map_err(|source| ApplyError::Image {
-                    group: self.group.clone(),
-                    frame_no,
-                    source: Box::new(source),
-                })?;
+            if let Some(f) = &slot.sync {
+                files.push((slot.path.clone(), f.clone()));
             }
             slot.touched = false;
         }
-        let mark = Mark {
-            pos: self.applied,
-            time_us: self.applied_time_us,
+        let job = FlushJob {
+            files,
+            mark: Mark {
+                pos: self.applied,
+                time_us: self.applied_time_us,
+            },
+            consistent: self.applied_consistent,
+            pending: std::mem::take(&mut self.pending),
         };
-        self.watermark
-            .store(mark)
-            .map_err(|source| ApplyError::Watermark {
-                group: self.group.clone(),
-                frame_no,
-                source: Box::new(source),
-            })?;
-        let p = std::mem::take(&mut self.pending);
-        let now = now_us();
-        for t in &p.lag_from {
-            self.lag.record(now.saturating_sub(*t));
+        let frame_no = job.mark.pos.frame_no;
+        let gone = || ApplyError::Watermark {
+            group: self.group.clone(),
+            frame_no,
+            source: Box::new(WatermarkError::Io {
+                path: self.log.path().to_path_buf(),
+                source: std::io::Error::other("the flusher thread has stopped"),
+            }),
+        };
+        match &self.flush_tx {
+            Some(tx) => tx.send(job).map_err(|_| gone())?,
+            None => return Err(gone()),
         }
-        {
-            let mut s = self.status.lock();
-            s.watermark = WatermarkStatus {
-                frame_no: mark.pos.frame_no,
-                last_seq: mark.pos.last_seq,
-                time_us: mark.time_us,
-            };
-            s.frames_applied += p.frames;
-            s.records_applied += p.records;
-            s.bytes_applied += p.bytes;
-            s.zero_bytes += p.zero_bytes;
-            s.consistent = self.applied_consistent;
-            s.lag_us = self.lag.summary();
-            s.apply_batches += 1;
-        }
-        self.progress.send_modify(|pr| pr.durable = mark);
+        self.flushing = true;
         Ok(())
+    }
+
+    /// Wait until the batch being flushed (if any) is durable.
+    fn wait_flush(&mut self) -> Result<(), ApplyError> {
+        if !self.flushing {
+            return Ok(());
+        }
+        self.flushing = false;
+        match self.flush_done.recv() {
+            Ok(r) => r,
+            Err(_) => Err(ApplyError::Watermark {
+                group: self.group.clone(),
+                frame_no: self.applied.frame_no,
+                source: Box::new(WatermarkError::Io {
+                    path: self.log.path().to_path_buf(),
+                    source: std::io::Error::other("the flusher thread has stopped"),
+                }),
+            }),
+        }
+    }
+
+    fn wait_flush_or_stall(&mut self) {
+        if let Err(e) = self.wait_flush() {
+            self.stall(e);
+        }
     }
 
     fn commit_or_stall(&mut self) {
@@ -754,6 +901,7 @@ impl Applier {
     fn refuse(&mut self, e: ApplyError) {
         self.status.lock().refused += 1;
         self.commit_or_stall();
+        self.wait_flush_or_stall();
         self.stall(e);
     }
 

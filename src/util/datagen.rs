@@ -35,13 +35,10 @@ pub fn generate(len: usize, compressibility: u8, rng: &mut Prng) -> Vec<u8> {
     while left > 0 {
         let block = left.min(BLOCK);
         let random_len = block * (100 - pct) / 100;
-        for _ in 0..random_len / 8 {
-            out.extend_from_slice(&rng.next_u64().to_le_bytes());
-        }
-        let rest = random_len % 8;
-        if rest > 0 {
-            out.extend_from_slice(&rng.next_u64().to_le_bytes()[..rest]);
-        }
+        // Generated in an L1-resident scratch block, then appended in one copy.
+        let mut tmp = [0u8; BLOCK];
+        rng.fill(&mut tmp[..random_len]);
+        out.extend_from_slice(&tmp[..random_len]);
         let v = rng.next_u64() as u8;
         out.resize(out.len() + block - random_len, v);
         left -= block;
