@@ -32,13 +32,13 @@ mod tests;
 #[cfg(test)]
 mod testutil;
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -48,6 +48,7 @@ use crate::frame::{DataKey, FrameError, GroupName};
 use crate::image::{Engine, ImageError};
 use crate::transport::client::{ConnectError, RelayEndpoint};
 use crate::transport::tls::{self, TlsError};
+use crate::util::lockfile::{self, LockError};
 use crate::util::shutdown::{self, Shutdown};
 use crate::util::statusfile::{STATUS_FILE, write_json};
 use crate::util::time::now_us;
@@ -63,7 +64,7 @@ use status::{STATUS_INTERVAL_MS, SharedStatus};
 use watermark::{Watermark, WatermarkError};
 
 /// Name of the lock file in the state directory (one target per state dir).
-pub const LOCK_FILE: &str = "LOCK";
+pub const LOCK_FILE: &str = lockfile::LOCK_FILE;
 /// Name of a group's watermark file in its state directory.
 pub const WATERMARK_FILE: &str = "watermark";
 
@@ -320,17 +321,10 @@ fn prepare(cfg: &TargetConfig) -> Result<(Flock<File>, Vec<Prepared>), TargetErr
         path: path.to_path_buf(),
         source,
     };
-    std::fs::create_dir_all(dir).map_err(|e| state_io(dir, e))?;
-    let lock_path = dir.join(LOCK_FILE);
-    let lock_file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&lock_path)
-        .map_err(|e| state_io(&lock_path, e))?;
-    let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock)
-        .map_err(|_| TargetError::Locked { dir: dir.clone() })?;
+    let lock = lockfile::lock_dir(dir).map_err(|e| match e {
+        LockError::Io { path, source } => state_io(&path, source),
+        LockError::Locked { dir } => TargetError::Locked { dir },
+    })?;
     let mut out = Vec::new();
     for g in &cfg.groups {
         let group = GroupName::new(&g.name).map_err(|source| TargetError::GroupName {
