@@ -270,6 +270,10 @@ impl Cluster {
                 panic!("agent exited with {st}:\n{}", tail(&a.log_text()));
             }
             let s = self.agent_status()?;
+            // Only the running agent's own status counts (not a previous run's).
+            if Some(s.pid) != self.agent.as_ref().map(|a| a.pid()) {
+                return None;
+            }
             let w = s.groups.first()?.workload.clone()?;
             w.done.then_some(w)
         });
