@@ -28,6 +28,8 @@ mod state;
 mod writer;
 
 #[cfg(test)]
+mod direct_tests;
+#[cfg(test)]
 mod tests;
 
 use std::collections::HashMap;
@@ -738,7 +740,8 @@ impl Spool {
         })
     }
 
-    /// Bytes of all segment files: what the relay compares with its watermark.
+    /// Logical bytes of all segment files (each file may add under 4 KiB of
+    /// padding): what the relay compares with its watermark.
     pub fn total_bytes(&self) -> u64 {
         self.inner.index().total_bytes()
     }

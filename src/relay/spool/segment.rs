@@ -352,7 +352,7 @@ impl RecordReader {
             let bounce = self.bounce.get_or_insert_with(|| AlignedBuf::new(span));
             // At least two blocks, so the first chunk always holds the header.
             bounce.reserve(span.max(2 * dio::BLOCK));
-            let cap = bounce.len().min(READ_CHUNK.max(2 * dio::BLOCK));
+            let cap = bounce.len();
             let mut h = None;
             let mut payload = Vec::new();
             while pos < end {

@@ -16,6 +16,7 @@
 //!   index counts; the file may extend past it by up to 4095 zero bytes.
 //! * buffered: small records are gathered in a batch buffer and written at the
 //!   logical end; large payloads are written straight from the caller's buffer.
+
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
@@ -212,6 +213,11 @@ impl<'s> Work<'s> {
         }
     }
 
+    /// True in direct mode.
+    fn direct(&self) -> bool {
+        matches!(self.pending, Pending::Direct { .. })
+    }
+
     /// Where the next byte of the active segment `a` goes.
     fn end(&self, a: &Active) -> u64 {
         match &self.pending {
@@ -286,7 +292,6 @@ pub struct Writer {
     root: PathBuf,
     segment_bytes: u64,
     max_batch_bytes: usize,
-    direct: bool,
     /// Direct mode: the one aligned write buffer, lent to each group commit.
     stage: Option<Stage>,
     groups: HashMap<String, WGroup>,
@@ -328,7 +333,6 @@ impl Writer {
             root,
             segment_bytes,
             max_batch_bytes,
-            direct,
             stage: direct.then(Stage::new),
             groups,
             index,
@@ -415,7 +419,6 @@ impl Writer {
         let durable_seq = g.head_seq;
         let saved_active = g.active.as_ref().map(|a| (a.first, a.len));
         let mut outcomes: Vec<Outcome> = Vec::with_capacity(items.len());
-        let direct = self.direct;
         let mut work = Work::new(match self.stage.as_mut() {
             Some(stage) => Pending::Direct {
                 stage,
@@ -428,7 +431,6 @@ impl Writer {
             g,
             name,
             self.segment_bytes,
-            direct,
             durable_head,
             &items,
             &mut outcomes,
@@ -450,7 +452,7 @@ impl Writer {
             }
             Err(e) => {
                 tracing::error!(group = name, error = %e, "spool group commit failed; undoing the batch");
-                undo(g, name, saved_active, direct, &work);
+                undo(g, name, saved_active, &work);
                 g.head = durable_head;
                 g.head_seq = durable_seq;
                 for ((_, reply), out) in items.into_iter().zip(outcomes) {
@@ -466,12 +468,10 @@ impl Writer {
 }
 
 /// Check and write every append of one group's part of the batch (not yet synced).
-#[allow(clippy::too_many_arguments)]
 fn write_group(
     g: &mut WGroup,
     name: &str,
     segment_bytes: u64,
-    direct: bool,
     durable_head: u64,
     items: &[(AppendRequest, Reply)],
     outcomes: &mut Vec<Outcome>,
@@ -496,7 +496,7 @@ fn write_group(
             continue;
         }
         outcomes.push(Outcome::Stored);
-        if let Err(e) = write_one(g, name, segment_bytes, direct, req, work) {
+        if let Err(e) = write_one(g, name, segment_bytes, req, work) {
             // Later items of this group never ran: they fail with the batch.
             while outcomes.len() < items.len() {
                 outcomes.push(Outcome::Stored);
@@ -514,10 +514,10 @@ fn write_one(
     g: &mut WGroup,
     name: &str,
     segment_bytes: u64,
-    direct: bool,
     req: &AppendRequest,
     work: &mut Work<'_>,
 ) -> Result<(), SpoolError> {
+    let direct = work.direct();
     if !g.dir_ready {
         match fs::create_dir(&g.dir) {
             Ok(()) => {}
@@ -649,7 +649,8 @@ fn publish(index: &Mutex<SpoolIndex>, name: &str, g: &WGroup, work: &Work<'_>) {
 /// padding; the next direct write reloads its last block from the file). If that
 /// fails too, the group refuses further appends (its files are in an unknown
 /// state).
-fn undo(g: &mut WGroup, name: &str, saved: Option<(u64, u64)>, direct: bool, work: &Work<'_>) {
+fn undo(g: &mut WGroup, name: &str, saved: Option<(u64, u64)>, work: &Work<'_>) {
+    let direct = work.direct();
     let mut failures = Vec::new();
     for p in &work.new_files {
         if let Err(e) = fs::remove_file(p)
