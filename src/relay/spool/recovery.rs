@@ -21,6 +21,7 @@
 //! not a page-cache page that could be stale (a buffered reader racing a direct
 //! write, in this process or another, can leave one behind), and reading the
 //! whole spool through the page cache would allocate and pin it for nothing.
+
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::ops::ControlFlow;
