@@ -25,7 +25,9 @@ pub struct SegIndex {
     /// Highest frame number ever indexed in this segment (`first_frame_no - 1`
     /// when it has none), so segments can be binary-searched even when trimmed.
     pub last_frame_no: u64,
-    /// Size of the file in bytes.
+    /// Logical length of the file: the end of its last record (or of the
+    /// bytes recovery could not index). The file itself may be up to 4095 bytes
+    /// longer: zero padding to a block boundary (docs/SPOOL.md, "Padding").
     pub file_len: u64,
     /// Untrimmed frames in chain order.
     pub entries: VecDeque<Entry>,
@@ -54,7 +56,7 @@ pub struct GroupIndex {
     pub segments: VecDeque<SegIndex>,
     /// Number of untrimmed indexed frames.
     pub frames: u64,
-    /// Sum of the segment files' sizes.
+    /// Sum of the segment files' logical lengths.
     pub disk_bytes: u64,
     /// Serializes trims of this group (state file updates and deletions).
     pub trim_lock: Arc<Mutex<()>>,
@@ -163,7 +165,7 @@ pub struct SpoolIndex {
 }
 
 impl SpoolIndex {
-    /// Sum of all segment file sizes.
+    /// Sum of all segment files' logical lengths.
     pub fn total_bytes(&self) -> u64 {
         self.groups.values().map(|g| g.disk_bytes).sum()
     }

@@ -12,10 +12,14 @@
 //!   reported and never silently dropped ([`RecoveryReport`]).
 //! * Memory holds only a 16-byte index entry per untrimmed frame; reads `pread`
 //!   the record and re-verify its CRC.
+//! * Where the filesystem allows it, segments are written and read with
+//!   `O_DIRECT` (probed at open, buffered I/O otherwise): appends then cost a copy
+//!   into a reused aligned buffer instead of new page-cache pages.
 //!
 //! docs/SPOOL.md describes the byte layout, the durability argument and the
 //! recovery and trim rules.
 
+mod dio;
 mod index;
 pub mod record;
 mod recovery;
@@ -23,6 +27,8 @@ mod segment;
 mod state;
 mod writer;
 
+#[cfg(test)]
+mod direct_tests;
 #[cfg(test)]
 mod tests;
 
@@ -70,6 +76,9 @@ pub struct SpoolOptions {
     pub max_batch_bytes: usize,
     /// Capacity of the append queue.
     pub queue_depth: usize,
+    /// Write and read segments with `O_DIRECT` when the filesystem supports it
+    /// (probed at open; buffered I/O otherwise). Default true.
+    pub direct_io: bool,
 }
 
 impl SpoolOptions {
@@ -80,6 +89,7 @@ impl SpoolOptions {
             segment_bytes: DEFAULT_SEGMENT_BYTES,
             max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
             queue_depth: DEFAULT_QUEUE_DEPTH,
+            direct_io: true,
         }
     }
 
@@ -162,8 +172,10 @@ pub struct SpooledFrame {
 pub struct GroupStats {
     /// Untrimmed frames.
     pub frames: u64,
-    /// Bytes of the group's segment files on disk (headers and not yet deleted
-    /// trimmed records included): what counts against disk watermarks.
+    /// Bytes of the group's segment files up to the end of their last record
+    /// (headers and not yet deleted trimmed records included): what counts
+    /// against disk watermarks. Each file may hold up to 4095 more bytes of zero
+    /// padding on disk (docs/SPOOL.md, "Padding").
     pub bytes: u64,
     /// First untrimmed frame, if any.
     pub first_frame_no: Option<u64>,
@@ -364,6 +376,26 @@ fn check_group(name: &str) -> Result<(), SpoolError> {
     })
 }
 
+/// Decide between direct and buffered I/O for the spool directory, and say which
+/// and why (once, at open).
+fn choose_io(opts: &SpoolOptions) -> bool {
+    let dir = opts.dir.display();
+    if !opts.direct_io {
+        tracing::info!(dir = %dir, "spool uses buffered I/O: direct_io is off in its options");
+        return false;
+    }
+    match dio::probe(&opts.dir) {
+        Ok(()) => {
+            tracing::info!(dir = %dir, "spool uses direct I/O (O_DIRECT): appends bypass the page cache");
+            true
+        }
+        Err(e) => {
+            tracing::info!(dir = %dir, reason = %e, "spool uses buffered I/O: the filesystem refused O_DIRECT");
+            false
+        }
+    }
+}
+
 /// Checks that need no state: group name, size cap, predecessor below the frame.
 fn precheck(req: &AppendRequest) -> Result<(), SpoolError> {
     check_group(&req.group)?;
@@ -387,6 +419,8 @@ fn precheck(req: &AppendRequest) -> Result<(), SpoolError> {
 
 struct Shared {
     opts: SpoolOptions,
+    /// Segments are written and read with O_DIRECT.
+    direct: bool,
     tx: Sender<Cmd>,
     index: Arc<Mutex<SpoolIndex>>,
     closed: AtomicBool,
@@ -460,13 +494,15 @@ impl Spool {
         let lock_guard = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock)
             .map_err(|_| SpoolError::Locked { dir: dir.clone() })?;
 
-        let rec = recovery::recover(&dir)?;
+        let direct = choose_io(&opts);
+        let rec = recovery::recover(&dir, direct)?;
         let index = Arc::new(Mutex::new(rec.index));
         let (tx, rx) = crossbeam_channel::bounded(opts.queue_depth);
         let w = writer::Writer::new(
             dir.clone(),
             opts.segment_bytes,
             opts.max_batch_bytes,
+            direct,
             rec.writer_groups,
             Arc::clone(&index),
             rx,
@@ -477,6 +513,7 @@ impl Spool {
             .map_err(io_err("spawn writer thread for", &dir))?;
         let shared = Shared {
             opts,
+            direct,
             tx,
             index,
             closed: AtomicBool::new(false),
@@ -494,6 +531,13 @@ impl Spool {
     /// The options the spool was opened with.
     pub fn options(&self) -> &SpoolOptions {
         &self.inner.opts
+    }
+
+    /// True when segments are written and read with `O_DIRECT`; false when the
+    /// spool uses buffered I/O (disabled by [`SpoolOptions::direct_io`], or the
+    /// filesystem refused direct I/O at open).
+    pub fn direct_io(&self) -> bool {
+        self.inner.direct
     }
 
     /// Queue an append; the receiver completes once the record is durable
@@ -576,13 +620,17 @@ impl Spool {
                 None => return Ok(Vec::new()),
             };
             let mut files: HashMap<u64, (PathBuf, File)> = HashMap::new();
+            let mut reader = segment::RecordReader::new(self.inner.direct);
             let mut out = Vec::with_capacity(plan.len());
             for (seg_first, e) in plan {
                 let (path, f) = match files.entry(seg_first) {
                     MapEntry::Occupied(o) => o.into_mut(),
                     MapEntry::Vacant(v) => {
                         let path = gdir.join(segment::segment_file_name(seg_first));
-                        match File::open(&path) {
+                        // Direct reads when the writer writes directly: a buffered
+                        // read racing a direct rewrite of the tail block could
+                        // leave a stale page in the page cache.
+                        match dio::open_options(self.inner.direct).read(true).open(&path) {
                             Ok(f) => v.insert((path, f)),
                             Err(err) if err.kind() == io::ErrorKind::NotFound && attempts < 4 => {
                                 continue 'plan;
@@ -591,8 +639,7 @@ impl Spool {
                         }
                     }
                 };
-                let (h, bytes) =
-                    segment::read_record(f, path, u64::from(e.offset), e.frame_no, e.len)?;
+                let (h, bytes) = reader.read(f, path, u64::from(e.offset), e.frame_no, e.len)?;
                 out.push(SpooledFrame {
                     frame_no: h.frame_no,
                     prev_frame_no: h.prev_frame_no,
@@ -693,7 +740,8 @@ impl Spool {
         })
     }
 
-    /// Bytes of all segment files: what the relay compares with its watermark.
+    /// Logical bytes of all segment files (each file may add under 4 KiB of
+    /// padding): what the relay compares with its watermark.
     pub fn total_bytes(&self) -> u64 {
         self.inner.index().total_bytes()
     }

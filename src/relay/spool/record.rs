@@ -25,7 +25,10 @@ pub const MAX_GROUP_LEN: usize = 32;
 #[repr(u16)]
 pub enum FormatVersion {
     /// First version: 64-byte segment header, 40-byte record header with a header
-    /// CRC and a record CRC, 48-byte group state file.
+    /// CRC and a record CRC, 48-byte group state file. A segment may end with
+    /// fewer than 4096 zero bytes after its last record, up to a 4096-aligned
+    /// size (padding from direct-I/O writes; a later addition to v1 that needs
+    /// no version: files without it read as before).
     V1 = 1,
 }
 

@@ -12,13 +12,22 @@
 //! * Bad bytes in an older segment are corruption: the file is left unchanged,
 //!   the scan resumes at the next valid record, and the hole is reported.
 //! * Files the spool cannot use are renamed to `<name>.damaged`, never deleted.
+//! * A run of zeros shorter than 4096 bytes that ends a segment at a 4096-aligned
+//!   size is padding written by the direct-I/O writer: the segment's logical
+//!   length ends before it, nothing is cut or reported.
+//!
+//! In direct mode every read here is an `O_DIRECT` read too, although no writer
+//! runs yet: recovery decides what to cut, so it must see what is on the device,
+//! not a page-cache page that could be stale (a buffered reader racing a direct
+//! write, in this process or another, can leave one behind), and reading the
+//! whole spool through the page cache would allocate and pin it for nothing.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::ops::ControlFlow;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use super::dio::{self, AlignedBuf};
 use super::index::{Entry, GroupIndex, SegIndex, SpoolIndex};
 use super::record::{
     FormatError, FormatVersion, SEGMENT_HEADER_LEN, SegmentHeader, validate_group,
@@ -164,7 +173,8 @@ fn quarantine(p: &Path, dir: &Path) -> Result<PathBuf, SpoolError> {
 }
 
 /// Copy bytes `[from, end)` of `file` into a new quarantine file, fsync it and its
-/// directory. Returns its path.
+/// directory. Returns its path. The source is read with block-aligned reads (it
+/// may be open with `O_DIRECT`); the copy is written buffered.
 fn quarantine_tail(
     file: &File,
     path: &Path,
@@ -178,14 +188,17 @@ fn quarantine_tail(
         .create_new(true)
         .open(&q)
         .map_err(io_err("create quarantine file", &q))?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut off = from;
-    while off < end {
-        let n = ((end - off) as usize).min(buf.len());
-        file.read_exact_at(&mut buf[..n], off)
+    let mut buf = AlignedBuf::new(1 << 20);
+    let mut pos = dio::floor(from);
+    while pos < end {
+        let want = ((end - pos) as usize).min(buf.len());
+        let rd = dio::ceil_usize(want);
+        dio::read_aligned(file, pos, &mut buf.bytes_mut()[..rd], want)
             .map_err(io_err("read", path))?;
-        out.write_all(&buf[..n]).map_err(io_err("write", &q))?;
-        off += n as u64;
+        let skip = from.saturating_sub(pos) as usize;
+        out.write_all(&buf.bytes()[skip..want])
+            .map_err(io_err("write", &q))?;
+        pos += want as u64;
     }
     out.sync_all().map_err(io_err("fsync", &q))?;
     fsync_dir(dir)?;
@@ -197,8 +210,9 @@ fn truncate(file: &File, path: &Path, len: u64) -> Result<(), SpoolError> {
     file.sync_all().map_err(io_err("fsync", path))
 }
 
-/// Recover the spool at `root` (which exists and is locked by the caller).
-pub fn recover(root: &Path) -> Result<Recovered, SpoolError> {
+/// Recover the spool at `root` (which exists and is locked by the caller),
+/// reading segments with `O_DIRECT` when `direct`.
+pub fn recover(root: &Path, direct: bool) -> Result<Recovered, SpoolError> {
     let mut report = RecoveryReport::default();
     let mut index = SpoolIndex::default();
     let mut writer_groups = Vec::new();
@@ -218,6 +232,7 @@ pub fn recover(root: &Path) -> Result<Recovered, SpoolError> {
         };
         // The lock file, and the relay's status snapshot that lives beside the groups.
         if name == LOCK_FILE
+            || name == dio::PROBE_FILE
             || name == crate::util::statusfile::STATUS_FILE
             || name == crate::util::statusfile::STATUS_TMP
         {
@@ -238,7 +253,7 @@ pub fn recover(root: &Path) -> Result<Recovered, SpoolError> {
     }
     names.sort();
     for name in names {
-        let (gi, init, gr) = recover_group(root, &name)?;
+        let (gi, init, gr) = recover_group(root, &name, direct)?;
         index.groups.insert(name.clone(), gi);
         writer_groups.push((name, init));
         report.groups.push(gr);
@@ -263,6 +278,7 @@ fn open_segments(
     gdir: &Path,
     group: &str,
     mut names: Vec<(u64, PathBuf)>,
+    direct: bool,
     gr: &mut GroupRecovery,
 ) -> Result<Vec<SegFile>, SpoolError> {
     names.sort();
@@ -270,7 +286,7 @@ fn open_segments(
     let mut out = Vec::new();
     for (i, (first, path)) in names.into_iter().enumerate() {
         let newest = i + 1 == count;
-        let file = OpenOptions::new()
+        let file = dio::open_options(direct)
             .read(true)
             .write(true)
             .open(&path)
@@ -297,8 +313,7 @@ fn open_segments(
             }
             Err(format!("{len} bytes, shorter than a segment header"))
         } else {
-            let mut hb = [0u8; SEGMENT_HEADER_LEN];
-            file.read_exact_at(&mut hb, 0)
+            let hb = dio::read_exact_at(&file, 0, SEGMENT_HEADER_LEN)
                 .map_err(io_err("read segment header", &path))?;
             match SegmentHeader::decode(&hb) {
                 Err(FormatError::UnsupportedVersion { version, supported }) => {
@@ -343,6 +358,7 @@ fn open_segments(
 fn recover_group(
     root: &Path,
     group: &str,
+    direct: bool,
 ) -> Result<(GroupIndex, GroupInit, GroupRecovery), SpoolError> {
     let gdir = root.join(group);
     let mut gr = GroupRecovery {
@@ -416,7 +432,7 @@ fn recover_group(
     let st = st.unwrap_or_default();
     let trimmed = st.trimmed_through;
 
-    let segs = open_segments(&gdir, group, seg_names, &mut gr)?;
+    let segs = open_segments(&gdir, group, seg_names, direct, &mut gr)?;
     let mut gi = GroupIndex {
         trimmed_through: trimmed,
         ..GroupIndex::default()
@@ -428,6 +444,7 @@ fn recover_group(
         let newest = i + 1 == n;
         let mut seg = SegIndex::new(sf.first, sf.len);
         let mut cut: Option<(u64, String, Option<u64>)> = None;
+        let mut padding_at: Option<u64> = None;
         let scanned = segment::scan(&sf.file, SEGMENT_HEADER_LEN as u64, sf.len, |ev| match ev {
             ScanEvent::Record { offset, header: h } => {
                 if let Some((lf, _)) = last
@@ -504,6 +521,10 @@ fn recover_group(
                 ));
                 ControlFlow::Continue(())
             }
+            ScanEvent::Padding { offset } => {
+                padding_at = Some(offset);
+                ControlFlow::Break(())
+            }
         });
         scanned.map_err(|e: io::Error| io_err("scan segment", &sf.path)(e))?;
         if let Some((x, why, resume_at)) = cut {
@@ -537,6 +558,10 @@ fn recover_group(
                 }
             }
             seg.file_len = x;
+        } else if let Some(p) = padding_at {
+            // Padding is part of the format: the logical length ends at the last
+            // record, which is where the writer continues.
+            seg.file_len = p;
         }
         // Keep last_frame_no monotonic across segments (binary search relies on
         // it) even for a segment where nothing could be indexed.

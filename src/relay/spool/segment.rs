@@ -10,6 +10,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use super::SpoolError;
+use super::dio::{self, AlignedBuf};
 use super::record::{RECORD_HEADER_LEN, RECORD_MAGIC, RecordHeader};
 
 /// Suffix of segment file names.
@@ -32,12 +33,15 @@ pub fn parse_segment_name(name: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-/// A read-only window over `[0, end)` of a file.
+/// A read-only window over `[0, end)` of a file. Reads are block aligned (offset,
+/// length and buffer), so the same code works on a file opened with `O_DIRECT`.
 struct Window<'a> {
     file: &'a File,
     end: u64,
     base: u64,
-    buf: Vec<u8>,
+    buf: AlignedBuf,
+    /// Valid bytes in `buf`, from file offset `base`.
+    len: usize,
 }
 
 impl<'a> Window<'a> {
@@ -46,35 +50,41 @@ impl<'a> Window<'a> {
             file,
             end,
             base: 0,
-            buf: Vec::new(),
+            // One block more than the window, so that the block-aligned read at or
+            // below any offset still covers WINDOW bytes from that offset.
+            buf: AlignedBuf::new(WINDOW + dio::BLOCK),
+            len: 0,
         }
     }
 
     fn fill(&mut self, off: u64) -> io::Result<()> {
-        let n = (self.end.saturating_sub(off)).min(WINDOW as u64) as usize;
-        self.buf.resize(n, 0);
-        self.file.read_exact_at(&mut self.buf, off)?;
-        self.base = off;
+        let base = dio::floor(off);
+        let want = (self.end.saturating_sub(base)).min(self.buf.len() as u64) as usize;
+        let rd = dio::ceil_usize(want);
+        self.len = 0;
+        dio::read_aligned(self.file, base, &mut self.buf.bytes_mut()[..rd], want)?;
+        self.base = base;
+        self.len = want;
         Ok(())
     }
 
     /// Exactly `n` bytes at `off` (`n <= WINDOW`, `off + n <= end`).
     fn get(&mut self, off: u64, n: usize) -> io::Result<&[u8]> {
         debug_assert!(n <= WINDOW && off + n as u64 <= self.end);
-        let covered = off >= self.base && off + n as u64 <= self.base + self.buf.len() as u64;
+        let covered = off >= self.base && off + n as u64 <= self.base + self.len as u64;
         if !covered {
             self.fill(off)?;
         }
         let s = (off - self.base) as usize;
-        Ok(&self.buf[s..s + n])
+        Ok(&self.buf.bytes()[s..s + n])
     }
 
     /// The bytes from `off` to the end of the window (refilled at `off` when fewer
     /// than a record header remain in it and more exist in the file).
     fn from(&mut self, off: u64) -> io::Result<&[u8]> {
-        let in_window = off >= self.base && off <= self.base + self.buf.len() as u64;
+        let in_window = off >= self.base && off <= self.base + self.len as u64;
         let avail = if in_window {
-            self.base + self.buf.len() as u64 - off
+            self.base + self.len as u64 - off
         } else {
             0
         };
@@ -82,8 +92,18 @@ impl<'a> Window<'a> {
             self.fill(off)?;
         }
         let s = (off - self.base) as usize;
-        Ok(&self.buf[s..])
+        Ok(&self.buf.bytes()[s..self.len])
     }
+}
+
+/// True when `[off, end)` is block padding: shorter than a block, ending at a
+/// block-aligned end of file, all zero (docs/SPOOL.md, "Padding").
+fn is_padding(w: &mut Window<'_>, off: u64) -> io::Result<bool> {
+    let end = w.end;
+    if off >= end || !end.is_multiple_of(dio::BLOCK as u64) || end - off >= dio::BLOCK as u64 {
+        return Ok(false);
+    }
+    Ok(w.get(off, (end - off) as usize)?.iter().all(|&b| b == 0))
 }
 
 /// Result of checking for a record at one offset.
@@ -196,12 +216,21 @@ pub enum ScanEvent {
         /// Offset of the next valid record, if any.
         resume_at: Option<u64>,
     },
+    /// Zero padding from `offset` to the block-aligned end of the file (fewer
+    /// than 4096 bytes): the segment's logical length is `offset`. Always the
+    /// last event of a scan.
+    Padding {
+        /// Where the padding starts: the end of the last record.
+        offset: u64,
+    },
 }
 
 /// Walk the records of `file` in `[start, end)`, calling `visit` for each valid
 /// record and each stretch of bad bytes. After bad bytes the scan resumes at the
 /// next valid record: right after the bad record when its header was intact, or
-/// else at the next offset with a valid record. `visit` may stop the scan early.
+/// else at the next offset with a valid record. A run of zeros shorter than a
+/// block that ends at a block-aligned end of file is padding, not bad bytes.
+/// `visit` may stop the scan early.
 pub fn scan(
     file: &File,
     start: u64,
@@ -211,6 +240,10 @@ pub fn scan(
     let mut w = Window::new(file, end);
     let mut off = start;
     while off < end {
+        if is_padding(&mut w, off)? {
+            let _ = visit(ScanEvent::Padding { offset: off });
+            return Ok(());
+        }
         match check_at(&mut w, off)? {
             Check::Valid(header) => {
                 if visit(ScanEvent::Record {
@@ -250,48 +283,114 @@ pub fn scan(
     Ok(())
 }
 
-/// Read and verify the record at `offset` of `file` (at `path`), which the index
-/// says holds frame `frame_no` with `len` payload bytes. Every mismatch is a
-/// `Corrupt` error naming the file and offset.
-pub fn read_record(
-    file: &File,
-    path: &Path,
-    offset: u64,
-    frame_no: u64,
-    len: u32,
-) -> Result<(RecordHeader, Vec<u8>), SpoolError> {
-    let corrupt = |what: String| SpoolError::Corrupt {
-        file: path.to_path_buf(),
-        offset,
-        what,
-    };
-    let io_or_short = |e: io::Error| {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            corrupt("file ends inside the record".into())
-        } else {
-            SpoolError::Io {
-                op: "read",
-                path: path.to_path_buf(),
-                source: e,
-            }
+/// Largest read the record reader makes at once (and the most memory its bounce
+/// buffer takes), in direct mode.
+const READ_CHUNK: usize = 1 << 20;
+
+/// Reads and verifies records. In direct mode the segment file must be opened
+/// with `O_DIRECT` and every read is block aligned: the aligned superset
+/// `[floor(offset), ceil(end))` of the record is read in chunks of at most
+/// 1 MiB into an aligned bounce buffer and the record is copied out. Buffered
+/// reads are never mixed with the writer's direct writes (docs/SPOOL.md,
+/// "Direct I/O").
+pub struct RecordReader {
+    direct: bool,
+    bounce: Option<AlignedBuf>,
+}
+
+impl RecordReader {
+    /// A reader for files opened with (`direct`) or without `O_DIRECT`.
+    pub fn new(direct: bool) -> Self {
+        RecordReader {
+            direct,
+            bounce: None,
         }
-    };
-    let mut hb = [0u8; RECORD_HEADER_LEN];
-    file.read_exact_at(&mut hb, offset).map_err(io_or_short)?;
-    let h = RecordHeader::decode(&hb).map_err(|e| corrupt(e.to_string()))?;
-    if h.frame_no != frame_no || h.payload_len != len {
-        return Err(corrupt(format!(
-            "index expects frame {frame_no} with {len} payload bytes, file has frame {} with {}",
-            h.frame_no, h.payload_len
-        )));
     }
-    let mut payload = vec![0u8; h.payload_len as usize];
-    file.read_exact_at(&mut payload, offset + RECORD_HEADER_LEN as u64)
-        .map_err(io_or_short)?;
-    if !h.payload_ok(&payload) {
-        return Err(corrupt(format!("frame {frame_no} record crc mismatch")));
+
+    /// Read and verify the record at `offset` of `file` (at `path`), which the
+    /// index says holds frame `frame_no` with `len` payload bytes. Every mismatch
+    /// is a `Corrupt` error naming the file and offset.
+    pub fn read(
+        &mut self,
+        file: &File,
+        path: &Path,
+        offset: u64,
+        frame_no: u64,
+        len: u32,
+    ) -> Result<(RecordHeader, Vec<u8>), SpoolError> {
+        let corrupt = |what: String| SpoolError::Corrupt {
+            file: path.to_path_buf(),
+            offset,
+            what,
+        };
+        let io_or_short = |e: io::Error| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                corrupt("file ends inside the record".into())
+            } else {
+                SpoolError::Io {
+                    op: "read",
+                    path: path.to_path_buf(),
+                    source: e,
+                }
+            }
+        };
+        let check_header = |hb: &[u8]| -> Result<RecordHeader, SpoolError> {
+            let h = RecordHeader::decode(hb).map_err(|e| corrupt(e.to_string()))?;
+            if h.frame_no != frame_no || h.payload_len != len {
+                return Err(corrupt(format!(
+                    "index expects frame {frame_no} with {len} payload bytes, file has frame {} with {}",
+                    h.frame_no, h.payload_len
+                )));
+            }
+            Ok(h)
+        };
+        let hl = RECORD_HEADER_LEN as u64;
+        let (h, payload) = if self.direct {
+            let end = offset + hl + u64::from(len);
+            let mut pos = dio::floor(offset);
+            let span = (dio::ceil(end) - pos).min(READ_CHUNK as u64) as usize;
+            let bounce = self.bounce.get_or_insert_with(|| AlignedBuf::new(span));
+            // At least two blocks, so the first chunk always holds the header.
+            bounce.reserve(span.max(2 * dio::BLOCK));
+            let cap = bounce.len();
+            let mut h = None;
+            let mut payload = Vec::new();
+            while pos < end {
+                let want = (end - pos).min(cap as u64) as usize;
+                let rd = dio::ceil_usize(want);
+                dio::read_aligned(file, pos, &mut bounce.bytes_mut()[..rd], want)
+                    .map_err(io_or_short)?;
+                let chunk = &bounce.bytes()[..want];
+                let from = match h {
+                    Some(_) => 0,
+                    None => {
+                        let at = (offset - pos) as usize;
+                        h = Some(check_header(&chunk[at..at + RECORD_HEADER_LEN])?);
+                        payload.reserve_exact(len as usize);
+                        at + RECORD_HEADER_LEN
+                    }
+                };
+                payload.extend_from_slice(&chunk[from..]);
+                pos += want as u64;
+            }
+            match h {
+                Some(h) => (h, payload),
+                None => return Err(corrupt("empty read".into())),
+            }
+        } else {
+            let mut hb = [0u8; RECORD_HEADER_LEN];
+            file.read_exact_at(&mut hb, offset).map_err(io_or_short)?;
+            let h = check_header(&hb)?;
+            let mut payload = vec![0u8; h.payload_len as usize];
+            file.read_exact_at(&mut payload, offset + hl)
+                .map_err(io_or_short)?;
+            (h, payload)
+        };
+        if !h.payload_ok(&payload) {
+            return Err(corrupt(format!("frame {frame_no} record crc mismatch")));
+        }
+        Ok((h, payload))
     }
-    Ok((h, payload))
 }
 
 #[cfg(test)]
@@ -337,6 +436,7 @@ mod tests {
                 ScanEvent::Bad {
                     offset, resume_at, ..
                 } => format!("bad @{offset} -> {resume_at:?}"),
+                ScanEvent::Padding { offset } => format!("pad @{offset}"),
             });
             ControlFlow::Continue(())
         })
@@ -412,29 +512,109 @@ mod tests {
     }
 
     #[test]
-    fn read_record_verifies() {
-        let mut f = tempfile::tempfile().unwrap();
-        let bytes = rec(5, b"payload");
-        f.write_all(&bytes).unwrap();
+    fn scan_treats_a_short_zero_run_at_an_aligned_end_as_padding() {
+        let mut bytes = rec(1, b"one");
+        bytes.extend(rec(2, b"two"));
+        let logical = bytes.len();
+        let mut padded = bytes.clone();
+        padded.resize(4096, 0);
+        assert_eq!(
+            events(&padded),
+            ["rec 1 @0", "rec 2 @43", &format!("pad @{logical}")]
+        );
+        // Not padding: end not aligned, run of a whole block or more, not zero.
+        let mut unaligned = bytes.clone();
+        unaligned.resize(4095, 0);
+        assert_eq!(
+            events(&unaligned).last().unwrap(),
+            &format!("bad @{logical} -> None")
+        );
+        let mut long = bytes.clone();
+        long.resize(8192, 0);
+        assert_eq!(
+            events(&long).last().unwrap(),
+            &format!("bad @{logical} -> None")
+        );
+        let mut dirty = padded.clone();
+        dirty[4000] = 1;
+        assert_eq!(
+            events(&dirty).last().unwrap(),
+            &format!("bad @{logical} -> None")
+        );
+        // A partial record followed by zeros is a torn record, not padding.
+        let mut torn = bytes.clone();
+        torn.extend(&rec(3, &[7u8; 100])[..60]);
+        torn.resize(4096, 0);
+        assert_eq!(
+            events(&torn).last().unwrap(),
+            &format!("bad @{logical} -> None")
+        );
+        // Records ending exactly at the block boundary need no padding.
+        let mut exact = rec(1, &vec![3u8; 4096 - 2 * RECORD_HEADER_LEN - 5]);
+        exact.extend(rec(2, b"12345"));
+        assert_eq!(exact.len(), 4096);
+        assert_eq!(
+            events(&exact),
+            ["rec 1 @0", &format!("rec 2 @{}", 4096 - 45)]
+        );
+    }
+
+    /// Write block-aligned `bytes` at 0 from an aligned buffer (direct descriptors
+    /// need that).
+    fn put(f: &File, bytes: &[u8]) {
+        let mut ab = AlignedBuf::new(bytes.len());
+        ab.bytes_mut()[..bytes.len()].copy_from_slice(bytes);
+        f.write_all_at(&ab.bytes()[..bytes.len()], 0).unwrap();
+    }
+
+    fn check_reader(f: &File, direct: bool) {
         let p = Path::new("x.seg");
-        let (h, data) = read_record(&f, p, 0, 5, 7).unwrap();
+        let mut r = RecordReader::new(direct);
+        let mut bytes = vec![0xeeu8; 4000];
+        let small = rec(5, b"payload");
+        bytes.extend_from_slice(&small); // spans the first block boundary
+        let big_at = bytes.len() as u64;
+        let big_payload: Vec<u8> = (0..READ_CHUNK * 2 + 77).map(|i| (i % 199) as u8).collect();
+        bytes.extend(rec(6, &big_payload));
+        let tail_at = bytes.len() as u64;
+        bytes.extend(rec(7, b"in the last partial block"));
+        let end = bytes.len();
+        bytes.resize(dio::ceil_usize(end), 0);
+        put(f, &bytes);
+
+        let (h, data) = r.read(f, p, 4000, 5, 7).unwrap();
         assert_eq!((h.frame_no, data.as_slice()), (5, &b"payload"[..]));
-        let e = read_record(&f, p, 0, 6, 7).unwrap_err();
+        let (_, data) = r.read(f, p, big_at, 6, big_payload.len() as u32).unwrap();
+        assert_eq!(data, big_payload);
+        let (_, data) = r.read(f, p, tail_at, 7, 25).unwrap();
+        assert_eq!(data, b"in the last partial block");
+
+        let e = r.read(f, p, 4000, 6, 7).unwrap_err();
         assert!(
-            e.to_string().contains("x.seg") && e.to_string().contains("offset 0"),
+            e.to_string().contains("x.seg") && e.to_string().contains("offset 4000"),
             "{e}"
         );
-        let mut bad = bytes.clone();
-        bad[45] ^= 1;
-        f.write_all_at(&bad, 0).unwrap();
+        bytes[4000 + 45] ^= 1;
+        put(f, &bytes[..8192]);
         assert!(matches!(
-            read_record(&f, p, 0, 5, 7),
+            r.read(f, p, 4000, 5, 7),
             Err(SpoolError::Corrupt { .. })
         ));
-        f.set_len(44).unwrap();
-        assert!(matches!(
-            read_record(&f, p, 0, 5, 7),
-            Err(SpoolError::Corrupt { .. })
-        ));
+        f.set_len(4044).unwrap();
+        let e = r.read(f, p, 4000, 5, 7).unwrap_err();
+        assert!(e.to_string().contains("file ends inside"), "{e}");
+    }
+
+    #[test]
+    fn record_reader_verifies_buffered_and_direct() {
+        check_reader(&tempfile::tempfile().unwrap(), false);
+        let dir = tempfile::tempdir().unwrap();
+        let f = dio::open_options(true)
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(dir.path().join("x.seg"))
+            .unwrap();
+        check_reader(&f, true);
     }
 }

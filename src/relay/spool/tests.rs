@@ -11,23 +11,41 @@ use super::*;
 use crate::error::{Classify, ErrorKind};
 use crate::util::prng::Prng;
 
-fn opts(dir: &Path, segment_bytes: u64) -> SpoolOptions {
+pub(super) fn opts(dir: &Path, segment_bytes: u64, direct: bool) -> SpoolOptions {
     SpoolOptions {
         dir: dir.to_path_buf(),
         segment_bytes,
         max_batch_bytes: 1 << 20,
         queue_depth: 4096,
+        direct_io: direct,
     }
 }
 
-fn payload(group: &str, frame: u64, len: usize) -> Vec<u8> {
+/// Run a test body once with direct I/O and once buffered, as two tests
+/// (`<name>::direct`, `<name>::buffered`).
+macro_rules! both_modes {
+    ($name:ident) => {
+        mod $name {
+            #[test]
+            fn direct() {
+                super::$name(true)
+            }
+            #[test]
+            fn buffered() {
+                super::$name(false)
+            }
+        }
+    };
+}
+
+pub(super) fn payload(group: &str, frame: u64, len: usize) -> Vec<u8> {
     let mut rng = Prng::new(frame ^ (group.len() as u64) << 40);
     let mut v = vec![0u8; len];
     rng.fill(&mut v);
     v
 }
 
-fn req(group: &str, frame: u64, len: usize) -> AppendRequest {
+pub(super) fn req(group: &str, frame: u64, len: usize) -> AppendRequest {
     AppendRequest {
         group: group.to_string(),
         frame_no: frame,
@@ -37,19 +55,53 @@ fn req(group: &str, frame: u64, len: usize) -> AppendRequest {
     }
 }
 
-fn open(o: SpoolOptions) -> (Spool, RecoveryReport) {
-    Spool::open(o).expect("open spool")
+/// Open, and check the spool uses the I/O mode asked for: a test that claims to
+/// cover direct I/O must not silently run buffered. (Needs a temp directory on a
+/// filesystem with O_DIRECT: ext4, xfs, btrfs, or tmpfs on Linux 6.6+.)
+pub(super) fn open(o: SpoolOptions) -> (Spool, RecoveryReport) {
+    let want = o.direct_io;
+    let (s, r) = Spool::open(o).expect("open spool");
+    assert_eq!(
+        s.direct_io(),
+        want,
+        "direct_io {want} asked for; is TMPDIR on a filesystem without O_DIRECT?"
+    );
+    (s, r)
 }
 
-fn all(s: &Spool, group: &str) -> Vec<SpooledFrame> {
+pub(super) fn file_len(p: &Path) -> u64 {
+    fs::metadata(p).unwrap().len()
+}
+
+/// Segment files against the logical bytes the spool counts: equal when
+/// buffered; in direct mode each file is padded with zeros to a block boundary.
+pub(super) fn check_disk_bytes(dir: &Path, group: &str, counted: u64, direct: bool) {
+    let segs = seg_files(dir, group);
+    let lens: Vec<u64> = segs
+        .iter()
+        .map(|f| file_len(&seg_path(dir, group, *f)))
+        .collect();
+    let disk: u64 = lens.iter().sum();
+    if direct {
+        assert!(lens.iter().all(|l| l % 4096 == 0), "{lens:?}");
+        assert!(
+            counted <= disk && disk - counted < 4096 * segs.len() as u64,
+            "counted {counted}, on disk {lens:?}"
+        );
+    } else {
+        assert_eq!(counted, disk);
+    }
+}
+
+pub(super) fn all(s: &Spool, group: &str) -> Vec<SpooledFrame> {
     s.read_after(group, 0, usize::MAX, usize::MAX).unwrap()
 }
 
-fn frame_nos(v: &[SpooledFrame]) -> Vec<u64> {
+pub(super) fn frame_nos(v: &[SpooledFrame]) -> Vec<u64> {
     v.iter().map(|f| f.frame_no).collect()
 }
 
-fn check_frame(group: &str, f: &SpooledFrame, len: usize) {
+pub(super) fn check_frame(group: &str, f: &SpooledFrame, len: usize) {
     assert_eq!(f.prev_frame_no, f.frame_no - 1);
     assert_eq!(f.last_seq, f.frame_no * 10);
     assert_eq!(
@@ -60,11 +112,11 @@ fn check_frame(group: &str, f: &SpooledFrame, len: usize) {
     );
 }
 
-fn seg_path(dir: &Path, group: &str, first: u64) -> PathBuf {
+pub(super) fn seg_path(dir: &Path, group: &str, first: u64) -> PathBuf {
     dir.join(group).join(segment_file_name(first))
 }
 
-fn seg_files(dir: &Path, group: &str) -> Vec<u64> {
+pub(super) fn seg_files(dir: &Path, group: &str) -> Vec<u64> {
     let mut v: Vec<u64> = fs::read_dir(dir.join(group))
         .unwrap()
         .filter_map(|e| segment::parse_segment_name(e.unwrap().file_name().to_str()?))
@@ -73,14 +125,14 @@ fn seg_files(dir: &Path, group: &str) -> Vec<u64> {
     v
 }
 
-fn len_of(frame: u64) -> usize {
+pub(super) fn len_of(frame: u64) -> usize {
     (frame as usize * 37) % 700
 }
 
-#[test]
-fn round_trip_across_segments_groups_trim_and_reopen() {
+both_modes!(round_trip_across_segments_groups_trim_and_reopen);
+fn round_trip_across_segments_groups_trim_and_reopen(direct: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let (s, report) = open(opts(dir.path(), 4096));
+    let (s, report) = open(opts(dir.path(), 4096, direct));
     assert!(report.is_clean() && report.groups.is_empty());
     for f in 1..=60 {
         for g in ["alpha", "b-2"] {
@@ -106,9 +158,7 @@ fn round_trip_across_segments_groups_trim_and_reopen() {
     let segs = seg_files(dir.path(), "alpha");
     assert!(segs.len() > 3, "rotation happened: {segs:?}");
     for w in segs.windows(2) {
-        let len = fs::metadata(seg_path(dir.path(), "alpha", w[0]))
-            .unwrap()
-            .len();
+        let len = file_len(&seg_path(dir.path(), "alpha", w[0]));
         assert!(len <= 4096, "segment {} is {len} bytes", w[0]);
     }
     let st = s.stats("alpha").unwrap();
@@ -116,16 +166,8 @@ fn round_trip_across_segments_groups_trim_and_reopen() {
         (st.frames, st.first_frame_no, st.segments),
         (60, Some(1), segs.len())
     );
-    let disk: u64 = segs
-        .iter()
-        .map(|f| {
-            fs::metadata(seg_path(dir.path(), "alpha", *f))
-                .unwrap()
-                .len()
-        })
-        .sum();
-    assert_eq!(st.bytes, disk);
-    assert_eq!(s.total_bytes(), disk + s.stats("b-2").unwrap().bytes);
+    check_disk_bytes(dir.path(), "alpha", st.bytes, direct);
+    assert_eq!(s.total_bytes(), st.bytes + s.stats("b-2").unwrap().bytes);
 
     // Partial reads: count and byte limits, and after a given frame.
     assert_eq!(
@@ -175,7 +217,7 @@ fn round_trip_across_segments_groups_trim_and_reopen() {
     s.shutdown();
     drop(s);
 
-    let (s, report) = open(opts(dir.path(), 4096));
+    let (s, report) = open(opts(dir.path(), 4096, direct));
     assert!(report.is_clean(), "{report:?}");
     let ga = report.group("alpha").unwrap();
     assert_eq!((ga.frames, ga.trimmed_through), (30, 30));
@@ -194,10 +236,10 @@ fn round_trip_across_segments_groups_trim_and_reopen() {
     assert_eq!(all(&s, "alpha").len(), 40);
 }
 
-#[test]
-fn group_commit_many_threads_all_complete_in_order() {
+both_modes!(group_commit_many_threads_all_complete_in_order);
+fn group_commit_many_threads_all_complete_in_order(direct: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let (s, _) = open(opts(dir.path(), 64 << 10));
+    let (s, _) = open(opts(dir.path(), 64 << 10, direct));
     const THREADS: u64 = 6;
     const PER: u64 = 200;
     std::thread::scope(|scope| {
@@ -227,11 +269,11 @@ fn group_commit_many_threads_all_complete_in_order() {
     }
 }
 
-#[test]
-fn concurrent_blocking_appends_to_one_group_keep_the_chain() {
+both_modes!(concurrent_blocking_appends_to_one_group_keep_the_chain);
+fn concurrent_blocking_appends_to_one_group_keep_the_chain(direct: bool) {
     // Threads take turns through a shared counter; the spool sees one chain.
     let dir = tempfile::tempdir().unwrap();
-    let (s, _) = open(opts(dir.path(), 8192));
+    let (s, _) = open(opts(dir.path(), 8192, direct));
     let next = std::sync::Mutex::new(1u64);
     std::thread::scope(|scope| {
         for _ in 0..4 {
@@ -255,7 +297,7 @@ fn concurrent_blocking_appends_to_one_group_keep_the_chain() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn append_from_async_code() {
     let dir = tempfile::tempdir().unwrap();
-    let (s, _) = open(opts(dir.path(), 1 << 20));
+    let (s, _) = open(opts(dir.path(), 1 << 20, true));
     for f in 1..=10 {
         assert_eq!(
             s.append(req("a", f, 10)).await.unwrap().unwrap(),
@@ -272,10 +314,10 @@ async fn append_from_async_code() {
         .unwrap();
 }
 
-#[test]
-fn duplicates_chain_breaks_and_refusals() {
+both_modes!(duplicates_chain_breaks_and_refusals);
+fn duplicates_chain_breaks_and_refusals(direct: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let (s, _) = open(opts(dir.path(), 1 << 20));
+    let (s, _) = open(opts(dir.path(), 1 << 20, direct));
     // An empty group accepts any predecessor (the chain may have started elsewhere).
     let first = AppendRequest {
         group: "g".into(),
@@ -353,10 +395,10 @@ fn duplicates_chain_breaks_and_refusals() {
     assert_eq!(frame_nos(&all(&s, "g")), [42, 43, 44]);
 }
 
-#[test]
-fn shutdown_finishes_queued_appends_then_refuses() {
+both_modes!(shutdown_finishes_queued_appends_then_refuses);
+fn shutdown_finishes_queued_appends_then_refuses(direct: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let (s, _) = open(opts(dir.path(), 1 << 20));
+    let (s, _) = open(opts(dir.path(), 1 << 20, direct));
     let rxs: Vec<_> = (1..=50).map(|f| s.append(req("g", f, 100))).collect();
     s.shutdown();
     for rx in rxs {
@@ -378,10 +420,10 @@ fn shutdown_finishes_queued_appends_then_refuses() {
 #[test]
 fn a_second_open_of_the_same_dir_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let (_s, _) = open(opts(dir.path(), 1 << 20));
-    let e = Spool::open(opts(dir.path(), 1 << 20)).unwrap_err();
+    let (_s, _) = open(opts(dir.path(), 1 << 20, true));
+    let e = Spool::open(opts(dir.path(), 1 << 20, true)).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Config);
-    let mut bad = opts(dir.path(), 100);
+    let mut bad = opts(dir.path(), 100, true);
     assert!(matches!(
         Spool::open(bad.clone()),
         Err(SpoolError::BadOption { .. })
@@ -397,7 +439,7 @@ fn a_second_open_of_the_same_dir_is_refused() {
 #[test]
 fn queue_full_is_a_throttle() {
     let dir = tempfile::tempdir().unwrap();
-    let mut o = opts(dir.path(), 1 << 20);
+    let mut o = opts(dir.path(), 1 << 20, true);
     o.queue_depth = 1;
     let (s, _) = open(o);
     // With the writer held, at most one append is in its hands and one queued:
@@ -427,9 +469,10 @@ fn queue_full_is_a_throttle() {
 }
 
 /// A one-group spool with `n` frames in a single segment; returns the segment
-/// path and the offset of each record.
-fn single_segment(dir: &Path, n: u64) -> (PathBuf, Vec<u64>) {
-    let (s, _) = open(opts(dir, 1 << 20));
+/// path, the offset of each record and the segment's logical length (the file
+/// is padded to a block boundary in direct mode).
+pub(super) fn single_segment(dir: &Path, n: u64, direct: bool) -> (PathBuf, Vec<u64>, u64) {
+    let (s, _) = open(opts(dir, 1 << 20, direct));
     for f in 1..=n {
         s.append_blocking(req("g", f, len_of(f) + 20)).unwrap();
     }
@@ -441,65 +484,84 @@ fn single_segment(dir: &Path, n: u64) -> (PathBuf, Vec<u64>) {
         off += (RECORD_HEADER_LEN + len_of(f) + 20) as u64;
     }
     let p = seg_path(dir, "g", 1);
-    assert_eq!(fs::metadata(&p).unwrap().len(), off);
-    (p, offs)
+    let phys = if direct {
+        off.div_ceil(4096) * 4096
+    } else {
+        off
+    };
+    assert_eq!(file_len(&p), phys);
+    (p, offs, off)
 }
 
-#[test]
-fn torn_tail_at_every_offset_of_the_last_record() {
+both_modes!(torn_tail_at_every_offset_of_the_last_record);
+fn torn_tail_at_every_offset_of_the_last_record(direct: bool) {
     let master = tempfile::tempdir().unwrap();
-    let (p, offs) = single_segment(master.path(), 3);
+    let (p, offs, end) = single_segment(master.path(), 3, direct);
     let orig = fs::read(&p).unwrap();
-    let last = offs[2] as usize;
-    for cut in last..orig.len() {
-        for zero_fill in [false, true] {
-            let dir = tempfile::tempdir().unwrap();
-            let gdir = dir.path().join("g");
-            fs::create_dir(&gdir).unwrap();
-            let mut bytes = orig[..cut].to_vec();
-            if zero_fill {
-                bytes.resize(orig.len(), 0);
-            }
-            let sp = gdir.join(segment_file_name(1));
-            fs::write(&sp, &bytes).unwrap();
-            let (s, report) = open(opts(dir.path(), 1 << 20));
-            let gr = report.group("g").unwrap();
-            assert!(gr.problems.is_empty(), "cut {cut}: {:?}", gr.problems);
-            if cut == last && !zero_fill {
-                assert!(gr.torn_tails.is_empty());
-            } else {
-                assert_eq!(gr.torn_tails.len(), 1, "cut {cut} zero {zero_fill}");
-                assert_eq!(gr.torn_tails[0].offset, last as u64);
-                assert_eq!(gr.torn_tails[0].file, sp);
-            }
-            assert_eq!(
-                fs::metadata(&sp).unwrap().len(),
-                last as u64,
-                "tail cut at the record"
-            );
-            let v = all(&s, "g");
-            assert_eq!(frame_nos(&v), [1, 2]);
-            v.iter()
-                .for_each(|f| check_frame("g", f, len_of(f.frame_no) + 20));
-            assert_eq!(s.head("g").unwrap().frame_no, 2);
-            assert_eq!(
-                s.append_blocking(req("g", 3, 7)).unwrap(),
-                AppendOutcome::Stored
-            );
-            assert_eq!(frame_nos(&all(&s, "g")), [1, 2, 3]);
-            s.shutdown();
-            drop(s);
-            let (s, report) = open(opts(dir.path(), 1 << 20));
-            assert!(report.is_clean(), "cut {cut}: {report:?}");
-            assert_eq!(frame_nos(&all(&s, "g")), [1, 2, 3]);
+    let (last, end) = (offs[2] as usize, end as usize);
+    let aligned = orig.len() % 4096 == 0;
+    assert_eq!(aligned, direct, "only direct mode pads");
+    // Every cut inside the last record, with and without zeros up to the old
+    // size; in direct mode also cuts inside the padding.
+    let mut cases: Vec<(usize, bool)> = (last..end)
+        .flat_map(|cut| [(cut, false), (cut, true)])
+        .collect();
+    if direct {
+        cases.extend([(end, false), (end + 1, false), (orig.len() - 1, false)]);
+    }
+    for (cut, zero_fill) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let gdir = dir.path().join("g");
+        fs::create_dir(&gdir).unwrap();
+        let mut bytes = orig[..cut].to_vec();
+        if zero_fill {
+            bytes.resize(orig.len(), 0);
         }
+        let sp = gdir.join(segment_file_name(1));
+        fs::write(&sp, &bytes).unwrap();
+        let (s, report) = open(opts(dir.path(), 1 << 20, direct));
+        let gr = report.group("g").unwrap();
+        assert!(gr.problems.is_empty(), "cut {cut}: {:?}", gr.problems);
+        let whole = cut >= end;
+        // Zeros from a record boundary to a block-aligned end: padding.
+        let padding = zero_fill && cut == last && aligned;
+        let (cut_at, len_after) = if whole { (end, end) } else { (last, last) };
+        if (cut == cut_at && !zero_fill) || padding {
+            assert!(gr.torn_tails.is_empty(), "cut {cut} zero {zero_fill}");
+            let len = if padding { orig.len() } else { cut };
+            assert_eq!(file_len(&sp), len as u64, "nothing cut");
+        } else {
+            assert_eq!(gr.torn_tails.len(), 1, "cut {cut} zero {zero_fill}");
+            assert_eq!(gr.torn_tails[0].offset, cut_at as u64);
+            assert_eq!(gr.torn_tails[0].file, sp);
+            assert_eq!(file_len(&sp), cut_at as u64, "tail cut at the record");
+        }
+        assert_eq!(gr.bytes, len_after as u64, "logical length");
+        let n = if whole { 3 } else { 2 };
+        let v = all(&s, "g");
+        assert_eq!(frame_nos(&v), (1..=n).collect::<Vec<_>>());
+        v.iter()
+            .for_each(|f| check_frame("g", f, len_of(f.frame_no) + 20));
+        assert_eq!(s.head("g").unwrap().frame_no, n);
+        assert_eq!(
+            s.append_blocking(req("g", n + 1, 7)).unwrap(),
+            AppendOutcome::Stored
+        );
+        assert_eq!(frame_nos(&all(&s, "g")), (1..=n + 1).collect::<Vec<_>>());
+        s.shutdown();
+        drop(s);
+        let (s, report) = open(opts(dir.path(), 1 << 20, direct));
+        assert!(report.is_clean(), "cut {cut}: {report:?}");
+        let v = all(&s, "g");
+        assert_eq!(frame_nos(&v), (1..=n + 1).collect::<Vec<_>>());
+        check_frame("g", &v[n as usize], 7);
     }
 }
 
-#[test]
-fn torn_segment_header_is_removed_only_when_newest() {
+both_modes!(torn_segment_header_is_removed_only_when_newest);
+fn torn_segment_header_is_removed_only_when_newest(direct: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let (s, _) = open(opts(dir.path(), 1 << 20));
+    let (s, _) = open(opts(dir.path(), 1 << 20, direct));
     for f in 1..=3 {
         s.append_blocking(req("g", f, 10)).unwrap();
     }
@@ -507,7 +569,7 @@ fn torn_segment_header_is_removed_only_when_newest() {
     drop(s);
     let torn = seg_path(dir.path(), "g", 4);
     fs::write(&torn, b"TDMKSP").unwrap();
-    let (s, report) = open(opts(dir.path(), 1 << 20));
+    let (s, report) = open(opts(dir.path(), 1 << 20, direct));
     let gr = report.group("g").unwrap();
     assert_eq!(gr.torn_tails.len(), 1);
     assert!(gr.problems.is_empty());
@@ -519,16 +581,16 @@ fn torn_segment_header_is_removed_only_when_newest() {
     assert_eq!(frame_nos(&all(&s, "g")), [1, 2, 3, 4]);
 }
 
-#[test]
-fn corrupt_middle_record_of_newest_segment_is_quarantined_and_reported() {
+both_modes!(corrupt_middle_record_of_newest_segment_is_quarantined_and_reported);
+fn corrupt_middle_record_of_newest_segment_is_quarantined_and_reported(direct: bool) {
     for header in [false, true] {
         let dir = tempfile::tempdir().unwrap();
-        let (p, offs) = single_segment(dir.path(), 5);
+        let (p, offs, _) = single_segment(dir.path(), 5, direct);
         let mut bytes = fs::read(&p).unwrap();
         let at = offs[2] as usize + if header { 9 } else { RECORD_HEADER_LEN + 3 };
         bytes[at] ^= 0x40;
         fs::write(&p, &bytes).unwrap();
-        let (s, report) = open(opts(dir.path(), 1 << 20));
+        let (s, report) = open(opts(dir.path(), 1 << 20, direct));
         let gr = report.group("g").unwrap();
         assert!(gr.torn_tails.is_empty());
         assert_eq!(gr.problems.len(), 1, "{:?}", gr.problems);
@@ -557,7 +619,7 @@ fn corrupt_middle_record_of_newest_segment_is_quarantined_and_reported() {
         );
         s.shutdown();
         drop(s);
-        let (_s, report) = open(opts(dir.path(), 1 << 20));
+        let (_s, report) = open(opts(dir.path(), 1 << 20, direct));
         let gr = report.group("g").unwrap();
         assert_eq!(gr.problems.len(), 1, "only the quarantine file is listed");
         assert_eq!(gr.problems[0].kind, ProblemKind::Quarantined);
@@ -565,10 +627,10 @@ fn corrupt_middle_record_of_newest_segment_is_quarantined_and_reported() {
     }
 }
 
-#[test]
-fn corrupt_record_in_older_segment_keeps_later_records() {
+both_modes!(corrupt_record_in_older_segment_keeps_later_records);
+fn corrupt_record_in_older_segment_keeps_later_records(direct: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let (s, _) = open(opts(dir.path(), 4096));
+    let (s, _) = open(opts(dir.path(), 4096, direct));
     for f in 1..=40 {
         s.append_blocking(req("g", f, 300)).unwrap();
     }
@@ -584,7 +646,7 @@ fn corrupt_record_in_older_segment_keeps_later_records() {
     bytes[bad_off as usize + 100] ^= 1;
     fs::write(&p, &bytes).unwrap();
 
-    let (s, report) = open(opts(dir.path(), 4096));
+    let (s, report) = open(opts(dir.path(), 4096, direct));
     let gr = report.group("g").unwrap();
     let kinds: Vec<_> = gr.problems.iter().map(|p| p.kind).collect();
     assert_eq!(
@@ -622,10 +684,10 @@ fn corrupt_record_in_older_segment_keeps_later_records() {
     );
 }
 
-#[test]
-fn corruption_found_on_read_names_file_and_offset() {
+both_modes!(corruption_found_on_read_names_file_and_offset);
+fn corruption_found_on_read_names_file_and_offset(direct: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let (s, _) = open(opts(dir.path(), 1 << 20));
+    let (s, _) = open(opts(dir.path(), 1 << 20, direct));
     for f in 1..=3 {
         s.append_blocking(req("g", f, 50)).unwrap();
     }
@@ -644,10 +706,10 @@ fn corruption_found_on_read_names_file_and_offset() {
     );
 }
 
-#[test]
-fn head_survives_full_trim_and_reopen() {
+both_modes!(head_survives_full_trim_and_reopen);
+fn head_survives_full_trim_and_reopen(direct: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let (s, _) = open(opts(dir.path(), 4096));
+    let (s, _) = open(opts(dir.path(), 4096, direct));
     for f in 1..=30 {
         s.append_blocking(req("g", f, 200)).unwrap();
     }
@@ -668,7 +730,7 @@ fn head_survives_full_trim_and_reopen() {
     s.shutdown();
     drop(s);
 
-    let (s, report) = open(opts(dir.path(), 4096));
+    let (s, report) = open(opts(dir.path(), 4096, direct));
     assert!(report.is_clean(), "{report:?}");
     assert_eq!(
         s.head("g"),
@@ -686,7 +748,7 @@ fn head_survives_full_trim_and_reopen() {
     for f in seg_files(dir.path(), "g") {
         fs::remove_file(seg_path(dir.path(), "g", f)).unwrap();
     }
-    let (s, report) = open(opts(dir.path(), 4096));
+    let (s, report) = open(opts(dir.path(), 4096, direct));
     assert!(report.is_clean(), "{report:?}");
     assert_eq!(
         s.head("g"),
@@ -706,10 +768,10 @@ fn head_survives_full_trim_and_reopen() {
     assert_eq!(frame_nos(&all(&s, "g")), [31]);
 }
 
-#[test]
-fn lost_acknowledged_frames_are_reported() {
+both_modes!(lost_acknowledged_frames_are_reported);
+fn lost_acknowledged_frames_are_reported(direct: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let (s, _) = open(opts(dir.path(), 1 << 20));
+    let (s, _) = open(opts(dir.path(), 1 << 20, direct));
     for f in 1..=10 {
         s.append_blocking(req("g", f, 20)).unwrap();
     }
@@ -717,7 +779,7 @@ fn lost_acknowledged_frames_are_reported() {
     s.shutdown();
     drop(s);
     fs::remove_file(seg_path(dir.path(), "g", 1)).unwrap();
-    let (s, report) = open(opts(dir.path(), 1 << 20));
+    let (s, report) = open(opts(dir.path(), 1 << 20, direct));
     let gr = report.group("g").unwrap();
     assert_eq!(gr.problems.len(), 1);
     assert_eq!(gr.problems[0].kind, ProblemKind::LostFrames);
@@ -729,10 +791,10 @@ fn lost_acknowledged_frames_are_reported() {
     assert_eq!(s.head("g").unwrap().frame_no, 10);
 }
 
-#[test]
-fn unknown_entries_and_bad_files_are_reported_not_deleted() {
+both_modes!(unknown_entries_and_bad_files_are_reported_not_deleted);
+fn unknown_entries_and_bad_files_are_reported_not_deleted(direct: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let (s, _) = open(opts(dir.path(), 4096));
+    let (s, _) = open(opts(dir.path(), 4096, direct));
     for f in 1..=20 {
         s.append_blocking(req("g", f, 300)).unwrap();
     }
@@ -748,7 +810,7 @@ fn unknown_entries_and_bad_files_are_reported_not_deleted() {
     fs::write(&first, &b).unwrap();
     fs::write(dir.path().join("g").join("state"), b"garbage").unwrap();
 
-    let (s, report) = open(opts(dir.path(), 4096));
+    let (s, report) = open(opts(dir.path(), 4096, direct));
     assert_eq!(report.problems.len(), 2);
     assert!(dir.path().join("notes.txt").exists() && dir.path().join("Bad_Group").exists());
     let gr = report.group("g").unwrap();
@@ -782,7 +844,7 @@ fn newer_format_version_refuses_to_open() {
     let crc = crc32c::crc32c(&h[0..60]);
     h[60..64].copy_from_slice(&crc.to_le_bytes());
     fs::write(gdir.join(segment_file_name(1)), h).unwrap();
-    let e = Spool::open(opts(dir.path(), 4096)).unwrap_err();
+    let e = Spool::open(opts(dir.path(), 4096, true)).unwrap_err();
     assert!(
         matches!(e, SpoolError::UnsupportedVersion { version: 9, .. }),
         "{e}"
@@ -807,7 +869,7 @@ fn valid_segment_bytes() -> Vec<u8> {
     v
 }
 
-fn recover_bytes(bytes: &[u8], also_older: bool) {
+fn recover_bytes(bytes: &[u8], also_older: bool, direct: bool) {
     let dir = tempfile::tempdir().unwrap();
     let gdir = dir.path().join("g");
     fs::create_dir(&gdir).unwrap();
@@ -818,7 +880,7 @@ fn recover_bytes(bytes: &[u8], also_older: bool) {
     } else {
         fs::write(gdir.join(segment_file_name(1)), bytes).unwrap();
     }
-    if let Ok((s, _report)) = Spool::open(opts(dir.path(), 4096)) {
+    if let Ok((s, _report)) = Spool::open(opts(dir.path(), 4096, direct)) {
         let v = s.read_after("g", 0, usize::MAX, usize::MAX);
         if let Ok(v) = v {
             let head = s.head("g").map_or(0, |h| h.frame_no);
@@ -839,32 +901,36 @@ proptest! {
 
     #[test]
     fn arbitrary_segment_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600),
-                                           older in any::<bool>()) {
-        recover_bytes(&bytes, older);
+                                           older in any::<bool>(), direct in any::<bool>()) {
+        recover_bytes(&bytes, older, direct);
     }
 
     #[test]
     fn mutated_segments_never_panic(flips in proptest::collection::vec((0usize..400, any::<u8>()), 1..6),
-                                    cut in 0usize..400, older in any::<bool>()) {
+                                    cut in 0usize..400, older in any::<bool>(),
+                                    direct in any::<bool>(), pad in any::<bool>()) {
         let mut bytes = valid_segment_bytes();
         for (at, x) in flips {
             let n = bytes.len();
             bytes[at % n] ^= x;
         }
         bytes.truncate(cut.max(SEGMENT_HEADER_LEN));
-        recover_bytes(&bytes, older);
+        if pad {
+            bytes.resize(4096, 0);
+        }
+        recover_bytes(&bytes, older, direct);
     }
 }
 
-#[test]
-fn large_frames_and_oversized_segments_round_trip() {
+both_modes!(large_frames_and_oversized_segments_round_trip);
+fn large_frames_and_oversized_segments_round_trip(direct: bool) {
     let dir = tempfile::tempdir().unwrap();
     let size = |f: u64| match f % 3 {
         0 => 100_000,
         1 => 10,
         _ => 300_000, // larger than a segment: gets one of its own
     };
-    let (s, _) = open(opts(dir.path(), 256 << 10));
+    let (s, _) = open(opts(dir.path(), 256 << 10, direct));
     for f in 1..=12 {
         s.append_blocking(req("big", f, size(f))).unwrap();
     }
@@ -877,15 +943,15 @@ fn large_frames_and_oversized_segments_round_trip() {
     check(&s);
     s.shutdown();
     drop(s);
-    let (s, report) = open(opts(dir.path(), 256 << 10));
+    let (s, report) = open(opts(dir.path(), 256 << 10, direct));
     assert!(report.is_clean(), "{report:?}");
     check(&s);
 }
 
-#[test]
-fn an_interrupted_trim_is_finished_by_the_next_one() {
+both_modes!(an_interrupted_trim_is_finished_by_the_next_one);
+fn an_interrupted_trim_is_finished_by_the_next_one(direct: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let (s, _) = open(opts(dir.path(), 4096));
+    let (s, _) = open(opts(dir.path(), 4096, direct));
     for f in 1..=40 {
         s.append_blocking(req("g", f, 300)).unwrap();
     }
@@ -902,7 +968,7 @@ fn an_interrupted_trim_is_finished_by_the_next_one() {
         },
     )
     .unwrap();
-    let (s, report) = open(opts(dir.path(), 4096));
+    let (s, report) = open(opts(dir.path(), 4096, direct));
     assert!(report.is_clean(), "{report:?}");
     assert_eq!(frame_nos(&all(&s, "g")), (31..=40).collect::<Vec<_>>());
     assert_eq!(
@@ -933,10 +999,10 @@ fn handle_is_send_sync_and_errors_are_classified() {
     assert!(c.to_string().contains("/s/g/1.seg") && c.to_string().contains("offset 7"));
 }
 
-#[test]
-fn rotation_inside_one_group_commit_keeps_every_record_indexed() {
+both_modes!(rotation_inside_one_group_commit_keeps_every_record_indexed);
+fn rotation_inside_one_group_commit_keeps_every_record_indexed(direct: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let mut o = opts(dir.path(), 4096);
+    let mut o = opts(dir.path(), 4096, direct);
     o.max_batch_bytes = 64 << 10;
     let (s, _) = open(o.clone());
     // Queue everything before waiting, so batches hold many records and rotate
@@ -954,11 +1020,7 @@ fn rotation_inside_one_group_commit_keeps_every_record_indexed() {
     let st = s.stats("r").unwrap();
     let segs = seg_files(dir.path(), "r");
     assert_eq!((st.frames, st.segments), (300, segs.len()));
-    let disk: u64 = segs
-        .iter()
-        .map(|f| fs::metadata(seg_path(dir.path(), "r", *f)).unwrap().len())
-        .sum();
-    assert_eq!(st.bytes, disk);
+    check_disk_bytes(dir.path(), "r", st.bytes, direct);
     s.shutdown();
     drop(s);
     let (s, report) = open(o);
@@ -966,23 +1028,25 @@ fn rotation_inside_one_group_commit_keeps_every_record_indexed() {
     check(&s);
 }
 
-#[test]
-fn a_failed_sync_undoes_the_batch_and_the_group_recovers() {
+both_modes!(a_failed_sync_undoes_the_batch_and_the_group_recovers);
+fn a_failed_sync_undoes_the_batch_and_the_group_recovers(direct: bool) {
+    // The fault plan is process-wide: a group name per mode.
+    let g = if direct { "fault-a-d" } else { "fault-a-b" };
     let dir = tempfile::tempdir().unwrap();
-    let o = opts(dir.path(), 4096);
+    let o = opts(dir.path(), 4096, direct);
     let (s, _) = open(o.clone());
     for f in 1..=3 {
-        s.append_blocking(req("fault-a", f, 500)).unwrap();
+        s.append_blocking(req(g, f, 500)).unwrap();
     }
-    let segs_before = seg_files(dir.path(), "fault-a");
+    let segs_before = seg_files(dir.path(), g);
     let bytes_before = s.total_bytes();
     // The batch of 4..=12 rotates (old segment synced, new one created) and its
     // second sync fails: the new segment must go, the old one shrink back.
-    writer::fault::fail_sync("fault-a", 1);
+    writer::fault::fail_sync(g, 1);
     s.shutdown();
     drop(s);
     let (s, _) = open(o.clone());
-    let rxs: Vec<_> = (4..=12).map(|f| s.append(req("fault-a", f, 500))).collect();
+    let rxs: Vec<_> = (4..=12).map(|f| s.append(req(g, f, 500))).collect();
     let results: Vec<_> = rxs
         .into_iter()
         .map(|rx| rx.blocking_recv().unwrap())
@@ -995,20 +1059,17 @@ fn a_failed_sync_undoes_the_batch_and_the_group_recovers() {
     }
     // Whatever was not acknowledged is gone from the index and the disk.
     let stored = results.iter().filter(|r| r.is_ok()).count() as u64;
-    let head = s.head("fault-a").unwrap().frame_no;
+    let head = s.head(g).unwrap().frame_no;
     assert_eq!(head, 3 + stored);
-    assert_eq!(
-        frame_nos(&all(&s, "fault-a")),
-        (1..=head).collect::<Vec<_>>()
-    );
+    assert_eq!(frame_nos(&all(&s, g)), (1..=head).collect::<Vec<_>>());
     if stored == 0 {
-        assert_eq!(seg_files(dir.path(), "fault-a"), segs_before);
+        assert_eq!(seg_files(dir.path(), g), segs_before);
         assert_eq!(s.total_bytes(), bytes_before);
     }
     // The sender resends; the group continues.
     for f in head + 1..=12 {
         assert_eq!(
-            s.append_blocking(req("fault-a", f, 500)).unwrap(),
+            s.append_blocking(req(g, f, 500)).unwrap(),
             AppendOutcome::Stored
         );
     }
@@ -1016,8 +1077,6 @@ fn a_failed_sync_undoes_the_batch_and_the_group_recovers() {
     drop(s);
     let (s, report) = open(o);
     assert!(report.is_clean(), "{report:?}");
-    assert_eq!(frame_nos(&all(&s, "fault-a")), (1..=12).collect::<Vec<_>>());
-    all(&s, "fault-a")
-        .iter()
-        .for_each(|f| check_frame("fault-a", f, 500));
+    assert_eq!(frame_nos(&all(&s, g)), (1..=12).collect::<Vec<_>>());
+    all(&s, g).iter().for_each(|f| check_frame(g, f, 500));
 }

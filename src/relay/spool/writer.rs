@@ -7,9 +7,18 @@
 //! new records to the index, and only then completes the appends, in submission
 //! order per group. A failed batch is undone group by group (new files removed,
 //! the active segment truncated back) and its appends fail.
+//!
+//! Two I/O modes (docs/SPOOL.md, "Direct I/O"):
+//! * direct (`O_DIRECT`): every byte goes through the thread's one aligned
+//!   [`Stage`]; writes are whole zero-padded blocks, and the last partial block
+//!   of a segment is rewritten by the next write. The segment's logical length
+//!   (end of its last record) is what the writer continues from and what the
+//!   index counts; the file may extend past it by up to 4095 zero bytes.
+//! * buffered: small records are gathered in a batch buffer and written at the
+//!   logical end; large payloads are written straight from the caller's buffer.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -17,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use crossbeam_channel::Receiver;
 use tokio::sync::oneshot;
 
+use super::dio::{self, Stage};
 use super::index::{Entry, SegIndex, SpoolIndex};
 use super::record::{
     FormatVersion, RECORD_HEADER_LEN, RecordHeader, SEGMENT_HEADER_LEN, SegmentHeader,
@@ -25,10 +35,10 @@ use super::segment::segment_file_name;
 use super::state::fsync_dir;
 use super::{AppendOutcome, AppendRequest, SpoolError, SpoolHead, io_err, lock};
 
-/// Payloads at least this large are written from the caller's buffer instead of
-/// being copied into the batch buffer.
-const DIRECT_WRITE: usize = 64 << 10;
-/// The batch buffer is written out when it reaches this size.
+/// Buffered mode: payloads at least this large are written from the caller's
+/// buffer instead of being copied into the batch buffer.
+const LARGE_WRITE: usize = 64 << 10;
+/// Buffered mode: the batch buffer is written out when it reaches this size.
 const FLUSH_AT: usize = 1 << 20;
 
 /// Completion of one append.
@@ -49,21 +59,39 @@ pub struct GroupInit {
     pub head: u64,
     /// Last seq of the head frame.
     pub head_seq: u64,
-    /// The segment to keep appending to: (first frame, valid length).
+    /// The segment to keep appending to: (first frame, logical length).
     pub active: Option<(u64, u64)>,
 }
 
 struct Active {
     first: u64,
     path: PathBuf,
+    /// Logical length: the end of the last record in the file (written, not
+    /// necessarily synced). In direct mode the file may extend past it with zero
+    /// padding up to the next block boundary.
     len: u64,
     file: Option<File>,
+    direct: bool,
+    /// Direct mode: bytes `[floor(len), len)` as they are in the file, when
+    /// known; `None` makes the next write read them from the file first.
+    tail: Option<Vec<u8>>,
 }
 
 impl Active {
+    fn new(first: u64, path: PathBuf, len: u64, direct: bool) -> Self {
+        Active {
+            first,
+            path,
+            len,
+            file: None,
+            direct,
+            tail: None,
+        }
+    }
+
     fn file(&mut self) -> Result<&File, SpoolError> {
         if self.file.is_none() {
-            let f = OpenOptions::new()
+            let f = dio::open_options(self.direct)
                 .read(true)
                 .write(true)
                 .open(&self.path)
@@ -76,6 +104,34 @@ impl Active {
         }
     }
 
+    /// Direct mode: make `stage` hold this segment's last partial block, from
+    /// memory or (after open, recovery or an undo) from the file.
+    fn bind(&mut self, stage: &mut Stage) -> Result<(), SpoolError> {
+        let want = (self.len - dio::floor(self.len)) as usize;
+        match &self.tail {
+            Some(t) if t.len() == want => stage.load(self.len, t),
+            _ => {
+                let len = self.len;
+                let path = self.path.clone();
+                let f = self.file()?;
+                stage
+                    .load_from(f, len)
+                    .map_err(io_err("read last block of segment", &path))?;
+                self.tail = Some(stage.tail().to_vec());
+            }
+        }
+        Ok(())
+    }
+
+    /// Direct mode: after `stage` wrote to the file, record what is there.
+    fn staged_written(&mut self, stage: &Stage) {
+        self.len = stage.written_end();
+        let t = self.tail.get_or_insert_with(Vec::new);
+        t.clear();
+        t.extend_from_slice(stage.tail());
+    }
+
+    /// Buffered mode: write `bytes` at the logical end.
     fn write(&mut self, bytes: &[u8]) -> Result<(), SpoolError> {
         let at = self.len;
         let f = self.file()?;
@@ -116,20 +172,40 @@ enum Outcome {
     DupPending,
 }
 
-#[derive(Default)]
-struct Work {
-    buf: Vec<u8>,
+/// Where a group's bytes wait before they are written.
+enum Pending<'s> {
+    /// Buffered mode: the batch buffer, written at the active segment's length.
+    Buffered(Vec<u8>),
+    /// Direct mode: the writer's stage, holding the active segment's last block
+    /// once `bound`.
+    Direct { stage: &'s mut Stage, bound: bool },
+}
+
+struct Work<'s> {
+    pending: Pending<'s>,
     /// Active segment has bytes written or buffered in this batch not yet synced.
     dirty: bool,
     new_dir: bool,
     new_files: Vec<PathBuf>,
     new_segs: Vec<u64>,
     entries: Vec<(u64, Entry)>,
-    /// Latest length of each segment written in this batch.
+    /// Latest logical length of each segment written in this batch.
     seg_lens: Vec<(u64, u64)>,
 }
 
-impl Work {
+impl<'s> Work<'s> {
+    fn new(pending: Pending<'s>) -> Self {
+        Work {
+            pending,
+            dirty: false,
+            new_dir: false,
+            new_files: Vec::new(),
+            new_segs: Vec::new(),
+            entries: Vec::new(),
+            seg_lens: Vec::new(),
+        }
+    }
+
     fn note_len(&mut self, first: u64, len: u64) {
         match self.seg_lens.iter_mut().find(|(f, _)| *f == first) {
             Some(e) => e.1 = len,
@@ -137,10 +213,74 @@ impl Work {
         }
     }
 
+    /// True in direct mode.
+    fn direct(&self) -> bool {
+        matches!(self.pending, Pending::Direct { .. })
+    }
+
+    /// Where the next byte of the active segment `a` goes.
+    fn end(&self, a: &Active) -> u64 {
+        match &self.pending {
+            Pending::Buffered(buf) => a.len + buf.len() as u64,
+            Pending::Direct { stage, bound: true } => stage.end(),
+            Pending::Direct { bound: false, .. } => a.len,
+        }
+    }
+
+    /// A new active segment replaced the one the stage was bound to.
+    fn unbind(&mut self) {
+        if let Pending::Direct { bound, .. } = &mut self.pending {
+            *bound = false;
+        }
+    }
+
+    /// Append `bytes` to the active segment `a`: staged or buffered, written
+    /// now when a buffer fills (or, buffered, when the payload is large).
+    fn put(&mut self, a: &mut Active, bytes: &[u8]) -> Result<(), SpoolError> {
+        match &mut self.pending {
+            Pending::Buffered(buf) => {
+                if bytes.len() >= LARGE_WRITE {
+                    if !buf.is_empty() {
+                        a.write(buf)?;
+                        buf.clear();
+                    }
+                    a.write(bytes)?;
+                } else {
+                    buf.extend_from_slice(bytes);
+                    if buf.len() >= FLUSH_AT {
+                        a.write(buf)?;
+                        buf.clear();
+                    }
+                }
+            }
+            Pending::Direct { stage, bound } => {
+                if !*bound {
+                    a.bind(stage)?;
+                    *bound = true;
+                }
+                let r = stage.push(a.file()?, bytes);
+                a.staged_written(stage);
+                r.map_err(io_err("write segment", &a.path))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Write everything of `a` that is still buffered or staged.
     fn flush(&mut self, a: &mut Active) -> Result<(), SpoolError> {
-        if !self.buf.is_empty() {
-            a.write(&self.buf)?;
-            self.buf.clear();
+        match &mut self.pending {
+            Pending::Buffered(buf) => {
+                if !buf.is_empty() {
+                    a.write(buf)?;
+                    buf.clear();
+                }
+            }
+            Pending::Direct { stage, bound: true } => {
+                let r = stage.flush(a.file()?);
+                a.staged_written(stage);
+                r.map_err(io_err("write segment", &a.path))?;
+            }
+            Pending::Direct { bound: false, .. } => {}
         }
         self.note_len(a.first, a.len);
         Ok(())
@@ -152,17 +292,21 @@ pub struct Writer {
     root: PathBuf,
     segment_bytes: u64,
     max_batch_bytes: usize,
+    /// Direct mode: the one aligned write buffer, lent to each group commit.
+    stage: Option<Stage>,
     groups: HashMap<String, WGroup>,
     index: Arc<Mutex<SpoolIndex>>,
     rx: Receiver<Cmd>,
 }
 
 impl Writer {
-    /// A writer for the spool at `root`, continuing the recovered groups.
+    /// A writer for the spool at `root`, continuing the recovered groups, with
+    /// `O_DIRECT` when `direct`.
     pub fn new(
         root: PathBuf,
         segment_bytes: u64,
         max_batch_bytes: usize,
+        direct: bool,
         init: Vec<(String, GroupInit)>,
         index: Arc<Mutex<SpoolIndex>>,
         rx: Receiver<Cmd>,
@@ -171,11 +315,8 @@ impl Writer {
             .into_iter()
             .map(|(name, gi)| {
                 let dir = root.join(&name);
-                let active = gi.active.map(|(first, len)| Active {
-                    first,
-                    path: dir.join(segment_file_name(first)),
-                    len,
-                    file: None,
+                let active = gi.active.map(|(first, len)| {
+                    Active::new(first, dir.join(segment_file_name(first)), len, direct)
                 });
                 let g = WGroup {
                     dir,
@@ -192,6 +333,7 @@ impl Writer {
             root,
             segment_bytes,
             max_batch_bytes,
+            stage: direct.then(Stage::new),
             groups,
             index,
             rx,
@@ -277,7 +419,13 @@ impl Writer {
         let durable_seq = g.head_seq;
         let saved_active = g.active.as_ref().map(|a| (a.first, a.len));
         let mut outcomes: Vec<Outcome> = Vec::with_capacity(items.len());
-        let mut work = Work::default();
+        let mut work = Work::new(match self.stage.as_mut() {
+            Some(stage) => Pending::Direct {
+                stage,
+                bound: false,
+            },
+            None => Pending::Buffered(Vec::new()),
+        });
 
         let res = write_group(
             g,
@@ -327,7 +475,7 @@ fn write_group(
     durable_head: u64,
     items: &[(AppendRequest, Reply)],
     outcomes: &mut Vec<Outcome>,
-    work: &mut Work,
+    work: &mut Work<'_>,
 ) -> Result<(), SpoolError> {
     for (req, _) in items {
         if req.frame_no <= g.head {
@@ -367,8 +515,9 @@ fn write_one(
     name: &str,
     segment_bytes: u64,
     req: &AppendRequest,
-    work: &mut Work,
+    work: &mut Work<'_>,
 ) -> Result<(), SpoolError> {
+    let direct = work.direct();
     if !g.dir_ready {
         match fs::create_dir(&g.dir) {
             Ok(()) => {}
@@ -382,7 +531,7 @@ fn write_one(
     let rotate = match &g.active {
         None => true,
         Some(a) => {
-            let cur = a.len + work.buf.len() as u64;
+            let cur = work.end(a);
             cur > SEGMENT_HEADER_LEN as u64 && cur + rec_len > segment_bytes
         }
     };
@@ -397,7 +546,7 @@ fn write_one(
             }
         }
         let path = g.dir.join(segment_file_name(req.frame_no));
-        let file = OpenOptions::new()
+        let file = dio::open_options(direct)
             .read(true)
             .write(true)
             .create_new(true)
@@ -405,37 +554,27 @@ fn write_one(
             .map_err(io_err("create segment", &path))?;
         work.new_files.push(path.clone());
         work.new_segs.push(req.frame_no);
-        g.active = Some(Active {
-            first: req.frame_no,
-            path,
-            len: 0,
-            file: Some(file),
-        });
+        let mut a = Active::new(req.frame_no, path, 0, direct);
+        a.file = Some(file);
+        a.tail = Some(Vec::new());
+        let a = g.active.insert(a);
+        work.unbind();
         let header = SegmentHeader {
             version: FormatVersion::CURRENT,
             group: name.to_string(),
             first_frame_no: req.frame_no,
         };
-        work.buf.extend_from_slice(&header.encode());
         work.dirty = true;
+        work.put(a, &header.encode())?;
     }
     let Some(a) = g.active.as_mut() else {
         unreachable!("an active segment exists after rotation")
     };
-    let offset = a.len + work.buf.len() as u64;
+    let offset = work.end(a);
     let header = RecordHeader::new(req.frame_no, req.prev_frame_no, req.last_seq, &req.bytes);
-    work.buf.extend_from_slice(&header.encode());
-    if req.bytes.len() >= DIRECT_WRITE {
-        work.flush(a)?;
-        a.write(&req.bytes)?;
-        work.note_len(a.first, a.len);
-    } else {
-        work.buf.extend_from_slice(&req.bytes);
-        if work.buf.len() >= FLUSH_AT {
-            work.flush(a)?;
-        }
-    }
     work.dirty = true;
+    work.put(a, &header.encode())?;
+    work.put(a, &req.bytes)?;
     work.entries.push((
         a.first,
         Entry {
@@ -452,7 +591,11 @@ fn write_one(
 
 /// Make the batch durable: fdatasync the active segment, fsync the directories
 /// that gained entries (group dir for new segments, spool dir for a new group).
-fn sync_group(g: &mut WGroup, root: &std::path::Path, work: &mut Work) -> Result<(), SpoolError> {
+fn sync_group(
+    g: &mut WGroup,
+    root: &std::path::Path,
+    work: &mut Work<'_>,
+) -> Result<(), SpoolError> {
     if work.dirty
         && let Some(a) = g.active.as_mut()
     {
@@ -469,7 +612,7 @@ fn sync_group(g: &mut WGroup, root: &std::path::Path, work: &mut Work) -> Result
 }
 
 /// Show the durable batch to readers: new segments, entries, lengths, head.
-fn publish(index: &Mutex<SpoolIndex>, name: &str, g: &WGroup, work: &Work) {
+fn publish(index: &Mutex<SpoolIndex>, name: &str, g: &WGroup, work: &Work<'_>) {
     let mut idx = lock(index);
     let gi = idx.groups.entry(name.to_string()).or_default();
     // Entries are in write order; a rotation inside the batch shows up as the
@@ -502,9 +645,12 @@ fn publish(index: &Mutex<SpoolIndex>, name: &str, g: &WGroup, work: &Work) {
 }
 
 /// Undo a failed batch of one group: remove the segments it created, truncate
-/// the previously active segment to its durable length. If that fails too, the
-/// group refuses further appends (its files are in an unknown state).
-fn undo(g: &mut WGroup, name: &str, saved: Option<(u64, u64)>, work: &Work) {
+/// the previously active segment to its durable logical length (dropping any
+/// padding; the next direct write reloads its last block from the file). If that
+/// fails too, the group refuses further appends (its files are in an unknown
+/// state).
+fn undo(g: &mut WGroup, name: &str, saved: Option<(u64, u64)>, work: &Work<'_>) {
+    let direct = work.direct();
     let mut failures = Vec::new();
     for p in &work.new_files {
         if let Err(e) = fs::remove_file(p)
@@ -522,12 +668,8 @@ fn undo(g: &mut WGroup, name: &str, saved: Option<(u64, u64)>, work: &Work) {
         // The directory may not be durable: fsync the spool dir again next time.
         g.dir_ready = false;
     }
-    g.active = saved.map(|(first, len)| Active {
-        first,
-        path: g.dir.join(segment_file_name(first)),
-        len,
-        file: None,
-    });
+    g.active = saved
+        .map(|(first, len)| Active::new(first, g.dir.join(segment_file_name(first)), len, direct));
     // Always truncate: a failed write may have left bytes beyond the length the
     // writer had recorded.
     if let Some((_, len)) = saved
