@@ -142,6 +142,11 @@ pub struct RelaySection {
     /// Spool size above which the relay stops reading from agents, GiB.
     #[serde(default = "d64")]
     pub spool_max_gib: u64,
+    /// Write the spool with O_DIRECT (when the file system allows it): less CPU
+    /// per byte, no page cache, but on some virtual disks less throughput than
+    /// buffered writes. See docs/SPOOL.md.
+    #[serde(default)]
+    pub spool_direct_io: bool,
 }
 
 impl RelaySection {

@@ -334,6 +334,7 @@ fn role_configs(
             status_listen: status(1),
             spool_segment_mib: 64,
             spool_max_gib: 64,
+            spool_direct_io: false,
         },
         tls: tls(Role::Relay),
     };

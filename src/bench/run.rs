@@ -57,6 +57,8 @@ pub struct BenchOptions {
     pub progress: bool,
     /// Skip measuring the per-stage bound (no efficiency figure).
     pub skip_bound: bool,
+    /// Run the relay's spool with O_DIRECT (`spool_direct_io` in relay.toml).
+    pub spool_direct_io: bool,
 }
 
 /// A figure per role.
@@ -323,6 +325,7 @@ fn run_in(opts: &BenchOptions, dir: &Path) -> Result<BenchReport, BenchError> {
     let mut relay_cfg = RelayConfig::load(&relay_toml).map_err(setup_err)?;
     relay_cfg.relay.listen = ([127, 0, 0, 1], 0).into();
     relay_cfg.relay.status_listen = None;
+    relay_cfg.relay.spool_direct_io = opts.spool_direct_io;
     write_config(&relay_toml, relay_cfg.to_toml_string())?;
     let exe = &opts.exe;
     let arg = |s: &str, p: &Path| vec![s.to_string(), "--config".into(), p.display().to_string()];

@@ -45,6 +45,9 @@ pub struct BenchArgs {
     /// Skip measuring the per-stage bound (no efficiency figure).
     #[arg(long)]
     skip_bound: bool,
+    /// Run the relay's spool with O_DIRECT (see docs/SPOOL.md).
+    #[arg(long)]
+    spool_direct_io: bool,
     /// Print one JSON object on stdout instead of a table.
     #[arg(long)]
     json: bool,
@@ -90,6 +93,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         exe: std::env::current_exe()?,
         progress: true,
         skip_bound: a.skip_bound,
+        spool_direct_io: a.spool_direct_io,
     };
     let report = tidemark::bench::run::run(&opts)?;
     if a.json {

@@ -101,6 +101,8 @@ pub struct RelayStatus {
     pub spool_max_bytes: u64,
     /// Bytes of recent frames held in memory for forwarding.
     pub hot_cache_bytes: u64,
+    /// The spool writes and reads with O_DIRECT (else through the page cache).
+    pub spool_direct_io: bool,
     /// Sessions refused (authentication, protocol) since start.
     pub refused_sessions: u64,
     /// Per group.
@@ -169,6 +171,7 @@ fn status(shared: &Shared, name: &str, listen: SocketAddr) -> RelayStatus {
         spool_frames: spool.total_frames(),
         spool_max_bytes: shared.spool_max_bytes,
         hot_cache_bytes: shared.hub.cache_bytes() as u64,
+        spool_direct_io: spool.direct_io(),
         refused_sessions: shared.refused_sessions.load(Ordering::Relaxed),
         groups,
     }
@@ -179,6 +182,7 @@ pub async fn run(cfg: RelayConfig, shutdown: Shutdown) -> Result<(), RelayError>
     let acceptor = TlsAcceptor::from(tls::server_config(&cfg.tls.files())?);
     let mut opts = SpoolOptions::new(&cfg.relay.spool_dir);
     opts.segment_bytes = cfg.relay.spool_segment_bytes();
+    opts.direct_io = cfg.relay.spool_direct_io;
     let (spool, report) = tokio::task::spawn_blocking(move || Spool::open(opts))
         .await
         .map_err(|e| RelayError::Task(e.to_string()))??;
