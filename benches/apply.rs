@@ -27,6 +27,7 @@ fn apply(c: &mut Criterion) {
             format: ImageFormat::Raw,
             engine,
             create_size: Some(IMAGE_SIZE),
+            direct_io: false,
         };
         let mut image = match open_image(&spec) {
             Ok(image) => image,

@@ -195,6 +195,13 @@ pub struct TargetSection {
     /// Maximum bytes applied per durability batch, MiB.
     #[serde(default = "d32")]
     pub apply_batch_mib: u64,
+    /// Write block-aligned data to the replicas with O_DIRECT (when the file
+    /// system takes it; other writes go through the page cache). Pays off on
+    /// block devices and fully allocated images; on sparse image files ext4
+    /// serialises direct writes that allocate, so the default is off. See
+    /// docs/IMAGE.md.
+    #[serde(default)]
+    pub direct_io: bool,
 }
 
 impl TargetSection {

@@ -348,6 +348,7 @@ fn role_configs(
             status_listen: status(2),
             engine: Engine::Uring,
             apply_batch_mib: 32,
+            direct_io: false,
         },
         tls: tls(Role::Target),
         groups: opts

@@ -162,6 +162,10 @@ pub struct ImageSpec {
     /// If the path does not exist, create a sparse file of this many bytes.
     /// An existing image is opened as is, whatever this says.
     pub create_size: Option<u64>,
+    /// Write block-aligned data with `O_DIRECT` (through an aligned bounce
+    /// buffer), when the file system takes it; everything else goes through the
+    /// page cache. See docs/IMAGE.md, "Direct I/O".
+    pub direct_io: bool,
 }
 
 /// How an engine makes a range read back as zeros.

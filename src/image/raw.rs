@@ -3,22 +3,41 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use super::{
     Engine, EngineError, Image, ImageError, ImageSpec, IoEngine, SyncEngine, URING_ENTRIES,
     UringEngine, WriteOp, ZeroMode,
 };
+use crate::util::aligned::{AlignedBuf, BLOCK};
 
 /// A raw image: a regular file or a block device whose bytes are the virtual disk.
 pub struct RawImage {
     path: PathBuf,
     file: File,
+    /// A second descriptor with `O_DIRECT`, for block-aligned writes.
+    direct: Option<File>,
+    /// Aligned copies of the data of direct writes.
+    bounce: AlignedBuf,
     size: u64,
     block_device: bool,
     zero_mode: ZeroMode,
     engine: Box<dyn IoEngine>,
+}
+
+/// The bounce buffer is given back after a batch larger than this.
+const BOUNCE_KEEP: usize = 16 << 20;
+
+/// True for an op the direct descriptor can take: a write whose offset and
+/// length are whole blocks, or a zero range (a metadata operation either way).
+fn direct_ok(op: &WriteOp<'_>) -> bool {
+    match *op {
+        WriteOp::Write { offset, data } => {
+            offset.is_multiple_of(BLOCK as u64) && data.len().is_multiple_of(BLOCK)
+        }
+        WriteOp::Zero { .. } => true,
+    }
 }
 
 impl std::fmt::Debug for RawImage {
@@ -27,6 +46,7 @@ impl std::fmt::Debug for RawImage {
             .field("path", &self.path)
             .field("size", &self.size)
             .field("block_device", &self.block_device)
+            .field("direct_io", &self.direct.is_some())
             .field("zero_mode", &self.zero_mode)
             .field("engine", &self.engine.kind())
             .finish()
@@ -88,10 +108,28 @@ impl RawImage {
         } else {
             ZeroMode::PunchHole
         };
-        tracing::debug!(path = %path.display(), size, block_device, engine = %engine.kind(), "opened raw image");
+        let direct = if spec.direct_io {
+            match OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(&path)
+            {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    tracing::info!(path = %path.display(), "no direct I/O for this image ({e}); writing through the page cache");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        tracing::debug!(path = %path.display(), size, block_device, direct_io = direct.is_some(), engine = %engine.kind(), "opened raw image");
         Ok(RawImage {
             path,
             file,
+            direct,
+            bounce: AlignedBuf::new(BLOCK),
             size,
             block_device,
             zero_mode,
@@ -102,6 +140,88 @@ impl RawImage {
     /// True when the image is a block device.
     pub fn is_block_device(&self) -> bool {
         self.block_device
+    }
+
+    /// True while block-aligned writes go through `O_DIRECT`.
+    pub fn direct_io(&self) -> bool {
+        self.direct.is_some()
+    }
+
+    /// Write `ops` (already range-checked) through the page cache.
+    fn write_buffered(&mut self, ops: &[WriteOp<'_>], first: usize) -> Result<(), ImageError> {
+        let before = self.zero_mode;
+        let res = self
+            .engine
+            .write_batch(&self.file, ops, &mut self.zero_mode)
+            .map_err(|mut e: EngineError| {
+                e.index += first;
+                ImageError::from_engine(&self.path, e)
+            });
+        if before != self.zero_mode {
+            tracing::info!(path = %self.path.display(), "file system cannot punch holes; zeroing by writing zeros");
+        }
+        res
+    }
+
+    /// Write a run of direct-eligible `ops` (already range-checked) through the
+    /// `O_DIRECT` descriptor, their data copied into the aligned bounce buffer.
+    /// If the file system refuses direct writes after all (EINVAL), direct I/O is
+    /// switched off for this image and the run is written through the page cache.
+    fn write_direct(&mut self, ops: &[WriteOp<'_>], first: usize) -> Result<(), ImageError> {
+        let Some(direct) = self.direct.as_ref() else {
+            return self.write_buffered(ops, first);
+        };
+        let bytes: usize = ops
+            .iter()
+            .map(|op| match op {
+                WriteOp::Write { data, .. } => data.len(),
+                WriteOp::Zero { .. } => 0,
+            })
+            .sum();
+        self.bounce.reserve(bytes);
+        let mut at = 0;
+        for op in ops {
+            if let WriteOp::Write { data, .. } = op {
+                self.bounce.bytes_mut()[at..at + data.len()].copy_from_slice(data);
+                at += data.len();
+            }
+        }
+        let staged = self.bounce.bytes();
+        let mut at = 0;
+        let aligned: Vec<WriteOp<'_>> = ops
+            .iter()
+            .map(|op| match *op {
+                WriteOp::Write { offset, data } => {
+                    let d = &staged[at..at + data.len()];
+                    at += data.len();
+                    WriteOp::Write { offset, data: d }
+                }
+                zero => zero,
+            })
+            .collect();
+        let before = self.zero_mode;
+        let res = self
+            .engine
+            .write_batch(direct, &aligned, &mut self.zero_mode);
+        if before != self.zero_mode {
+            tracing::info!(path = %self.path.display(), "file system cannot punch holes; zeroing by writing zeros");
+        }
+        drop(aligned);
+        if self.bounce.len() > BOUNCE_KEEP {
+            self.bounce.shrink_to(BLOCK);
+        }
+        match res {
+            Ok(()) => Ok(()),
+            Err(e) if e.source.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::warn!(path = %self.path.display(), "the file system refused a direct write ({}); writing through the page cache from now on", e.source);
+                self.direct = None;
+                self.write_buffered(ops, first)
+            }
+            Err(mut e) => {
+                e.index += first;
+                Err(ImageError::from_engine(&self.path, e))
+            }
+        }
     }
 
     /// How zero ops are currently applied.
@@ -187,15 +307,28 @@ impl Image for RawImage {
 
     fn write_batch(&mut self, ops: &[WriteOp<'_>]) -> Result<(), ImageError> {
         self.check_ranges(ops)?;
-        let before = self.zero_mode;
-        let res = self
-            .engine
-            .write_batch(&self.file, ops, &mut self.zero_mode)
-            .map_err(|e: EngineError| ImageError::from_engine(&self.path, e));
-        if before != self.zero_mode {
-            tracing::info!(path = %self.path.display(), "file system cannot punch holes; zeroing by writing zeros");
+        if self.direct.is_none() {
+            return self.write_buffered(ops, 0);
         }
-        res
+        // Runs of direct-eligible and other ops, written one run after the
+        // other: each run completes before the next starts, so overlapping ops
+        // keep their order across the two descriptors (the kernel flushes and
+        // drops cached pages a direct write overlaps).
+        let mut start = 0;
+        while start < ops.len() {
+            let direct = direct_ok(&ops[start]);
+            let end = ops[start..]
+                .iter()
+                .position(|op| direct_ok(op) != direct)
+                .map_or(ops.len(), |n| start + n);
+            if direct {
+                self.write_direct(&ops[start..end], start)?;
+            } else {
+                self.write_buffered(&ops[start..end], start)?;
+            }
+            start = end;
+        }
+        Ok(())
     }
 
     fn sync_handle(&self) -> Result<File, ImageError> {

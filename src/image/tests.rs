@@ -17,24 +17,34 @@ fn spec(path: &Path, engine: Engine, create_size: Option<u64>) -> ImageSpec {
         format: ImageFormat::Raw,
         engine,
         create_size,
+        direct_io: false,
     }
 }
 
-/// Engine configurations under test: (engine, ring depth, zero mode).
-const CONFIGS: [(Engine, u32, ZeroMode); 5] = [
-    (Engine::Uring, URING_ENTRIES, ZeroMode::PunchHole),
-    (Engine::Uring, URING_ENTRIES, ZeroMode::WriteZeros),
-    (Engine::Uring, 4, ZeroMode::PunchHole),
-    (Engine::Sync, 0, ZeroMode::PunchHole),
-    (Engine::Sync, 0, ZeroMode::WriteZeros),
+/// Engine configurations under test: (engine, ring depth, zero mode, direct I/O).
+const CONFIGS: [(Engine, u32, ZeroMode, bool); 7] = [
+    (Engine::Uring, URING_ENTRIES, ZeroMode::PunchHole, false),
+    (Engine::Uring, URING_ENTRIES, ZeroMode::WriteZeros, false),
+    (Engine::Uring, 4, ZeroMode::PunchHole, false),
+    (Engine::Sync, 0, ZeroMode::PunchHole, false),
+    (Engine::Sync, 0, ZeroMode::WriteZeros, false),
+    (Engine::Uring, URING_ENTRIES, ZeroMode::PunchHole, true),
+    (Engine::Sync, 0, ZeroMode::WriteZeros, true),
 ];
 
-fn open_config(path: &Path, engine: Engine, depth: u32, zero: ZeroMode) -> RawImage {
+fn open_config(path: &Path, engine: Engine, depth: u32, zero: ZeroMode, direct: bool) -> RawImage {
     let eng: Box<dyn IoEngine> = match engine {
         Engine::Uring => Box::new(UringEngine::new(depth).expect("io_uring setup")),
         Engine::Sync => Box::new(SyncEngine::new()),
     };
-    let mut img = RawImage::open_with(&spec(path, engine, None), eng).expect("open image");
+    let mut s = spec(path, engine, None);
+    s.direct_io = direct;
+    let mut img = RawImage::open_with(&s, eng).expect("open image");
+    assert_eq!(
+        img.direct_io(),
+        direct,
+        "direct I/O must be available in the test directory"
+    );
     img.set_zero_mode(zero);
     img
 }
@@ -65,8 +75,14 @@ fn materialize(descs: &[OpDesc], size: u64) -> Vec<(bool, u64, Vec<u8>, u64)> {
     descs
         .iter()
         .map(|&(is_zero, offset, len, seed)| {
-            let offset = offset % size;
-            let len = len.min(size - offset);
+            let mut offset = offset % size;
+            let mut len = len.min(size - offset);
+            // A third of the ops block-aligned, so direct I/O runs mix with
+            // page-cache runs (and overlap them).
+            if seed % 3 == 0 && len >= 4096 {
+                offset -= offset % 4096;
+                len -= len % 4096;
+            }
             let mut data = Vec::new();
             if !is_zero {
                 data = vec![0u8; len as usize];
@@ -106,10 +122,10 @@ fn differential(batches: &[Vec<OpDesc>], size: u64) {
         reference_apply(&reference, &as_ops(batch));
     }
     let expected = std::fs::read(&ref_path).unwrap();
-    for (i, &(engine, depth, zero)) in CONFIGS.iter().enumerate() {
+    for (i, &(engine, depth, zero, direct)) in CONFIGS.iter().enumerate() {
         let path = dir.path().join(format!("image{i}.img"));
         random_file(&path, size as usize, 99);
-        let mut img = open_config(&path, engine, depth, zero);
+        let mut img = open_config(&path, engine, depth, zero, direct);
         for batch in &owned {
             img.write_batch(&as_ops(batch)).unwrap();
         }
@@ -118,7 +134,7 @@ fn differential(batches: &[Vec<OpDesc>], size: u64) {
         img.read_at(0, &mut got).unwrap();
         assert!(
             got == expected,
-            "{engine} (depth {depth}, {zero:?}) differs from sequential pwrite"
+            "{engine} (depth {depth}, {zero:?}, direct {direct}) differs from sequential pwrite"
         );
         assert_eq!(std::fs::read(&path).unwrap(), expected);
     }

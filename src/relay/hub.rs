@@ -85,6 +85,9 @@ pub struct GroupHub {
     pub last_target_error: Mutex<Option<String>>,
     /// The last refusal sent to the agent, for status.
     pub last_agent_error: Mutex<Option<String>>,
+    /// Time from reading a frame to its durable append (µs): what the agent
+    /// waits for its ack, spool group commit included.
+    pub append_latency: Mutex<crate::util::hist::Histogram>,
     agent: Mutex<Slot>,
     target: Mutex<Slot>,
     cache: Mutex<HotCache>,
@@ -248,6 +251,7 @@ impl Hub {
                     counters: GroupCounters::default(),
                     last_target_error: Mutex::new(None),
                     last_agent_error: Mutex::new(None),
+                    append_latency: Mutex::new(crate::util::hist::Histogram::new()),
                     agent: Mutex::new(None),
                     target: Mutex::new(None),
                     cache: Mutex::new(HotCache::default()),

@@ -128,6 +128,8 @@ pub struct RelayGroupStatus {
     pub last_target_error: Option<String>,
     /// The last refusal sent to the agent.
     pub last_agent_error: Option<String>,
+    /// Frame read → durable in the spool, µs (what the agent's ack waits for).
+    pub append_latency_us: crate::util::hist::Summary,
 }
 
 fn status(shared: &Shared, name: &str, listen: SocketAddr) -> RelayStatus {
@@ -158,6 +160,11 @@ fn status(shared: &Shared, name: &str, listen: SocketAddr) -> RelayStatus {
                 counters: hub.counters.view(),
                 last_target_error: lock_str(&hub.last_target_error),
                 last_agent_error: lock_str(&hub.last_agent_error),
+                append_latency_us: hub
+                    .append_latency
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .summary(),
                 name: n,
             }
         })
@@ -183,6 +190,9 @@ pub async fn run(cfg: RelayConfig, shutdown: Shutdown) -> Result<(), RelayError>
     let mut opts = SpoolOptions::new(&cfg.relay.spool_dir);
     opts.segment_bytes = cfg.relay.spool_segment_bytes();
     opts.direct_io = cfg.relay.spool_direct_io;
+    // One group commit may take everything that can be waiting: an fdatasync
+    // then covers all queued frames instead of leaving some for the next one.
+    opts.max_batch_bytes = APPEND_MEMORY;
     let (spool, report) = tokio::task::spawn_blocking(move || Spool::open(opts))
         .await
         .map_err(|e| RelayError::Task(e.to_string()))??;

@@ -97,6 +97,7 @@ fn set(m: &std::sync::Mutex<Option<String>>, v: String) {
 
 /// One append whose durability the acker waits for.
 struct Pending {
+    queued_at: std::time::Instant,
     frame_no: u64,
     prev_frame_no: u64,
     last_seq: u64,
@@ -135,6 +136,10 @@ pub(crate) async fn run_agent(
         tokio::spawn(async move {
             while let Some(p) = pend_rx.recv().await {
                 let outcome = p.done.await.unwrap_or(Err(SpoolError::Shutdown));
+                hub.append_latency
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .record(p.queued_at.elapsed().as_micros() as u64);
                 match outcome {
                     Ok(o) => {
                         if o == AppendOutcome::Stored {
@@ -210,6 +215,7 @@ pub(crate) async fn run_agent(
             Some(Err(WireError::Closed)) | None => break Ok(()),
             Some(Err(e)) => break Err(e.into()),
         };
+        let queued_at = std::time::Instant::now();
         let header = match FrameHeader::parse(&bytes) {
             Ok(h) if h.group.as_str() == hub.name => h,
             Ok(h) => {
@@ -262,6 +268,7 @@ pub(crate) async fn run_agent(
             bytes: bytes.clone(),
         });
         let p = Pending {
+            queued_at,
             frame_no: header.frame_no,
             prev_frame_no: header.prev_frame_no,
             last_seq: header.last_seq,

@@ -278,6 +278,8 @@ pub(crate) struct ApplySetup {
     pub engine: Engine,
     /// Bytes of frames (plaintext) per group commit, at most.
     pub batch_bytes: u64,
+    /// Write block-aligned data to the replicas with O_DIRECT when possible.
+    pub direct_io: bool,
     /// The group's watermark file.
     pub watermark: Watermark,
     /// The group's apply log path.
@@ -387,6 +389,7 @@ struct Applier {
     group: String,
     slots: Vec<Slot>,
     engine: Engine,
+    direct_io: bool,
     batch_bytes: u64,
     log: ApplyLog,
     status: SharedStatus,
@@ -439,6 +442,7 @@ pub(crate) fn spawn(
 /// for good if io_uring is unavailable.
 fn open_replica(
     engine: &mut Engine,
+    direct_io: bool,
     group: &str,
     path: &Path,
     create: Option<u64>,
@@ -448,6 +452,7 @@ fn open_replica(
         format: ImageFormat::Raw,
         engine,
         create_size: create,
+        direct_io,
     };
     match image::open_image(&spec(*engine)) {
         Err(ImageError::UringUnavailable { source, .. }) => {
@@ -475,12 +480,12 @@ impl Applier {
         for d in &s.disks {
             let image = if d.path.symlink_metadata().is_ok() {
                 Some(
-                    open_replica(&mut engine, &s.group, &d.path, None).map_err(|source| {
-                        TargetError::Replica {
+                    open_replica(&mut engine, s.direct_io, &s.group, &d.path, None).map_err(
+                        |source| TargetError::Replica {
                             group: s.group.clone(),
                             source: Box::new(source),
-                        }
-                    })?,
+                        },
+                    )?,
                 )
             } else {
                 None
@@ -530,6 +535,7 @@ impl Applier {
             group: s.group,
             slots,
             engine,
+            direct_io: s.direct_io,
             batch_bytes: s.batch_bytes.max(1),
             log,
             status: s.status,
@@ -660,8 +666,14 @@ impl Applier {
                     )
                 })?;
             }
-            let img = open_replica(&mut self.engine, &self.group, &slot.path, Some(size))
-                .map_err(|e| img_err(&self.group, e))?;
+            let img = open_replica(
+                &mut self.engine,
+                self.direct_io,
+                &self.group,
+                &slot.path,
+                Some(size),
+            )
+            .map_err(|e| img_err(&self.group, e))?;
             tracing::info!(group = %self.group, disk = slot.id, path = %slot.path.display(), size = img.size(), "replica opened for a DiskSize record");
             slot.sync = Some(std::sync::Arc::new(
                 img.sync_handle().map_err(|e| img_err(&self.group, e))?,
@@ -747,12 +759,18 @@ impl Applier {
                     let slot = &mut self.slots[si];
                     if slot.image.is_none() && create[si].is_none() {
                         if slot.path.symlink_metadata().is_ok() {
-                            let img = open_replica(&mut self.engine, &self.group, &slot.path, None)
-                                .map_err(|source| ApplyError::Image {
-                                    group: self.group.clone(),
-                                    frame_no,
-                                    source: Box::new(source),
-                                })?;
+                            let img = open_replica(
+                                &mut self.engine,
+                                self.direct_io,
+                                &self.group,
+                                &slot.path,
+                                None,
+                            )
+                            .map_err(|source| ApplyError::Image {
+                                group: self.group.clone(),
+                                frame_no,
+                                source: Box::new(source),
+                            })?;
                             let sync = img.sync_handle().map_err(|source| ApplyError::Image {
                                 group: self.group.clone(),
                                 frame_no,

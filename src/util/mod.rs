@@ -2,6 +2,7 @@
 //! chosen compressibility, wall-clock time in microseconds that never goes back,
 //! a latency histogram, the shutdown signal and atomic status files.
 
+pub mod aligned;
 pub mod datagen;
 pub mod hist;
 pub mod lockfile;

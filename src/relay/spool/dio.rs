@@ -13,73 +13,14 @@ use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
-/// Alignment of every direct read and write: offset, length and buffer address.
-pub const BLOCK: usize = 4096;
+pub use crate::util::aligned::{AlignedBuf, BLOCK, ceil, ceil_usize, floor};
+
 const BLOCK_U64: u64 = BLOCK as u64;
 
 /// Name of the scratch file the probe writes in the spool directory (removed at
 /// once; a leftover from a crash is removed by the next probe and ignored by
 /// recovery).
 pub const PROBE_FILE: &str = "DIRECT_IO_PROBE";
-
-/// One 4096-byte block with 4096-byte alignment, so a `Vec<Block>` is a
-/// correctly aligned buffer for direct I/O without any unsafe code.
-#[repr(C, align(4096))]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct Block([u8; BLOCK]);
-
-/// A zero-initialised heap buffer of whole, aligned blocks.
-pub struct AlignedBuf {
-    blocks: Vec<Block>,
-}
-
-impl AlignedBuf {
-    /// A buffer of at least `bytes` bytes (rounded up to whole blocks, at least one).
-    pub fn new(bytes: usize) -> Self {
-        let n = ceil_usize(bytes).max(BLOCK) / BLOCK;
-        AlignedBuf {
-            blocks: vec![bytemuck::Zeroable::zeroed(); n],
-        }
-    }
-
-    /// Capacity in bytes (a multiple of [`BLOCK`]).
-    pub fn len(&self) -> usize {
-        self.blocks.len() * BLOCK
-    }
-
-    /// Grow (never shrink) to at least `bytes` bytes, keeping the contents.
-    pub fn reserve(&mut self, bytes: usize) {
-        let n = ceil_usize(bytes) / BLOCK;
-        if n > self.blocks.len() {
-            self.blocks.resize(n, bytemuck::Zeroable::zeroed());
-        }
-    }
-
-    /// The whole buffer as bytes.
-    pub fn bytes(&self) -> &[u8] {
-        bytemuck::cast_slice(&self.blocks)
-    }
-
-    /// The whole buffer as mutable bytes.
-    pub fn bytes_mut(&mut self) -> &mut [u8] {
-        bytemuck::cast_slice_mut(&mut self.blocks)
-    }
-}
-
-/// `x` rounded down to a block boundary.
-pub fn floor(x: u64) -> u64 {
-    x & !(BLOCK_U64 - 1)
-}
-
-/// `x` rounded up to a block boundary.
-pub fn ceil(x: u64) -> u64 {
-    x.div_ceil(BLOCK_U64) * BLOCK_U64
-}
-
-/// `x` rounded up to a block boundary.
-pub fn ceil_usize(x: usize) -> usize {
-    x.div_ceil(BLOCK) * BLOCK
-}
 
 /// Open options with `O_DIRECT` added when `direct`.
 pub fn open_options(direct: bool) -> OpenOptions {
