@@ -305,8 +305,10 @@ pub struct AgentGroup {
     /// Frames in flight to the relay.
     #[serde(default = "d32u32")]
     pub window_frames: u32,
-    /// Bytes in flight to the relay, MiB.
-    #[serde(default = "d64")]
+    /// Bytes in flight to the relay, MiB (sealed frames awaiting the relay's
+    /// ack; their data is also still in the capture journal, so more than the
+    /// journal's budget would never be used).
+    #[serde(default = "d32")]
     pub window_mib: u64,
     /// The `[[group.disk]]` tables: source disks.
     #[serde(rename = "disk")]
@@ -926,7 +928,7 @@ initial_copy = false
         assert_eq!(g1.frame_linger(), Duration::from_millis(20));
         assert_eq!(g1.heartbeat(), Duration::from_millis(2000));
         assert_eq!(g1.window_frames, 32);
-        assert_eq!(g1.window_mib, 64);
+        assert_eq!(g1.window_mib, 32);
         assert!(g1.disks[0].initial_copy);
         assert_eq!(a.groups[1].key_epoch, 4);
         assert!(!a.groups[1].disks[0].initial_copy);

@@ -387,7 +387,7 @@ fn role_configs(
                 frame_linger_ms: 20,
                 heartbeat_ms: 2000,
                 window_frames: 32,
-                window_mib: 64,
+                window_mib: 32,
                 disks: vec![AgentDisk {
                     id: 0,
                     path: format!("disks/{g}-disk0.img").into(),

@@ -18,7 +18,7 @@ const TRIM_THRESHOLD: i32 = 256 << 20;
 /// At most this many malloc arenas: each arena keeps its own freed memory, so
 /// one per thread would multiply what is kept; two suit the two-core machines
 /// this runs on and keep contention low.
-const ARENA_MAX: i32 = 2;
+const ARENA_MAX: i32 = 1;
 
 /// Keep freed memory in the process for reuse (glibc only; elsewhere a no-op).
 /// Returns whether every setting was accepted.
