@@ -59,6 +59,10 @@ pub struct BenchOptions {
     pub skip_bound: bool,
     /// Run the relay's spool with O_DIRECT (`spool_direct_io` in relay.toml).
     pub spool_direct_io: bool,
+    /// Put the relay's spool here instead of in the scratch directory (e.g. on
+    /// a second disk, as a relay on its own machine would have). Must not exist
+    /// yet; removed afterwards unless `keep`.
+    pub spool_dir: Option<PathBuf>,
 }
 
 /// A figure per role.
@@ -274,9 +278,16 @@ fn wait_for<T>(
 pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let dir = &opts.dir;
     fs::create_dir_all(dir).map_err(|e| setup_err(format!("{}: {e}", dir.display())))?;
+    // Never remove a spool directory that was there before (run_in refuses it).
+    let spool_was_there = opts.spool_dir.as_ref().is_some_and(|d| d.exists());
     let result = run_in(opts, dir);
     if !opts.keep {
         let _ = fs::remove_dir_all(dir);
+        if let Some(d) = &opts.spool_dir
+            && !spool_was_there
+        {
+            let _ = fs::remove_dir_all(d);
+        }
     }
     result
 }
@@ -326,6 +337,15 @@ fn run_in(opts: &BenchOptions, dir: &Path) -> Result<BenchReport, BenchError> {
     relay_cfg.relay.listen = ([127, 0, 0, 1], 0).into();
     relay_cfg.relay.status_listen = None;
     relay_cfg.relay.spool_direct_io = opts.spool_direct_io;
+    if let Some(d) = &opts.spool_dir {
+        if d.exists() {
+            return Err(setup_err(format!(
+                "--spool-dir {} exists; give a path the bench may create and remove",
+                d.display()
+            )));
+        }
+        relay_cfg.relay.spool_dir = d.clone();
+    }
     write_config(&relay_toml, relay_cfg.to_toml_string())?;
     let exe = &opts.exe;
     let arg = |s: &str, p: &Path| vec![s.to_string(), "--config".into(), p.display().to_string()];

@@ -48,6 +48,11 @@ pub struct BenchArgs {
     /// Run the relay's spool with O_DIRECT (see docs/SPOOL.md).
     #[arg(long)]
     spool_direct_io: bool,
+    /// Put the relay's spool in this (new) directory, e.g. on a second disk as a
+    /// relay on its own machine has; by default it shares the scratch directory's
+    /// disk with the replica.
+    #[arg(long)]
+    spool_dir: Option<PathBuf>,
     /// Print one JSON object on stdout instead of a table.
     #[arg(long)]
     json: bool,
@@ -94,6 +99,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         progress: true,
         skip_bound: a.skip_bound,
         spool_direct_io: a.spool_direct_io,
+        spool_dir: a.spool_dir,
     };
     let report = tidemark::bench::run::run(&opts)?;
     if a.json {
