@@ -4,7 +4,10 @@
 #   1. efficiency: N unthrottled default runs (30 s, 64 KiB random, 50 %, zstd 1),
 #      median of applied MB/s, bound and efficiency;
 #   2. lag p99 with the workload throttled to half the median unthrottled rate;
-#   3. peak RSS per role, including a run with a 64 GiB sparse image.
+#   3. peak RSS per role, including a run with a 64 GiB sparse image;
+#   4. a diagnostic: the default run with the relay's spool in /dev/shm, i.e. off
+#      the disk the replica is on (tmpfs is NOT durable: a stand-in for the relay's
+#      own disk in a real deployment, to show what sharing one disk costs).
 # Usage: scripts/bench-bars.sh [runs] [seconds]     (defaults: 3 runs of 30 s)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,9 +40,20 @@ echo "== half rate: --rate-mb-s $half"
 "$bin" bench --seconds "$secs" --rate-mb-s "$half" --skip-bound --json > "$out/half.json" 2> "$out/half.err" || { cat "$out/half.err" >&2; exit 1; }
 echo "== 64 GiB sparse image"
 "$bin" bench --seconds "$secs" --image-size 64G --skip-bound --json > "$out/big.json" 2> "$out/big.err" || { cat "$out/big.err" >&2; exit 1; }
-python3 - "$out" <<'PY'
-import json, sys
-out = sys.argv[1]
+if [ -d /dev/shm ]; then
+    echo "== diagnostic: spool on /dev/shm (not durable), $runs runs"
+    for i in $(seq 1 "$runs"); do
+        "$bin" bench --seconds "$secs" --spool-dir "/dev/shm/tidemark-spool-$$-$i" --json > "$out/shm$i.json" 2> "$out/shm$i.err" || { cat "$out/shm$i.err" >&2; exit 1; }
+    done
+fi
+python3 - "$out" "$runs" <<'PY'
+import json, os, statistics, sys
+out, runs = sys.argv[1], int(sys.argv[2])
+shm = [json.load(open(f"{out}/shm{i}.json")) for i in range(1, runs + 1) if os.path.exists(f"{out}/shm{i}.json")]
+for i, r in enumerate(shm, 1):
+    print(f"shm {i}: verified={r['verified']} applied {r['applied_mb_s']:.0f} MB/s, bound {r['bound_mb_s']:.0f} MB/s, efficiency {r['efficiency']:.2f}")
+if shm:
+    print(f"shm median efficiency {statistics.median(r['efficiency'] for r in shm):.2f}")
 for name in ("half", "big"):
     r = json.load(open(f"{out}/{name}.json"))
     print(f"{name}: verified={r['verified']} source {r['source_mb_s']:.0f} MB/s, applied {r['applied_mb_s']:.0f} MB/s, "
