@@ -5,14 +5,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_pkgs=()
-# Tools the tests and benchmark scripts use (qemu-img ships preinstalled).
-for tool in e2fsck:e2fsprogs; do
+# Tools the tests and benchmark scripts use (qemu-img, qemu-io, qemu-nbd ship
+# preinstalled): real NBD clients, FUSE, fio, a filesystem and its checker.
+for tool in e2fsck:e2fsprogs mkfs.ext4:e2fsprogs nbdinfo:libnbd-bin nbdcopy:libnbd-bin \
+        nbdfuse:libnbd-bin fusermount3:fuse3 fio:fio losetup:mount qemu-img:qemu-utils; do
     bin=${tool%%:*}; pkg=${tool##*:}
     command -v "$bin" >/dev/null 2>&1 || need_pkgs+=("$pkg")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         apt-get update -qq
+        # Never qemu-system-x86: it would replace the preinstalled qemu-utils.
+        mapfile -t need_pkgs < <(printf '%s\n' "${need_pkgs[@]}" | sort -u)
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}"
     else
         echo "scripts/test.sh: missing packages ${need_pkgs[*]} and not root to install them" >&2

@@ -17,6 +17,7 @@ pub mod pki;
 
 pub mod capture;
 pub mod frame;
+pub mod frontend;
 pub mod transport;
 
 pub mod agent;

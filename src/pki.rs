@@ -134,6 +134,9 @@ pub struct InitOptions {
     pub groups: Vec<String>,
     /// Extra DNS names / IPs for the relay certificate.
     pub relay_hosts: Vec<String>,
+    /// DNS names / IPs for the agent certificate: the names its NBD frontend is
+    /// reached by when it serves TLS (clients verify the server's name).
+    pub agent_hosts: Vec<String>,
     /// Address the relay listens on.
     pub relay_listen: String,
     /// Overwrite existing files.
@@ -141,8 +144,8 @@ pub struct InitOptions {
 }
 
 impl InitOptions {
-    /// Defaults: names relay/target/agent, group g1, hosts localhost and
-    /// 127.0.0.1, listen 0.0.0.0:7400.
+    /// Defaults: names relay/target/agent, group g1, relay and agent hosts
+    /// localhost and 127.0.0.1, listen 0.0.0.0:7400.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         InitOptions {
             dir: dir.into(),
@@ -151,6 +154,7 @@ impl InitOptions {
             agent_name: "agent".into(),
             groups: vec!["g1".into()],
             relay_hosts: vec!["localhost".into(), "127.0.0.1".into()],
+            agent_hosts: vec!["localhost".into(), "127.0.0.1".into()],
             relay_listen: "0.0.0.0:7400".into(),
             force: false,
         }
@@ -200,6 +204,7 @@ pub fn init(opts: &InitOptions) -> Result<InitReport, PkiError> {
         )
     })?;
     check_hosts(&opts.relay_hosts)?;
+    check_hosts(&opts.agent_hosts)?;
 
     let leaf_files = |r: Role| (format!("{r}.pem"), format!("{r}.key"));
     let mut planned: Vec<PathBuf> = vec![dir.join(CA_CERT), dir.join(CA_KEY)];
@@ -252,7 +257,12 @@ pub fn init(opts: &InitOptions) -> Result<InitReport, PkiError> {
     let leaves: [(Role, &str, &[String], &[String]); 3] = [
         (Role::Relay, &opts.relay_name, &[], &opts.relay_hosts),
         (Role::Target, &opts.target_name, &opts.groups, &[]),
-        (Role::Agent, &opts.agent_name, &opts.groups, &[]),
+        (
+            Role::Agent,
+            &opts.agent_name,
+            &opts.groups,
+            &opts.agent_hosts,
+        ),
     ];
     for (role, name, groups, hosts) in leaves {
         let leaf = issue_leaf(dir, role, name, groups, hosts)?;
@@ -373,6 +383,12 @@ fn role_configs(
             state_dir: "agent-state".into(),
             status_listen: status(3),
             capture_budget_mib: 64,
+            spill_budget_mib: 1024,
+            spill_dir: None,
+            bitmap_after_ms: 300_000,
+            capture_policy: Default::default(),
+            dirty_flush_ms: 2000,
+            pipeline_nice: 10,
         },
         tls: tls(Role::Agent),
         groups: opts
@@ -392,6 +408,8 @@ fn role_configs(
                     id: 0,
                     path: format!("disks/{g}-disk0.img").into(),
                     initial_copy: true,
+                    nbd: None,
+                    fuse: None,
                 }],
             })
             .collect(),
@@ -457,7 +475,12 @@ pub fn issue_leaf(
         .collect::<Result<_, _>>()?;
     params.distinguished_name = dn(&format!("tidemark {role} {name}"));
     params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    // keyEncipherment is meaningless for ECDSA, but GnuTLS-based clients (qemu's
+    // NBD client) refuse a certificate whose key usage lacks it.
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
     params.extended_key_usages = vec![
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
@@ -715,6 +738,7 @@ fn cert_err(what: impl Into<String>, source: rcgen::Error) -> PkiError {
 mod tests {
     use super::*;
     use crate::transport::tls::PeerCert;
+    use rustls::pki_types::ServerName;
     use std::os::unix::fs::PermissionsExt;
 
     fn mode(p: &Path) -> u32 {
@@ -882,7 +906,7 @@ mod tests {
                 "relay.example.com"
             ]
         );
-        let ip = rustls::pki_types::ServerName::try_from("10.1.2.3").unwrap();
+        let ip = ServerName::try_from("10.1.2.3").unwrap();
         ee.verify_is_valid_for_subject_name(&ip).unwrap();
 
         let agent = load("agent.pem");
@@ -895,9 +919,13 @@ mod tests {
                 "agent.role.tidemark",
                 "agent.agent.tidemark",
                 "g1.group.tidemark",
-                "g2.group.tidemark"
+                "g2.group.tidemark",
+                "localhost"
             ]
         );
+        // The agent's NBD frontend is reached by the default agent hosts.
+        ee.verify_is_valid_for_subject_name(&ServerName::try_from("127.0.0.1").unwrap())
+            .unwrap();
         // The CA verifies every leaf.
         let ca = CertificateDer::from_pem_file(d.path().join("ca.pem")).unwrap();
         for f in ["relay.pem", "target.pem", "agent.pem"] {

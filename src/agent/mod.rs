@@ -5,6 +5,7 @@
 //! [`state`] persists seq and frame-number reservations; [`workload`] is the
 //! synthetic writer the bench and tests drive it with.
 
+mod frontends;
 pub mod outbox;
 pub mod pipeline;
 mod run;
@@ -13,6 +14,7 @@ pub mod state;
 pub mod status;
 pub mod workload;
 
+pub use frontends::FrontendError;
 pub use run::{AgentError, AgentOptions, DRAIN_TIMEOUT, run};
 pub use session::{SessionEnd, SessionError};
-pub use status::{AgentGroupStatus, AgentStatus, CopyState, DiskStatus};
+pub use status::{AgentGroupStatus, AgentStatus, DiskStatus, FrontendStatus};

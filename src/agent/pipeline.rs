@@ -46,6 +46,8 @@ pub struct PipelineConfig {
     pub workers: usize,
     /// Jobs between batcher and consumer, at most.
     pub max_jobs: usize,
+    /// Nice value of the batch and seal threads (0: unchanged).
+    pub nice: i32,
 }
 
 /// Why the pipeline could not start.
@@ -110,6 +112,7 @@ impl Pipeline {
                 std::thread::Builder::new()
                     .name(format!("seal-{}-{i}", cfg.group))
                     .spawn(move || {
+                        crate::util::priority::lower_this_thread(cfg.nice);
                         for job in rx {
                             let records: Vec<RecordRef<'_>> =
                                 job.entries.iter().map(to_record).collect();
@@ -133,6 +136,7 @@ impl Pipeline {
             std::thread::Builder::new()
                 .name(format!("batch-{}", cfg.group))
                 .spawn(move || {
+                    crate::util::priority::lower_this_thread(cfg.nice);
                     let mut prev = prev;
                     let mut next_frame = frame_next;
                     let mut reserved = frame_next;
@@ -292,7 +296,17 @@ mod tests {
 
     #[test]
     fn journal_to_sealed_frames_in_chain_order() {
-        let journal = Arc::new(CaptureJournal::new(64 << 20, 1, Box::new(|f| Ok(f + 1000))));
+        let journal = Arc::new(CaptureJournal::in_memory(
+            64 << 20,
+            1,
+            Box::new(|f| Ok(f + 1000)),
+        ));
+        journal.add_disk(
+            0,
+            1 << 30,
+            crate::capture::bitmap::RegionBitmap::new((1 << 30) / 4096),
+            "",
+        );
         let key = DataKey::from_bytes([7; 32]);
         let group: GroupName = "g1".parse().unwrap();
         let cfg = PipelineConfig {
@@ -304,6 +318,7 @@ mod tests {
             heartbeat: Duration::from_secs(60),
             workers: 2,
             max_jobs: 4,
+            nice: 0,
         };
         let (tx, rx) = bounded(16);
         let p = Pipeline::start(
@@ -321,9 +336,7 @@ mod tests {
         for i in 0..200u64 {
             let mut d = vec![0u8; 64 * 1024];
             crate::util::datagen::fill(&mut d, 50, &mut rng);
-            journal
-                .record_write(0, i * 65536, d.clone(), Ordering::W)
-                .unwrap();
+            journal.record_write(0, i * 65536, d.clone()).unwrap();
             written.push(d);
         }
         let mut opener = Opener::new(group, vec![(1, DataKey::from_bytes([7; 32]))]).unwrap();

@@ -12,16 +12,17 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use super::frontends::{DiskRef, Frontends};
 use super::outbox::{OutFrame, Outbox};
 use super::pipeline::{Pipeline, PipelineConfig, PipelineError, Reorder, SealOutput};
-use super::session::{
-    CopyMark, Session, SessionEnd, SessionError, agent_hello, connect_with_retry,
-};
+use super::session::{Session, SessionEnd, SessionError, agent_hello, connect_with_retry};
 use super::state::{AgentState, StartPoint};
-use super::status::{AgentStatus, CopyState, DiskStatus, GroupInfo, lock};
+use super::status::{AgentStatus, DiskStatus, GroupInfo, lock};
 use super::workload::{self, WorkloadReport, WorkloadSpec};
-use crate::capture::journal::{CaptureJournal, Ordering};
-use crate::capture::source::{SourceDisk, SourceError};
+use crate::capture::drain::CaptureWorkers;
+use crate::capture::journal::{CaptureConfig, CaptureError, CaptureJournal};
+use crate::capture::modes::Mode;
+use crate::capture::protected::{ProtectedDisk, ProtectedError};
 use crate::config::{AgentConfig, AgentGroup};
 use crate::error::{Classify, ErrorKind};
 use crate::frame::{DataKey, FrameError, GroupName};
@@ -81,7 +82,15 @@ pub enum AgentError {
         /// Group.
         group: String,
         /// Cause.
-        source: SourceError,
+        source: ProtectedError,
+    },
+    /// Capture could not be set up.
+    #[error("group {group}: {source}")]
+    Capture {
+        /// Group.
+        group: String,
+        /// Cause.
+        source: CaptureError,
     },
     /// The pipeline could not start.
     #[error("group {group}: {source}")]
@@ -94,6 +103,9 @@ pub enum AgentError {
     /// The session failed for good.
     #[error(transparent)]
     Session(Box<SessionError>),
+    /// A frontend could not start.
+    #[error(transparent)]
+    Frontend(#[from] super::frontends::FrontendError),
     /// A thread or task failed.
     #[error("group {group}: {what}")]
     Internal {
@@ -112,8 +124,10 @@ impl Classify for AgentError {
             AgentError::State { .. } => ErrorKind::Io,
             AgentError::Frame { source, .. } => source.kind(),
             AgentError::Source { source, .. } => source.kind(),
+            AgentError::Capture { source, .. } => source.kind(),
             AgentError::Pipeline { .. } => ErrorKind::Config,
             AgentError::Session(e) => e.kind(),
+            AgentError::Frontend(e) => e.kind(),
             AgentError::Internal { .. } => ErrorKind::Io,
         }
     }
@@ -127,16 +141,27 @@ struct Prepared {
     state: Arc<AgentState>,
     start: StartPoint,
     journal: Arc<CaptureJournal>,
-    disks: Vec<(Arc<SourceDisk>, bool)>,
+    disks: Vec<Arc<ProtectedDisk>>,
     info: Arc<GroupInfo>,
+    dirty_flush: Duration,
+    pipeline_nice: i32,
 }
 
-fn prepare(
-    cfg: &AgentGroup,
-    state_dir: &std::path::Path,
-    budget: usize,
-) -> Result<Prepared, AgentError> {
+/// What every group shares of the `[agent]` table.
+struct CaptureSetup {
+    state_dir: PathBuf,
+    spill_dir: PathBuf,
+    memory: usize,
+    spill: u64,
+    bitmap_after: Duration,
+    policy: crate::capture::journal::Policy,
+    dirty_flush: Duration,
+    pipeline_nice: i32,
+}
+
+fn prepare(cfg: &AgentGroup, setup: &CaptureSetup) -> Result<Prepared, AgentError> {
     let group = cfg.name.clone();
+    let state_dir = &setup.state_dir;
     let fe = |source| AgentError::Frame {
         group: group.clone(),
         source: Box::new(source),
@@ -154,20 +179,27 @@ fn prepare(
         tracing::warn!(
             group = %group,
             seq_next = start.seq_next,
-            "the previous run did not stop in order: writes it held only in memory may not have reached the relay, so every disk is copied again"
+            "the previous run did not stop in order: seqs continue above everything it may have used; each disk's dirty log says what to copy again"
         );
-        state.clear_copied().map_err(|source| AgentError::State {
-            group: group.clone(),
-            dir: state_dir.to_path_buf(),
-            source,
-        })?;
     }
     let reserver_state = state.clone();
-    let journal = Arc::new(CaptureJournal::new(
-        budget,
+    let journal = CaptureJournal::new(
+        CaptureConfig {
+            group: cfg.name.clone(),
+            memory_budget: setup.memory,
+            spill_dir: Some(setup.spill_dir.join(&cfg.name)),
+            spill_budget: setup.spill,
+            bitmap_after: setup.bitmap_after,
+            policy: setup.policy,
+        },
         start.seq_next,
         Box::new(move |from| reserver_state.reserve_seqs(from)),
-    ));
+    )
+    .map_err(|source| AgentError::Capture {
+        group: group.clone(),
+        source,
+    })?;
+    let journal = Arc::new(journal);
     let mut disks = Vec::new();
     let mut views = Vec::new();
     for d in &cfg.disks {
@@ -176,34 +208,42 @@ fn prepare(
             group: group.clone(),
             what: format!("disk id {} does not fit 16 bits", d.id),
         })?;
-        let disk = SourceDisk::open(id, &d.path, journal.clone()).map_err(|source| {
-            AgentError::Source {
-                group: group.clone(),
-                source,
-            }
-        })?;
-        let copy = if !d.initial_copy {
-            CopyState::Skipped
-        } else if state.is_copied(id) {
-            CopyState::Done
-        } else {
-            CopyState::Pending
-        };
+        let (disk, report) =
+            ProtectedDisk::open(id, &d.path, journal.clone(), state_dir, d.initial_copy).map_err(
+                |source| AgentError::Source {
+                    group: group.clone(),
+                    source,
+                },
+            )?;
+        tracing::info!(group = %group, disk = id, path = %d.path.display(), pending_bytes = report.pending_bytes, "disk opened: {}", report.reason);
         views.push(DiskStatus {
             id,
             path: d.path.clone(),
-            size: disk.size(),
-            copy,
-            copy_covered: if copy == CopyState::Done {
-                disk.size()
-            } else {
-                0
-            },
-            copy_data_bytes: 0,
+            size: crate::frontend::BlockIo::size(&disk),
+            frontends: Vec::new(),
+            start_reason: report.reason,
+            start_pending_bytes: report.pending_bytes,
+            capture: Default::default(),
+            activity_log: (0, 0),
         });
-        disks.push((Arc::new(disk), d.initial_copy));
+        disks.push(Arc::new(disk));
     }
-    let info = Arc::new(GroupInfo::new(cfg.name.clone(), journal.clone(), views));
+    // Announce every disk's size before any of its data, so the target can check
+    // (or create) the replica.
+    for d in &disks {
+        journal
+            .record_disk_size(d.id(), crate::frontend::BlockIo::size(&**d))
+            .map_err(|source| AgentError::Capture {
+                group: group.clone(),
+                source,
+            })?;
+    }
+    let info = Arc::new(GroupInfo::new(
+        cfg.name.clone(),
+        journal.clone(),
+        views,
+        disks.clone(),
+    ));
     Ok(Prepared {
         cfg: cfg.clone(),
         name,
@@ -213,6 +253,8 @@ fn prepare(
         journal,
         disks,
         info,
+        dirty_flush: setup.dirty_flush,
+        pipeline_nice: setup.pipeline_nice,
     })
 }
 
@@ -230,12 +272,22 @@ pub async fn run(
         server_name: cfg.agent.relay_name.clone(),
         tls,
     };
-    let budget = (cfg.agent.capture_budget_bytes() / cfg.groups.len().max(1) as u64) as usize;
+    let n = cfg.groups.len().max(1) as u64;
+    let setup = Arc::new(CaptureSetup {
+        state_dir: cfg.agent.state_dir.clone(),
+        spill_dir: cfg.agent.spill_dir(),
+        memory: (cfg.agent.capture_budget_bytes() / n) as usize,
+        spill: cfg.agent.spill_budget_bytes() / n,
+        bitmap_after: Duration::from_millis(cfg.agent.bitmap_after_ms),
+        policy: cfg.agent.capture_policy,
+        dirty_flush: Duration::from_millis(cfg.agent.dirty_flush_ms),
+        pipeline_nice: cfg.agent.pipeline_nice as i32,
+    });
     let mut prepared = Vec::new();
     for g in &cfg.groups {
-        let state_dir = cfg.agent.state_dir.clone();
+        let setup = setup.clone();
         let g2 = g.clone();
-        let p = tokio::task::spawn_blocking(move || prepare(&g2, &state_dir, budget))
+        let p = tokio::task::spawn_blocking(move || prepare(&g2, &setup))
             .await
             .map_err(|e| AgentError::Internal {
                 group: g.name.clone(),
@@ -279,18 +331,67 @@ pub async fn run(
         })
     };
 
-    // The workload's own stop: fired by `exit_after_workload` once it is durable.
-    let (self_stop, self_sd) = shutdown::channel();
+    // Frontends: every disk is open and announced, so workloads may write now.
+    let refs: Vec<DiskRef> = prepared
+        .iter()
+        .flat_map(|p| {
+            p.disks.iter().map(|d| DiskRef {
+                group: p.cfg.name.clone(),
+                id: d.id(),
+                disk: d.clone(),
+                info: p.info.clone(),
+            })
+        })
+        .collect();
+    let frontends = match Frontends::start(&cfg, &refs).await {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!("cannot start the frontends: {e}");
+            let groups: Vec<_> = prepared
+                .iter()
+                .map(|p| (p.journal.clone(), p.disks.clone()))
+                .collect();
+            let _ = tokio::task::spawn_blocking(move || {
+                for (j, d) in groups {
+                    j.close();
+                    close_disks(&j, &d);
+                }
+            })
+            .await;
+            status_stop.fire();
+            let _ = status_task.await;
+            return Err(AgentError::Frontend(e));
+        }
+    };
+    drop(refs);
+
+    // Stop order: the frontends first (no more writes), then the groups.
+    // `self_stop` is the workload's own stop (`exit_after_workload`), `end`
+    // covers groups that all ended by themselves.
+    let (self_stop, mut self_sd) = shutdown::channel();
+    let (end, mut end_sd) = shutdown::channel();
+    let (groups_stop, groups_sd) = shutdown::channel();
+    let stopper = {
+        let mut outer = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = outer.wait() => {}
+                _ = self_sd.wait() => {}
+                _ = end_sd.wait() => {}
+            }
+            frontends.stop().await;
+            groups_stop.fire();
+        })
+    };
     let mut tasks = tokio::task::JoinSet::new();
     for (i, p) in prepared.into_iter().enumerate() {
         let workload = if i == 0 { opts.workload.clone() } else { None };
         let endpoint = endpoint.clone();
         let agent_name = cfg.agent.name.clone();
-        let shutdown = shutdown.clone();
-        let self_sd = self_sd.clone();
+        let sd = groups_sd.clone();
         tasks.spawn(async move {
             let name = p.cfg.name.clone();
-            let r = run_group(p, endpoint, agent_name, workload, shutdown, self_sd).await;
+            let r = run_group(p, endpoint, agent_name, workload, sd).await;
             (name, r)
         });
     }
@@ -325,6 +426,8 @@ pub async fn run(
             }
         }
     }
+    end.fire();
+    let _ = stopper.await;
     status_stop.fire();
     let _ = status_task.await;
     write_status();
@@ -344,8 +447,7 @@ async fn run_group(
     endpoint: RelayEndpoint,
     agent_name: String,
     workload: Option<WorkloadSpec>,
-    mut shutdown: Shutdown,
-    mut self_sd: Shutdown,
+    stop: Shutdown,
 ) -> Result<(), AgentError> {
     let group = p.cfg.name.clone();
     let info = p.info.clone();
@@ -354,10 +456,23 @@ async fn run_group(
         what,
     };
 
-    // The writer thread: initial copies, then the workload. It runs while the
-    // link is still being established: capture does not wait for the relay.
+    // Capture runs from here on, whatever the relay does: the drainer copies
+    // dirty regions, the keeper ticks the modes and rolls the dirty logs over.
+    let sink = {
+        let info = info.clone();
+        Box::new(move |e: String| info.set_error(e))
+    };
+    let workers = CaptureWorkers::start(
+        p.journal.clone(),
+        p.disks.clone(),
+        p.dirty_flush,
+        p.pipeline_nice,
+        sink,
+    )
+    .map_err(|e| internal(format!("cannot start capture workers: {e}")))?;
+
+    // The writer thread: the synthetic workload, when asked for.
     let stop_writer = Arc::new(AtomicBool::new(false));
-    let (copy_tx, copy_rx) = mpsc::unbounded_channel::<CopyMark>();
     if workload.is_some() {
         *lock(&info.workload) = Some(WorkloadReport::default());
     }
@@ -369,19 +484,10 @@ async fn run_group(
         let group = group.clone();
         std::thread::Builder::new()
             .name(format!("writer-{group}"))
-            .spawn(move || writer_thread(&group, &disks, &journal, &info, workload, &stop, copy_tx))
+            .spawn(move || writer_thread(&group, &disks, &journal, &info, workload, &stop))
             .map_err(|e| internal(format!("cannot start writer thread: {e}")))?
     };
 
-    // Stop signal for this group: the process's shutdown or the agent's own.
-    let (group_stop, stop) = shutdown::channel();
-    let stopper = tokio::spawn(async move {
-        tokio::select! {
-            _ = shutdown.wait() => {}
-            _ = self_sd.wait() => {}
-        }
-        group_stop.fire();
-    });
     let mut stop_for_connect = stop.clone();
     let hello = agent_hello(&agent_name, &group);
     let first = connect_with_retry(&endpoint, &hello, &info, &mut stop_for_connect).await;
@@ -389,16 +495,20 @@ async fn run_group(
         Ok(Some(c)) => c,
         other => {
             // Shutdown before the relay was ever reached, or a fatal refusal:
-            // nothing was sealed, so stop writing and leave the state unclean
-            // unless nothing was recorded.
+            // nothing was sealed; what was captured stays in the dirty logs.
             stop_writer.store(true, AO::Relaxed);
-            p.journal.close();
             let _ = tokio::task::spawn_blocking(move || writer.join()).await;
-            stopper.abort();
+            let (journal, disks) = (p.journal.clone(), p.disks.clone());
+            let _ = tokio::task::spawn_blocking(move || {
+                workers.stop();
+                journal.close();
+                close_disks(&journal, &disks);
+            })
+            .await;
             return match other {
                 Err(e) => Err(AgentError::Session(Box::new(e))),
                 _ => {
-                    tracing::warn!(group = %group, "stopped before the relay could be reached; the next start copies the disks again");
+                    tracing::warn!(group = %group, "stopped before the relay could be reached; the dirty logs keep what was captured for the next start");
                     Ok(())
                 }
             };
@@ -426,6 +536,7 @@ async fn run_group(
             heartbeat: p.cfg.heartbeat(),
             workers: SEAL_WORKERS,
             max_jobs: SEAL_WORKERS * 2,
+            nice: p.pipeline_nice,
         },
         head,
         frame_next,
@@ -440,20 +551,23 @@ async fn run_group(
     let next_frame = Arc::new(AtomicU64::new(frame_next));
     let seal_failed: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
     let bridge = {
+        let nice = p.pipeline_nice;
         let returner = pipeline.permit_returner();
         let info = info.clone();
         let next_frame = next_frame.clone();
         let failed = seal_failed.clone();
         std::thread::Builder::new()
             .name(format!("bridge-{group}"))
-            .spawn(move || bridge_thread(seal_rx, returner, frames_tx, &info, &next_frame, &failed))
+            .spawn(move || {
+                crate::util::priority::lower_this_thread(nice);
+                bridge_thread(seal_rx, returner, frames_tx, &info, &next_frame, &failed)
+            })
             .map_err(|e| internal(format!("cannot start bridge thread: {e}")))?
     };
 
     let (drain_trigger, drain) = shutdown::channel();
     let session = Session {
         info: info.clone(),
-        state: p.state.clone(),
         endpoint,
         hello,
         frames: frames_rx,
@@ -466,7 +580,6 @@ async fn run_group(
         max_bytes: p.cfg.window_bytes() as usize,
         drain,
         drain_timeout: DRAIN_TIMEOUT,
-        copies: copy_rx,
     };
     let mut session_task = tokio::spawn(session.run(first));
     let mut stop_wait = stop.clone();
@@ -474,10 +587,12 @@ async fn run_group(
         _ = stop_wait.wait() => None,
         r = &mut session_task => Some(r),
     };
-    // Orderly stop: no more writes, close the journal so the batcher flushes the
-    // rest into frames, then let the session drain them to the relay.
+    // Orderly stop: no more writes, stop copying, close the journal so the
+    // batcher flushes the rest into frames, then let the session drain them to
+    // the relay.
     stop_writer.store(true, AO::Relaxed);
     let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+    let _ = tokio::task::spawn_blocking(move || workers.stop()).await;
     p.journal.close();
     drain_trigger.fire();
     let session_result = match early {
@@ -488,7 +603,10 @@ async fn run_group(
     let pipe_stop = tokio::task::spawn_blocking(move || pipeline.stop());
     let _ = pipe_stop.await;
     let _ = tokio::task::spawn_blocking(move || bridge.join()).await;
-    stopper.abort();
+    {
+        let (journal, disks) = (p.journal.clone(), p.disks.clone());
+        let _ = tokio::task::spawn_blocking(move || close_disks(&journal, &disks)).await;
+    }
     if let Some(why) = lock(&seal_failed).clone() {
         return Err(internal(format!("sealing failed: {why}")));
     }
@@ -506,102 +624,85 @@ async fn run_group(
                 dir: PathBuf::new(),
                 source,
             })?;
-        tracing::info!(group = %group, next_seq, next_frame = nf, "stopped in order: every write is durable at the relay");
+        tracing::info!(group = %group, next_seq, next_frame = nf, "stopped in order: every captured write is durable at the relay");
     } else {
         tracing::warn!(
             group = %group,
             unacknowledged_entries = js.entries,
             ?end,
-            "stopped with writes the relay has not acknowledged; the next start copies the disks again"
+            "stopped with writes the relay has not acknowledged; their regions are kept in the dirty logs for the next start"
         );
     }
     Ok(())
 }
 
-/// Initial copies, then the workload. Runs on its own thread.
+/// Persist each disk's remaining dirty regions as a clean snapshot (the journal
+/// is closed: nothing writes any more).
+fn close_disks(journal: &CaptureJournal, disks: &[Arc<ProtectedDisk>]) {
+    for d in disks {
+        d.shut();
+        match d.close_clean() {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                group = journal.group(),
+                disk = d.id(),
+                bytes = n,
+                "regions left to copy at the next start"
+            ),
+            Err(e) => tracing::error!(
+                group = journal.group(),
+                disk = d.id(),
+                "cannot persist the dirty log at stop (the next start resyncs from the activity log): {e}"
+            ),
+        }
+    }
+}
+
+/// The synthetic workload, on the first disk, when one is asked for. Once it is
+/// done, its last seq is the journal's last one after every dirty region was
+/// copied (so the replica equals the source once that seq is applied).
 fn writer_thread(
     group: &str,
-    disks: &[(Arc<SourceDisk>, bool)],
+    disks: &[Arc<ProtectedDisk>],
     journal: &CaptureJournal,
     info: &GroupInfo,
     workload: Option<WorkloadSpec>,
     stop: &AtomicBool,
-    copies: mpsc::UnboundedSender<CopyMark>,
 ) {
-    for (disk, initial_copy) in disks {
-        let id = disk.id();
-        let state = info.disk_mut(id, |d| d.copy).unwrap_or(CopyState::Pending);
-        let r = match state {
-            CopyState::Pending => {
-                info.disk_mut(id, |d| d.copy = CopyState::Copying);
-                let progress = AtomicU64::new(0);
-                let r = std::thread::scope(|s| {
-                    let h = s.spawn(|| disk.initial_copy(&progress));
-                    while !h.is_finished() {
-                        let covered = progress.load(AO::Relaxed);
-                        info.disk_mut(id, |d| d.copy_covered = covered);
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
-                    h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
-                });
-                r.map(|st| {
-                    info.disk_mut(id, |d| {
-                        d.copy = CopyState::Recorded;
-                        d.copy_covered = st.covered;
-                        d.copy_data_bytes = st.data_bytes;
-                    });
-                    tracing::info!(
-                        group,
-                        disk = id,
-                        data_bytes = st.data_bytes,
-                        zero_bytes = st.zero_bytes,
-                        "initial copy recorded"
-                    );
-                    let _ = copies.send(CopyMark {
-                        disk: id,
-                        seq: journal.next_seq().saturating_sub(1),
-                    });
-                })
-            }
-            // Announce the size so the target can check (or create) the replica.
-            _ => journal
-                .record_disk_size(id, disk.size(), Ordering::W)
-                .map(|_| ())
-                .map_err(SourceError::from),
-        };
-        if let Err(e) = r {
-            if !stop.load(AO::Relaxed) {
-                tracing::error!(group, disk = id, initial_copy, "{e}");
-                info.set_error(e.to_string());
-            }
-            return;
-        }
-    }
-    if let Some(spec) = workload {
-        let Some((disk, _)) = disks.first() else {
-            return;
-        };
-        tracing::info!(
-            group,
-            disk = disk.id(),
-            ?spec,
-            "synthetic workload starting"
-        );
-        match workload::run(disk, &spec, stop, &info.workload_progress) {
-            Ok(r) => tracing::info!(
+    let Some(spec) = workload else { return };
+    let Some(disk) = disks.first() else { return };
+    tracing::info!(
+        group,
+        disk = disk.id(),
+        ?spec,
+        "synthetic workload starting"
+    );
+    let mut report = match workload::run(disk, &spec, stop, &info.workload_progress) {
+        Ok(r) => {
+            tracing::info!(
                 group,
                 writes = r.writes,
                 bytes = r.bytes,
                 seconds = r.seconds,
-                last_seq = r.last_seq,
                 "synthetic workload done"
-            ),
-            Err(e) => {
-                tracing::error!(group, "synthetic workload failed: {e}");
-                info.set_error(e.to_string());
-            }
+            );
+            r
         }
+        Err(e) => {
+            tracing::error!(group, "synthetic workload failed: {e}");
+            info.set_error(e.to_string());
+            let mut r = lock(&info.workload_progress).clone();
+            r.error = Some(e.to_string());
+            r
+        }
+    };
+    // Wait (bounded by stop) for every dirty region to be copied.
+    while journal.mode() != Mode::Data && !stop.load(AO::Relaxed) {
+        std::thread::sleep(Duration::from_millis(20));
     }
+    report.last_seq = report.last_seq.max(journal.next_seq().saturating_sub(1));
+    report.done = true;
+    *lock(&info.workload_progress) = report;
 }
 
 /// Sealed frames back into chain order, onto the session's channel.

@@ -14,8 +14,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::outbox::{ChainBreak, OutFrame, Outbox};
-use super::state::AgentState;
-use super::status::{CopyState, GroupInfo, lock};
+use super::status::{GroupInfo, lock};
 use crate::error::{Classify, ErrorKind};
 use crate::target::gate::ChainPos;
 use crate::transport::client::{
@@ -85,18 +84,9 @@ enum ConnEnd {
     Lost(String),
 }
 
-/// A disk whose initial copy is recorded through `seq` and becomes durable when
-/// the relay acknowledges that seq.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct CopyMark {
-    pub disk: u16,
-    pub seq: u64,
-}
-
 /// Everything one group's session needs.
 pub(crate) struct Session {
     pub info: Arc<GroupInfo>,
-    pub state: Arc<AgentState>,
     pub endpoint: RelayEndpoint,
     pub hello: Hello,
     pub frames: mpsc::Receiver<OutFrame>,
@@ -106,8 +96,6 @@ pub(crate) struct Session {
     /// Fires when the journal is closed and the session should drain.
     pub drain: Shutdown,
     pub drain_timeout: Duration,
-    /// Copies waiting for their last seq to be acknowledged.
-    pub copies: mpsc::UnboundedReceiver<CopyMark>,
 }
 
 /// Open the first session, retrying with back-off until it works, a fatal error,
@@ -151,7 +139,6 @@ impl Session {
         let mut conn = Some(first);
         let mut backoff = Backoff::default();
         let mut draining: Option<Instant> = None;
-        let mut pending_copies: Vec<CopyMark> = Vec::new();
         loop {
             let (stream, welcome) = match conn.take() {
                 Some(c) => c,
@@ -186,7 +173,7 @@ impl Session {
                 }
             };
             match self.outbox.on_connect(welcome.head) {
-                Ok(trimmed) => self.acknowledged(trimmed, &mut pending_copies),
+                Ok(trimmed) => self.acknowledged(trimmed),
                 Err(source) => {
                     self.info.set_error(source.to_string());
                     return Err(SessionError::ChainBreak {
@@ -196,9 +183,11 @@ impl Session {
                 }
             }
             self.info.connected.store(true, Ordering::Relaxed);
+            self.info.journal.set_link(true);
             let opened = Instant::now();
-            let end = self.serve(stream, &mut draining, &mut pending_copies).await;
+            let end = self.serve(stream, &mut draining).await;
             self.info.connected.store(false, Ordering::Relaxed);
+            self.info.journal.set_link(false);
             match end? {
                 ConnEnd::Drained => return Ok(SessionEnd::Drained),
                 ConnEnd::DrainTimeout => return Ok(SessionEnd::DrainTimeout),
@@ -215,39 +204,23 @@ impl Session {
         }
     }
 
-    /// The relay acknowledged through some frame: trim the journal, finish copies.
-    fn acknowledged(&mut self, trimmed: Option<u64>, pending: &mut Vec<CopyMark>) {
+    /// The relay acknowledged through some frame: trim the journal.
+    fn acknowledged(&mut self, trimmed: Option<u64>) {
         let acked = self.outbox.acked();
         *lock(&self.info.acked) = acked;
         *lock(&self.info.outbox) = (self.outbox.len(), self.outbox.bytes());
-        let Some(seq) = trimmed else { return };
-        self.info.journal.trim_through(seq);
-        while let Ok(m) = self.copies.try_recv() {
-            pending.push(m);
+        if let Some(seq) = trimmed {
+            self.info.journal.trim_through(seq);
+            self.info
+                .last_ack_us
+                .store(crate::util::time::now_us(), Ordering::Relaxed);
         }
-        pending.retain(|m| {
-            if m.seq > acked.last_seq {
-                return true;
-            }
-            match self.state.mark_copied(m.disk) {
-                Ok(()) => {
-                    tracing::info!(group = %self.hello.group, disk = m.disk, "initial copy is durable at the relay");
-                    self.info.disk_mut(m.disk, |d| d.copy = CopyState::Done);
-                    false
-                }
-                Err(e) => {
-                    tracing::error!(group = %self.hello.group, disk = m.disk, "cannot persist the finished copy: {e}");
-                    true
-                }
-            }
-        });
     }
 
     async fn serve(
         &mut self,
         stream: Stream,
         draining: &mut Option<Instant>,
-        pending: &mut Vec<CopyMark>,
     ) -> Result<ConnEnd, SessionError> {
         let (r, w) = tokio::io::split(stream);
         let (mut rx, reader) = spawn_reader(r, 256);
@@ -271,7 +244,7 @@ impl Session {
                         let trimmed = self.outbox.on_ack(frame_no, last_seq);
                         let n = before - self.outbox.len();
                         self.info.frames_acked.fetch_add(n as u64, Ordering::Relaxed);
-                        self.acknowledged(trimmed, pending);
+                        self.acknowledged(trimmed);
                     }
                     Some(Ok(Message::Throttle { retry_after_ms })) => {
                         self.info.throttles.fetch_add(1, Ordering::Relaxed);

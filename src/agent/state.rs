@@ -1,5 +1,6 @@
 //! The agent's small persisted state per group: seq and frame-number
-//! reservations, the clock floor, and which disks finished their initial copy.
+//! reservations and the clock floor. (What each disk still needs copied is in
+//! its dirty log, `capture::dirtylog`.)
 //!
 //! Seqs and frame numbers are handed out from blocks that are durably reserved
 //! *before* any number in them is used. After an orderly stop the exact next
@@ -36,8 +37,6 @@ struct StateFile {
     /// Exact next values, valid when `clean`.
     seq_next: u64,
     frame_next: u64,
-    /// Disks whose initial copy the relay has durably acknowledged.
-    copied_disks: Vec<u16>,
 }
 
 /// Where numbering resumes after start.
@@ -142,39 +141,6 @@ impl AgentState {
         Ok(until)
     }
 
-    /// True when `disk`'s initial copy was acknowledged in an earlier run.
-    pub fn is_copied(&self, disk: u16) -> bool {
-        self.lock().copied_disks.contains(&disk)
-    }
-
-    /// Remember that `disk`'s initial copy is durable at the relay.
-    pub fn mark_copied(&self, disk: u16) -> std::io::Result<()> {
-        let mut g = self.lock();
-        if g.copied_disks.contains(&disk) {
-            return Ok(());
-        }
-        let mut next = g.clone();
-        next.copied_disks.push(disk);
-        self.persist(&next)?;
-        *g = next;
-        Ok(())
-    }
-
-    /// Forget every disk's copy: after an unclean stop the writes that were only
-    /// in memory are lost, so every disk is copied again (the persisted dirty
-    /// bitmap of a later release narrows this to the dirty regions).
-    pub fn clear_copied(&self) -> std::io::Result<()> {
-        let mut g = self.lock();
-        if g.copied_disks.is_empty() {
-            return Ok(());
-        }
-        let mut next = g.clone();
-        next.copied_disks.clear();
-        self.persist(&next)?;
-        *g = next;
-        Ok(())
-    }
-
     /// Orderly stop: store the exact next values and mark the state clean.
     pub fn close_clean(&self, seq_next: u64, frame_next: u64) -> std::io::Result<()> {
         let mut g = self.lock();
@@ -200,13 +166,11 @@ mod tests {
         assert_eq!(start.seq_next, 1);
         assert_eq!(s.reserve_seqs(1).unwrap(), 1 + SEQ_BLOCK);
         assert_eq!(s.reserve_frames(1).unwrap(), 1 + FRAME_BLOCK);
-        s.mark_copied(0).unwrap();
         drop(s); // crash: no close_clean
         let (s, start) = AgentState::open(d.path(), "g1").unwrap();
         assert_eq!(start.seq_next, 1 + SEQ_BLOCK);
         assert_eq!(start.frame_next, 1 + FRAME_BLOCK);
         assert!(!start.was_clean);
-        assert!(s.is_copied(0));
         s.close_clean(1 + SEQ_BLOCK + 5, 1 + FRAME_BLOCK + 2)
             .unwrap();
         drop(s);

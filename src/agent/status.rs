@@ -8,27 +8,24 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 
 use super::workload::WorkloadReport;
-use crate::capture::journal::{CaptureJournal, JournalStats};
+use crate::capture::journal::{CaptureJournal, DiskCaptureStats, JournalStats};
+use crate::capture::protected::ProtectedDisk;
 use crate::target::gate::ChainPos;
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Where a disk's initial copy stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CopyState {
-    /// Not started yet.
-    Pending,
-    /// Reading the disk into the journal.
-    Copying,
-    /// All of the disk is in the journal; waiting for the relay's ack.
-    Recorded,
-    /// The relay holds all of it durably (persisted across restarts).
-    Done,
-    /// Not copied: `initial_copy = false`.
-    Skipped,
+/// One frontend serving a disk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FrontendStatus {
+    /// "nbd" or "fuse".
+    pub kind: String,
+    /// Where clients reach it (listen addresses, export name, or file path).
+    pub address: String,
+    /// The frontend's own counters.
+    #[serde(default)]
+    pub counters: serde_json::Value,
 }
 
 /// One disk in the status.
@@ -40,12 +37,16 @@ pub struct DiskStatus {
     pub path: PathBuf,
     /// Size in bytes.
     pub size: u64,
-    /// Initial copy state.
-    pub copy: CopyState,
-    /// Bytes of the disk the copy has covered.
-    pub copy_covered: u64,
-    /// Bytes the copy sent as data (the rest were zeros).
-    pub copy_data_bytes: u64,
+    /// How workloads reach the disk (empty: only tidemark's own writers).
+    pub frontends: Vec<FrontendStatus>,
+    /// Why the disk started with regions to copy, and how many bytes.
+    pub start_reason: String,
+    /// Bytes marked for copying at start.
+    pub start_pending_bytes: u64,
+    /// Capture counters of this disk (pending, unacknowledged, copied bytes).
+    pub capture: DiskCaptureStats,
+    /// Extents in the activity log (write intent), and log writes since start.
+    pub activity_log: (u64, u64),
 }
 
 /// Live state of one group, shared by its session, bridge and writer.
@@ -58,19 +59,28 @@ pub(crate) struct GroupInfo {
     pub plain_bytes: AtomicU64,
     pub stored_bytes: AtomicU64,
     pub frames_acked: AtomicU64,
+    pub last_ack_us: AtomicU64,
     pub reconnects: AtomicU64,
     pub throttles: AtomicU64,
     pub acked: Mutex<ChainPos>,
     pub outbox: Mutex<(usize, usize)>,
     pub last_error: Mutex<Option<String>>,
     pub disks: Mutex<Vec<DiskStatus>>,
+    pub disk_io: Vec<Arc<ProtectedDisk>>,
+    /// Counters of each disk's frontends, in the order of its `frontends`.
+    pub probes: Mutex<Vec<(u16, super::frontends::Probe)>>,
     pub workload: Mutex<Option<WorkloadReport>>,
     /// The workload's live progress (the writer thread updates it).
     pub workload_progress: Arc<Mutex<WorkloadReport>>,
 }
 
 impl GroupInfo {
-    pub fn new(name: String, journal: Arc<CaptureJournal>, disks: Vec<DiskStatus>) -> Self {
+    pub fn new(
+        name: String,
+        journal: Arc<CaptureJournal>,
+        disks: Vec<DiskStatus>,
+        disk_io: Vec<Arc<ProtectedDisk>>,
+    ) -> Self {
         GroupInfo {
             name,
             journal,
@@ -80,12 +90,15 @@ impl GroupInfo {
             plain_bytes: AtomicU64::new(0),
             stored_bytes: AtomicU64::new(0),
             frames_acked: AtomicU64::new(0),
+            last_ack_us: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             throttles: AtomicU64::new(0),
             acked: Mutex::new(ChainPos::default()),
             outbox: Mutex::new((0, 0)),
             last_error: Mutex::new(None),
             disks: Mutex::new(disks),
+            disk_io,
+            probes: Mutex::new(Vec::new()),
             workload: Mutex::new(None),
             workload_progress: Arc::new(Mutex::new(WorkloadReport::default())),
         }
@@ -95,21 +108,32 @@ impl GroupInfo {
         *lock(&self.last_error) = Some(e);
     }
 
-    pub fn disk_mut<R>(&self, id: u16, f: impl FnOnce(&mut DiskStatus) -> R) -> Option<R> {
-        lock(&self.disks).iter_mut().find(|d| d.id == id).map(f)
-    }
-
     pub fn snapshot(&self) -> AgentGroupStatus {
         let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let (outbox_frames, outbox_bytes) = *lock(&self.outbox);
         let workload = lock(&self.workload)
             .is_some()
             .then(|| lock(&self.workload_progress).clone());
+        let journal = self.journal.stats();
+        let mut disks = lock(&self.disks).clone();
+        for d in &mut disks {
+            if let Some(c) = journal.disks.iter().find(|c| c.id == d.id) {
+                d.capture = c.clone();
+            }
+            if let Some(io) = self.disk_io.iter().find(|io| io.id() == d.id) {
+                d.activity_log = io.activity_log_stats();
+            }
+            let probes = lock(&self.probes);
+            let mine = probes.iter().filter(|(id, _)| *id == d.id);
+            for (f, (_, p)) in d.frontends.iter_mut().zip(mine) {
+                f.counters = p.counters();
+            }
+        }
         AgentGroupStatus {
             name: self.name.clone(),
             connected: self.connected.load(Ordering::Relaxed),
             acked: *lock(&self.acked),
-            journal: self.journal.stats(),
+            journal,
             outbox_frames,
             outbox_bytes,
             frames_sealed: r(&self.frames_sealed),
@@ -117,10 +141,11 @@ impl GroupInfo {
             plain_bytes: r(&self.plain_bytes),
             stored_bytes: r(&self.stored_bytes),
             frames_acked: r(&self.frames_acked),
+            last_ack_us: r(&self.last_ack_us),
             reconnects: r(&self.reconnects),
             throttles: r(&self.throttles),
             last_error: lock(&self.last_error).clone(),
-            disks: lock(&self.disks).clone(),
+            disks,
             workload,
         }
     }
@@ -151,6 +176,9 @@ pub struct AgentGroupStatus {
     pub stored_bytes: u64,
     /// Frames the relay acknowledged since start.
     pub frames_acked: u64,
+    /// When the relay last acknowledged a frame, µs since the Unix epoch (0: never).
+    #[serde(default)]
+    pub last_ack_us: u64,
     /// Connections lost and re-established.
     pub reconnects: u64,
     /// Throttle requests from the relay.

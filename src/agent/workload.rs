@@ -1,6 +1,6 @@
-//! The synthetic writer: a seeded workload that writes through the same source
-//! disk write path a frontend uses (`SourceDisk::write`: backing disk first,
-//! then capture). `tidemark bench` and the integration tests drive the pipeline
+//! The synthetic writer: a seeded workload that writes through the same disk
+//! write path a frontend uses ([`ProtectedDisk::write`]: write intent, backing
+//! disk, then capture). `tidemark bench` and the integration tests drive the pipeline
 //! with it; it stands where the protected machine's applications stand.
 
 use std::sync::Mutex;
@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::capture::source::{SourceDisk, SourceError};
+use crate::capture::journal::Recorded;
+use crate::capture::protected::ProtectedDisk;
+use crate::frontend::{BlockIo, IoError};
 use crate::util::datagen;
 use crate::util::prng::Prng;
 
@@ -56,9 +58,15 @@ pub struct WorkloadReport {
     pub start_us: u64,
     /// Seq of the first write (0 before it).
     pub first_seq: u64,
-    /// Seq of the last write acknowledged (0 before the first).
+    /// Seq of the last write acknowledged (0 before the first); once `done`,
+    /// the last seq the replica must reach to equal the source (copies of
+    /// regions the workload dirtied included).
     pub last_seq: u64,
-    /// True once the workload has ended (limit reached or stopped).
+    /// Writes kept as dirty regions instead of with their bytes (capture degraded).
+    #[serde(default)]
+    pub dirty_writes: u64,
+    /// True once the workload has ended and capture holds all of it (its
+    /// caller sets this, after the dirty regions are copied).
     pub done: bool,
     /// Why it ended early, if it did.
     pub error: Option<String>,
@@ -83,13 +91,14 @@ pub enum WorkloadError {
     Spec(String),
     /// A write failed.
     #[error(transparent)]
-    Source(#[from] SourceError),
+    Io(#[from] IoError),
 }
 
 /// Run `spec` against `disk` until a limit is reached or `stop` is set.
-/// `progress` is updated after every write; the final report is returned.
+/// `progress` is updated after every write; the final report is returned (not
+/// yet `done`: the caller decides when capture holds all of it).
 pub fn run(
-    disk: &SourceDisk,
+    disk: &ProtectedDisk,
     spec: &WorkloadSpec,
     stop: &AtomicBool,
     progress: &Mutex<WorkloadReport>,
@@ -140,12 +149,17 @@ pub fn run(
             }
         };
         let data = datagen::generate(len, spec.compressibility, &mut rng);
-        match disk.write(slot * ws, data) {
-            Ok(seq) => {
-                if report.first_seq == 0 {
-                    report.first_seq = seq;
+        match disk.write(slot * ws, data, false) {
+            Ok(r) => {
+                match r {
+                    Recorded::Seq(seq) => {
+                        if report.first_seq == 0 {
+                            report.first_seq = seq;
+                        }
+                        report.last_seq = seq;
+                    }
+                    Recorded::Dirty => report.dirty_writes += 1,
                 }
-                report.last_seq = seq;
                 report.writes += 1;
                 report.bytes += len as u64;
                 report.seconds = start.elapsed().as_secs_f64();
@@ -155,7 +169,6 @@ pub fn run(
         }
     };
     report.seconds = start.elapsed().as_secs_f64();
-    report.done = true;
     if let Err(e) = &result {
         report.error = Some(e.to_string());
     }
@@ -169,12 +182,17 @@ mod tests {
     use crate::capture::journal::{CaptureJournal, Change};
     use std::sync::Arc;
 
-    fn disk(size: u64) -> (tempfile::TempDir, Arc<CaptureJournal>, SourceDisk) {
+    fn disk(size: u64) -> (tempfile::TempDir, Arc<CaptureJournal>, ProtectedDisk) {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("src.img");
         std::fs::File::create(&p).unwrap().set_len(size).unwrap();
-        let j = Arc::new(CaptureJournal::new(64 << 20, 1, Box::new(|f| Ok(f + 1000))));
-        let disk = SourceDisk::open(0, &p, j.clone()).unwrap();
+        let j = Arc::new(CaptureJournal::in_memory(
+            64 << 20,
+            1,
+            Box::new(|f| Ok(f + 1000)),
+        ));
+        let (disk, _) =
+            ProtectedDisk::open(0, &p, j.clone(), &d.path().join("state"), false).unwrap();
         (d, j, disk)
     }
 
@@ -204,7 +222,7 @@ mod tests {
         assert_eq!(r.bytes, 10_000);
         assert_eq!(r.writes, 3);
         assert_eq!((r.first_seq, r.last_seq), (1, 3));
-        assert!(r.done);
+        assert!(!r.done, "the caller marks it done");
         assert_eq!(*p.lock().unwrap(), r);
         let entries = j.take_batch(usize::MAX, Duration::ZERO, Duration::ZERO);
         let lens: Vec<usize> = entries.iter().map(|e| e.payload_len()).collect();

@@ -372,6 +372,11 @@ fn run_in(opts: &BenchOptions, dir: &Path) -> Result<BenchReport, BenchError> {
     agent_cfg.agent.relay = addr.to_string();
     agent_cfg.agent.relay_name = "127.0.0.1".into();
     agent_cfg.agent.status_listen = None;
+    // The bench measures the pipeline: writes wait for the relay instead of
+    // degrading capture to the dirty bitmap.
+    agent_cfg.agent.capture_policy = crate::capture::journal::Policy::Block;
+    // ...and every stage at the same priority (there is no workload to yield to).
+    agent_cfg.agent.pipeline_nice = 0;
     agent_cfg.groups[0].zstd_level = opts.zstd_level;
     agent_cfg.groups[0].disks[0].path = source.clone();
     write_config(&agent_toml, agent_cfg.to_toml_string())?;

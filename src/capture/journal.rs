@@ -1,28 +1,42 @@
-//! The capture journal: an in-memory, write-ordered log of captured changes with a
-//! byte budget.
+//! The capture journal of one consistency group: every captured change in seq
+//! order until the relay acknowledges it, within a memory budget and a spill
+//! budget, plus the dirty regions of each disk.
 //!
 //! Every entry gets the group's next seq under one lock, so seq order is the order
-//! in which writes were recorded. Entries stay until the relay has durably
-//! acknowledged the frame that carries them ([`CaptureJournal::trim_through`]);
-//! the batcher reads them without removing them ([`CaptureJournal::take_batch`]).
-//! When the budget is full, [`CaptureJournal::record`] waits for trimming (this
-//! release's policy; spilling to disk and the dirty bitmap replace the wait later).
+//! in which changes were recorded. The batcher reads entries without removing them
+//! ([`CaptureJournal::take_batch`]); the relay's durable ack removes them
+//! ([`CaptureJournal::trim_through`]). Where a change goes is decided by
+//! [`super::modes`]: memory, then spill files, then only its region in the dirty
+//! bitmap, so a live write never waits (unless the group's policy is
+//! [`Policy::Block`]).
+//!
+//! Per disk the journal keeps three region bitmaps: *pending* (regions whose
+//! content must be copied again from the backing disk, as M data) and two
+//! generations of *unacknowledged* regions (touched by entries the relay has not
+//! acknowledged). Their union is what the persisted dirty log must cover; the
+//! generations rotate on acks, so a region leaves the union once every entry that
+//! touched it is acknowledged.
 
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use super::bitmap::{Granularity, RegionBitmap};
+use super::modes::{self, Budgets, LinkView, Mode, ModeState, Placement, Tick};
+use super::spill::{self, Spill, SpillMeta, SpillPos};
 use crate::error::{Classify, ErrorKind};
 use crate::util::time::now_us;
 
-/// Per-entry bookkeeping charged against the budget besides the data itself.
+/// Per-entry bookkeeping charged against the memory budget besides the data.
 pub const ENTRY_OVERHEAD: usize = 96;
 
 /// Whether replaying the entry in seq order reproduces every intermediate source
-/// state (W: a live write) or not (M: data read from the disk later, e.g. the
-/// initial copy).
+/// state (W: a live write in data or spill mode) or not (M: data read from the
+/// disk later, and writes captured while dirty regions are being copied).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ordering {
     /// Write-ordered.
@@ -42,7 +56,7 @@ pub enum Change {
     DiskSize(u64),
 }
 
-/// One captured change.
+/// One captured change, as the batcher gets it.
 #[derive(Debug, Clone)]
 pub struct Entry {
     /// Sequence number in the group.
@@ -67,19 +81,45 @@ impl Entry {
             _ => 0,
         }
     }
+}
 
-    fn charge(&self) -> usize {
-        self.payload_len() + ENTRY_OVERHEAD
-    }
+/// What happens to live writes when the memory budget is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// Degrade: spill, then keep dirty regions only. The workload never waits.
+    #[default]
+    Degrade,
+    /// Wait for the relay to acknowledge (the workload slows down to the link's
+    /// pace). The bench uses it to measure the pipeline itself.
+    Block,
+}
+
+/// How a group's journal is set up.
+#[derive(Debug, Clone)]
+pub struct CaptureConfig {
+    /// Group name (for logs).
+    pub group: String,
+    /// Memory budget in bytes (entries' metadata and in-memory data).
+    pub memory_budget: usize,
+    /// Directory for spill files (`None`: no spill).
+    pub spill_dir: Option<PathBuf>,
+    /// Spill budget in bytes (0: no spill).
+    pub spill_budget: u64,
+    /// After the relay has been unreachable this long, unsent writes are dropped
+    /// to the dirty bitmap (zero: never).
+    pub bitmap_after: Duration,
+    /// Full-budget policy.
+    pub policy: Policy,
 }
 
 /// Errors of the capture journal.
 #[derive(Debug, Error)]
 pub enum CaptureError {
-    /// The journal was closed (agent shutting down): the write is not recorded.
+    /// The journal was closed (agent shutting down): the change is not recorded.
     #[error("capture journal is closed")]
     Closed,
-    /// Persisting the seq reservation failed: the write is not recorded.
+    /// Persisting the seq reservation failed: the change is not recorded.
     #[error("cannot persist the seq reservation: {0}")]
     Reserve(std::io::Error),
     /// A zero-length write or range.
@@ -90,14 +130,25 @@ pub enum CaptureError {
         /// Offset.
         offset: u64,
     },
+    /// The disk id is not registered with this journal.
+    #[error("disk {0} is not part of this group")]
+    UnknownDisk(u16),
+    /// The spill directory could not be set up.
+    #[error("spill directory {path}: {source}")]
+    Spill {
+        /// Directory.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
 }
 
 impl Classify for CaptureError {
     fn kind(&self) -> ErrorKind {
         match self {
             CaptureError::Closed => ErrorKind::Shutdown,
-            CaptureError::Reserve(_) => ErrorKind::Io,
-            CaptureError::Empty { .. } => ErrorKind::Corrupt,
+            CaptureError::Reserve(_) | CaptureError::Spill { .. } => ErrorKind::Io,
+            CaptureError::Empty { .. } | CaptureError::UnknownDisk(_) => ErrorKind::Corrupt,
         }
     }
 }
@@ -106,178 +157,761 @@ impl Classify for CaptureError {
 /// returns the new exclusive upper bound that is now durably reserved.
 pub type Reserver = Box<dyn FnMut(u64) -> std::io::Result<u64> + Send>;
 
+/// The outcome of recording a live change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// Recorded with its bytes under this seq.
+    Seq(u64),
+    /// Not kept with its bytes: its region is marked dirty (bitmap or budgets full).
+    Dirty,
+}
+
+/// A part of a copied region (drain): data or zeros at a disk offset.
+#[derive(Debug)]
+pub enum CopyPart {
+    /// Bytes read from the backing disk.
+    Data(u64, Vec<u8>),
+    /// A range found to be all zeros.
+    Zero(u64, u64),
+}
+
+enum Held {
+    Change(Change),
+    Spilled(SpillPos, u32),
+}
+
+struct Slot {
+    seq: u64,
+    disk: u16,
+    offset: u64,
+    time_us: u64,
+    ordering: Ordering,
+    held: Held,
+}
+
+impl Slot {
+    fn data_len(&self) -> usize {
+        match &self.held {
+            Held::Change(Change::Write(d)) => d.len(),
+            Held::Spilled(_, l) => *l as usize,
+            _ => 0,
+        }
+    }
+
+    fn mem_charge(&self) -> usize {
+        match &self.held {
+            Held::Change(Change::Write(d)) => d.len() + ENTRY_OVERHEAD,
+            _ => ENTRY_OVERHEAD,
+        }
+    }
+
+    /// The disk range the change covers (None for a size announcement).
+    fn range(&self) -> Option<(u64, u64)> {
+        match &self.held {
+            Held::Change(Change::Write(d)) => Some((self.offset, d.len() as u64)),
+            Held::Change(Change::Zero(l)) => Some((self.offset, *l)),
+            Held::Change(Change::DiskSize(_)) => None,
+            Held::Spilled(_, l) => Some((self.offset, u64::from(*l))),
+        }
+    }
+}
+
+struct DiskDirty {
+    id: u16,
+    size: u64,
+    gran: Granularity,
+    pending: RegionBitmap,
+    cur: RegionBitmap,
+    prev: RegionBitmap,
+    copied_bytes: u64,
+}
+
+impl DiskDirty {
+    fn span(&self, offset: u64, len: u64) -> (u64, u64) {
+        self.gran.span(offset, len)
+    }
+
+    fn bytes_of(&self, regions: u64) -> u64 {
+        (regions << self.gran.shift).min(self.size)
+    }
+}
+
 struct Inner {
-    entries: VecDeque<Entry>,
-    /// Index in `entries` of the first entry not yet handed to the batcher.
+    slots: VecDeque<Slot>,
+    /// Index in `slots` of the first entry not yet handed to the batcher.
     unbatched: usize,
     unbatched_bytes: usize,
-    bytes: usize,
+    mem: usize,
+    spill: Option<Spill>,
     next_seq: u64,
     reserved_until: u64,
     closed: bool,
     recorded: u64,
     recorded_bytes: u64,
-    waits: u64,
+    dirty_marks: u64,
+    dropped: u64,
+    block_waits: u64,
+    mode: ModeState,
+    link_up: bool,
+    link_changed: Instant,
+    disks: Vec<DiskDirty>,
+    rot_seq: u64,
+}
+
+impl Inner {
+    fn disk(&mut self, id: u16) -> Result<&mut DiskDirty, CaptureError> {
+        self.disks
+            .iter_mut()
+            .find(|d| d.id == id)
+            .ok_or(CaptureError::UnknownDisk(id))
+    }
+
+    fn budgets(&self, cfg: &CaptureConfig) -> Budgets {
+        Budgets {
+            mem_used: self.mem,
+            mem_budget: cfg.memory_budget,
+            spill_used: self.spill.as_ref().map_or(0, Spill::bytes),
+            spill_budget: if self.spill.is_some() {
+                cfg.spill_budget
+            } else {
+                0
+            },
+            entries: self.slots.len(),
+        }
+    }
+
+    fn pending_bytes(&self) -> u64 {
+        self.disks
+            .iter()
+            .map(|d| d.bytes_of(d.pending.count()))
+            .sum()
+    }
+
+    fn change_mode(&mut self, group: &str, to: Mode, reason: String) {
+        let from = self.mode.mode;
+        if self.mode.change(to, reason.clone(), now_us()) {
+            if to == Mode::Data {
+                tracing::info!(
+                    group,
+                    from = from.as_str(),
+                    to = to.as_str(),
+                    "capture mode: {reason}"
+                );
+            } else {
+                tracing::warn!(
+                    group,
+                    from = from.as_str(),
+                    to = to.as_str(),
+                    "capture mode: {reason}"
+                );
+            }
+        }
+    }
+
+    /// Mark a range pending; a write-ordered mode can no longer make recovery
+    /// points, so it becomes bitmap.
+    fn mark_pending(&mut self, group: &str, disk: u16, offset: u64, len: u64, why: &str) {
+        if let Ok(d) = self.disk(disk) {
+            let (a, b) = d.span(offset, len);
+            d.pending.set_range(a, b);
+        }
+        if self.mode.mode.write_ordered() {
+            self.change_mode(group, Mode::Bitmap, why.to_string());
+        }
+    }
+
+    fn mark_unacked(&mut self, disk: u16, offset: u64, len: u64) {
+        if let Ok(d) = self.disk(disk) {
+            let (a, b) = d.span(offset, len);
+            d.cur.set_range(a, b);
+        }
+    }
+
+    fn assign_seq(&mut self, reserver: &Mutex<Reserver>) -> Result<u64, CaptureError> {
+        if self.next_seq >= self.reserved_until {
+            let from = self.next_seq;
+            let mut r = reserver.lock().unwrap_or_else(|p| p.into_inner());
+            self.reserved_until = (r)(from).map_err(CaptureError::Reserve)?;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        Ok(seq)
+    }
+
+    fn push(&mut self, slot: Slot) {
+        self.mem += slot.mem_charge();
+        self.unbatched_bytes += slot.data_len();
+        self.recorded += 1;
+        self.recorded_bytes += slot.data_len() as u64;
+        self.slots.push_back(slot);
+    }
+
+    fn release(&mut self, slot: &Slot) {
+        self.mem -= slot.mem_charge();
+        if let (Held::Spilled(pos, len), Some(sp)) = (&slot.held, self.spill.as_mut()) {
+            sp.release(pos, *len);
+        }
+    }
+
+    /// Remove every entry not yet handed to the batcher (size announcements
+    /// stay), marking its region pending. Returns how many were dropped.
+    fn drop_unbatched(&mut self) -> u64 {
+        let tail: Vec<Slot> = self.slots.drain(self.unbatched..).collect();
+        let mut dropped = 0;
+        for s in tail {
+            match s.range() {
+                None => self.slots.push_back(s),
+                Some((o, l)) => {
+                    if let Ok(d) = self.disk(s.disk) {
+                        let (a, b) = d.span(o, l);
+                        d.pending.set_range(a, b);
+                    }
+                    self.release(&s);
+                    dropped += 1;
+                }
+            }
+        }
+        self.unbatched_bytes = self
+            .slots
+            .iter()
+            .skip(self.unbatched)
+            .map(Slot::data_len)
+            .sum();
+        self.dropped += dropped;
+        dropped
+    }
+
+    /// Entries from `seq` on that were handed to the batcher are taken back
+    /// (they were not returned to it).
+    fn untake_from(&mut self, seq: u64) {
+        if let Some(i) = self.slots.iter().position(|s| s.seq >= seq)
+            && i < self.unbatched
+        {
+            self.unbatched = i;
+        }
+        self.unbatched_bytes = self
+            .slots
+            .iter()
+            .skip(self.unbatched)
+            .map(Slot::data_len)
+            .sum();
+    }
+}
+
+/// Capture counters of one disk.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DiskCaptureStats {
+    /// Disk id.
+    pub id: u16,
+    /// Region size in bytes.
+    pub granularity: u64,
+    /// Bytes of dirty regions waiting to be copied (bitmap).
+    pub pending_bytes: u64,
+    /// Bytes of regions touched by entries not yet acknowledged (upper bound).
+    pub unacked_bytes: u64,
+    /// Bytes copied from the backing disk since start (initial copy, drains).
+    pub copied_bytes: u64,
 }
 
 /// Counters and gauges of the journal, for status and the bench.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JournalStats {
     /// Entries held (not yet acknowledged by the relay).
     pub entries: usize,
-    /// Bytes charged against the budget.
+    /// Bytes charged against the memory budget.
     pub bytes: usize,
-    /// The budget.
+    /// The memory budget.
     pub budget: usize,
+    /// Bytes in spill files.
+    pub spill_bytes: u64,
+    /// Entries whose bytes are in spill files.
+    pub spill_entries: u64,
+    /// The spill budget.
+    pub spill_budget: u64,
+    /// Bytes of dirty regions waiting to be copied, all disks.
+    pub pending_bytes: u64,
     /// Next seq to assign.
     pub next_seq: u64,
     /// Entries recorded since start.
     pub recorded: u64,
     /// Payload bytes recorded since start.
     pub recorded_bytes: u64,
-    /// How many records had to wait for budget.
+    /// Live writes kept as dirty regions instead of entries.
+    pub dirty_marks: u64,
+    /// Unsent entries dropped to the dirty bitmap.
+    pub dropped_entries: u64,
+    /// Records that waited for budget (policy `block`).
     pub budget_waits: u64,
+    /// The full-budget policy.
+    pub policy: Policy,
+    /// Capture mode, since when, why, and every transition counted.
+    pub mode: ModeState,
+    /// Per disk.
+    pub disks: Vec<DiskCaptureStats>,
 }
 
 /// The capture journal of one consistency group.
 pub struct CaptureJournal {
+    cfg: CaptureConfig,
     inner: Mutex<Inner>,
     /// Signalled when entries are trimmed (budget freed) or on close.
     space: Condvar,
     /// Signalled when entries are recorded or on close.
     avail: Condvar,
-    budget: usize,
     reserver: Mutex<Reserver>,
 }
 
 impl CaptureJournal {
-    /// A journal with `budget` bytes, assigning seqs from `next_seq`; `reserver`
-    /// is asked to durably reserve more seqs whenever `next_seq` reaches the
-    /// reserved bound (initially `next_seq`, so the first record reserves).
-    pub fn new(budget: usize, next_seq: u64, reserver: Reserver) -> Self {
-        CaptureJournal {
+    /// A journal assigning seqs from `next_seq`; `reserver` is asked to durably
+    /// reserve more seqs whenever `next_seq` reaches the reserved bound. Spill
+    /// files left by an earlier run are deleted.
+    pub fn new(
+        cfg: CaptureConfig,
+        next_seq: u64,
+        reserver: Reserver,
+    ) -> Result<Self, CaptureError> {
+        let spill = match (&cfg.spill_dir, cfg.spill_budget) {
+            (Some(dir), b) if b > 0 => {
+                Some(Spill::open(dir).map_err(|source| CaptureError::Spill {
+                    path: dir.clone(),
+                    source,
+                })?)
+            }
+            _ => None,
+        };
+        Ok(CaptureJournal {
             inner: Mutex::new(Inner {
-                entries: VecDeque::new(),
+                slots: VecDeque::new(),
                 unbatched: 0,
                 unbatched_bytes: 0,
-                bytes: 0,
+                mem: 0,
+                spill,
                 next_seq,
                 reserved_until: next_seq,
                 closed: false,
                 recorded: 0,
                 recorded_bytes: 0,
-                waits: 0,
+                dirty_marks: 0,
+                dropped: 0,
+                block_waits: 0,
+                mode: ModeState::new(Mode::Data, "started", now_us()),
+                link_up: false,
+                link_changed: Instant::now(),
+                disks: Vec::new(),
+                rot_seq: 0,
             }),
+            cfg,
             space: Condvar::new(),
             avail: Condvar::new(),
-            budget,
             reserver: Mutex::new(reserver),
-        }
+        })
+    }
+
+    /// A journal in memory only (no spill), as the tests and simple callers use.
+    pub fn in_memory(budget: usize, next_seq: u64, reserver: Reserver) -> Self {
+        let cfg = CaptureConfig {
+            group: "test".into(),
+            memory_budget: budget,
+            spill_dir: None,
+            spill_budget: 0,
+            bitmap_after: Duration::ZERO,
+            policy: Policy::Block,
+        };
+        Self::new(cfg, next_seq, reserver).expect("no spill directory to open")
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Record a write of `data` at `offset` on `disk`; returns its seq once it is
-    /// in the journal. Waits while the budget is full.
+    /// The group's name.
+    pub fn group(&self) -> &str {
+        &self.cfg.group
+    }
+
+    /// Register a disk of `size` bytes, with the regions that must be copied from
+    /// its backing disk before the group can make recovery points again. With
+    /// pending regions the group starts draining, for `reason`.
+    pub fn add_disk(&self, id: u16, size: u64, pending: RegionBitmap, reason: &str) {
+        let gran = Granularity::for_disk(size);
+        let regions = gran.regions(size);
+        let mut g = self.lock();
+        let has_pending = !pending.is_empty();
+        g.disks.retain(|d| d.id != id);
+        g.disks.push(DiskDirty {
+            id,
+            size,
+            gran,
+            pending,
+            cur: RegionBitmap::new(regions),
+            prev: RegionBitmap::new(regions),
+            copied_bytes: 0,
+        });
+        if has_pending && g.mode.mode != Mode::Drain {
+            let why = format!("disk {id}: {reason}");
+            g.change_mode(&self.cfg.group, Mode::Drain, why);
+        }
+    }
+
+    /// Record a live write of `data` at `offset` on `disk` (its bytes are already
+    /// on the backing disk). Never waits under policy `degrade`.
     pub fn record_write(
         &self,
         disk: u16,
         offset: u64,
         data: Vec<u8>,
-        ordering: Ordering,
-    ) -> Result<u64, CaptureError> {
+    ) -> Result<Recorded, CaptureError> {
         if data.is_empty() {
             return Err(CaptureError::Empty { disk, offset });
         }
-        self.record(disk, offset, ordering, Change::Write(Arc::new(data)))
+        self.record_live(disk, offset, Change::Write(Arc::new(data)))
     }
 
     /// Record that `len` bytes at `offset` now read as zeros.
-    pub fn record_zero(
+    pub fn record_zero(&self, disk: u16, offset: u64, len: u64) -> Result<Recorded, CaptureError> {
+        if len == 0 {
+            return Err(CaptureError::Empty { disk, offset });
+        }
+        self.record_live(disk, offset, Change::Zero(len))
+    }
+
+    fn record_live(
+        &self,
+        disk: u16,
+        offset: u64,
+        change: Change,
+    ) -> Result<Recorded, CaptureError> {
+        let (data_len, range_len) = match &change {
+            Change::Write(d) => (d.len(), d.len() as u64),
+            Change::Zero(l) => (0, *l),
+            Change::DiskSize(_) => (0, 0),
+        };
+        let charge = data_len + ENTRY_OVERHEAD;
+        let group = self.cfg.group.as_str();
+        let mut g = self.lock();
+        loop {
+            if g.closed {
+                return Err(CaptureError::Closed);
+            }
+            g.disk(disk)?;
+            let mode = g.mode.mode;
+            let mut placement = modes::place(
+                mode,
+                &g.budgets(&self.cfg),
+                data_len,
+                charge,
+                ENTRY_OVERHEAD,
+            );
+            if self.cfg.policy == Policy::Block && mode != Mode::Bitmap {
+                if placement != Placement::Memory {
+                    // Wait for the relay's acks to free memory.
+                    g.block_waits += 1;
+                    g = self.space.wait(g).unwrap_or_else(|p| p.into_inner());
+                    continue;
+                }
+                placement = Placement::Memory;
+            }
+            let held = match placement {
+                Placement::Dirty => {
+                    g.dirty_marks += 1;
+                    let why = if g.spill.is_some() {
+                        format!(
+                            "memory ({} MiB) and spill ({} MiB) budgets full: keeping dirty regions only",
+                            self.cfg.memory_budget >> 20,
+                            self.cfg.spill_budget >> 20
+                        )
+                    } else {
+                        format!(
+                            "memory budget ({} MiB) full and no spill configured: keeping dirty regions only",
+                            self.cfg.memory_budget >> 20
+                        )
+                    };
+                    g.mark_pending(group, disk, offset, range_len, &why);
+                    return Ok(Recorded::Dirty);
+                }
+                Placement::Memory => Held::Change(change),
+                Placement::Spill => {
+                    let Change::Write(data) = &change else {
+                        unreachable!("only writes are spilled")
+                    };
+                    // A seq lost to a failed append leaves a gap, which the chain allows.
+                    let seq = g.assign_seq(&self.reserver)?;
+                    let meta = SpillMeta {
+                        seq,
+                        disk,
+                        offset,
+                        time_us: now_us(),
+                        len: data.len() as u32,
+                    };
+                    let r = g
+                        .spill
+                        .as_mut()
+                        .expect("placement checked")
+                        .append(meta, data);
+                    let pos = match r {
+                        Ok(pos) => pos,
+                        Err(e) => {
+                            g.dirty_marks += 1;
+                            let why =
+                                format!("spill write failed ({e}): keeping dirty regions only");
+                            g.mark_pending(group, disk, offset, range_len, &why);
+                            return Ok(Recorded::Dirty);
+                        }
+                    };
+                    if mode == Mode::Data {
+                        let dir = self.cfg.spill_dir.as_ref().map(|p| p.display().to_string());
+                        g.change_mode(
+                            group,
+                            Mode::Spill,
+                            format!(
+                                "memory budget ({} MiB) full: spilling to {}",
+                                self.cfg.memory_budget >> 20,
+                                dir.unwrap_or_default()
+                            ),
+                        );
+                    }
+                    g.mark_unacked(disk, offset, range_len);
+                    g.push(Slot {
+                        seq,
+                        disk,
+                        offset,
+                        time_us: meta.time_us,
+                        ordering: if mode.write_ordered() {
+                            Ordering::W
+                        } else {
+                            Ordering::M
+                        },
+                        held: Held::Spilled(pos, meta.len),
+                    });
+                    drop(g);
+                    self.avail.notify_one();
+                    return Ok(Recorded::Seq(seq));
+                }
+            };
+            let seq = g.assign_seq(&self.reserver)?;
+            let slot = Slot {
+                seq,
+                disk,
+                offset,
+                time_us: now_us(),
+                ordering: if mode.write_ordered() {
+                    Ordering::W
+                } else {
+                    Ordering::M
+                },
+                held,
+            };
+            if range_len > 0 {
+                g.mark_unacked(disk, offset, range_len);
+            }
+            g.push(slot);
+            drop(g);
+            self.avail.notify_one();
+            return Ok(Recorded::Seq(seq));
+        }
+    }
+
+    /// Record the size of `disk` (sent before its data so the target can check
+    /// or create the replica). Always kept in memory.
+    pub fn record_disk_size(&self, disk: u16, size: u64) -> Result<u64, CaptureError> {
+        let mut g = self.lock();
+        if g.closed {
+            return Err(CaptureError::Closed);
+        }
+        g.disk(disk)?;
+        let seq = g.assign_seq(&self.reserver)?;
+        let ordering = if g.mode.mode.write_ordered() {
+            Ordering::W
+        } else {
+            Ordering::M
+        };
+        g.push(Slot {
+            seq,
+            disk,
+            offset: 0,
+            time_us: now_us(),
+            ordering,
+            held: Held::Change(Change::DiskSize(size)),
+        });
+        drop(g);
+        self.avail.notify_one();
+        Ok(seq)
+    }
+
+    /// A change reached the backing disk (or may have, after an error) but could
+    /// not be recorded: keep its region for resync. Works after close too.
+    pub fn mark_pending(&self, disk: u16, offset: u64, len: u64, why: &str) {
+        let mut g = self.lock();
+        g.dirty_marks += 1;
+        g.mark_pending(&self.cfg.group, disk, offset, len.max(1), why);
+    }
+
+    /// The next run of pending regions of `disk` at or after byte `from`, at most
+    /// `max` bytes: `(offset, len)` in bytes, region-aligned (clamped to the disk).
+    pub fn next_pending(&self, disk: u16, from: u64, max: u64) -> Option<(u64, u64)> {
+        let mut g = self.lock();
+        let d = g.disk(disk).ok()?;
+        let max_regions = (max >> d.gran.shift).max(1);
+        let (a, b) = d.pending.next_run(from >> d.gran.shift, max_regions)?;
+        let start = a << d.gran.shift;
+        let end = (b << d.gran.shift).min(d.size);
+        Some((start, end - start))
+    }
+
+    /// Wait up to `timeout` until `bytes` more fit in memory for a copy; false on
+    /// timeout or close.
+    pub fn wait_copy_room(&self, bytes: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let limit =
+            self.cfg.memory_budget / modes::MEMORY_DATA_SHARE.1 * modes::MEMORY_DATA_SHARE.0;
+        let mut g = self.lock();
+        loop {
+            if g.closed {
+                return false;
+            }
+            if g.mem == 0 || g.mem + bytes <= limit {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            g = self
+                .space
+                .wait_timeout(g, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Record the copy of `offset..offset+len` of `disk` (read under the disk's
+    /// range lock, so no write to it is in flight) as M entries and clear its
+    /// pending regions, atomically. Returns false (nothing recorded) when the
+    /// group is not draining any more.
+    pub fn record_copy(
         &self,
         disk: u16,
         offset: u64,
         len: u64,
-        ordering: Ordering,
-    ) -> Result<u64, CaptureError> {
-        if len == 0 {
-            return Err(CaptureError::Empty { disk, offset });
-        }
-        self.record(disk, offset, ordering, Change::Zero(len))
-    }
-
-    /// Record the size of `disk` (sent before its data so the target can check
-    /// or create the replica).
-    pub fn record_disk_size(
-        &self,
-        disk: u16,
-        size: u64,
-        ordering: Ordering,
-    ) -> Result<u64, CaptureError> {
-        self.record(disk, 0, ordering, Change::DiskSize(size))
-    }
-
-    fn record(
-        &self,
-        disk: u16,
-        offset: u64,
-        ordering: Ordering,
-        change: Change,
-    ) -> Result<u64, CaptureError> {
-        let charge = match &change {
-            Change::Write(d) => d.len(),
-            _ => 0,
-        } + ENTRY_OVERHEAD;
+        parts: Vec<CopyPart>,
+    ) -> Result<bool, CaptureError> {
         let mut g = self.lock();
-        let mut waited = false;
-        // A single entry larger than the whole budget is admitted when the journal
-        // is empty, so it can never wait forever.
-        while !g.closed && g.bytes > 0 && g.bytes + charge > self.budget {
-            waited = true;
-            g = self.space.wait(g).unwrap_or_else(|p| p.into_inner());
-        }
         if g.closed {
             return Err(CaptureError::Closed);
         }
-        if waited {
-            g.waits += 1;
+        if g.mode.mode != Mode::Drain {
+            return Ok(false);
         }
-        if g.next_seq >= g.reserved_until {
-            let from = g.next_seq;
-            let mut r = self.reserver.lock().unwrap_or_else(|p| p.into_inner());
-            g.reserved_until = (r)(from).map_err(CaptureError::Reserve)?;
+        g.disk(disk)?;
+        for p in parts {
+            let (off, change, range) = match p {
+                CopyPart::Data(o, d) => {
+                    let l = d.len() as u64;
+                    (o, Change::Write(Arc::new(d)), l)
+                }
+                CopyPart::Zero(o, l) => (o, Change::Zero(l), l),
+            };
+            if range == 0 {
+                continue;
+            }
+            let seq = g.assign_seq(&self.reserver)?;
+            g.mark_unacked(disk, off, range);
+            g.push(Slot {
+                seq,
+                disk,
+                offset: off,
+                time_us: now_us(),
+                ordering: Ordering::M,
+                held: Held::Change(change),
+            });
         }
-        let seq = g.next_seq;
-        g.next_seq += 1;
-        let entry = Entry {
-            seq,
-            disk,
-            offset,
-            time_us: now_us(),
-            ordering,
-            change,
-        };
-        g.bytes += charge;
-        g.unbatched_bytes += entry.payload_len();
-        g.recorded += 1;
-        g.recorded_bytes += entry.payload_len() as u64;
-        g.entries.push_back(entry);
+        let d = g.disk(disk)?;
+        let (a, b) = d.span(offset, len);
+        d.pending.clear_range(a, b);
+        d.copied_bytes += len;
         drop(g);
         self.avail.notify_one();
-        Ok(seq)
+        Ok(true)
+    }
+
+    /// When draining and no region is pending any more, return to data mode:
+    /// the next W frame is a recovery point again. True when that happened.
+    pub fn finish_drain(&self) -> bool {
+        let mut g = self.lock();
+        if g.mode.mode != Mode::Drain || g.disks.iter().any(|d| !d.pending.is_empty()) {
+            return false;
+        }
+        let copied: u64 = g.disks.iter().map(|d| d.copied_bytes).sum();
+        g.change_mode(
+            &self.cfg.group,
+            Mode::Data,
+            format!("every dirty region copied ({copied} bytes since start): write-ordered again"),
+        );
+        true
+    }
+
+    /// The session's link to the relay went up or down.
+    pub fn set_link(&self, up: bool) {
+        let mut g = self.lock();
+        if g.link_up != up {
+            g.link_up = up;
+            g.link_changed = Instant::now();
+        }
+    }
+
+    /// Periodic check (a few times a second): the relay unreachable for too long
+    /// (drop unsent entries to the bitmap), or the link keeping up again after
+    /// bitmap mode (start draining).
+    pub fn tick(&self) {
+        let mut g = self.lock();
+        if g.closed {
+            return;
+        }
+        let link = LinkView {
+            up: g.link_up,
+            down_for_us: if g.link_up {
+                0
+            } else {
+                g.link_changed.elapsed().as_micros() as u64
+            },
+        };
+        let backlog = g.unbatched_bytes as u64;
+        let limit = (self.cfg.memory_budget / 4) as u64;
+        let pending = g.pending_bytes();
+        let after = self.cfg.bitmap_after.as_micros() as u64;
+        match modes::tick(g.mode.mode, link, backlog, limit, pending, after) {
+            Tick::Stay => {}
+            Tick::ToBitmap(why) => {
+                let n = g.drop_unbatched();
+                g.change_mode(
+                    &self.cfg.group,
+                    Mode::Bitmap,
+                    format!("{why} ({n} entries)"),
+                );
+                drop(g);
+                self.space.notify_all();
+            }
+            Tick::ToDrain(why) => g.change_mode(&self.cfg.group, Mode::Drain, why),
+            Tick::PauseDrain(why) => g.change_mode(&self.cfg.group, Mode::Bitmap, why),
+        }
+    }
+
+    /// The current capture mode.
+    pub fn mode(&self) -> Mode {
+        self.lock().mode.mode
     }
 
     /// Hand the batcher the next run of entries not yet batched: all of one
     /// ordering, at most `max_bytes` of payload (at least one entry). Waits up to
     /// `wait` for a first entry (returns an empty vec on timeout or close), then,
     /// while fewer than `max_bytes` are pending, lingers until the oldest pending
-    /// entry is `linger` old.
+    /// entry is `linger` old. Spilled bytes are read back outside the lock; a
+    /// spill record that cannot be read turns it and every later unsent entry
+    /// into dirty regions (bitmap mode).
     pub fn take_batch(&self, max_bytes: usize, linger: Duration, wait: Duration) -> Vec<Entry> {
         let deadline = Instant::now() + wait;
         let mut g = self.lock();
-        while g.unbatched >= g.entries.len() && !g.closed {
+        while g.unbatched >= g.slots.len() && !g.closed {
             let now = Instant::now();
             if now >= deadline {
                 return Vec::new();
@@ -288,11 +922,10 @@ impl CaptureJournal {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
-        if g.unbatched >= g.entries.len() {
+        if g.unbatched >= g.slots.len() {
             return Vec::new();
         }
-        // Linger for more data, measured from the first pending entry's capture.
-        let first_us = g.entries[g.unbatched].time_us;
+        let first_us = g.slots[g.unbatched].time_us;
         let linger_until = Instant::now()
             + linger.saturating_sub(Duration::from_micros(now_us().saturating_sub(first_us)));
         while g.unbatched_bytes < max_bytes && !g.closed {
@@ -305,62 +938,152 @@ impl CaptureJournal {
                 .wait_timeout(g, linger_until - now)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
+            if g.unbatched >= g.slots.len() {
+                // Dropped to the bitmap meanwhile.
+                return Vec::new();
+            }
         }
         let start = g.unbatched;
-        let ordering = g.entries[start].ordering;
+        let ordering = g.slots[start].ordering;
         let mut bytes = 0usize;
         let mut end = start;
-        while end < g.entries.len() {
-            let e = &g.entries[end];
-            if e.ordering != ordering {
+        while end < g.slots.len() {
+            let s = &g.slots[end];
+            if s.ordering != ordering {
                 break;
             }
-            let l = e.payload_len();
+            let l = s.data_len();
             if end > start && bytes + l > max_bytes {
                 break;
             }
             bytes += l;
             end += 1;
         }
-        let out: Vec<Entry> = g.entries.range(start..end).cloned().collect();
+        enum Out {
+            Ready(Entry),
+            Spilled(SpillPos, SpillMeta, Ordering),
+        }
+        let out: Vec<Out> = g
+            .slots
+            .range(start..end)
+            .map(|s| match &s.held {
+                Held::Change(c) => Out::Ready(Entry {
+                    seq: s.seq,
+                    disk: s.disk,
+                    offset: s.offset,
+                    time_us: s.time_us,
+                    ordering: s.ordering,
+                    change: c.clone(),
+                }),
+                Held::Spilled(pos, len) => Out::Spilled(
+                    pos.clone(),
+                    SpillMeta {
+                        seq: s.seq,
+                        disk: s.disk,
+                        offset: s.offset,
+                        time_us: s.time_us,
+                        len: *len,
+                    },
+                    s.ordering,
+                ),
+            })
+            .collect();
         g.unbatched = end;
         g.unbatched_bytes -= bytes;
-        out
+        drop(g);
+        let mut entries = Vec::with_capacity(out.len());
+        for o in out {
+            match o {
+                Out::Ready(e) => entries.push(e),
+                Out::Spilled(pos, meta, ordering) => match spill::read(&pos, meta) {
+                    Ok(data) => entries.push(Entry {
+                        seq: meta.seq,
+                        disk: meta.disk,
+                        offset: meta.offset,
+                        time_us: meta.time_us,
+                        ordering,
+                        change: Change::Write(Arc::new(data)),
+                    }),
+                    Err(e) => {
+                        let mut g = self.lock();
+                        g.untake_from(meta.seq);
+                        let n = g.drop_unbatched();
+                        let why =
+                            format!("spill read failed ({e}): {n} entries kept as dirty regions");
+                        g.change_mode(&self.cfg.group, Mode::Bitmap, why);
+                        drop(g);
+                        self.space.notify_all();
+                        break;
+                    }
+                },
+            }
+        }
+        entries
     }
 
-    /// Drop every entry with seq ≤ `seq` (its frame is durable at the relay) and
-    /// wake writers waiting for budget.
+    /// Drop every entry with seq ≤ `seq` (its frame is durable at the relay),
+    /// free its budget, and rotate the unacknowledged-region generations.
     pub fn trim_through(&self, seq: u64) {
-        let mut g = self.lock();
-        let mut freed = 0;
-        while let Some(e) = g.entries.front() {
-            if e.seq > seq {
+        let mut guard = self.lock();
+        let g = &mut *guard;
+        let mut freed = false;
+        while let Some(s) = g.slots.front() {
+            if s.seq > seq {
                 break;
             }
-            freed += e.charge();
-            let e = g.entries.pop_front().expect("front exists");
+            let s = g.slots.pop_front().expect("front exists");
+            g.release(&s);
+            freed = true;
             if g.unbatched > 0 {
                 g.unbatched -= 1;
             } else {
-                // Acknowledged before being batched cannot happen; keep the
-                // cursor consistent anyway.
-                g.unbatched_bytes = g.unbatched_bytes.saturating_sub(e.payload_len());
+                g.unbatched_bytes = g.unbatched_bytes.saturating_sub(s.data_len());
             }
         }
-        g.bytes -= freed;
-        drop(g);
-        if freed > 0 {
+        if seq >= g.rot_seq {
+            for d in &mut g.disks {
+                std::mem::swap(&mut d.prev, &mut d.cur);
+                d.cur.clear();
+            }
+            g.rot_seq = g.next_seq.saturating_sub(1);
+        }
+        if g.mode.mode == Mode::Spill && g.spill.as_ref().is_none_or(|s| s.records() == 0) {
+            g.change_mode(
+                &self.cfg.group,
+                Mode::Data,
+                "spill drained: all bytes in memory again".into(),
+            );
+        }
+        drop(guard);
+        if freed {
             self.space.notify_all();
         }
     }
 
-    /// Make every entry not yet acknowledged pending again (used when frames in
-    /// flight were lost and must be rebuilt). Not used while frames are kept
-    /// sealed in the outbox; kept for the frontends' spill path.
-    pub fn rewind(&self) {
+    /// The regions of `disk` the persisted dirty log must cover now: pending and
+    /// not yet acknowledged.
+    pub fn dirty_regions(&self, disk: u16) -> Option<RegionBitmap> {
         let mut g = self.lock();
-        g.unbatched = 0;
-        g.unbatched_bytes = g.entries.iter().map(Entry::payload_len).sum();
+        let d = g.disk(disk).ok()?;
+        let mut b = d.pending.clone();
+        b.union_with(&d.cur);
+        b.union_with(&d.prev);
+        Some(b)
+    }
+
+    /// At an orderly stop: what must still be resynced at the next start (the
+    /// pending regions, and the unacknowledged ones unless every entry was
+    /// acknowledged).
+    pub fn final_dirty_regions(&self, disk: u16) -> Option<RegionBitmap> {
+        let mut g = self.lock();
+        let all_acked = g.slots.is_empty();
+        let d = g.disk(disk).ok()?;
+        let mut b = d.pending.clone();
+        if !all_acked {
+            b.union_with(&d.cur);
+            b.union_with(&d.prev);
+        }
+        Some(b)
     }
 
     /// Stop accepting records; waiters return `Closed`, the batcher drains.
@@ -384,126 +1107,40 @@ impl CaptureJournal {
     pub fn stats(&self) -> JournalStats {
         let g = self.lock();
         JournalStats {
-            entries: g.entries.len(),
-            bytes: g.bytes,
-            budget: self.budget,
+            entries: g.slots.len(),
+            bytes: g.mem,
+            budget: self.cfg.memory_budget,
+            spill_bytes: g.spill.as_ref().map_or(0, Spill::bytes),
+            spill_entries: g.spill.as_ref().map_or(0, Spill::records),
+            spill_budget: if g.spill.is_some() {
+                self.cfg.spill_budget
+            } else {
+                0
+            },
+            pending_bytes: g.pending_bytes(),
             next_seq: g.next_seq,
             recorded: g.recorded,
             recorded_bytes: g.recorded_bytes,
-            budget_waits: g.waits,
+            dirty_marks: g.dirty_marks,
+            dropped_entries: g.dropped,
+            budget_waits: g.block_waits,
+            policy: self.cfg.policy,
+            mode: g.mode.clone(),
+            disks: g
+                .disks
+                .iter()
+                .map(|d| DiskCaptureStats {
+                    id: d.id,
+                    granularity: d.gran.bytes(),
+                    pending_bytes: d.bytes_of(d.pending.count()),
+                    unacked_bytes: d.bytes_of(d.cur.union_count(&d.prev)),
+                    copied_bytes: d.copied_bytes,
+                })
+                .collect(),
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::{AtomicU64, Ordering as AO};
-
-    fn journal(budget: usize) -> CaptureJournal {
-        CaptureJournal::new(budget, 1, Box::new(|from| Ok(from + 10)))
-    }
-
-    #[test]
-    fn seqs_are_consecutive_and_batches_keep_order() {
-        let j = journal(1 << 20);
-        for i in 0..5u64 {
-            let s = j
-                .record_write(0, i * 4096, vec![i as u8; 4096], Ordering::W)
-                .unwrap();
-            assert_eq!(s, i + 1);
-        }
-        let b = j.take_batch(8192, Duration::ZERO, Duration::ZERO);
-        assert_eq!(b.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2]);
-        let b = j.take_batch(1 << 20, Duration::ZERO, Duration::ZERO);
-        assert_eq!(b.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3, 4, 5]);
-        assert!(j.take_batch(1, Duration::ZERO, Duration::ZERO).is_empty());
-        assert_eq!(j.stats().entries, 5);
-        j.trim_through(3);
-        assert_eq!(j.stats().entries, 2);
-        j.trim_through(5);
-        assert_eq!(j.stats().bytes, 0);
-    }
-
-    #[test]
-    fn batches_never_mix_orderings() {
-        let j = journal(1 << 20);
-        j.record_disk_size(0, 1 << 20, Ordering::M).unwrap();
-        j.record_zero(0, 0, 4096, Ordering::M).unwrap();
-        j.record_write(0, 0, vec![1; 10], Ordering::W).unwrap();
-        let b = j.take_batch(1 << 20, Duration::ZERO, Duration::ZERO);
-        assert_eq!(b.len(), 2);
-        assert!(b.iter().all(|e| e.ordering == Ordering::M));
-        let b = j.take_batch(1 << 20, Duration::ZERO, Duration::ZERO);
-        assert_eq!(b.len(), 1);
-        assert_eq!(b[0].ordering, Ordering::W);
-    }
-
-    #[test]
-    fn empty_changes_are_refused() {
-        let j = journal(1 << 20);
-        assert!(j.record_write(0, 0, vec![], Ordering::W).is_err());
-        assert!(j.record_zero(0, 0, 0, Ordering::W).is_err());
-        assert_eq!(j.next_seq(), 1);
-    }
-
-    #[test]
-    fn budget_blocks_until_trimmed() {
-        let j = Arc::new(journal(3 * (4096 + ENTRY_OVERHEAD)));
-        for _ in 0..3 {
-            j.record_write(0, 0, vec![0; 4096], Ordering::W).unwrap();
-        }
-        let done = Arc::new(AtomicU64::new(0));
-        let (j2, d2) = (j.clone(), done.clone());
-        let t = std::thread::spawn(move || {
-            let s = j2.record_write(0, 0, vec![0; 4096], Ordering::W).unwrap();
-            d2.store(s, AO::SeqCst);
-        });
-        // Bounded wait: the writer must still be blocked.
-        std::thread::sleep(Duration::from_millis(50));
-        assert_eq!(done.load(AO::SeqCst), 0);
-        let _ = j.take_batch(1 << 20, Duration::ZERO, Duration::ZERO);
-        j.trim_through(1);
-        t.join().unwrap();
-        assert_eq!(done.load(AO::SeqCst), 4);
-        assert_eq!(j.stats().budget_waits, 1);
-    }
-
-    #[test]
-    fn close_releases_waiters() {
-        let j = Arc::new(journal(4096 + ENTRY_OVERHEAD));
-        j.record_write(0, 0, vec![0; 4096], Ordering::W).unwrap();
-        let j2 = j.clone();
-        let t = std::thread::spawn(move || j2.record_write(0, 0, vec![0; 4096], Ordering::W));
-        std::thread::sleep(Duration::from_millis(20));
-        j.close();
-        assert!(matches!(t.join().unwrap(), Err(CaptureError::Closed)));
-    }
-
-    #[test]
-    fn reservation_is_called_before_seqs_are_used() {
-        let calls = Arc::new(AtomicU64::new(0));
-        let c2 = calls.clone();
-        let j = CaptureJournal::new(
-            1 << 20,
-            100,
-            Box::new(move |from| {
-                c2.fetch_add(1, AO::SeqCst);
-                Ok(from + 2)
-            }),
-        );
-        for _ in 0..5 {
-            j.record_zero(0, 0, 1, Ordering::W).unwrap();
-        }
-        assert_eq!(calls.load(AO::SeqCst), 3);
-        let failing = CaptureJournal::new(
-            1 << 20,
-            1,
-            Box::new(|_| Err(std::io::Error::other("disk full"))),
-        );
-        assert!(matches!(
-            failing.record_zero(0, 0, 1, Ordering::W),
-            Err(CaptureError::Reserve(_))
-        ));
-    }
-}
+#[path = "journal_tests.rs"]
+mod tests;

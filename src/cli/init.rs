@@ -24,6 +24,10 @@ pub struct InitArgs {
     /// Extra DNS name or IP address for the relay certificate (repeatable).
     #[arg(long = "relay-host")]
     relay_hosts: Vec<String>,
+    /// Extra DNS name or IP address for the agent certificate, as NBD clients
+    /// reach its TLS frontend (repeatable).
+    #[arg(long = "agent-host")]
+    agent_hosts: Vec<String>,
     /// Address the relay listens on.
     #[arg(long, default_value = "0.0.0.0:7400")]
     relay_listen: String,
@@ -42,6 +46,7 @@ pub fn run(a: InitArgs) -> anyhow::Result<()> {
     if !a.relay_hosts.is_empty() {
         opts.relay_hosts.extend(a.relay_hosts);
     }
+    opts.agent_hosts.extend(a.agent_hosts);
     opts.relay_listen = a.relay_listen;
     opts.force = a.force;
     let report = tidemark::pki::init(&opts)?;

@@ -178,34 +178,72 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
             }
             header("agent", &s.name, s.pid, age);
             for g in &s.groups {
+                let j = &g.journal;
                 println!(
-                    "  group {}: {}, acked frame {} seq {}, journal {} entries / {:.1} MB of {:.0} MB, {} frames sealed",
+                    "  group {}: {}, next seq {}, last relay ack frame {} seq {}{}, {} frames sealed",
                     g.name,
                     if g.connected {
                         "connected"
                     } else {
                         "not connected"
                     },
+                    j.next_seq,
                     g.acked.frame_no,
                     g.acked.last_seq,
-                    g.journal.entries,
-                    g.journal.bytes as f64 / 1e6,
-                    g.journal.budget as f64 / 1e6,
+                    if g.last_ack_us > 0 {
+                        format!(" ({:.1} s ago)", ago_s(g.last_ack_us))
+                    } else {
+                        String::new()
+                    },
                     g.frames_sealed
                 );
+                println!(
+                    "    capture: mode {} for {:.0} s ({}); policy {:?}",
+                    j.mode.mode.as_str(),
+                    ago_s(j.mode.since_us),
+                    j.mode.reason,
+                    j.policy
+                );
+                println!(
+                    "    pending: memory {} of {} ({} entries), spill {} of {} ({} entries), bitmap {}",
+                    human(j.bytes as u64),
+                    human(j.budget as u64),
+                    j.entries,
+                    human(j.spill_bytes),
+                    human(j.spill_budget),
+                    j.spill_entries,
+                    human(j.pending_bytes)
+                );
+                if !j.mode.transitions.is_empty() {
+                    let t: Vec<String> = j
+                        .mode
+                        .transitions
+                        .iter()
+                        .map(|(k, v)| format!("{k} {v}"))
+                        .collect();
+                    println!("    mode changes: {}", t.join(", "));
+                }
                 for d in &g.disks {
+                    let fe: Vec<String> = d
+                        .frontends
+                        .iter()
+                        .map(|f| format!("{} {}", f.kind, f.address))
+                        .collect();
                     println!(
-                        "    disk {} {} ({}): initial copy {:?} {:.0} %",
+                        "    disk {} {} ({}): {}; bitmap {}, unacknowledged {}, copied {}",
                         d.id,
                         d.path.display(),
                         human(d.size),
-                        d.copy,
-                        if d.size > 0 {
-                            d.copy_covered as f64 * 100.0 / d.size as f64
+                        if fe.is_empty() {
+                            "no frontend".to_string()
                         } else {
-                            100.0
-                        }
+                            fe.join(", ")
+                        },
+                        human(d.capture.pending_bytes),
+                        human(d.capture.unacked_bytes),
+                        human(d.capture.copied_bytes)
                     );
+                    println!("      at start: {}", d.start_reason);
                 }
                 if let Some(e) = &g.last_error {
                     println!("    last error: {e}");
@@ -214,4 +252,9 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Seconds since `us` (µs since the Unix epoch).
+fn ago_s(us: u64) -> f64 {
+    tidemark::util::time::now_us().saturating_sub(us) as f64 / 1e6
 }

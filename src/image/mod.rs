@@ -9,7 +9,7 @@
 //! retries and completion. See docs/IMAGE.md.
 
 mod raw;
-mod sync;
+pub(crate) mod sync;
 mod uring;
 
 #[cfg(test)]

@@ -93,7 +93,12 @@ fn off_t(v: u64) -> io::Result<i64> {
     })
 }
 
-fn zero_range(file: &File, offset: u64, len: u64, mode: &mut ZeroMode) -> io::Result<()> {
+pub(crate) fn zero_range(
+    file: &File,
+    offset: u64,
+    len: u64,
+    mode: &mut ZeroMode,
+) -> io::Result<()> {
     if len == 0 {
         return Ok(());
     }

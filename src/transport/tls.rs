@@ -408,6 +408,39 @@ impl PeerCert {
     }
 }
 
+/// Server side of the NBD frontend: like [`server_config`] (the project CA
+/// must have signed the client's certificate, the server presents its own),
+/// but without tidemark's ALPN, since NBD clients (qemu, libnbd over GnuTLS)
+/// send none, and with every protocol version this build of rustls offers
+/// (TLS 1.3; TLS 1.2 too if rustls's `tls12` feature is ever enabled).
+/// Session resumption stays disabled, so every connection presents and
+/// verifies a full certificate.
+pub fn nbd_server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
+    let roots = Arc::new(load_roots(&files.ca)?);
+    let chain = load_chain(&files.cert)?;
+    let key = load_key(&files.key)?;
+    let provider = provider();
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+        .build()
+        .map_err(|e| TlsError::Verifier {
+            path: files.ca.clone(),
+            msg: e.to_string(),
+        })?;
+    let build = |source| TlsError::Build {
+        what: "NBD server",
+        source,
+    };
+    let mut cfg = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(build)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(build)?;
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
+    Ok(Arc::new(cfg))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

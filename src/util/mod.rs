@@ -7,6 +7,7 @@ pub mod datagen;
 pub mod hist;
 pub mod lockfile;
 pub mod malloc;
+pub mod priority;
 pub mod prng;
 pub mod procstat;
 pub mod shutdown;

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod tools;
+
 use std::fs::{self, File};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -304,6 +306,60 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Change the agent's config file (after `start_relay`, which points it at
+    /// the relay and the source disk).
+    pub fn configure_agent(&self, f: impl FnOnce(&mut AgentConfig)) {
+        let path = self.path("agent.toml");
+        let mut cfg = AgentConfig::load(&path).unwrap();
+        f(&mut cfg);
+        fs::write(&path, cfg.to_toml_string().unwrap()).unwrap();
+    }
+
+    /// The address of the running agent's first frontend of `kind` on disk 0
+    /// ("nbd": its URIs, space-separated; "fuse": the file's path).
+    pub fn wait_frontend(&mut self, kind: &str) -> String {
+        wait_until(Duration::from_secs(60), "the agent's frontend", || {
+            if let Some(a) = self.agent.as_mut()
+                && let Some(st) = a.exited()
+            {
+                panic!("agent exited with {st}:\n{}", tail(&a.log_text()));
+            }
+            let s = self.agent_status()?;
+            if Some(s.pid) != self.agent.as_ref().map(|a| a.pid()) {
+                return None;
+            }
+            s.groups[0].disks[0]
+                .frontends
+                .iter()
+                .find(|f| f.kind == kind)
+                .map(|f| f.address.clone())
+        })
+    }
+
+    /// Wait until the running agent holds nothing unsent (data mode, no dirty
+    /// region, empty journal) and the target applied its last seq. Returns that
+    /// seq.
+    pub fn wait_caught_up(&mut self, limit: Duration) -> u64 {
+        let seq = wait_until(limit, "the agent to hold nothing unsent", || {
+            if let Some(a) = self.agent.as_mut()
+                && let Some(st) = a.exited()
+            {
+                panic!("agent exited with {st}:\n{}", tail(&a.log_text()));
+            }
+            let s = self.agent_status()?;
+            if Some(s.pid) != self.agent.as_ref().map(|a| a.pid()) {
+                return None;
+            }
+            let j = &s.groups[0].journal;
+            (j.mode.mode == tidemark::capture::modes::Mode::Data
+                && j.pending_bytes == 0
+                && j.entries == 0)
+                .then(|| j.next_seq.saturating_sub(1))
+        });
+        self.wait_applied(seq, limit);
+        seq
     }
 
     /// Tails of every role's current log, for failure messages.

@@ -12,12 +12,14 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Classify, ErrorKind};
 use crate::transport::tls::TlsFiles;
+
+mod agent;
+pub use agent::*;
 
 /// Longest role, instance or group name, in bytes.
 pub const NAME_MAX: usize = 32;
@@ -237,116 +239,6 @@ pub struct TargetDisk {
     pub path: PathBuf,
 }
 
-// ---------------------------------------------------------------- agent.toml
-
-/// `agent.toml`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AgentConfig {
-    /// The `[agent]` table.
-    pub agent: AgentSection,
-    /// The `[tls]` table.
-    pub tls: TlsSection,
-    /// The `[[group]]` tables: groups protected by this agent.
-    #[serde(rename = "group")]
-    pub groups: Vec<AgentGroup>,
-}
-
-/// The `[agent]` table.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AgentSection {
-    /// Instance name; its certificate carries `<name>.agent.tidemark`.
-    pub name: String,
-    /// Relay address, `host:port`.
-    pub relay: String,
-    /// TLS server name the relay's certificate must carry.
-    pub relay_name: String,
-    /// Directory for the capture journal, bitmaps and counters.
-    pub state_dir: PathBuf,
-    /// Optional HTTP listener for `/metrics` and `/status`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status_listen: Option<SocketAddr>,
-    /// Memory for captured data before spilling, MiB.
-    #[serde(default = "d64")]
-    pub capture_budget_mib: u64,
-}
-
-impl AgentSection {
-    /// `capture_budget_mib` in bytes.
-    pub fn capture_budget_bytes(&self) -> u64 {
-        self.capture_budget_mib << 20
-    }
-}
-
-/// A `[[group]]` table of `agent.toml`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AgentGroup {
-    /// Group name; this agent's certificate must carry `<name>.group.tidemark`.
-    pub name: String,
-    /// The group's data key (64 hex characters).
-    pub key_file: PathBuf,
-    /// Epoch of the data key, part of every nonce.
-    #[serde(default = "d1u32")]
-    pub key_epoch: u32,
-    /// zstd level, -7..=22 (negative levels are faster).
-    #[serde(default = "d1i32")]
-    pub zstd_level: i32,
-    /// Largest frame payload before sealing, KiB.
-    #[serde(default = "d4096")]
-    pub frame_max_kib: u64,
-    /// Longest time a frame stays open collecting writes, ms.
-    #[serde(default = "d20")]
-    pub frame_linger_ms: u64,
-    /// Interval of idle heartbeat frames, ms.
-    #[serde(default = "d2000")]
-    pub heartbeat_ms: u64,
-    /// Frames in flight to the relay.
-    #[serde(default = "d32u32")]
-    pub window_frames: u32,
-    /// Bytes in flight to the relay, MiB (sealed frames awaiting the relay's
-    /// ack; their data is also still in the capture journal, so more than the
-    /// journal's budget would never be used).
-    #[serde(default = "d32")]
-    pub window_mib: u64,
-    /// The `[[group.disk]]` tables: source disks.
-    #[serde(rename = "disk")]
-    pub disks: Vec<AgentDisk>,
-}
-
-impl AgentGroup {
-    /// `frame_max_kib` in bytes.
-    pub fn frame_max_bytes(&self) -> u64 {
-        self.frame_max_kib << 10
-    }
-    /// `window_mib` in bytes.
-    pub fn window_bytes(&self) -> u64 {
-        self.window_mib << 20
-    }
-    /// `frame_linger_ms` as a duration.
-    pub fn frame_linger(&self) -> Duration {
-        Duration::from_millis(self.frame_linger_ms)
-    }
-    /// `heartbeat_ms` as a duration.
-    pub fn heartbeat(&self) -> Duration {
-        Duration::from_millis(self.heartbeat_ms)
-    }
-}
-
-/// A `[[group.disk]]` table of `agent.toml`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AgentDisk {
-    /// Disk id, unique within the group.
-    pub id: u32,
-    /// Source disk: raw image file or block device.
-    pub path: PathBuf,
-    /// Copy the whole disk to the replica when protection starts.
-    #[serde(default = "dtrue")]
-    pub initial_copy: bool,
-}
-
 fn d1u32() -> u32 {
     1
 }
@@ -367,6 +259,12 @@ fn d64() -> u64 {
 }
 fn d2000() -> u64 {
     2000
+}
+fn d1024() -> u64 {
+    1024
+}
+fn d300000() -> u64 {
+    300_000
 }
 fn d4096() -> u64 {
     4096
@@ -453,96 +351,6 @@ impl TargetConfig {
     /// Joins every relative path onto `base`.
     pub fn resolve_paths(&mut self, base: &Path) {
         resolve(base, &mut self.target.state_dir);
-        self.tls.resolve(base);
-        for g in &mut self.groups {
-            resolve(base, &mut g.key_file);
-            for d in &mut g.disks {
-                resolve(base, &mut d.path);
-            }
-        }
-    }
-
-    /// The file's text, as `tidemark init` writes it.
-    pub fn to_toml_string(&self) -> Result<String, ConfigError> {
-        Ok(toml::to_string(self)?)
-    }
-}
-
-impl AgentConfig {
-    /// Reads, parses, validates `path` and resolves its relative paths.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let (mut cfg, base) = load_file::<Self>(path)?;
-        cfg.validate_at(path)?;
-        cfg.resolve_paths(&base);
-        check_unique_paths(
-            path,
-            cfg.groups.iter().enumerate().flat_map(|(gi, g)| {
-                g.disks
-                    .iter()
-                    .enumerate()
-                    .map(move |(di, d)| (gi, di, &d.path))
-            }),
-        )?;
-        Ok(cfg)
-    }
-
-    /// Checks every value; `path` only labels the errors.
-    pub fn validate_at(&self, path: &Path) -> Result<(), ConfigError> {
-        let v = V(path);
-        let a = &self.agent;
-        v.name("agent.name", &a.name)?;
-        v.addr("agent.relay", &a.relay)?;
-        v.server_name("agent.relay_name", &a.relay_name)?;
-        v.path("agent.state_dir", &a.state_dir)?;
-        v.range("agent.capture_budget_mib", a.capture_budget_mib, 1, MIB_MAX)?;
-        v.tls(&self.tls)?;
-        v.nonempty("group", self.groups.len())?;
-        let mut names = HashSet::new();
-        for (gi, g) in self.groups.iter().enumerate() {
-            v.group_common(gi, &g.name, &mut names, &g.key_file, g.key_epoch)?;
-            if !(-7..=22).contains(&g.zstd_level) {
-                return Err(v.err(
-                    format!("group[{gi}].zstd_level"),
-                    format!("{} is outside -7..=22", g.zstd_level),
-                ));
-            }
-            v.range(
-                &format!("group[{gi}].frame_max_kib"),
-                g.frame_max_kib,
-                1,
-                FRAME_KIB_MAX,
-            )?;
-            v.range(
-                &format!("group[{gi}].frame_linger_ms"),
-                g.frame_linger_ms,
-                0,
-                MS_MAX,
-            )?;
-            v.range(
-                &format!("group[{gi}].heartbeat_ms"),
-                g.heartbeat_ms,
-                1,
-                MS_MAX,
-            )?;
-            v.range(
-                &format!("group[{gi}].window_frames"),
-                u64::from(g.window_frames),
-                1,
-                u64::from(WINDOW_FRAMES_MAX),
-            )?;
-            v.range(&format!("group[{gi}].window_mib"), g.window_mib, 1, MIB_MAX)?;
-            v.nonempty(&format!("group[{gi}].disk"), g.disks.len())?;
-            let mut ids = HashSet::new();
-            for (di, d) in g.disks.iter().enumerate() {
-                v.disk(gi, di, &g.name, d.id, &mut ids, &d.path)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Joins every relative path onto `base`.
-    pub fn resolve_paths(&mut self, base: &Path) {
-        resolve(base, &mut self.agent.state_dir);
         self.tls.resolve(base);
         for g in &mut self.groups {
             resolve(base, &mut g.key_file);
@@ -803,6 +611,7 @@ impl V<'_> {
 mod tests {
     use super::*;
     use std::fs;
+    use std::time::Duration;
 
     const RELAY: &str = r#"
 [relay]
@@ -1134,6 +943,93 @@ initial_copy = false
             "/nonexistent/tidemark/relay.toml",
         )));
         assert!(s.contains("/nonexistent/tidemark/relay.toml"), "{s}");
+    }
+
+    #[test]
+    fn frontend_tables_load_and_bad_ones_are_named() {
+        let d = tempfile::tempdir().unwrap();
+        let fe = r#"
+[group.disk.nbd]
+listen = ["127.0.0.1:10809", "unix:sock/g1.sock"]
+tls = "optional"
+
+[group.disk.fuse]
+mountpoint = "mnt"
+"#;
+        let text = AGENT.replace(
+            "path = \"disks/g1-disk0.img\"\n",
+            &format!("path = \"disks/g1-disk0.img\"\n{fe}"),
+        );
+        let a = AgentConfig::load(&write(d.path(), "agent.toml", &text)).unwrap();
+        let disk = &a.groups[0].disks[0];
+        let n = disk.nbd.as_ref().unwrap();
+        assert_eq!(n.export_name("g1", 0), "g1-0");
+        assert_eq!(n.tls, NbdTls::Optional);
+        assert_eq!(n.max_request_kib, 32 * 1024);
+        assert_eq!(n.addrs()[1], NbdAddr::Unix(d.path().join("sock/g1.sock")));
+        let f = disk.fuse.as_ref().unwrap();
+        assert_eq!(f.mountpoint, d.path().join("mnt"));
+        assert_eq!(f.file_name("g1", 0), "g1-0");
+        for (bad, field) in [
+            ("listen = [\"localhost\"]", "nbd.listen[0]"),
+            ("listen = []", "nbd.listen"),
+            (
+                "listen = [\"127.0.0.1:1\", \"127.0.0.1:1\"]",
+                "nbd.listen[1]",
+            ),
+            (
+                "listen = [\"127.0.0.1:1\"]\nmax_request_kib = 1",
+                "nbd.max_request_kib",
+            ),
+            ("listen = [\"127.0.0.1:1\"]\ntls = \"maybe\"", "tls"),
+        ] {
+            let t = AGENT.replace(
+                "path = \"disks/g1-disk0.img\"\n",
+                &format!("path = \"disks/g1-disk0.img\"\n[group.disk.nbd]\n{bad}\n"),
+            );
+            let e = err_of(AgentConfig::load(&write(d.path(), "agent.toml", &t)));
+            assert!(e.contains(field) && e.contains("agent.toml"), "{bad}: {e}");
+        }
+        // Two disks exporting one name on one listener, and a shared listener
+        // with different settings.
+        let two = |a: &str, b: &str| {
+            AGENT
+                .replace(
+                    "path = \"disks/g1-disk0.img\"\n",
+                    &format!("path = \"disks/g1-disk0.img\"\n[group.disk.nbd]\n{a}\n"),
+                )
+                .replace(
+                    "initial_copy = false\n",
+                    &format!("initial_copy = false\n[group.disk.nbd]\n{b}\n"),
+                )
+        };
+        let e = err_of(AgentConfig::load(&write(
+            d.path(),
+            "agent.toml",
+            &two(
+                "listen = [\"127.0.0.1:9\"]\nexport = \"x\"",
+                "listen = [\"127.0.0.1:9\"]\nexport = \"x\"",
+            ),
+        )));
+        assert!(e.contains("served twice"), "{e}");
+        let e = err_of(AgentConfig::load(&write(
+            d.path(),
+            "agent.toml",
+            &two(
+                "listen = [\"127.0.0.1:9\"]",
+                "listen = [\"127.0.0.1:9\"]\ntls = \"required\"",
+            ),
+        )));
+        assert!(e.contains("shares its listener"), "{e}");
+        let e = err_of(AgentConfig::load(&write(
+            d.path(),
+            "agent.toml",
+            &two(
+                "listen = [\"127.0.0.1:9\"]",
+                "listen = [\"127.0.0.1:9\", \"127.0.0.1:10\"]",
+            ),
+        )));
+        assert!(e.contains("another listen list"), "{e}");
     }
 
     #[test]

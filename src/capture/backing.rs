@@ -1,0 +1,195 @@
+//! The backing disk of a protected disk: a raw image file or a block device,
+//! reached with positional, blocking I/O through the page cache.
+//!
+//! [`BackingDisk`] is the I/O half of the write path; [`super::protected`] adds
+//! capture on top. It also implements [`BlockIo`] on its own (no capture), which
+//! is what the frontends' protocol tests run against.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering as AO};
+
+use crate::frontend::{BlockIo, IoError, IoErrorKind, Op, check_range};
+use crate::image::ZeroMode;
+use crate::image::sync::{pread_exact, pwrite_all, zero_range};
+
+/// A raw image file or block device opened read-write.
+#[derive(Debug)]
+pub struct BackingDisk {
+    path: PathBuf,
+    file: File,
+    size: u64,
+    /// Set once `fallocate(PUNCH_HOLE)` turned out unsupported: zeros are written.
+    no_punch: AtomicBool,
+}
+
+impl BackingDisk {
+    /// Open `path` read-write and take its size (file length, or device size).
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        let size = device_size(&file)?;
+        Ok(BackingDisk {
+            path: path.to_path_buf(),
+            file,
+            size,
+            no_punch: AtomicBool::new(false),
+        })
+    }
+
+    /// The path it was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The open file (for `SEEK_DATA` and similar queries).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// `pread` exactly `buf.len()` bytes.
+    pub fn pread(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        pread_exact(&self.file, buf, offset)
+    }
+
+    /// `pwrite` all of `data`.
+    pub fn pwrite(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        pwrite_all(&self.file, data, offset)
+    }
+
+    /// `fdatasync`.
+    pub fn sync(&self) -> io::Result<()> {
+        loop {
+            match self.file.sync_data() {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// Make `offset..offset+len` read as zeros: punch a hole when allowed and
+    /// supported (files, and block devices, where Linux zeroes the range), else
+    /// write zeros.
+    pub fn zero(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
+        let mut mode = if may_unmap && !self.no_punch.load(AO::Relaxed) {
+            ZeroMode::PunchHole
+        } else {
+            ZeroMode::WriteZeros
+        };
+        let asked = mode;
+        zero_range(&self.file, offset, len, &mut mode)?;
+        if asked == ZeroMode::PunchHole && mode == ZeroMode::WriteZeros {
+            self.no_punch.store(true, AO::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Offset of the next data at or after `off` (`SEEK_DATA`); `Some(size)` when
+    /// only a hole follows; `None` when the filesystem or device cannot tell.
+    pub fn next_data(&self, off: u64) -> Option<u64> {
+        match nix::unistd::lseek(&self.file, off as i64, nix::unistd::Whence::SeekData) {
+            Ok(p) => Some((p as u64).min(self.size)),
+            Err(nix::errno::Errno::ENXIO) => Some(self.size),
+            Err(_) => None,
+        }
+    }
+}
+
+fn backing(op: Op, offset: u64, len: u64) -> impl FnOnce(io::Error) -> IoError {
+    move |e| IoError::new(op, offset, len, IoErrorKind::Backing(e))
+}
+
+impl BlockIo for BackingDisk {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        let len = buf.len() as u64;
+        check_range(Op::Read, offset, len, self.size)?;
+        self.pread(offset, buf)
+            .map_err(backing(Op::Read, offset, len))
+    }
+
+    fn write_at(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), IoError> {
+        let len = data.len() as u64;
+        check_range(Op::Write, offset, len, self.size)?;
+        self.pwrite(offset, &data)
+            .map_err(backing(Op::Write, offset, len))?;
+        if fua {
+            self.sync().map_err(backing(Op::Write, offset, len))?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), IoError> {
+        self.sync().map_err(backing(Op::Flush, 0, 0))
+    }
+
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), IoError> {
+        check_range(Op::Trim, offset, len, self.size)?;
+        self.zero(offset, len, true)
+            .map_err(backing(Op::Trim, offset, len))?;
+        if fua {
+            self.sync().map_err(backing(Op::Trim, offset, len))?;
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        fua: bool,
+    ) -> Result<(), IoError> {
+        check_range(Op::WriteZeroes, offset, len, self.size)?;
+        self.zero(offset, len, may_unmap)
+            .map_err(backing(Op::WriteZeroes, offset, len))?;
+        if fua {
+            self.sync().map_err(backing(Op::WriteZeroes, offset, len))?;
+        }
+        Ok(())
+    }
+}
+
+/// Size of a regular file or block device (seeking to the end works for both).
+pub fn device_size(file: &File) -> io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = file;
+    let size = f.seek(SeekFrom::End(0))?;
+    f.seek(SeekFrom::Start(0))?;
+    Ok(size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_io_round_trip_and_zeroing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.img");
+        File::create(&p).unwrap().set_len(1 << 20).unwrap();
+        let d = BackingDisk::open(&p).unwrap();
+        assert_eq!(BlockIo::size(&d), 1 << 20);
+        d.write_at(8192, vec![7; 8192], true).unwrap();
+        let mut b = vec![0u8; 8192];
+        d.read_at(8192, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 7));
+        d.trim(8192, 4096, false).unwrap();
+        d.write_zeroes(12288, 4096, false, true).unwrap();
+        d.read_at(8192, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 0));
+        let e = d.write_at((1 << 20) - 1, vec![1; 2], false).unwrap_err();
+        assert_eq!(e.errno(), libc::ENOSPC);
+        assert!(d.read_at(0, &mut []).is_err());
+        d.flush().unwrap();
+        assert!(d.next_data(0).is_some_and(|o| o <= 1 << 20));
+    }
+}

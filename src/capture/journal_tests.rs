@@ -1,0 +1,323 @@
+use super::*;
+use std::sync::atomic::{AtomicU64, Ordering as AO};
+
+const MIB: u64 = 1 << 20;
+
+fn journal(budget: usize) -> CaptureJournal {
+    let j = CaptureJournal::in_memory(budget, 1, Box::new(|from| Ok(from + 10)));
+    j.add_disk(0, 64 * MIB, RegionBitmap::new(64 * MIB / 4096), "");
+    j
+}
+
+fn degrading(budget: usize, spill: Option<(&std::path::Path, u64)>) -> CaptureJournal {
+    let cfg = CaptureConfig {
+        group: "g".into(),
+        memory_budget: budget,
+        spill_dir: spill.map(|(p, _)| p.to_path_buf()),
+        spill_budget: spill.map_or(0, |(_, b)| b),
+        bitmap_after: Duration::from_millis(50),
+        policy: Policy::Degrade,
+    };
+    let j = CaptureJournal::new(cfg, 1, Box::new(|from| Ok(from + 1000))).unwrap();
+    j.add_disk(0, 64 * MIB, RegionBitmap::new(64 * MIB / 4096), "");
+    j
+}
+
+fn seq(r: Recorded) -> u64 {
+    match r {
+        Recorded::Seq(s) => s,
+        Recorded::Dirty => panic!("expected a seq"),
+    }
+}
+
+fn take_all(j: &CaptureJournal) -> Vec<Entry> {
+    let mut out = Vec::new();
+    loop {
+        let b = j.take_batch(usize::MAX, Duration::ZERO, Duration::ZERO);
+        if b.is_empty() {
+            return out;
+        }
+        out.extend(b);
+    }
+}
+
+#[test]
+fn seqs_are_consecutive_and_batches_keep_order() {
+    let j = journal(1 << 20);
+    for i in 0..5u64 {
+        let s = seq(j.record_write(0, i * 4096, vec![i as u8; 4096]).unwrap());
+        assert_eq!(s, i + 1);
+    }
+    let b = j.take_batch(8192, Duration::ZERO, Duration::ZERO);
+    assert_eq!(b.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2]);
+    let b = j.take_batch(1 << 20, Duration::ZERO, Duration::ZERO);
+    assert_eq!(b.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3, 4, 5]);
+    assert!(j.take_batch(1, Duration::ZERO, Duration::ZERO).is_empty());
+    assert_eq!(j.stats().entries, 5);
+    j.trim_through(3);
+    assert_eq!(j.stats().entries, 2);
+    j.trim_through(5);
+    assert_eq!(j.stats().bytes, 0);
+}
+
+#[test]
+fn batches_never_mix_orderings() {
+    let j = journal(1 << 20);
+    let mut pending = RegionBitmap::new(256);
+    pending.set_range(0, 1);
+    j.add_disk(1, MIB, pending, "test copy");
+    assert_eq!(j.mode(), Mode::Drain);
+    j.record_disk_size(1, MIB).unwrap();
+    j.record_write(0, 0, vec![1; 10]).unwrap();
+    assert!(
+        j.record_copy(1, 0, 4096, vec![CopyPart::Zero(0, 4096)])
+            .unwrap()
+    );
+    assert!(j.finish_drain());
+    j.record_write(0, 0, vec![2; 10]).unwrap();
+    let b = j.take_batch(1 << 20, Duration::ZERO, Duration::ZERO);
+    assert_eq!(b.len(), 3);
+    assert!(
+        b.iter().all(|e| e.ordering == Ordering::M),
+        "writes while draining are M"
+    );
+    let b = j.take_batch(1 << 20, Duration::ZERO, Duration::ZERO);
+    assert_eq!(b.len(), 1);
+    assert_eq!(b[0].ordering, Ordering::W);
+}
+
+#[test]
+fn empty_changes_and_unknown_disks_are_refused() {
+    let j = journal(1 << 20);
+    assert!(j.record_write(0, 0, vec![]).is_err());
+    assert!(j.record_zero(0, 0, 0).is_err());
+    assert!(matches!(
+        j.record_write(9, 0, vec![1]),
+        Err(CaptureError::UnknownDisk(9))
+    ));
+    assert_eq!(j.next_seq(), 1);
+}
+
+#[test]
+fn block_policy_waits_until_trimmed() {
+    let j = Arc::new(journal(3 * (4096 + ENTRY_OVERHEAD)));
+    for _ in 0..2 {
+        j.record_write(0, 0, vec![0; 4096]).unwrap();
+    }
+    let done = Arc::new(AtomicU64::new(0));
+    let (j2, d2) = (j.clone(), done.clone());
+    let t = std::thread::spawn(move || {
+        let s = seq(j2.record_write(0, 0, vec![0; 4096]).unwrap());
+        d2.store(s, AO::SeqCst);
+    });
+    // Bounded wait: the writer must still be blocked.
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(done.load(AO::SeqCst), 0);
+    let _ = j.take_batch(1 << 20, Duration::ZERO, Duration::ZERO);
+    j.trim_through(1);
+    t.join().unwrap();
+    assert_eq!(done.load(AO::SeqCst), 3);
+    assert!(j.stats().budget_waits >= 1);
+}
+
+#[test]
+fn close_releases_waiters() {
+    let j = Arc::new(journal(4096 + ENTRY_OVERHEAD));
+    j.record_write(0, 0, vec![0; 4096]).unwrap();
+    let j2 = j.clone();
+    let t = std::thread::spawn(move || j2.record_write(0, 0, vec![0; 4096]));
+    std::thread::sleep(Duration::from_millis(20));
+    j.close();
+    assert!(matches!(t.join().unwrap(), Err(CaptureError::Closed)));
+}
+
+#[test]
+fn reservation_is_called_before_seqs_are_used() {
+    let calls = Arc::new(AtomicU64::new(0));
+    let c2 = calls.clone();
+    let j = CaptureJournal::in_memory(
+        1 << 20,
+        100,
+        Box::new(move |from| {
+            c2.fetch_add(1, AO::SeqCst);
+            Ok(from + 2)
+        }),
+    );
+    j.add_disk(0, MIB, RegionBitmap::new(256), "");
+    for _ in 0..5 {
+        j.record_zero(0, 0, 1).unwrap();
+    }
+    assert_eq!(calls.load(AO::SeqCst), 3);
+    let failing = CaptureJournal::in_memory(
+        1 << 20,
+        1,
+        Box::new(|_| Err(std::io::Error::other("disk full"))),
+    );
+    failing.add_disk(0, MIB, RegionBitmap::new(256), "");
+    assert!(matches!(
+        failing.record_zero(0, 0, 1),
+        Err(CaptureError::Reserve(_))
+    ));
+}
+
+#[test]
+fn degrade_goes_memory_then_spill_then_bitmap_and_never_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = 4096 + ENTRY_OVERHEAD;
+    // Memory for 7 entries' data (7/8 of 8), spill for 3 records.
+    let j = degrading(8 * w, Some((dir.path(), 3 * (4096 + 40))));
+    let mut seqs = Vec::new();
+    for i in 0..12u64 {
+        match j.record_write(0, i * 4096, vec![i as u8; 4096]).unwrap() {
+            Recorded::Seq(s) => seqs.push(s),
+            Recorded::Dirty => {}
+        }
+    }
+    let st = j.stats();
+    assert_eq!(seqs.len(), 10, "7 in memory, 3 spilled");
+    assert_eq!(st.spill_entries, 3);
+    assert_eq!(st.mode.mode, Mode::Bitmap);
+    assert_eq!(st.mode.transitions["data->spill"], 1);
+    assert_eq!(st.mode.transitions["spill->bitmap"], 1);
+    assert_eq!(st.dirty_marks, 2);
+    assert_eq!(st.pending_bytes, 2 * 4096);
+    // In bitmap mode every write is a mark, even with room.
+    let e = take_all(&j);
+    assert_eq!(e.iter().map(|e| e.seq).collect::<Vec<_>>(), seqs);
+    for (i, e) in e.iter().enumerate() {
+        let Change::Write(d) = &e.change else {
+            panic!()
+        };
+        assert!(d.iter().all(|&b| b == i as u8), "spilled bytes come back");
+        assert_eq!(e.ordering, Ordering::W);
+    }
+    j.trim_through(*seqs.last().unwrap());
+    let st = j.stats();
+    assert_eq!((st.spill_bytes, st.spill_entries, st.bytes), (0, 0, 0));
+    assert_eq!(j.record_write(0, 0, vec![1; 10]).unwrap(), Recorded::Dirty);
+}
+
+#[test]
+fn spill_mode_returns_to_data_when_the_spill_is_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = 4096 + ENTRY_OVERHEAD;
+    let j = degrading(8 * w, Some((dir.path(), MIB)));
+    for i in 0..9u64 {
+        seq(j.record_write(0, i * 4096, vec![1; 4096]).unwrap());
+    }
+    assert_eq!(j.mode(), Mode::Spill);
+    let e = take_all(&j);
+    j.trim_through(e.last().unwrap().seq);
+    assert_eq!(j.mode(), Mode::Data);
+}
+
+#[test]
+fn no_spill_goes_straight_to_bitmap() {
+    let j = degrading(2 * (4096 + ENTRY_OVERHEAD), None);
+    assert!(matches!(
+        j.record_write(0, 0, vec![1; 4096]).unwrap(),
+        Recorded::Seq(_)
+    ));
+    assert_eq!(
+        j.record_write(0, 8192, vec![1; 4096]).unwrap(),
+        Recorded::Dirty
+    );
+    let st = j.stats();
+    assert_eq!(st.mode.mode, Mode::Bitmap);
+    assert!(st.mode.reason.contains("no spill"), "{}", st.mode.reason);
+}
+
+#[test]
+fn unreachable_too_long_drops_unsent_entries_then_drains_and_returns_to_data() {
+    let j = degrading(MIB as usize, None);
+    j.record_disk_size(0, 64 * MIB).unwrap();
+    let first = seq(j.record_write(0, 0, vec![1; 4096]).unwrap());
+    let sent = j.take_batch(usize::MAX, Duration::ZERO, Duration::ZERO);
+    assert_eq!(sent.len(), 2);
+    seq(j.record_write(0, 40960, vec![2; 100]).unwrap());
+    seq(j.record_zero(0, 8 * MIB, MIB).unwrap());
+    j.set_link(false);
+    std::thread::sleep(Duration::from_millis(60));
+    j.tick();
+    let st = j.stats();
+    assert_eq!(st.mode.mode, Mode::Bitmap);
+    assert_eq!(st.dropped_entries, 2);
+    assert_eq!(st.pending_bytes, 4096 + MIB);
+    assert!(st.mode.reason.contains("unreachable"), "{}", st.mode.reason);
+    // The batched entries stay for their ack.
+    assert_eq!(st.entries, 2);
+    assert!(take_all(&j).is_empty());
+    // Link back: drain.
+    j.set_link(true);
+    j.tick();
+    assert_eq!(j.mode(), Mode::Drain);
+    let (o, l) = j.next_pending(0, 0, 64 * MIB).unwrap();
+    assert_eq!((o, l), (40960, 4096));
+    assert!(!j.finish_drain());
+    assert!(
+        j.record_copy(0, o, l, vec![CopyPart::Data(o, vec![2; 4096])])
+            .unwrap()
+    );
+    let (o, l) = j.next_pending(0, 0, 64 * MIB).unwrap();
+    assert_eq!((o, l), (8 * MIB, MIB));
+    assert!(j.record_copy(0, o, l, vec![CopyPart::Zero(o, l)]).unwrap());
+    assert!(j.next_pending(0, 0, 64 * MIB).is_none());
+    assert!(j.finish_drain());
+    assert_eq!(j.mode(), Mode::Data);
+    let e = take_all(&j);
+    assert_eq!(e.len(), 2);
+    assert!(e.iter().all(|e| e.ordering == Ordering::M && e.seq > first));
+}
+
+#[test]
+fn unacknowledged_regions_leave_the_dirty_set_after_two_acks() {
+    let j = journal(MIB as usize);
+    let s1 = seq(j.record_write(0, 0, vec![1; 4096]).unwrap());
+    assert_eq!(j.dirty_regions(0).unwrap().count(), 1);
+    take_all(&j);
+    j.trim_through(s1); // rotation: the region is in the previous generation
+    assert_eq!(j.dirty_regions(0).unwrap().count(), 1);
+    let s2 = seq(j.record_write(0, 8192, vec![1; 4096]).unwrap());
+    take_all(&j);
+    j.trim_through(s2);
+    let d = j.dirty_regions(0).unwrap();
+    assert_eq!(d.count(), 1, "only the second write's region");
+    assert!(d.get(2));
+    assert_eq!(
+        j.final_dirty_regions(0).unwrap().count(),
+        0,
+        "everything acknowledged"
+    );
+}
+
+#[test]
+fn a_corrupt_spill_record_turns_the_rest_into_dirty_regions() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = 4096 + ENTRY_OVERHEAD;
+    let j = degrading(2 * w, Some((dir.path(), MIB)));
+    seq(j.record_write(0, 0, vec![1; 4096]).unwrap());
+    seq(j.record_write(0, 4096, vec![2; 4096]).unwrap()); // spilled
+    seq(j.record_write(0, 8192, vec![3; 4096]).unwrap()); // spilled
+    assert_eq!(j.stats().spill_entries, 2);
+    // Corrupt the first spilled record's data.
+    let seg = std::fs::read_dir(dir.path())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut b = std::fs::read(&seg).unwrap();
+    b[100] ^= 1;
+    std::fs::write(&seg, &b).unwrap();
+    let e = take_all(&j);
+    assert_eq!(e.len(), 1, "the entry before the bad record is sent");
+    let st = j.stats();
+    assert_eq!(st.mode.mode, Mode::Bitmap);
+    assert!(
+        st.mode.reason.contains("spill read failed"),
+        "{}",
+        st.mode.reason
+    );
+    assert_eq!(st.pending_bytes, 2 * 4096);
+    assert_eq!(st.spill_entries, 0);
+}

@@ -1,0 +1,491 @@
+//! A protected disk: the one internal write path every frontend (and the bench
+//! workload) uses.
+//!
+//! A write is acknowledged only after (1) its extents are in the durable
+//! activity log, (2) it reached the backing disk, and (3) capture recorded it
+//! (with its bytes, or as a dirty region). Writes to overlapping ranges are
+//! serialized by range locks from (2) to (3), so the order in which capture
+//! records them is the order in which the disk's content changed. Reads go
+//! straight to the backing disk. The drain (copying dirty regions) reads and
+//! records under the same range locks, so a copy can never record stale data
+//! after a newer write.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering as AO};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use thiserror::Error;
+
+use super::backing::BackingDisk;
+use super::bitmap::RegionBitmap;
+use super::dirtylog::{DirtyLog, DirtyLogError, Recovered};
+use super::journal::{CaptureError, CaptureJournal, CopyPart, Recorded};
+use crate::error::{Classify, ErrorKind};
+use crate::frontend::{BlockIo, IoError, IoErrorKind, Op, check_range};
+
+/// Size of the blocks a copy tests for all-zero content.
+pub const COPY_BLOCK: usize = 64 * 1024;
+/// Bytes a copy reads per range-lock hold.
+pub const COPY_CHUNK: usize = 4 * 1024 * 1024;
+/// Largest range one zero record covers (the frame format's length is 32 bits).
+pub const MAX_ZERO_RECORD: u64 = 1 << 30;
+/// Bytes a data record of a copy holds at most (adjacent non-zero blocks merge).
+pub const COPY_RECORD: usize = 1024 * 1024;
+
+const STRIPES: usize = 1024;
+const STRIPE_SHIFT: u32 = 20;
+
+/// Errors of opening or copying a protected disk.
+#[derive(Debug, Error)]
+pub enum ProtectedError {
+    /// The backing disk could not be opened or sized.
+    #[error("protected disk {path}: {source}")]
+    Open {
+        /// Path of the disk.
+        path: PathBuf,
+        /// Cause.
+        source: io::Error,
+    },
+    /// The dirty log failed.
+    #[error("protected disk {path}: {source}")]
+    DirtyLog {
+        /// Path of the disk.
+        path: PathBuf,
+        /// Cause.
+        source: DirtyLogError,
+    },
+    /// Reading the backing disk for a copy failed; the region stays dirty.
+    #[error("protected disk {path}: reading {len} bytes at offset {offset} for a copy: {source}")]
+    CopyRead {
+        /// Path of the disk.
+        path: PathBuf,
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: usize,
+        /// Cause.
+        source: io::Error,
+    },
+    /// Capture refused a record.
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+}
+
+impl Classify for ProtectedError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            ProtectedError::Open { .. }
+            | ProtectedError::DirtyLog { .. }
+            | ProtectedError::CopyRead { .. } => ErrorKind::Io,
+            ProtectedError::Capture(e) => e.kind(),
+        }
+    }
+}
+
+/// Range locks: a fixed set of mutexes, one per 1 MiB stripe (modulo the set).
+struct Stripes {
+    locks: Box<[Mutex<()>]>,
+}
+
+impl Stripes {
+    fn new() -> Self {
+        Stripes {
+            locks: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+        }
+    }
+
+    /// Lock every stripe `offset..offset+len` touches, in index order.
+    fn lock(&self, offset: u64, len: u64) -> Vec<MutexGuard<'_, ()>> {
+        let first = offset >> STRIPE_SHIFT;
+        let last = (offset + len.max(1) - 1) >> STRIPE_SHIFT;
+        let n = last - first + 1;
+        let take = |i: usize| self.locks[i].lock().unwrap_or_else(|p| p.into_inner());
+        if n >= STRIPES as u64 {
+            return (0..STRIPES).map(take).collect();
+        }
+        let mut idx: Vec<usize> = (first..=last)
+            .map(|s| (s % STRIPES as u64) as usize)
+            .collect();
+        idx.sort_unstable();
+        idx.into_iter().map(take).collect()
+    }
+}
+
+/// What opening a protected disk found.
+#[derive(Debug, Clone)]
+pub struct OpenReport {
+    /// Bytes marked for copying at start.
+    pub pending_bytes: u64,
+    /// Why (initial copy, unclean stop, left dirty at the last stop, nothing).
+    pub reason: String,
+}
+
+/// A protected disk. See the module docs.
+pub struct ProtectedDisk {
+    id: u16,
+    backing: BackingDisk,
+    journal: Arc<CaptureJournal>,
+    log: DirtyLog,
+    stripes: Stripes,
+    /// Set by [`ProtectedDisk::shut`]: every later write is refused.
+    shut: AtomicBool,
+}
+
+impl ProtectedDisk {
+    /// Open the backing disk at `path` as disk `id` of the journal's group, read
+    /// its dirty log in `state_dir`, and register it with the journal with the
+    /// regions to copy: the whole disk on its first start (when `initial_copy`),
+    /// what the log could not vouch for after an unclean stop, what was still
+    /// dirty after a clean one.
+    pub fn open(
+        id: u16,
+        path: &Path,
+        journal: Arc<CaptureJournal>,
+        state_dir: &Path,
+        initial_copy: bool,
+    ) -> Result<(ProtectedDisk, OpenReport), ProtectedError> {
+        let backing = BackingDisk::open(path).map_err(|source| ProtectedError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let size = backing.size();
+        let dl = |source| ProtectedError::DirtyLog {
+            path: path.to_path_buf(),
+            source,
+        };
+        let (log, rec) = DirtyLog::open(state_dir, journal.group(), id, size).map_err(dl)?;
+        let (pending, reason) = start_regions(&log, rec, initial_copy, size);
+        log.mark_open(&pending).map_err(dl)?;
+        let shift = log.granularity().shift;
+        let pending_bytes = (pending.count() << shift).min(size);
+        journal.add_disk(id, size, pending, &reason);
+        Ok((
+            ProtectedDisk {
+                id,
+                backing,
+                journal,
+                log,
+                stripes: Stripes::new(),
+                shut: AtomicBool::new(false),
+            },
+            OpenReport {
+                pending_bytes,
+                reason,
+            },
+        ))
+    }
+
+    /// The disk id within its group.
+    pub fn id(&self) -> u16 {
+        self.id
+    }
+
+    /// The path of the backing disk.
+    pub fn path(&self) -> &Path {
+        self.backing.path()
+    }
+
+    /// The journal this disk records into.
+    pub fn journal(&self) -> &Arc<CaptureJournal> {
+        &self.journal
+    }
+
+    /// Activity-log extents held and log writes since start.
+    pub fn activity_log_stats(&self) -> (u64, u64) {
+        self.log.al_stats()
+    }
+
+    /// The write path shared by write, trim and write-zeroes: intent, backing
+    /// I/O, record, under the range lock; then FUA.
+    #[allow(clippy::too_many_arguments)]
+    fn modify<T>(
+        &self,
+        op: Op,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        payload: T,
+        io: impl FnOnce(&T) -> io::Result<()>,
+        record: impl FnOnce(T) -> Result<Recorded, CaptureError>,
+    ) -> Result<Recorded, IoError> {
+        check_range(op, offset, len, self.backing.size())?;
+        let err = |e: io::Error| IoError::new(op, offset, len, IoErrorKind::Backing(e));
+        let gate = self.log.gate();
+        if self.shut.load(AO::Acquire) {
+            return Err(IoError::new(op, offset, len, IoErrorKind::Shutdown));
+        }
+        self.log.ensure(offset, len).map_err(|e| {
+            tracing::error!(
+                disk = self.id,
+                "write intent not persisted, {op} refused: {e}"
+            );
+            let DirtyLogError::Io { source, .. } = e;
+            err(source)
+        })?;
+        let locks = self.stripes.lock(offset, len);
+        if let Err(e) = io(&payload) {
+            // Part of the range may have reached the disk: copy it again later.
+            let why = format!(
+                "backing {op} failed at offset {offset} ({len} bytes): {e}; the region is kept for resync"
+            );
+            tracing::error!(disk = self.id, path = %self.path().display(), "{why}");
+            self.journal.mark_pending(self.id, offset, len, &why);
+            return Err(err(e));
+        }
+        let recorded = match record(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                let why = format!(
+                    "{op} at offset {offset} reached the disk but was not captured ({e}); the region is kept for resync"
+                );
+                tracing::warn!(disk = self.id, "{why}");
+                self.journal.mark_pending(self.id, offset, len, &why);
+                Recorded::Dirty
+            }
+        };
+        drop(locks);
+        drop(gate);
+        if fua {
+            self.backing.sync().map_err(err)?;
+        }
+        Ok(recorded)
+    }
+
+    /// Write `data` at `offset`; returns how capture kept it.
+    pub fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<Recorded, IoError> {
+        let len = data.len() as u64;
+        // The bytes go to the disk first, then (moved) into the journal.
+        self.modify(
+            Op::Write,
+            offset,
+            len,
+            fua,
+            data,
+            |d| self.backing.pwrite(offset, d),
+            |d| self.journal.record_write(self.id, offset, d),
+        )
+    }
+
+    fn zero(
+        &self,
+        op: Op,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        fua: bool,
+    ) -> Result<Recorded, IoError> {
+        self.modify(
+            op,
+            offset,
+            len,
+            fua,
+            (),
+            |_| self.backing.zero(offset, len, may_unmap),
+            |_| self.journal.record_zero(self.id, offset, len),
+        )
+    }
+
+    /// Copy dirty regions from `offset` towards `end` (a pending run): read at
+    /// most [`COPY_CHUNK`] of data (holes of a sparse file are skipped without
+    /// reading, all-zero blocks become zero ranges), record it as M entries and
+    /// clear its pending regions. Returns where the copy got to, or `None` when
+    /// the group stopped draining.
+    pub fn copy_step(
+        &self,
+        offset: u64,
+        end: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<Option<u64>, ProtectedError> {
+        let end = end.min(self.backing.size());
+        // A hole: one zero range up to the next data, no read.
+        let next_data = self.backing.next_data(offset).unwrap_or(offset);
+        let stop = if next_data > offset {
+            next_data.min(end).min(offset + MAX_ZERO_RECORD)
+        } else {
+            (offset + COPY_CHUNK as u64).min(end)
+        };
+        let len = stop - offset;
+        let _locks = self.stripes.lock(offset, len);
+        let mut parts = Vec::new();
+        if next_data > offset {
+            parts.push(CopyPart::Zero(offset, len));
+        } else {
+            buf.resize(len as usize, 0);
+            self.backing
+                .pread(offset, buf)
+                .map_err(|source| ProtectedError::CopyRead {
+                    path: self.path().to_path_buf(),
+                    offset,
+                    len: len as usize,
+                    source,
+                })?;
+            split_copy(offset, buf, &mut parts);
+        }
+        let recorded = self.journal.record_copy(self.id, offset, len, parts)?;
+        Ok(recorded.then_some(stop))
+    }
+
+    /// Rollover of the dirty log: snapshot what is not vouched for, persist it,
+    /// retire idle extents of the activity log.
+    pub fn rollover(&self) -> Result<(), DirtyLogError> {
+        let freeze = self.log.freeze();
+        let bits = self.journal.dirty_regions(self.id);
+        drop(freeze);
+        if let Some(bits) = bits {
+            self.log.write_snapshot(&bits, false)?;
+            self.log.retire()?;
+        }
+        Ok(())
+    }
+
+    /// Refuse every write from now on (`ESHUTDOWN`), once the writes in flight
+    /// are recorded: what [`close_clean`](Self::close_clean) then persists is
+    /// final.
+    pub fn shut(&self) {
+        let _g = self.log.exclusive();
+        self.shut.store(true, AO::Release);
+    }
+
+    /// Orderly stop (after [`shut`](Self::shut)): persist what still needs a copy at the next
+    /// start as a clean snapshot. Returns its bytes.
+    pub fn close_clean(&self) -> Result<u64, DirtyLogError> {
+        let bits = self
+            .journal
+            .final_dirty_regions(self.id)
+            .unwrap_or_else(|| RegionBitmap::new(self.log.regions()));
+        self.log.close_clean(&bits)?;
+        Ok((bits.count() << self.log.granularity().shift).min(self.backing.size()))
+    }
+}
+
+/// The regions to copy at start, and why.
+fn start_regions(
+    log: &DirtyLog,
+    rec: Recovered,
+    initial_copy: bool,
+    size: u64,
+) -> (RegionBitmap, String) {
+    let shift = log.granularity().shift;
+    let bytes = |b: &RegionBitmap| (b.count() << shift).min(size);
+    if let Some(why) = &rec.fallback {
+        tracing::warn!("dirty log unusable ({why}): the whole disk is copied again");
+        return (
+            rec.dirty,
+            format!("dirty log unusable ({why}): copying the whole disk"),
+        );
+    }
+    if !rec.found {
+        if initial_copy {
+            let mut all = RegionBitmap::new(log.regions());
+            all.set_range(0, log.regions());
+            return (all, format!("initial copy of {size} bytes"));
+        }
+        return (
+            rec.dirty,
+            "initial copy skipped (initial_copy = false)".into(),
+        );
+    }
+    if rec.was_clean {
+        let n = bytes(&rec.dirty);
+        let why = if n == 0 {
+            "stopped in order with nothing left to copy".to_string()
+        } else {
+            format!("{n} bytes left dirty at the last orderly stop")
+        };
+        return (rec.dirty, why);
+    }
+    let n = bytes(&rec.dirty);
+    let why = format!(
+        "the previous run did not stop in order: resyncing {n} bytes the dirty log cannot vouch for ({} activity-log extents of {} MiB)",
+        rec.al_extents,
+        log.extent_bytes() >> 20
+    );
+    (rec.dirty, why)
+}
+
+/// Split `buf` (read at `offset`) into zero ranges and data records.
+fn split_copy(offset: u64, buf: &[u8], parts: &mut Vec<CopyPart>) {
+    let mut zero: Option<(u64, u64)> = None;
+    let mut data: Option<(u64, Vec<u8>)> = None;
+    for (i, block) in buf.chunks(COPY_BLOCK).enumerate() {
+        let at = offset + (i * COPY_BLOCK) as u64;
+        if is_zero(block) {
+            if let Some((o, d)) = data.take() {
+                parts.push(CopyPart::Data(o, d));
+            }
+            zero = Some(match zero {
+                Some((o, l)) => (o, l + block.len() as u64),
+                None => (at, block.len() as u64),
+            });
+            continue;
+        }
+        if let Some((o, l)) = zero.take() {
+            parts.push(CopyPart::Zero(o, l));
+        }
+        match &mut data {
+            Some((_, d)) if d.len() + block.len() <= COPY_RECORD => d.extend_from_slice(block),
+            _ => {
+                if let Some((o, d)) = data.take() {
+                    parts.push(CopyPart::Data(o, d));
+                }
+                data = Some((at, block.to_vec()));
+            }
+        }
+    }
+    if let Some((o, d)) = data {
+        parts.push(CopyPart::Data(o, d));
+    }
+    if let Some((o, l)) = zero {
+        parts.push(CopyPart::Zero(o, l));
+    }
+}
+
+/// True when every byte of `b` is zero.
+pub fn is_zero(b: &[u8]) -> bool {
+    let (pre, mid, post) = bytemuck::pod_align_to::<u8, u64>(b);
+    pre.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0)
+}
+
+impl BlockIo for ProtectedDisk {
+    fn size(&self) -> u64 {
+        self.backing.size()
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        let len = buf.len() as u64;
+        check_range(Op::Read, offset, len, self.backing.size())?;
+        self.backing
+            .pread(offset, buf)
+            .map_err(|e| IoError::new(Op::Read, offset, len, IoErrorKind::Backing(e)))
+    }
+
+    fn write_at(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), IoError> {
+        self.write(offset, data, fua).map(|_| ())
+    }
+
+    fn flush(&self) -> Result<(), IoError> {
+        self.backing
+            .sync()
+            .map_err(|e| IoError::new(Op::Flush, 0, 0, IoErrorKind::Backing(e)))
+    }
+
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), IoError> {
+        self.zero(Op::Trim, offset, len, true, fua).map(|_| ())
+    }
+
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        fua: bool,
+    ) -> Result<(), IoError> {
+        self.zero(Op::WriteZeroes, offset, len, may_unmap, fua)
+            .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+#[path = "protected_tests.rs"]
+mod tests;

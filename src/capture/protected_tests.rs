@@ -1,0 +1,376 @@
+use super::*;
+use crate::capture::journal::{CaptureConfig, Change, Entry, Policy};
+use crate::capture::modes::Mode;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::time::Duration;
+
+const MIB: u64 = 1 << 20;
+
+fn journal(budget: usize, policy: Policy) -> Arc<CaptureJournal> {
+    let cfg = CaptureConfig {
+        group: "g1".into(),
+        memory_budget: budget,
+        spill_dir: None,
+        spill_budget: 0,
+        bitmap_after: Duration::ZERO,
+        policy,
+    };
+    Arc::new(CaptureJournal::new(cfg, 1, Box::new(|f| Ok(f + 1_000_000))).unwrap())
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    img: PathBuf,
+}
+
+fn setup(size: u64) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("src.img");
+    File::create(&img).unwrap().set_len(size).unwrap();
+    Setup { dir, img }
+}
+
+impl Setup {
+    fn open(&self, j: &Arc<CaptureJournal>, initial_copy: bool) -> (ProtectedDisk, OpenReport) {
+        ProtectedDisk::open(
+            0,
+            &self.img,
+            j.clone(),
+            &self.dir.path().join("state"),
+            initial_copy,
+        )
+        .unwrap()
+    }
+}
+
+fn take_all(j: &CaptureJournal) -> Vec<Entry> {
+    let mut out = Vec::new();
+    loop {
+        let b = j.take_batch(usize::MAX, Duration::ZERO, Duration::ZERO);
+        if b.is_empty() {
+            return out;
+        }
+        out.extend(b);
+    }
+}
+
+fn replay(entries: &[Entry], img: &mut [u8]) {
+    for e in entries {
+        match &e.change {
+            Change::Write(d) => img[e.offset as usize..][..d.len()].copy_from_slice(d),
+            Change::Zero(l) => img[e.offset as usize..][..*l as usize].fill(0),
+            Change::DiskSize(_) => {}
+        }
+    }
+}
+
+fn drain_all(d: &ProtectedDisk) {
+    let j = d.journal().clone();
+    let mut buf = Vec::new();
+    for _ in 0..10_000 {
+        let Some((o, l)) = j.next_pending(d.id(), 0, u64::MAX) else {
+            break;
+        };
+        let mut at = o;
+        while at < o + l {
+            at = d.copy_step(at, o + l, &mut buf).unwrap().unwrap();
+        }
+    }
+    assert!(j.finish_drain());
+}
+
+#[test]
+fn write_reaches_disk_and_journal_and_bad_ranges_do_not() {
+    let s = setup(MIB);
+    let j = journal(64 << 20, Policy::Block);
+    let (disk, rep) = s.open(&j, false);
+    assert_eq!(rep.pending_bytes, 0);
+    assert_eq!(j.mode(), Mode::Data);
+    let r = disk.write(4096, vec![7; 512], false).unwrap();
+    assert_eq!(r, Recorded::Seq(1));
+    let mut b = [0u8; 512];
+    File::open(&s.img)
+        .unwrap()
+        .read_exact_at(&mut b, 4096)
+        .unwrap();
+    assert_eq!(b, [7; 512]);
+    let e = disk.write_at(MIB - 100, vec![1; 512], false).unwrap_err();
+    assert_eq!(e.errno(), libc::ENOSPC);
+    assert!(disk.write_at(u64::MAX, vec![1; 1], false).is_err());
+    assert!(disk.write_at(0, vec![], false).is_err());
+    disk.trim(0, 8192, true).unwrap();
+    disk.write_zeroes(8192, 4096, false, false).unwrap();
+    let e = take_all(&j);
+    assert_eq!(e.len(), 3);
+    assert!(matches!(e[1].change, Change::Zero(8192)));
+    assert_eq!(j.stats().recorded, 3);
+}
+
+#[test]
+fn first_start_copies_the_disk_skipping_holes_and_zeros() {
+    let size = 3 * COPY_CHUNK as u64 + 8192;
+    let s = setup(size);
+    let f = File::options().write(true).open(&s.img).unwrap();
+    f.write_all_at(&[5u8; 100], 70_000).unwrap();
+    f.write_all_at(&[0u8; 65536], 2 * MIB).unwrap(); // allocated zeros
+    f.write_all_at(&[6u8; 10], size - 10).unwrap();
+    let j = journal(64 << 20, Policy::Block);
+    let (disk, rep) = s.open(&j, true);
+    assert_eq!(rep.pending_bytes, size);
+    assert!(rep.reason.contains("initial copy"), "{}", rep.reason);
+    assert_eq!(j.mode(), Mode::Drain);
+    drain_all(&disk);
+    assert_eq!(j.mode(), Mode::Data);
+    let entries = take_all(&j);
+    assert!(
+        entries
+            .iter()
+            .all(|e| e.ordering == crate::capture::journal::Ordering::M)
+    );
+    let data: usize = entries.iter().map(Entry::payload_len).sum();
+    assert!(
+        data <= 2 * COPY_BLOCK + 8192,
+        "only non-zero blocks travel: {data}"
+    );
+    let mut img = vec![0xEEu8; size as usize];
+    replay(&entries, &mut img);
+    let want = std::fs::read(&s.img).unwrap();
+    assert!(img == want);
+}
+
+#[test]
+fn crash_resyncs_only_what_the_log_cannot_vouch_for_and_a_clean_stop_nothing() {
+    let size = 256 * MIB;
+    let s = setup(size);
+    {
+        let j = journal(64 << 20, Policy::Block);
+        let (disk, _) = s.open(&j, false);
+        disk.write(100 * MIB, vec![1; 4096], false).unwrap();
+        disk.write(200 * MIB + 5, vec![2; 10], false).unwrap();
+        // Crash: no clean close.
+    }
+    let j = journal(64 << 20, Policy::Block);
+    let (disk, rep) = s.open(&j, false);
+    assert!(
+        rep.reason.contains("did not stop in order"),
+        "{}",
+        rep.reason
+    );
+    assert_eq!(rep.pending_bytes, 8 * MIB, "two 4 MiB activity-log extents");
+    assert_eq!(j.mode(), Mode::Drain);
+    drain_all(&disk);
+    let e = take_all(&j);
+    j.trim_through(e.last().unwrap().seq);
+    assert_eq!(disk.close_clean().unwrap(), 0);
+    drop(disk);
+    let j = journal(64 << 20, Policy::Block);
+    let (_disk, rep) = s.open(&j, false);
+    assert_eq!(rep.pending_bytes, 0, "{}", rep.reason);
+    assert_eq!(j.mode(), Mode::Data);
+}
+
+#[test]
+fn a_clean_stop_with_unacknowledged_writes_keeps_their_regions() {
+    let s = setup(64 * MIB);
+    {
+        let j = journal(64 << 20, Policy::Block);
+        let (disk, _) = s.open(&j, false);
+        disk.write(8 * MIB, vec![1; 8192], false).unwrap();
+        assert_eq!(disk.close_clean().unwrap(), 8192);
+    }
+    let j = journal(64 << 20, Policy::Block);
+    let (_disk, rep) = s.open(&j, false);
+    assert_eq!(rep.pending_bytes, 8192);
+    assert!(rep.reason.contains("left dirty"), "{}", rep.reason);
+}
+
+#[test]
+fn rollover_keeps_unacknowledged_regions_in_the_snapshot() {
+    let s = setup(64 * MIB);
+    {
+        let j = journal(64 << 20, Policy::Block);
+        let (disk, _) = s.open(&j, false);
+        disk.write(0, vec![1; 4096], false).unwrap();
+        for _ in 0..3 {
+            disk.rollover().unwrap();
+        }
+        // The extent left the activity log, but the region is not acknowledged.
+        assert_eq!(disk.activity_log_stats().0, 0);
+    }
+    let j = journal(64 << 20, Policy::Block);
+    let (_disk, rep) = s.open(&j, false);
+    assert_eq!(rep.pending_bytes, 4096);
+}
+
+#[test]
+fn concurrent_overlapping_writes_are_captured_in_disk_order() {
+    let s = setup(4 * MIB);
+    let j = journal(256 << 20, Policy::Block);
+    let (disk, _) = s.open(&j, false);
+    let disk = Arc::new(disk);
+    let threads: Vec<_> = (0..4u8)
+        .map(|t| {
+            let d = disk.clone();
+            std::thread::spawn(move || {
+                for i in 0..200u64 {
+                    let off = (i * 7919 + u64::from(t) * 4096) % (2 * MIB);
+                    d.write(off, vec![t * 50 + (i % 50) as u8; 65536], false)
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let mut img = vec![0u8; 4 * MIB as usize];
+    replay(&take_all(&j), &mut img);
+    assert!(img == std::fs::read(&s.img).unwrap());
+}
+
+#[test]
+fn degrading_capture_marks_regions_and_a_drain_repairs_them() {
+    let s = setup(16 * MIB);
+    let j = journal(2 * (65536 + 96), Policy::Degrade);
+    let (disk, _) = s.open(&j, false);
+    let mut all = Vec::new();
+    for i in 0..20u64 {
+        disk.write(i * 65536, vec![i as u8 + 1; 65536], false)
+            .unwrap();
+    }
+    assert_eq!(j.mode(), Mode::Bitmap);
+    assert!(j.stats().pending_bytes >= 18 * 65536);
+    all.extend(take_all(&j));
+    j.trim_through(all.last().unwrap().seq);
+    j.set_link(true);
+    j.tick();
+    assert_eq!(j.mode(), Mode::Drain);
+    let mut buf = Vec::new();
+    for _ in 0..1000 {
+        let Some((o, l)) = j.next_pending(0, 0, u64::MAX) else {
+            break;
+        };
+        j.wait_copy_room(COPY_CHUNK, Duration::ZERO);
+        disk.copy_step(o, o + l, &mut buf).unwrap();
+        let e = take_all(&j);
+        if let Some(last) = e.last() {
+            j.trim_through(last.seq);
+        }
+        all.extend(e);
+    }
+    assert!(j.finish_drain());
+    let mut img = vec![0u8; 16 * MIB as usize];
+    replay(&all, &mut img);
+    assert!(img == std::fs::read(&s.img).unwrap());
+}
+
+/// A backing disk on a 1 MiB tmpfs: writes beyond its space fail with ENOSPC
+/// after part of the range may have been written.
+#[test]
+fn a_failing_backing_write_is_reported_and_its_region_kept_for_resync() {
+    if !nix::unistd::geteuid().is_root() {
+        panic!("this test needs root (it mounts a small tmpfs to make the backing disk fail)");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tidemark-test"])
+        .arg(&mnt)
+        .status()
+        .expect("mount (util-linux) is needed for this test");
+    assert!(st.success(), "mount -t tmpfs failed");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Unmount(mnt.clone());
+    let img = mnt.join("disk.img");
+    File::create(&img).unwrap().set_len(64 * MIB).unwrap();
+    let j = journal(64 << 20, Policy::Degrade);
+    let (disk, _) =
+        ProtectedDisk::open(0, &img, j.clone(), &dir.path().join("state"), false).unwrap();
+    disk.write(0, vec![1; 4096], false).unwrap();
+    let e = disk
+        .write_at(8 * MIB, vec![2; 2 * MIB as usize], false)
+        .unwrap_err();
+    assert_eq!(e.errno(), libc::ENOSPC, "{e}");
+    let st = j.stats();
+    assert_eq!(st.mode.mode, Mode::Bitmap);
+    assert!(
+        st.mode.reason.contains("backing write failed"),
+        "{}",
+        st.mode.reason
+    );
+    assert_eq!(st.pending_bytes, 2 * MIB);
+    assert_eq!(st.recorded, 1, "the failed write is not recorded as data");
+    // Reads and other writes keep working.
+    let mut b = vec![0u8; 4096];
+    disk.read_at(0, &mut b).unwrap();
+    assert_eq!(b, vec![1; 4096]);
+}
+
+#[test]
+fn after_shut_writes_are_refused_and_nothing_reaches_the_disk() {
+    let s = setup(MIB);
+    let j = journal(64 << 20, Policy::Block);
+    let (disk, _) = s.open(&j, false);
+    disk.write(0, vec![1; 4096], false).unwrap();
+    disk.shut();
+    let e = disk.write_at(4096, vec![2; 4096], false).unwrap_err();
+    assert_eq!(e.errno(), libc::ESHUTDOWN);
+    assert!(disk.trim(0, 4096, false).is_err());
+    let mut b = vec![9u8; 4096];
+    disk.read_at(4096, &mut b).unwrap();
+    assert_eq!(b, vec![0; 4096], "the refused write did not reach the disk");
+    assert_eq!(j.stats().recorded, 1);
+}
+
+/// A backing disk whose device returns EIO (a FUSE file over a test double
+/// that fails one range): the write fails with EIO, is not recorded, its
+/// region is kept for resync; a copy of it fails too and the region stays.
+#[test]
+fn a_backing_disk_returning_eio_fails_the_write_and_keeps_the_region() {
+    use crate::frontend::fuse::FuseOptions;
+    use crate::frontend::fuse::testutil::{Fixture, TestDisk};
+    let (fx, _double) = Fixture::new("disk", 16 * MIB, &FuseOptions::default(), |b| {
+        let mut t = TestDisk::new(b);
+        t.eio = Some(8 * MIB..9 * MIB);
+        t
+    });
+    let j = journal(64 << 20, Policy::Degrade);
+    let (disk, _) =
+        ProtectedDisk::open(0, &fx.file, j.clone(), &fx.dir.path().join("state"), false).unwrap();
+    disk.write(0, vec![1; 4096], false).unwrap();
+    let e = disk.write_at(8 * MIB, vec![2; 4096], false).unwrap_err();
+    assert_eq!(e.errno(), libc::EIO, "{e}");
+    let st = j.stats();
+    assert_eq!(st.recorded, 1, "the failed write is not recorded");
+    assert_eq!(st.pending_bytes, 4096);
+    assert_eq!(st.mode.mode, Mode::Bitmap);
+    // The disk keeps serving other ranges.
+    disk.write(4096, vec![3; 4096], false).unwrap();
+    let mut b = vec![0u8; 8192];
+    disk.read_at(0, &mut b).unwrap();
+    assert!(b[..4096].iter().all(|&x| x == 1) && b[4096..].iter().all(|&x| x == 3));
+    // A copy of the failing region fails and leaves it pending.
+    j.set_link(true);
+    j.tick();
+    assert_eq!(j.mode(), Mode::Drain);
+    // The write at 4096 came in bitmap mode: pending too; its copy works.
+    let (o, l) = j.next_pending(0, 0, u64::MAX).unwrap();
+    assert_eq!((o, l), (4096, 4096));
+    assert_eq!(
+        disk.copy_step(o, o + l, &mut Vec::new()).unwrap(),
+        Some(8192)
+    );
+    let (o, l) = j.next_pending(0, 0, u64::MAX).unwrap();
+    assert_eq!(o, 8 * MIB);
+    let e = disk.copy_step(o, o + l, &mut Vec::new()).unwrap_err();
+    assert!(e.to_string().contains("for a copy"), "{e}");
+    assert_eq!(j.stats().pending_bytes, 4096);
+    assert!(!j.finish_drain());
+}
