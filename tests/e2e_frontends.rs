@@ -239,6 +239,9 @@ fn fio(c: &Cluster, uri: &str, args: &[&str], log: &str) -> Bg {
         Command::new(fio)
             .args([
                 "--name=w",
+                // Jobs as threads of the one fio process: a forked job process
+                // can leave fio's process group and outlive the test.
+                "--thread",
                 "--ioengine=nbd",
                 "--rw=randwrite",
                 "--bs=64k",
