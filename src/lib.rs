@@ -2,9 +2,9 @@
 //!
 //! The module tree follows the data path: a write is recorded by [`capture`],
 //! batched, compressed and sealed into a [`frame`] by the [`agent`], carried over
-//! mutual TLS by [`transport`] to the [`relay`], which spools it durably and
-//! forwards it to the [`target`], which applies it in chain order to an
-//! [`image`]. [`bench`](mod@bench) runs all of it on one machine.
+//! mutual TLS by [`transport`] to the [`relay`], which keeps it durably in a
+//! [`spool`] and forwards it to the [`target`], which keeps it in a redo spool of
+//! its own and applies it in chain order to an [`image`]. [`bench`](mod@bench) runs all of it on one machine.
 #![deny(unsafe_code)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
@@ -18,6 +18,7 @@ pub mod pki;
 pub mod capture;
 pub mod frame;
 pub mod frontend;
+pub mod spool;
 pub mod transport;
 
 pub mod agent;

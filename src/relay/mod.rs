@@ -1,11 +1,10 @@
 //! The relay (process server): accepts agents and targets over mutual TLS,
-//! spools sealed frames durably ([`spool`]), and forwards them to the target.
+//! spools sealed frames durably ([`crate::spool`]), and forwards them to the target.
 //! It reads frame headers only; it never holds a data key.
 
 mod hub;
 mod server;
 mod session;
-pub mod spool;
 
 pub use hub::GroupCountersView;
 pub use server::{RelayError, RelayGroupStatus, RelayStatus, run};

@@ -19,7 +19,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use super::hub::{GroupCountersView, Hub};
-use super::spool::{Spool, SpoolError, SpoolOptions};
+use crate::spool::{Spool, SpoolError, SpoolOptions};
 use crate::config::RelayConfig;
 use crate::error::{Classify, ErrorKind};
 use crate::target::gate::ChainPos;
@@ -421,13 +421,13 @@ async fn handle_connection(
         PeerRole::Agent => Role::Agent,
         PeerRole::Target => Role::Target,
     };
-    let authz = super::spool::record::validate_group(&group)
+    let authz = crate::spool::record::validate_group(&group)
         .map_err(|why| format!("invalid group name {group:?}: {why}"))
         .and_then(|()| cert.check_name(tls_role, &name).map_err(|e| e.to_string()))
         .and_then(|()| cert.check_group(&group).map_err(|e| e.to_string()));
     if let Err(why) = authz {
         let hub = shared.hub.group(&group, 0);
-        if role == PeerRole::Agent && super::spool::record::validate_group(&group).is_ok() {
+        if role == PeerRole::Agent && crate::spool::record::validate_group(&group).is_ok() {
             *hub.last_agent_error
                 .lock()
                 .unwrap_or_else(|e| e.into_inner()) = Some(why.clone());

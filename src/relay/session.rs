@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::hub::{CachedFrame, GroupHub};
 use super::server::Shared;
-use super::spool::{AppendOutcome, AppendRequest, SpoolError, SpooledFrame};
+use crate::spool::{AppendOutcome, AppendRequest, SpoolError, SpooledFrame};
 use crate::error::{Classify, ErrorKind};
 use crate::frame::FrameHeader;
 use crate::target::gate::ChainPos;

@@ -1,5 +1,7 @@
-//! The relay's durable spool: per consistency group, an append-only queue of
-//! sealed frames (opaque bytes) in segment files.
+//! The durable spool: per consistency group, an append-only queue of sealed
+//! frames (opaque bytes) in segment files. The relay keeps its queue in one;
+//! the target keeps its redo journal in one per group (frames durable before
+//! any of their bytes reach a replica; docs/CONSISTENCY.md).
 //!
 //! * Appends go through a bounded channel to one dedicated writer thread that
 //!   group-commits them: write the batch, one `fdatasync` per touched segment, an
