@@ -19,9 +19,9 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use super::hub::{GroupCountersView, Hub};
-use crate::spool::{Spool, SpoolError, SpoolOptions};
 use crate::config::RelayConfig;
 use crate::error::{Classify, ErrorKind};
+use crate::spool::{Spool, SpoolError, SpoolOptions};
 use crate::target::gate::ChainPos;
 use crate::transport::conn::{Outgoing, spawn_reader, spawn_writer};
 use crate::transport::tls::{self, Role, TlsError};

@@ -19,9 +19,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::hub::{CachedFrame, GroupHub};
 use super::server::Shared;
-use crate::spool::{AppendOutcome, AppendRequest, SpoolError, SpooledFrame};
 use crate::error::{Classify, ErrorKind};
 use crate::frame::FrameHeader;
+use crate::spool::{AppendOutcome, AppendRequest, SpoolError, SpooledFrame};
 use crate::target::gate::ChainPos;
 use crate::transport::client::message_name;
 use crate::transport::conn::Outgoing;

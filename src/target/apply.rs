@@ -19,6 +19,8 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -28,14 +30,23 @@ use super::TargetError;
 use super::applylog::{self, ApplyLog};
 use super::budget::Charge;
 use super::gate::{ChainPos, Link};
-use super::status::{SharedStatus, WatermarkStatus};
+use super::redo::{Redo, RedoFailed, no_space_errno, redo_kind, spool_no_space};
+use super::status::{Paused, SharedStatus, WatermarkStatus};
 use super::watermark::{Mark, Watermark, WatermarkError};
 use crate::agent::pipeline::Reorder;
 use crate::error::{Classify, ErrorKind};
-use crate::frame::{FrameError, FrameKind, OpenedFrame, RecordKind};
+use crate::frame::{FrameError, FrameKind, OpenedFrame, Opener, RecordKind};
 use crate::image::{self, Engine, Image, ImageError, ImageFormat, ImageSpec, OpKind, WriteOp};
+use crate::spool::SpoolError;
 use crate::util::hist::Histogram;
 use crate::util::time::now_us;
+
+/// Least time between two trims of the redo journal.
+const REDO_TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+/// Time between two attempts while applying is paused for want of disk space.
+pub(crate) const PAUSE_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
+/// Frames read from the redo journal at a time while replaying it.
+const REPLAY_CHUNK: usize = 16;
 
 /// Most lag samples kept for one batch before it is committed (bounds the
 /// memory of a batch of many tiny records).
@@ -50,6 +61,9 @@ pub(crate) struct Opened {
     pub link: Link,
     /// The opened frame, or why it could not be opened.
     pub result: Result<OpenedFrame, FrameError>,
+    /// `Ok` once the frame is durable in the redo journal; else why the append
+    /// failed, with the sealed bytes to append it again.
+    pub redo: Result<(), RedoFailed>,
     /// Its share of the in-flight budget (given back when dropped).
     pub charge: Charge,
 }
@@ -210,6 +224,17 @@ pub enum ApplyError {
         /// Why.
         source: std::io::Error,
     },
+    /// The frame could not be made durable in the redo journal, so none of
+    /// its bytes may reach a replica.
+    #[error("group {group} frame {frame_no}: redo journal: {source}")]
+    Redo {
+        /// Group.
+        group: String,
+        /// Frame.
+        frame_no: u64,
+        /// Why.
+        source: Box<SpoolError>,
+    },
     /// Storing the watermark failed.
     #[error("group {group} frame {frame_no}: {source}")]
     Watermark {
@@ -235,6 +260,7 @@ impl ApplyError {
             | NoImage { frame_no, .. }
             | Image { frame_no, .. }
             | Log { frame_no, .. }
+            | Redo { frame_no, .. }
             | Watermark { frame_no, .. } => *frame_no,
         }
     }
@@ -254,6 +280,7 @@ impl Classify for ApplyError {
                 ErrorKind::Config => ErrorKind::Config,
                 _ => ErrorKind::Io,
             },
+            ApplyError::Redo { source, .. } => redo_kind(source),
             ApplyError::Log { .. } | ApplyError::Watermark { .. } => ErrorKind::Io,
         }
     }
@@ -288,6 +315,13 @@ pub(crate) struct ApplySetup {
     pub status: SharedStatus,
     /// Durable progress and stall, for the session.
     pub progress: watch::Sender<Progress>,
+    /// The group's redo journal (frames after the watermark are replayed from
+    /// it before the thread says it is ready).
+    pub redo: Redo,
+    /// Opens the frames replayed from the redo journal.
+    pub opener: Opener,
+    /// Set when the target stops: ends a pause (waiting for disk space).
+    pub stop: Arc<AtomicBool>,
 }
 
 struct Slot {
@@ -318,6 +352,8 @@ struct Flusher {
     status: SharedStatus,
     progress: watch::Sender<Progress>,
     lag: Histogram,
+    redo: Redo,
+    last_trim: Option<std::time::Instant>,
 }
 
 impl Flusher {
@@ -370,7 +406,28 @@ impl Flusher {
             s.apply_batches += 1;
         }
         self.progress.send_modify(|pr| pr.durable = job.mark);
+        self.trim_redo(frame_no);
         Ok(())
+    }
+
+    /// Forget the redo journal's frames through the durable watermark, at most
+    /// a few times a second (each trim stores the spool's state file).
+    fn trim_redo(&mut self, frame_no: u64) {
+        let due = self
+            .last_trim
+            .is_none_or(|t| t.elapsed() >= REDO_TRIM_INTERVAL);
+        if !due {
+            return;
+        }
+        self.last_trim = Some(std::time::Instant::now());
+        if let Err(e) = self.redo.trim_through(frame_no) {
+            // Not fatal: the journal keeps frames a little longer.
+            tracing::warn!(group = %self.group, frame_no, "redo journal trim failed: {e}");
+        }
+        let (frames, bytes) = self.redo.usage();
+        let mut s = self.status.lock();
+        s.redo_frames = frames;
+        s.redo_bytes = bytes;
     }
 }
 
@@ -406,10 +463,15 @@ struct Applier {
     flusher: Option<JoinHandle<()>>,
     /// A batch is being flushed.
     flushing: bool,
+    /// The redo journal (failed appends are retried through it).
+    redo: Redo,
+    /// Set when the target stops.
+    stop: Arc<AtomicBool>,
 }
 
-/// Says whether the apply thread started.
-pub(crate) type Ready = oneshot::Receiver<Result<(), TargetError>>;
+/// Says whether the apply thread started (after replaying the redo journal);
+/// carries the journal the session appends to.
+pub(crate) type Ready = oneshot::Receiver<Result<Redo, TargetError>>;
 
 /// Start the apply thread. The returned receiver says whether it started
 /// (apply log open, existing replicas open); the thread then runs until `rx`
@@ -424,7 +486,7 @@ pub(crate) fn spawn(
         .name(name)
         .spawn(move || match Applier::start(setup) {
             Ok(a) => {
-                let _ = ready_tx.send(Ok(()));
+                let _ = ready_tx.send(Ok(a.redo.clone()));
                 a.run(rx);
             }
             Err(e) => {
@@ -523,6 +585,8 @@ impl Applier {
             status: s.status.clone(),
             progress: s.progress.clone(),
             lag: Histogram::new(),
+            redo: s.redo.clone(),
+            last_trim: None,
         };
         let flusher = std::thread::Builder::new()
             .name(format!("flush-{}", s.group))
@@ -531,7 +595,7 @@ impl Applier {
                 what: "flusher thread",
                 source,
             })?;
-        Ok(Applier {
+        let mut a = Applier {
             group: s.group,
             slots,
             engine,
@@ -549,7 +613,79 @@ impl Applier {
             flush_done,
             flusher: Some(flusher),
             flushing: false,
-        })
+            redo: s.redo,
+            stop: s.stop,
+        };
+        a.replay(s.opener)?;
+        Ok(a)
+    }
+
+    /// Apply again, in chain order, the frames of the redo journal after the
+    /// durable watermark (a crash left them written partly, or not at all),
+    /// and make them durable. Until this returns the session does not start,
+    /// so the relay's redelivery of these frames is dropped by the gate as
+    /// duplicates.
+    fn replay(&mut self, mut opener: Opener) -> Result<(), TargetError> {
+        let mut replayed = 0u64;
+        loop {
+            let frames = self
+                .redo
+                .read_after(self.applied.frame_no, REPLAY_CHUNK)
+                .map_err(|e| TargetError::Redo {
+                    group: self.group.clone(),
+                    source: Box::new(e),
+                })?;
+            if frames.is_empty() {
+                break;
+            }
+            for f in frames {
+                let frame = opener.open_owned(f.bytes).map_err(|e| TargetError::Redo {
+                    group: self.group.clone(),
+                    source: Box::new(SpoolError::Corrupt {
+                        file: self.redo_dir(),
+                        offset: 0,
+                        what: format!("frame {} does not open: {e}", f.frame_no),
+                    }),
+                })?;
+                self.apply_or_pause(&frame)
+                    .map_err(|e| TargetError::Replay {
+                        group: self.group.clone(),
+                        source: Box::new(e),
+                    })?;
+                replayed += 1;
+                if self.pending.plain >= self.batch_bytes {
+                    self.commit().map_err(|e| TargetError::Replay {
+                        group: self.group.clone(),
+                        source: Box::new(e),
+                    })?;
+                }
+            }
+        }
+        if replayed > 0 {
+            self.commit()
+                .and_then(|()| self.wait_flush())
+                .map_err(|e| TargetError::Replay {
+                    group: self.group.clone(),
+                    source: Box::new(e),
+                })?;
+            tracing::info!(
+                group = %self.group,
+                frames = replayed,
+                frame_no = self.applied.frame_no,
+                last_seq = self.applied.last_seq,
+                "replayed the redo journal after the watermark"
+            );
+        }
+        self.status.lock().redo_replayed = replayed;
+        Ok(())
+    }
+
+    fn redo_dir(&self) -> PathBuf {
+        self.log
+            .path()
+            .parent()
+            .map(|d| d.join(super::redo::REDO_DIR))
+            .unwrap_or_default()
     }
 
     fn run(mut self, rx: Receiver<Opened>) {
@@ -597,9 +733,15 @@ impl Applier {
         let Opened {
             link,
             result,
+            redo,
             charge,
             ..
         } = m;
+        if let Err(failed) = redo
+            && let Err(e) = self.append_again(link.frame_no, failed)
+        {
+            return self.refuse(e);
+        }
         let frame = match result {
             Ok(f) => f,
             Err(source) => {
@@ -610,7 +752,7 @@ impl Applier {
                 });
             }
         };
-        if let Err(e) = self.apply_frame(&frame) {
+        if let Err(e) = self.apply_or_pause(&frame) {
             if matches!(e, ApplyError::Chain { .. }) {
                 self.status.lock().chain_violations += 1;
             }
@@ -625,9 +767,30 @@ impl Applier {
         drop(charge);
     }
 
-    /// Validate every record of `f`, then write it. Nothing is written (and
-    /// no replica created) unless the whole frame is valid.
-    fn apply_frame(&mut self, f: &OpenedFrame) -> Result<(), ApplyError> {
+    /// Apply `f` (see [`Applier::prepare_frame`] and [`Applier::write_frame`]);
+    /// a replica write that fails for want of disk space pauses the group and
+    /// is retried (the frame's writes, again in order, give the same bytes)
+    /// until it succeeds or the target stops.
+    fn apply_or_pause(&mut self, f: &OpenedFrame) -> Result<(), ApplyError> {
+        self.prepare_frame(f)?;
+        loop {
+            match self.write_frame(f) {
+                Ok(()) => break,
+                Err(ApplyError::Image { source, .. })
+                    if source.errno().is_some_and(no_space_errno)
+                        && self.pause_wait(&format!("replica: {source}")) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.resume();
+        self.finish_frame(f);
+        Ok(())
+    }
+
+    /// Check that `f` continues the chain, validate every record, log it, and
+    /// create the replicas it announces. Nothing is written (and no replica
+    /// created) unless the whole frame is valid.
+    fn prepare_frame(&mut self, f: &OpenedFrame) -> Result<(), ApplyError> {
         let h = &f.header;
         if h.prev_frame_no != self.applied.frame_no || h.prev_last_seq != self.applied.last_seq {
             return Err(ApplyError::Chain {
@@ -680,28 +843,27 @@ impl Applier {
             ));
             slot.image = Some(img);
         }
+        Ok(())
+    }
+
+    /// Write the records of a prepared frame: one `write_batch` per disk.
+    fn write_frame(&mut self, f: &OpenedFrame) -> Result<(), ApplyError> {
+        let h = &f.header;
         let mut ops: Vec<Vec<WriteOp<'_>>> = (0..self.slots.len()).map(|_| Vec::new()).collect();
-        let (mut bytes, mut zero_bytes) = (0u64, 0u64);
         for (r, data) in f.iter() {
             // plan() resolved every disk; a miss here cannot happen.
             let Some(si) = self.slot_of(r.disk) else {
                 continue;
             };
             match r.kind {
-                RecordKind::Write => {
-                    bytes += data.len() as u64;
-                    ops[si].push(WriteOp::Write {
-                        offset: r.offset,
-                        data,
-                    });
-                }
-                RecordKind::Zero => {
-                    zero_bytes += u64::from(r.len);
-                    ops[si].push(WriteOp::Zero {
-                        offset: r.offset,
-                        len: u64::from(r.len),
-                    });
-                }
+                RecordKind::Write => ops[si].push(WriteOp::Write {
+                    offset: r.offset,
+                    data,
+                }),
+                RecordKind::Zero => ops[si].push(WriteOp::Zero {
+                    offset: r.offset,
+                    len: u64::from(r.len),
+                }),
                 RecordKind::DiskSize => {}
             }
         }
@@ -712,7 +874,25 @@ impl Applier {
             let slot = &mut self.slots[si];
             if let Some(img) = slot.image.as_mut() {
                 slot.touched = true;
-                img.write_batch(ops).map_err(|e| img_err(&self.group, e))?;
+                img.write_batch(ops).map_err(|source| ApplyError::Image {
+                    group: self.group.clone(),
+                    frame_no: h.frame_no,
+                    source: Box::new(source),
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Account a written frame: it is the last applied one now.
+    fn finish_frame(&mut self, f: &OpenedFrame) {
+        let h = &f.header;
+        let (mut bytes, mut zero_bytes) = (0u64, 0u64);
+        for r in &f.records {
+            match r.kind {
+                RecordKind::Write => bytes += u64::from(r.len),
+                RecordKind::Zero => zero_bytes += u64::from(r.len),
+                RecordKind::DiskSize => {}
             }
         }
         self.applied = ChainPos {
@@ -730,7 +910,70 @@ impl Applier {
         if h.kind == FrameKind::Write && !h.heartbeat {
             p.lag_from.extend(f.records.iter().map(|r| r.time_us));
         }
-        Ok(())
+    }
+
+    /// Append again a frame whose redo-journal append failed. The first retry
+    /// is immediate (the failure may only have been the chain check refusing
+    /// a frame whose predecessor's append had failed and has since been
+    /// appended again); while the disk is full the group pauses and retries.
+    fn append_again(&mut self, frame_no: u64, failed: RedoFailed) -> Result<(), ApplyError> {
+        let RedoFailed { mut error, sealed } = failed;
+        let mut retried = false;
+        loop {
+            if retried
+                && !(spool_no_space(&error) && self.pause_wait(&format!("redo journal: {error}")))
+            {
+                return Err(ApplyError::Redo {
+                    group: self.group.clone(),
+                    frame_no,
+                    source: Box::new(error),
+                });
+            }
+            retried = true;
+            match self.redo.append_blocking(&sealed) {
+                Ok(_) => {
+                    self.resume();
+                    return Ok(());
+                }
+                Err(e) => error = e,
+            }
+        }
+    }
+
+    /// Pause (or stay paused) because `reason` (the disk is full): say so in
+    /// the status and the log (once per pause), wait [`PAUSE_RETRY`], and
+    /// return true to retry, or false when the target is stopping.
+    fn pause_wait(&mut self, reason: &str) -> bool {
+        {
+            let mut s = self.status.lock();
+            match &mut s.paused {
+                Some(p) => p.retries += 1,
+                None => {
+                    tracing::warn!(group = %self.group, "applying paused: {reason}; retrying every {:?} until there is room", PAUSE_RETRY);
+                    s.paused = Some(Paused {
+                        reason: reason.to_string(),
+                        since_us: now_us(),
+                        retries: 0,
+                    });
+                }
+            }
+        }
+        let until = std::time::Instant::now() + PAUSE_RETRY;
+        while std::time::Instant::now() < until {
+            if self.stop.load(Ordering::Relaxed) {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        !self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Leave a pause, if paused.
+    fn resume(&mut self) {
+        let mut s = self.status.lock();
+        if let Some(p) = s.paused.take() {
+            tracing::info!(group = %self.group, retries = p.retries, "applying resumed");
+        }
     }
 
     fn slot_of(&self, disk: u16) -> Option<usize> {

@@ -23,6 +23,7 @@ pub mod applylog;
 pub mod budget;
 pub mod gate;
 pub mod open;
+pub mod redo;
 pub mod session;
 pub mod status;
 pub mod watermark;
@@ -35,6 +36,7 @@ mod testutil;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -44,7 +46,7 @@ use tokio::task::JoinSet;
 
 use crate::config::{ConfigError, TargetConfig};
 use crate::error::{Classify, ErrorKind};
-use crate::frame::{DataKey, FrameError, GroupName};
+use crate::frame::{DataKey, FrameError, GroupName, Opener};
 use crate::image::{Engine, ImageError};
 use crate::transport::client::{ConnectError, RelayEndpoint};
 use crate::transport::tls::{self, TlsError};
@@ -152,6 +154,22 @@ pub enum TargetError {
         /// Its reason.
         message: String,
     },
+    /// The redo journal cannot be opened or read.
+    #[error("group {group}: redo journal: {source}")]
+    Redo {
+        /// Group.
+        group: String,
+        /// Why.
+        source: Box<crate::spool::SpoolError>,
+    },
+    /// A frame of the redo journal could not be applied again at start.
+    #[error("group {group}: replaying the redo journal: {source}")]
+    Replay {
+        /// Group.
+        group: String,
+        /// Why.
+        source: Box<ApplyError>,
+    },
     /// A thread could not be started.
     #[error("cannot start the {what}: {source}")]
     Spawn {
@@ -186,6 +204,8 @@ impl Classify for TargetError {
             TargetError::Replica { source, .. } => source.kind(),
             TargetError::Session { source, .. } => source.kind(),
             TargetError::RelayRefused { kind, .. } => *kind,
+            TargetError::Redo { source, .. } => redo::redo_kind(source),
+            TargetError::Replay { source, .. } => source.kind(),
         }
     }
 }
@@ -311,6 +331,7 @@ struct Prepared {
     disks: Vec<DiskSpec>,
     watermark: Watermark,
     log_path: PathBuf,
+    redo: redo::Redo,
 }
 
 /// Blocking start-up: state directory and its lock, per-group directories,
@@ -354,6 +375,11 @@ fn prepare(cfg: &TargetConfig) -> Result<(Flock<File>, Vec<Prepared>), TargetErr
             group: g.name.clone(),
             source: Box::new(source),
         })?;
+        let (redo, _reset) = redo::Redo::open(&gdir, &g.name, watermark.get().pos.frame_no)
+            .map_err(|source| TargetError::Redo {
+                group: g.name.clone(),
+                source: Box::new(source),
+            })?;
         out.push(Prepared {
             name: g.name.clone(),
             group,
@@ -362,6 +388,7 @@ fn prepare(cfg: &TargetConfig) -> Result<(Flock<File>, Vec<Prepared>), TargetErr
             disks,
             watermark,
             log_path: gdir.join(APPLY_LOG),
+            redo,
         });
     }
     Ok((lock, out))
@@ -394,6 +421,22 @@ async fn start_group(
         crate::config::Engine::Uring => Engine::Uring,
         crate::config::Engine::Sync => Engine::Sync,
     };
+    let opener = Opener::new(p.group, vec![(p.key_epoch, p.key.clone())]).map_err(|source| {
+        TargetError::Key {
+            group: p.name.clone(),
+            source: Box::new(source),
+        }
+    })?;
+    // Ends a pause (disk full) of the apply thread when the target stops.
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = Arc::clone(&stop);
+        let mut sd = shutdown.clone();
+        tokio::spawn(async move {
+            sd.wait().await;
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
     let (apply_thread, ready) = apply::spawn(
         ApplySetup {
             group: p.name.clone(),
@@ -405,6 +448,9 @@ async fn start_group(
             log_path: p.log_path,
             status: status.clone(),
             progress: progress_tx,
+            redo: p.redo,
+            opener,
+            stop,
         },
         opened_rx,
     )?;
@@ -413,10 +459,13 @@ async fn start_group(
         group: p.name.clone(),
         what: "apply thread",
     }));
-    if let Err(e) = started {
-        join_threads(threads).await;
-        return Err(e);
-    }
+    let redo = match started {
+        Ok(redo) => redo,
+        Err(e) => {
+            join_threads(threads).await;
+            return Err(e);
+        }
+    };
     match open::spawn(
         p.group,
         &[(p.key_epoch, p.key)],
@@ -439,6 +488,7 @@ async fn start_group(
             status,
             budget: Budget::new(),
             jobs: Some(job_tx),
+            redo,
             progress: progress_rx,
             shutdown,
         },

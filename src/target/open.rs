@@ -2,7 +2,14 @@
 //! decrypt and decompress frames (CPU work, kept off the async runtime). Each
 //! thread owns its own [`Opener`]; results go to the apply thread tagged with
 //! their index, in whatever order they finish (the apply thread reorders).
+//!
+//! A job arrives with the ticket of its redo-journal append. The thread waits
+//! for it before opening: the frame is then durable in the journal, the spool
+//! has let go of the shared bytes, and the frame is opened in place without a
+//! copy. A failed append keeps the sealed bytes (the frame is opened from a
+//! copy) so the apply thread can append it again.
 
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -11,7 +18,9 @@ use super::TargetError;
 use super::apply::Opened;
 use super::budget::Charge;
 use super::gate::Link;
+use super::redo::{RedoFailed, RedoTicket};
 use crate::frame::{DataKey, GroupName, Opener};
+use crate::spool::SpoolError;
 
 /// Threads per group. Two fit the 2-core machines this is built on: AES-GCM and
 /// zstd of one frame run at several hundred MiB/s per core, which the apply
@@ -25,8 +34,10 @@ pub(crate) struct OpenJob {
     pub index: u64,
     /// Chain fields from its header.
     pub link: Link,
-    /// The sealed frame.
-    pub bytes: Vec<u8>,
+    /// The sealed frame, shared with its redo-journal append.
+    pub bytes: Arc<Vec<u8>>,
+    /// Completes once the frame is durable in the redo journal.
+    pub redo: RedoTicket,
     /// Its budget share.
     pub charge: Charge,
 }
@@ -57,15 +68,31 @@ pub(crate) fn spawn(
                         index,
                         link,
                         bytes,
+                        redo,
                         mut charge,
                     } = job;
-                    // Decrypted in place: a raw frame's buffer becomes its plaintext.
-                    let result = opener.open_owned(bytes);
+                    let appended = match redo.blocking_recv() {
+                        Ok(r) => r.map(|_| ()),
+                        Err(_) => Err(SpoolError::Shutdown),
+                    };
+                    let (result, redo) = match appended {
+                        // Decrypted in place: a raw frame's buffer becomes its
+                        // plaintext (copied only if the spool still holds it).
+                        Ok(()) => (opener.open_owned(Arc::unwrap_or_clone(bytes)), Ok(())),
+                        Err(error) => (
+                            opener.open_owned(bytes.as_ref().clone()),
+                            Err(RedoFailed {
+                                error,
+                                sealed: bytes,
+                            }),
+                        ),
+                    };
                     charge.release_sealed();
                     let opened = Opened {
                         index,
                         link,
                         result,
+                        redo,
                         charge,
                     };
                     if out.send(opened).is_err() {

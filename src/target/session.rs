@@ -22,6 +22,7 @@ use super::apply::{Progress, Stall};
 use super::budget::{Budget, Charge};
 use super::gate::{ChainPos, Gap, Gate, Link, Verdict};
 use super::open::OpenJob;
+use super::redo::Redo;
 use super::status::{GapStatus, SharedStatus};
 use crate::error::{Classify, ErrorKind};
 use crate::frame::{FrameError, FrameHeader, GroupName};
@@ -147,6 +148,8 @@ pub(crate) struct GroupSession {
     pub budget: Arc<Budget>,
     /// Jobs for the open pool (`None` once closed).
     pub jobs: Option<Sender<OpenJob>>,
+    /// The group's redo journal: every frame is appended before it is opened.
+    pub redo: Redo,
     /// Durable progress from the apply thread.
     pub progress: watch::Receiver<Progress>,
     /// Stop signal.
@@ -442,10 +445,20 @@ impl Session {
     }
 
     fn submit(&mut self, link: Link, f: HeldFrame) -> Result<(), Stall> {
+        // Into the redo journal first (never blocks); the open thread waits for
+        // the append to be durable before it opens the frame.
+        let bytes = Arc::new(f.bytes);
+        let redo = self.s.redo.append(
+            link.frame_no,
+            link.prev_frame_no,
+            link.last_seq,
+            Arc::clone(&bytes),
+        );
         let job = OpenJob {
             index: self.next_index,
             link,
-            bytes: f.bytes,
+            bytes,
+            redo,
             charge: f.charge,
         };
         let err = |why: &str| Stall {

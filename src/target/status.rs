@@ -96,6 +96,30 @@ pub struct GroupStatus {
     pub in_flight_frames: u64,
     /// Bytes charged to those frames now.
     pub in_flight_bytes: u64,
+    /// Applying is paused (the disk is full) and retried until it succeeds:
+    /// what failed and since when (µs). Cleared when applying resumes.
+    #[serde(default)]
+    pub paused: Option<Paused>,
+    /// Frames and bytes in the redo journal (not yet trimmed).
+    #[serde(default)]
+    pub redo_frames: u64,
+    /// Bytes of the redo journal's segment files.
+    #[serde(default)]
+    pub redo_bytes: u64,
+    /// Frames replayed from the redo journal at start.
+    #[serde(default)]
+    pub redo_replayed: u64,
+}
+
+/// Why and since when applying is paused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Paused {
+    /// What failed (names the file and the error).
+    pub reason: String,
+    /// Since when, µs since the Unix epoch.
+    pub since_us: u64,
+    /// Retries so far.
+    pub retries: u64,
 }
 
 impl GroupStatus {
@@ -120,6 +144,10 @@ impl GroupStatus {
             apply_batches: 0,
             in_flight_frames: 0,
             in_flight_bytes: 0,
+            paused: None,
+            redo_frames: 0,
+            redo_bytes: 0,
+            redo_replayed: 0,
         }
     }
 }
