@@ -441,11 +441,7 @@ fn split_copy(offset: u64, buf: &[u8], parts: &mut Vec<CopyPart>) {
     }
 }
 
-/// True when every byte of `b` is zero.
-pub fn is_zero(b: &[u8]) -> bool {
-    let (pre, mid, post) = bytemuck::pod_align_to::<u8, u64>(b);
-    pre.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0)
-}
+pub use crate::util::zero::is_zero;
 
 impl BlockIo for ProtectedDisk {
     fn size(&self) -> u64 {

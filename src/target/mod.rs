@@ -21,9 +21,11 @@
 pub mod apply;
 pub mod applylog;
 pub mod budget;
+pub mod catalog;
 pub mod gate;
 pub mod open;
 pub mod redo;
+pub mod retention;
 pub mod session;
 pub mod status;
 pub mod watermark;

@@ -13,3 +13,4 @@ pub mod procstat;
 pub mod shutdown;
 pub mod statusfile;
 pub mod time;
+pub mod zero;
