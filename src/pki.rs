@@ -372,6 +372,7 @@ fn role_configs(
                     id: 0,
                     path: format!("replicas/{g}-disk0.img").into(),
                 }],
+                retention: Default::default(),
             })
             .collect(),
     };

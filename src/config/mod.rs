@@ -227,6 +227,75 @@ pub struct TargetGroup {
     /// The `[[group.disk]]` tables: replica images.
     #[serde(rename = "disk")]
     pub disks: Vec<TargetDisk>,
+    /// The `[group.retention]` table: which recovery points to keep.
+    #[serde(default)]
+    pub retention: RetentionConfig,
+}
+
+/// A `[group.retention]` table of `target.toml` (docs/CONSISTENCY.md,
+/// "Retention"). With `enabled = false` (the default) only the newest point
+/// is recoverable; before-images are then kept only while M data is applied
+/// and while a reader (recover, expose) uses a point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Keep before-images of overwritten blocks, so older points stay
+    /// recoverable.
+    #[serde(default)]
+    pub enabled: bool,
+    /// At most one crash-consistent point per this many milliseconds of
+    /// source time.
+    #[serde(default = "d1000")]
+    pub granularity_ms: u64,
+    /// Keep every point for this many seconds.
+    #[serde(default = "d3600")]
+    pub window_s: u64,
+    /// Then one per hour for this many hours.
+    #[serde(default = "d24")]
+    pub hourly_h: u64,
+    /// Then one per day for this many days.
+    #[serde(default)]
+    pub daily_days: u32,
+    /// Cap on the retention journal, MiB (0: none); the oldest points go first.
+    #[serde(default)]
+    pub max_mib: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            enabled: false,
+            granularity_ms: 1000,
+            window_s: 3600,
+            hourly_h: 24,
+            daily_days: 0,
+            max_mib: 0,
+        }
+    }
+}
+
+impl RetentionConfig {
+    /// The policy these settings describe.
+    pub fn policy(&self) -> crate::target::retention::policy::Policy {
+        crate::target::retention::policy::Policy {
+            enabled: self.enabled,
+            granularity_us: self.granularity_ms.saturating_mul(1000),
+            window_us: self.window_s.saturating_mul(1_000_000),
+            hourly_us: self.hourly_h.saturating_mul(3_600_000_000),
+            daily_days: self.daily_days,
+            max_bytes: self.max_mib.saturating_mul(1 << 20),
+        }
+    }
+}
+
+fn d1000() -> u64 {
+    1000
+}
+fn d3600() -> u64 {
+    3600
+}
+fn d24() -> u64 {
+    24
 }
 
 /// A `[[group.disk]]` table of `target.toml`.
@@ -340,6 +409,22 @@ impl TargetConfig {
         for (gi, g) in self.groups.iter().enumerate() {
             v.group_common(gi, &g.name, &mut names, &g.key_file, g.key_epoch)?;
             v.nonempty(&format!("group[{gi}].disk"), g.disks.len())?;
+            let r = &g.retention;
+            v.range(
+                &format!("group[{gi}].retention.granularity_ms"),
+                r.granularity_ms,
+                1,
+                86_400_000,
+            )?;
+            v.range(&format!("group[{gi}].retention.window_s"), r.window_s, 0, 366 * 86_400)?;
+            v.range(&format!("group[{gi}].retention.hourly_h"), r.hourly_h, 0, 366 * 24)?;
+            v.range(
+                &format!("group[{gi}].retention.daily_days"),
+                u64::from(r.daily_days),
+                0,
+                3660,
+            )?;
+            v.range(&format!("group[{gi}].retention.max_mib"), r.max_mib, 0, 1 << 30)?;
             let mut ids = HashSet::new();
             for (di, d) in g.disks.iter().enumerate() {
                 v.disk(gi, di, &g.name, d.id, &mut ids, &d.path)?;

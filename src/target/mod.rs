@@ -164,6 +164,14 @@ pub enum TargetError {
         /// Why.
         source: Box<crate::spool::SpoolError>,
     },
+    /// The retention journal cannot be opened.
+    #[error("group {group}: {source}")]
+    Retention {
+        /// Group.
+        group: String,
+        /// Why.
+        source: Box<retention::RetentionError>,
+    },
     /// A frame of the redo journal could not be applied again at start.
     #[error("group {group}: replaying the redo journal: {source}")]
     Replay {
@@ -208,6 +216,7 @@ impl Classify for TargetError {
             TargetError::RelayRefused { kind, .. } => *kind,
             TargetError::Redo { source, .. } => redo::redo_kind(source),
             TargetError::Replay { source, .. } => source.kind(),
+            TargetError::Retention { source, .. } => source.kind(),
         }
     }
 }
@@ -334,6 +343,7 @@ struct Prepared {
     watermark: Watermark,
     log_path: PathBuf,
     redo: redo::Redo,
+    policy: retention::policy::Policy,
 }
 
 /// Blocking start-up: state directory and its lock, per-group directories,
@@ -391,6 +401,7 @@ fn prepare(cfg: &TargetConfig) -> Result<(Flock<File>, Vec<Prepared>), TargetErr
             watermark,
             log_path: gdir.join(APPLY_LOG),
             redo,
+            policy: g.retention.policy(),
         });
     }
     Ok((lock, out))
@@ -453,6 +464,8 @@ async fn start_group(
             redo: p.redo,
             opener,
             stop,
+            policy: p.policy,
+            state_dir: cfg.target.state_dir.clone(),
         },
         opened_rx,
     )?;

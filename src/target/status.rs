@@ -109,6 +109,24 @@ pub struct GroupStatus {
     /// Frames replayed from the redo journal at start.
     #[serde(default)]
     pub redo_replayed: u64,
+    /// Retention: the journal of before-images.
+    #[serde(default)]
+    pub retention: Option<RetentionStatus>,
+}
+
+/// A group's retention journal, in the status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetentionStatus {
+    /// Retention is configured on (else only the newest point is kept).
+    pub enabled: bool,
+    /// Bytes of the journal.
+    pub bytes: u64,
+    /// Points whose before-images are kept (older points recoverable).
+    pub epochs: u64,
+    /// Source time of the oldest of them, µs.
+    pub oldest_time_us: Option<u64>,
+    /// Before-images are being kept now.
+    pub preserving: bool,
 }
 
 /// Why and since when applying is paused.
@@ -148,6 +166,7 @@ impl GroupStatus {
             redo_frames: 0,
             redo_bytes: 0,
             redo_replayed: 0,
+            retention: None,
         }
     }
 }

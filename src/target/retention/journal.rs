@@ -597,7 +597,7 @@ impl Scanner {
     /// (use [`read_image`]). An invalid record is an error naming file and
     /// offset, except at the very end of the newest segment, where it is an
     /// append in progress (or a torn tail) and reads as the end.
-    pub fn next(&mut self) -> Result<Option<Scanned>, JournalError> {
+    pub fn next_record(&mut self) -> Result<Option<Scanned>, JournalError> {
         loop {
             if !self.open_seg()? {
                 // Missing (or still being created). If a later segment exists,
@@ -794,7 +794,7 @@ impl Writer {
             // Scan this segment only.
             let mut last_end = SEGMENT_HEADER_LEN as u64;
             let res: Result<(), JournalError> = loop {
-                match sc.next() {
+                match sc.next_record() {
                     Ok(Some(r)) if r.loc.seg == seg => {
                         if let RecordHead::Point(p) = &r.head {
                             opened.points.push((r.loc, p.clone()));

@@ -154,7 +154,19 @@ pub struct Retention {
     m_reason: Option<String>,
     ops: Vec<CatalogOp>,
     buf: Vec<u8>,
-    promote: Option<String>,
+    promote: Option<PendingPromote>,
+}
+
+/// A promote pin granted but not yet answered: the apply thread stops the
+/// group (durably) first, then answers it with [`Retention::finish_promote`].
+#[derive(Debug, Clone)]
+pub struct PendingPromote {
+    /// The pin's id.
+    pub id: String,
+    /// The reader's process.
+    pub pid: u32,
+    /// The point granted.
+    pub granted: Granted,
 }
 
 impl Retention {
@@ -186,7 +198,7 @@ impl Retention {
         if let Some((loc, p)) = epochs.back() {
             let mut rebuilt = Vec::new();
             let mut sc = journal::Scanner::new(&dir, group, *loc);
-            while let Some(r) = sc.next().map_err(jerr)? {
+            while let Some(r) = sc.next_record().map_err(jerr)? {
                 if let RecordHead::Image {
                     epoch,
                     disk,
@@ -243,6 +255,11 @@ impl Retention {
         self.epochs.iter()
     }
 
+    /// The policy in force.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
     /// Journal size in bytes.
     pub fn bytes(&self) -> u64 {
         self.writer.bytes()
@@ -253,9 +270,22 @@ impl Retention {
         self.current.is_some()
     }
 
-    /// A reader asked to promote this group (stop applying for good); why.
-    pub fn promote_requested(&self) -> Option<&str> {
-        self.promote.as_deref()
+    /// A reader asked to promote this group (stop applying for good): the
+    /// apply thread must stop, then call [`Retention::finish_promote`].
+    pub fn take_promote(&mut self) -> Option<PendingPromote> {
+        self.promote.take()
+    }
+
+    /// Tell the promoting reader that the group has stopped applying.
+    pub fn finish_promote(&mut self, p: &PendingPromote) {
+        self.pins.answer(
+            &p.id,
+            &AckFile {
+                granted: Some(p.granted.clone()),
+                error: None,
+                stopped: true,
+            },
+        );
     }
 
     /// Remember why the M range that follows exists (an agent's note).
@@ -334,14 +364,17 @@ impl Retention {
         let new: Vec<NewPin> = self.pins.poll();
         for p in new {
             let ack = self.grant(&p, at)?;
-            if p.file.promote && ack.granted.is_some() {
-                self.promote = Some(format!("promoted by process {}", p.file.pid));
+            match (&ack.granted, p.file.promote) {
+                (Some(g), true) => {
+                    // Answered once the group has stopped applying.
+                    self.promote = Some(PendingPromote {
+                        id: p.id.clone(),
+                        pid: p.file.pid,
+                        granted: g.clone(),
+                    });
+                }
+                _ => self.pins.answer(&p.id, &ack),
             }
-            let ack = AckFile {
-                stopped: p.file.promote && ack.granted.is_some(),
-                ..ack
-            };
-            self.pins.answer(&p.id, &ack);
         }
         Ok(())
     }

@@ -45,7 +45,7 @@ impl Overlay {
     /// says, then indexes every record after it.
     pub fn new(dir: &Path, group: &str, g: &Granted) -> Result<Overlay, JournalError> {
         let mut scanner = Scanner::new(dir, group, g.loc());
-        let first = scanner.next()?;
+        let first = scanner.next_record()?;
         let point = match first.map(|s| s.head) {
             Some(RecordHead::Point(p)) if p.epoch == g.epoch && p.frame_no == g.frame_no => p,
             other => {
@@ -94,7 +94,7 @@ impl Overlay {
     /// Index the records appended since the last call (first image of a
     /// block wins: it is the one from the earliest epoch).
     pub fn refresh(&mut self) -> Result<(), JournalError> {
-        while let Some(r) = self.scanner.next()? {
+        while let Some(r) = self.scanner.next_record()? {
             if let RecordHead::Image {
                 epoch,
                 disk,
