@@ -416,15 +416,30 @@ impl TargetConfig {
                 1,
                 86_400_000,
             )?;
-            v.range(&format!("group[{gi}].retention.window_s"), r.window_s, 0, 366 * 86_400)?;
-            v.range(&format!("group[{gi}].retention.hourly_h"), r.hourly_h, 0, 366 * 24)?;
+            v.range(
+                &format!("group[{gi}].retention.window_s"),
+                r.window_s,
+                0,
+                366 * 86_400,
+            )?;
+            v.range(
+                &format!("group[{gi}].retention.hourly_h"),
+                r.hourly_h,
+                0,
+                366 * 24,
+            )?;
             v.range(
                 &format!("group[{gi}].retention.daily_days"),
                 u64::from(r.daily_days),
                 0,
                 3660,
             )?;
-            v.range(&format!("group[{gi}].retention.max_mib"), r.max_mib, 0, 1 << 30)?;
+            v.range(
+                &format!("group[{gi}].retention.max_mib"),
+                r.max_mib,
+                0,
+                1 << 30,
+            )?;
             let mut ids = HashSet::new();
             for (di, d) in g.disks.iter().enumerate() {
                 v.disk(gi, di, &g.name, d.id, &mut ids, &d.path)?;

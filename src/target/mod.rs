@@ -24,6 +24,7 @@ pub mod budget;
 pub mod catalog;
 pub mod gate;
 pub mod open;
+pub mod recover;
 pub mod redo;
 pub mod retention;
 pub mod session;
@@ -46,7 +47,7 @@ use nix::fcntl::Flock;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::config::{ConfigError, TargetConfig};
+use crate::config::{ConfigError, TargetConfig, TargetGroup};
 use crate::error::{Classify, ErrorKind};
 use crate::frame::{DataKey, FrameError, GroupName, Opener};
 use crate::image::{Engine, ImageError};
@@ -180,6 +181,12 @@ pub enum TargetError {
         /// Why.
         source: Box<ApplyError>,
     },
+    /// The configuration has no such group.
+    #[error("target config: no group named {group:?}")]
+    UnknownGroup {
+        /// The name asked for.
+        group: String,
+    },
     /// A thread could not be started.
     #[error("cannot start the {what}: {source}")]
     Spawn {
@@ -204,6 +211,7 @@ impl Classify for TargetError {
             TargetError::Config(_)
             | TargetError::DiskId { .. }
             | TargetError::GroupName { .. }
+            | TargetError::UnknownGroup { .. }
             | TargetError::Locked { .. } => ErrorKind::Config,
             TargetError::StateIo { .. }
             | TargetError::Spawn { .. }
@@ -347,64 +355,139 @@ struct Prepared {
 }
 
 /// Blocking start-up: state directory and its lock, per-group directories,
-/// watermarks and keys.
+/// watermarks, keys and redo journals.
 fn prepare(cfg: &TargetConfig) -> Result<(Flock<File>, Vec<Prepared>), TargetError> {
+    let dir = &cfg.target.state_dir;
+    let lock = lockfile::lock_dir(dir).map_err(|e| match e {
+        LockError::Io { path, source } => TargetError::StateIo { path, source },
+        LockError::Locked { dir } => TargetError::Locked { dir },
+    })?;
+    let mut out = Vec::new();
+    for g in &cfg.groups {
+        out.push(prepare_group(cfg, g)?);
+    }
+    Ok((lock, out))
+}
+
+/// One group's start-up (the caller holds the state directory's lock).
+fn prepare_group(cfg: &TargetConfig, g: &TargetGroup) -> Result<Prepared, TargetError> {
     let dir = &cfg.target.state_dir;
     let state_io = |path: &Path, source| TargetError::StateIo {
         path: path.to_path_buf(),
         source,
     };
-    let lock = lockfile::lock_dir(dir).map_err(|e| match e {
-        LockError::Io { path, source } => state_io(&path, source),
-        LockError::Locked { dir } => TargetError::Locked { dir },
+    let group = GroupName::new(&g.name).map_err(|source| TargetError::GroupName {
+        group: g.name.clone(),
+        source: Box::new(source),
     })?;
-    let mut out = Vec::new();
-    for g in &cfg.groups {
-        let group = GroupName::new(&g.name).map_err(|source| TargetError::GroupName {
+    let mut disks = Vec::new();
+    for d in &g.disks {
+        let id = u16::try_from(d.id).map_err(|_| TargetError::DiskId {
+            group: g.name.clone(),
+            id: d.id,
+        })?;
+        disks.push(DiskSpec {
+            id,
+            path: d.path.clone(),
+        });
+    }
+    let gdir = dir.join(&g.name);
+    std::fs::create_dir_all(&gdir).map_err(|e| state_io(&gdir, e))?;
+    let watermark =
+        Watermark::open(&gdir.join(WATERMARK_FILE)).map_err(|source| TargetError::Watermark {
             group: g.name.clone(),
             source: Box::new(source),
         })?;
-        let mut disks = Vec::new();
-        for d in &g.disks {
-            let id = u16::try_from(d.id).map_err(|_| TargetError::DiskId {
-                group: g.name.clone(),
-                id: d.id,
-            })?;
-            disks.push(DiskSpec {
-                id,
-                path: d.path.clone(),
-            });
-        }
-        let gdir = dir.join(&g.name);
-        std::fs::create_dir_all(&gdir).map_err(|e| state_io(&gdir, e))?;
-        let watermark = Watermark::open(&gdir.join(WATERMARK_FILE)).map_err(|source| {
-            TargetError::Watermark {
+    let key = DataKey::load(&g.key_file).map_err(|source| TargetError::Key {
+        group: g.name.clone(),
+        source: Box::new(source),
+    })?;
+    let (redo, _reset) =
+        redo::Redo::open(&gdir, &g.name, watermark.get().pos.frame_no).map_err(|source| {
+            TargetError::Redo {
                 group: g.name.clone(),
                 source: Box::new(source),
             }
         })?;
-        let key = DataKey::load(&g.key_file).map_err(|source| TargetError::Key {
-            group: g.name.clone(),
-            source: Box::new(source),
-        })?;
-        let (redo, _reset) = redo::Redo::open(&gdir, &g.name, watermark.get().pos.frame_no)
-            .map_err(|source| TargetError::Redo {
-                group: g.name.clone(),
-                source: Box::new(source),
+    Ok(Prepared {
+        name: g.name.clone(),
+        group,
+        key,
+        key_epoch: g.key_epoch,
+        disks,
+        watermark,
+        log_path: gdir.join(APPLY_LOG),
+        redo,
+        policy: g.retention.policy(),
+    })
+}
+
+/// Run one group's start-up without a relay and stop again: replay its redo
+/// journal onto the replicas and answer the pins waiting for it (a `recover`
+/// while no target runs). The caller holds the state directory's lock.
+/// Blocking.
+pub fn run_group_offline(cfg: &TargetConfig, group: &str) -> Result<(), TargetError> {
+    let g =
+        cfg.groups
+            .iter()
+            .find(|g| g.name == group)
+            .ok_or_else(|| TargetError::UnknownGroup {
+                group: group.to_string(),
             })?;
-        out.push(Prepared {
-            name: g.name.clone(),
-            group,
-            key,
-            key_epoch: g.key_epoch,
-            disks,
-            watermark,
-            log_path: gdir.join(APPLY_LOG),
-            redo,
-            policy: g.retention.policy(),
-        });
-    }
-    Ok((lock, out))
+    let p = prepare_group(cfg, g)?;
+    let mark = p.watermark.get();
+    let status = SharedStatus::new(GroupStatus::new(
+        &p.name,
+        WatermarkStatus {
+            frame_no: mark.pos.frame_no,
+            last_seq: mark.pos.last_seq,
+            time_us: mark.time_us,
+        },
+        mark.pos.frame_no == 0,
+    ));
+    let (progress_tx, _progress_rx) = watch::channel(Progress {
+        durable: mark,
+        stall: None,
+    });
+    let opener = Opener::new(p.group, vec![(p.key_epoch, p.key.clone())]).map_err(|source| {
+        TargetError::Key {
+            group: p.name.clone(),
+            source: Box::new(source),
+        }
+    })?;
+    let engine = match cfg.target.engine {
+        crate::config::Engine::Uring => Engine::Uring,
+        crate::config::Engine::Sync => Engine::Sync,
+    };
+    // No frames will come: the thread replays, answers pins, and ends.
+    let (_, rx) = crossbeam_channel::bounded::<apply::Opened>(1);
+    let (thread, ready) = apply::spawn(
+        ApplySetup {
+            group: p.name.clone(),
+            disks: p.disks,
+            engine,
+            batch_bytes: cfg.target.apply_batch_bytes(),
+            direct_io: cfg.target.direct_io,
+            watermark: p.watermark,
+            log_path: p.log_path,
+            status,
+            progress: progress_tx,
+            redo: p.redo,
+            opener,
+            stop: Arc::new(AtomicBool::new(false)),
+            policy: p.policy,
+            state_dir: cfg.target.state_dir.clone(),
+        },
+        rx,
+    )?;
+    let started = ready
+        .blocking_recv()
+        .unwrap_or(Err(TargetError::TaskFailed {
+            group: group.to_string(),
+            what: "apply thread",
+        }));
+    let _ = thread.join();
+    started.map(|redo| redo.shutdown())
 }
 
 /// Start a group's apply thread and open pool, and build its session.

@@ -5,10 +5,10 @@
 use super::super::TargetError;
 use super::super::gate::ChainPos;
 use super::super::redo::{RedoFailed, no_space_errno, spool_no_space};
-use super::super::status::Paused;
 use super::super::retention::Position;
+use super::super::status::Paused;
 use super::{Applier, ApplyError, PAUSE_RETRY, REPLAY_CHUNK, open_replica};
-use crate::frame::{FrameKind, Opener, OpenedFrame, RecordKind};
+use crate::frame::{FrameKind, OpenedFrame, Opener, RecordKind};
 use crate::image::{ImageError, OpKind, WriteOp};
 use crate::spool::SpoolError;
 use crate::util::time::now_us;
@@ -307,7 +307,11 @@ impl Applier {
     /// is immediate (the failure may only have been the chain check refusing
     /// a frame whose predecessor's append had failed and has since been
     /// appended again); while the disk is full the group pauses and retries.
-    pub(super) fn append_again(&mut self, frame_no: u64, failed: RedoFailed) -> Result<(), ApplyError> {
+    pub(super) fn append_again(
+        &mut self,
+        frame_no: u64,
+        failed: RedoFailed,
+    ) -> Result<(), ApplyError> {
         let RedoFailed { mut error, sealed } = failed;
         let mut retried = false;
         loop {

@@ -345,12 +345,13 @@ impl Applier {
             .map(Path::to_path_buf)
             .unwrap_or_default();
         let promoted = PromotedMarker::read(&group_dir);
-        let retention = Retention::open(&group_dir, &s.group, s.policy, !consistent).map_err(
-            |source| TargetError::Retention {
-                group: s.group.clone(),
-                source: Box::new(source),
-            },
-        )?;
+        let retention =
+            Retention::open(&group_dir, &s.group, s.policy, !consistent).map_err(|source| {
+                TargetError::Retention {
+                    group: s.group.clone(),
+                    source: Box::new(source),
+                }
+            })?;
         let journal_points: Vec<_> = retention.epochs().cloned().collect();
         let (flush_tx, jobs) = crossbeam_channel::bounded::<FlushJob>(1);
         let (done_tx, flush_done) = crossbeam_channel::bounded(1);
@@ -496,7 +497,12 @@ impl Applier {
                     self.on_idle();
                     continue;
                 }
-                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Disconnected) => {
+                    // Pins waiting for this thread are answered before it ends
+                    // (a run without a relay exists for that).
+                    self.on_idle();
+                    break;
+                }
             };
             reorder.push(first.index, first);
             while let Ok(m) = rx.try_recv() {
@@ -592,11 +598,13 @@ impl Applier {
     fn commit(&mut self) -> Result<(), ApplyError> {
         self.wait_flush()?;
         // Point records the catalog will name must be durable first.
-        self.retention.sync().map_err(|source| ApplyError::Retention {
-            group: self.group.clone(),
-            frame_no: self.applied.frame_no,
-            source: Box::new(source),
-        })?;
+        self.retention
+            .sync()
+            .map_err(|source| ApplyError::Retention {
+                group: self.group.clone(),
+                frame_no: self.applied.frame_no,
+                source: Box::new(source),
+            })?;
         let ops = self.retention.take_ops();
         if self.pending.frames == 0 && ops.is_empty() {
             return Ok(());
