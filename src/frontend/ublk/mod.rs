@@ -28,6 +28,12 @@ pub(crate) mod queue;
 #[cfg_attr(not(feature = "ublk"), allow(dead_code))]
 mod stats;
 
+#[cfg(feature = "ublk")]
+mod ctrl;
+#[cfg(feature = "ublk")]
+mod device;
+#[cfg(feature = "ublk")]
+mod sys;
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -37,6 +43,8 @@ use thiserror::Error;
 
 use crate::error::{Classify, ErrorKind};
 
+#[cfg(feature = "ublk")]
+pub use device::UblkDevice;
 pub use stats::{UblkStats, UblkStatsSnapshot};
 
 /// The ublk control device.
