@@ -28,9 +28,13 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --all-targets --quiet -- -D warnings
+cargo clippy --all-targets --features ublk --quiet -- -D warnings
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --no-fail-fast
+    # The device-facing ublk code (feature-gated; its pure parts ran above).
+    cargo nextest run --no-fail-fast --features ublk --lib frontend::ublk agent::frontends
 else
     cargo test --no-fail-fast
+    cargo test --no-fail-fast --features ublk --lib -- frontend::ublk agent::frontends
 fi

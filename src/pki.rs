@@ -411,6 +411,7 @@ fn role_configs(
                     initial_copy: true,
                     nbd: None,
                     fuse: None,
+                    ublk: None,
                 }],
             })
             .collect(),

@@ -19,9 +19,10 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// One frontend serving a disk.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FrontendStatus {
-    /// "nbd" or "fuse".
+    /// "nbd", "fuse" or "ublk".
     pub kind: String,
-    /// Where clients reach it (listen addresses, export name, or file path).
+    /// Where clients reach it (listen addresses, export name, file path, or
+    /// block device).
     pub address: String,
     /// The frontend's own counters.
     #[serde(default)]

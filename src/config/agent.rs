@@ -161,6 +161,10 @@ pub struct AgentDisk {
     /// `[group.disk.fuse]`: serve the disk as a file in a FUSE mount.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fuse: Option<FuseFrontend>,
+    /// `[group.disk.ublk]`: serve the disk as a block device, `/dev/ublkbN`
+    /// (needs a build with the cargo feature `ublk`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ublk: Option<UblkFrontend>,
 }
 
 /// TLS on an NBD listener.
@@ -260,6 +264,48 @@ impl FuseFrontend {
     }
 }
 
+/// A `[group.disk.ublk]` table: the disk as a ublk block device,
+/// `/dev/ublkbN` (Linux ≥ 6.4 with `ublk_drv`, and a build with the cargo
+/// feature `ublk`). One device per disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UblkFrontend {
+    /// Device number N of `/dev/ublkbN` (default: the kernel picks a free one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dev_id: Option<u32>,
+    /// Hardware queues, each served by a thread of its own (the kernel caps
+    /// it at the number of CPUs).
+    #[serde(default = "d1u16")]
+    pub queues: u16,
+    /// Requests in flight per queue.
+    #[serde(default = "d64u16")]
+    pub depth: u16,
+    /// Largest request, KiB (a multiple of 4); each request slot has a buffer
+    /// of this size.
+    #[serde(default = "d512")]
+    pub max_request_kib: u64,
+    /// Logical block size in bytes, 512 or 4096.
+    #[serde(default = "d4096u32")]
+    pub logical_block: u32,
+}
+
+/// Largest `queues` of a `[group.disk.ublk]` table (threads per device).
+pub const UBLK_QUEUES_MAX: u64 = 64;
+/// Largest buffer memory of one ublk queue, MiB (`depth` × `max_request_kib`).
+pub const UBLK_QUEUE_BUFFERS_MIB_MAX: u64 = 1024;
+
+fn d1u16() -> u16 {
+    1
+}
+fn d64u16() -> u16 {
+    64
+}
+fn d512() -> u64 {
+    512
+}
+fn d4096u32() -> u32 {
+    4096
+}
 fn d10() -> u64 {
     10
 }
@@ -356,6 +402,7 @@ impl AgentConfig {
         let mut exports: HashSet<(Vec<NbdAddr>, String)> = HashSet::new();
         let mut addrs_seen: Vec<(NbdAddr, Vec<NbdAddr>)> = Vec::new();
         let mut files: HashSet<(PathBuf, String)> = HashSet::new();
+        let mut ublk_ids: HashSet<u32> = HashSet::new();
         for (gi, g) in self.groups.iter().enumerate() {
             for (di, d) in g.disks.iter().enumerate() {
                 let at = format!("group[{gi}].disk[{di}]");
@@ -440,6 +487,9 @@ impl AgentConfig {
                         ));
                     }
                 }
+                if let Some(u) = &d.ublk {
+                    validate_ublk(v, &at, u, &mut ublk_ids)?;
+                }
             }
         }
         Ok(())
@@ -475,5 +525,188 @@ impl AgentConfig {
     /// The file's text, as `tidemark init` writes it.
     pub fn to_toml_string(&self) -> Result<String, ConfigError> {
         Ok(toml::to_string(self)?)
+    }
+}
+
+/// A `[group.disk.ublk]` table: the limits of `ublk_drv` (device numbers,
+/// queue depth, 32 MiB requests) and of this agent (threads, buffer memory).
+fn validate_ublk(
+    v: &V<'_>,
+    at: &str,
+    u: &UblkFrontend,
+    ids: &mut HashSet<u32>,
+) -> Result<(), ConfigError> {
+    if let Some(id) = u.dev_id {
+        v.range(
+            &format!("{at}.ublk.dev_id"),
+            u64::from(id),
+            0,
+            (1 << 20) - 1,
+        )?;
+        if !ids.insert(id) {
+            return Err(v.err(
+                format!("{at}.ublk.dev_id"),
+                format!("/dev/ublkb{id} is asked for by another disk"),
+            ));
+        }
+    }
+    v.range(
+        &format!("{at}.ublk.queues"),
+        u64::from(u.queues),
+        1,
+        UBLK_QUEUES_MAX,
+    )?;
+    v.range(&format!("{at}.ublk.depth"), u64::from(u.depth), 1, 4096)?;
+    v.range(
+        &format!("{at}.ublk.max_request_kib"),
+        u.max_request_kib,
+        4,
+        32 * 1024,
+    )?;
+    if !u.max_request_kib.is_multiple_of(4) {
+        return Err(v.err(
+            format!("{at}.ublk.max_request_kib"),
+            format!("{} is not a multiple of 4", u.max_request_kib),
+        ));
+    }
+    if u.logical_block != 512 && u.logical_block != 4096 {
+        return Err(v.err(
+            format!("{at}.ublk.logical_block"),
+            format!("{} is neither 512 nor 4096", u.logical_block),
+        ));
+    }
+    let kib = u64::from(u.depth) * u.max_request_kib;
+    if kib > UBLK_QUEUE_BUFFERS_MIB_MAX << 10 {
+        let mib = kib.div_ceil(1024);
+        return Err(v.err(
+            format!("{at}.ublk"),
+            format!(
+                "depth × max_request_kib is {mib} MiB of buffers per queue, above {UBLK_QUEUE_BUFFERS_MIB_MAX} MiB"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::{Classify, ErrorKind};
+
+    const AGENT: &str = r#"
+[agent]
+name = "agent"
+relay = "relay.example.com:7400"
+relay_name = "relay"
+state_dir = "agent-state"
+
+[tls]
+ca = "ca.pem"
+cert = "agent.pem"
+key = "agent.key"
+
+[[group]]
+name = "g1"
+key_file = "keys/g1.key"
+
+[[group.disk]]
+id = 0
+path = "disks/d0.img"
+UBLK0
+
+[[group.disk]]
+id = 1
+path = "disks/d1.img"
+UBLK1
+"#;
+
+    fn load(ublk0: &str, ublk1: &str) -> Result<AgentConfig, ConfigError> {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("agent.toml");
+        let text = AGENT.replace("UBLK0", ublk0).replace("UBLK1", ublk1);
+        std::fs::write(&p, text).unwrap();
+        AgentConfig::load(&p)
+    }
+
+    #[test]
+    fn ublk_tables_load_with_defaults_and_round_trip() {
+        let a = load(
+            "[group.disk.ublk]",
+            "[group.disk.ublk]\ndev_id = 9\nqueues = 2\ndepth = 128\nmax_request_kib = 1024\nlogical_block = 512",
+        )
+        .unwrap();
+        let u0 = a.groups[0].disks[0].ublk.as_ref().unwrap();
+        assert_eq!(
+            *u0,
+            UblkFrontend {
+                dev_id: None,
+                queues: 1,
+                depth: 64,
+                max_request_kib: 512,
+                logical_block: 4096,
+            }
+        );
+        let u1 = a.groups[0].disks[1].ublk.as_ref().unwrap();
+        assert_eq!(
+            (
+                u1.dev_id,
+                u1.queues,
+                u1.depth,
+                u1.max_request_kib,
+                u1.logical_block
+            ),
+            (Some(9), 2, 128, 1024, 512)
+        );
+        let back: AgentConfig = toml::from_str(&a.to_toml_string().unwrap()).unwrap();
+        assert_eq!(back, a);
+        assert!(load("", "").unwrap().groups[0].disks[0].ublk.is_none());
+    }
+
+    #[test]
+    fn bad_ublk_tables_are_named() {
+        for (bad, field) in [
+            ("dev_id = 1048576", "group[0].disk[0].ublk.dev_id"),
+            ("queues = 0", "group[0].disk[0].ublk.queues"),
+            ("queues = 65", "group[0].disk[0].ublk.queues"),
+            ("depth = 0", "group[0].disk[0].ublk.depth"),
+            ("depth = 4097", "group[0].disk[0].ublk.depth"),
+            (
+                "max_request_kib = 2",
+                "group[0].disk[0].ublk.max_request_kib",
+            ),
+            (
+                "max_request_kib = 65536",
+                "group[0].disk[0].ublk.max_request_kib",
+            ),
+            (
+                "max_request_kib = 6",
+                "group[0].disk[0].ublk.max_request_kib",
+            ),
+            (
+                "logical_block = 1024",
+                "group[0].disk[0].ublk.logical_block",
+            ),
+            (
+                "depth = 4096\nmax_request_kib = 512",
+                "group[0].disk[0].ublk:",
+            ),
+            ("queue = 2", "queue"),
+        ] {
+            let e = load(&format!("[group.disk.ublk]\n{bad}"), "").unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Config);
+            let s = e.to_string();
+            assert!(!s.contains('\n'), "{bad}: {s}");
+            assert!(s.contains("agent.toml") && s.contains(field), "{bad}: {s}");
+        }
+        let e = load(
+            "[group.disk.ublk]\ndev_id = 3",
+            "[group.disk.ublk]\ndev_id = 3",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("group[0].disk[1].ublk.dev_id") && e.contains("/dev/ublkb3"),
+            "{e}"
+        );
     }
 }

@@ -1,8 +1,8 @@
 //! Frontends: how a workload reaches a protected disk.
 //!
-//! Each frontend (the [`nbd`] server, the [`fuse`] file) speaks its own protocol
-//! and maps every request onto one [`BlockIo`]: the single internal I/O path of a
-//! protected disk. For a protected disk that path is
+//! Each frontend (the [`nbd`] server, the [`fuse`] file, the [`ublk`] block
+//! device) speaks its own protocol and maps every request onto one [`BlockIo`]:
+//! the single internal I/O path of a protected disk. For a protected disk that path is
 //! [`crate::capture::protected::ProtectedDisk`]: a write reaches the backing disk
 //! and is recorded by capture before the call returns, reads go straight to the
 //! backing disk. The frontends never see capture; their tests run against a
@@ -15,6 +15,7 @@
 
 pub mod fuse;
 pub mod nbd;
+pub mod ublk;
 
 use std::fmt;
 
