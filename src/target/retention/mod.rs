@@ -342,9 +342,25 @@ impl Retention {
                 let keep = self.policy.enabled || self.pins.any();
                 self.make_point(at, PointKind::Crash, None, keep)?;
             }
-        } else if at.frame_no == 0 && next_is_m {
-            // The initial copy onto an empty replica: nothing before it to keep.
+        } else if at.frame_no == 0 && next_is_m && !self.in_m {
+            // The initial copy onto an empty replica: nothing before it to
+            // keep, but the range is listed.
             self.in_m = true;
+            let reason = self
+                .m_reason
+                .take()
+                .unwrap_or_else(|| "initial copy (nothing applied before it)".into());
+            self.ops.push(CatalogOp::OpenRange {
+                after: PointRec {
+                    epoch: 0,
+                    frame_no: 0,
+                    last_seq: 0,
+                    time_us: 0,
+                    kind: PointKind::Crash,
+                    tag: None,
+                },
+                reason,
+            });
         }
         if self.pins.due() {
             self.answer_pins(at)?;

@@ -1,0 +1,164 @@
+//! Recovery points end to end: relay, target and agent as processes, retention
+//! on; a recover of an older point while replication runs and after the target
+//! stopped equals the source as it was then; `latest` equals the source; a
+//! promote rolls the replica itself back and the target stops applying it.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Cluster, exe, tail, wait_until};
+use tidemark::config::TargetConfig;
+use tidemark::target::catalog::Catalog;
+
+const MIB: u64 = 1 << 20;
+const LONG: Duration = Duration::from_secs(180);
+
+fn configure_target(c: &Cluster, f: impl FnOnce(&mut TargetConfig)) {
+    let path = c.path("target.toml");
+    let mut cfg = TargetConfig::load(&path).unwrap();
+    f(&mut cfg);
+    std::fs::write(&path, cfg.to_toml_string().unwrap()).unwrap();
+}
+
+/// Run `tidemark target <args>` to completion; its stdout, or a panic with its
+/// stderr.
+fn target_cmd(c: &Cluster, args: &[&str]) -> String {
+    let out = Command::new(exe())
+        .arg("target")
+        .args(args)
+        .arg("--config")
+        .arg(c.path("target.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tidemark target {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.logs()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn same(a: &Path, b: &Path) -> bool {
+    tidemark::bench::run::compare_files(a, b).unwrap()
+}
+
+/// Wait until the catalog lists a point at exactly `seq`.
+fn wait_point(c: &Cluster, seq: u64) {
+    let dir = c.target_state_dir();
+    wait_until(
+        Duration::from_secs(60),
+        "a recovery point at the seq",
+        || {
+            let cat = Catalog::open_read_only(&dir).ok()?;
+            cat.points("g1")
+                .ok()?
+                .iter()
+                .any(|p| p.seq == seq && p.epoch.is_some())
+                .then_some(())
+        },
+    );
+}
+
+#[test]
+fn e2e_older_points_recover_while_replicating_offline_and_by_promote() {
+    let mut c = Cluster::new(64 * MIB);
+    c.start_relay();
+    configure_target(&c, |t| {
+        t.groups[0].retention.enabled = true;
+        t.groups[0].retention.granularity_ms = 100;
+    });
+    c.start_target();
+    c.start_agent(&["--workload-bytes", "24M", "--workload-seed", "11"]);
+    let s1 = c.wait_workload_done(LONG);
+    c.wait_applied(s1, LONG);
+    // Heartbeats make the end of the workload a point of its own.
+    wait_point(&c, s1);
+    let snap1 = c.dir.path().join("snap1.img");
+    std::fs::copy(&c.source, &snap1).unwrap();
+
+    // More writes over the same disk, from another agent run.
+    c.agent.as_mut().unwrap().stop(Duration::from_secs(40));
+    c.start_agent(&["--workload-bytes", "24M", "--workload-seed", "12"]);
+    let s2 = c.wait_workload_done(LONG);
+    c.wait_applied(s2, LONG);
+    assert!(
+        !same(&c.source, &snap1),
+        "the second workload changed the disk"
+    );
+
+    // The older point, read while the target runs.
+    let r1 = c.dir.path().join("r1.img");
+    let seq1 = s1.to_string();
+    let r1s = r1.to_str().unwrap();
+    target_cmd(
+        &c,
+        &["recover", "--point", &seq1, "--disk", "0", "--out", r1s],
+    );
+    assert!(
+        same(&r1, &snap1),
+        "recover of seq {s1} differs from the source then"
+    );
+    // The newest point is the source now.
+    let r2 = c.dir.path().join("r2.img");
+    target_cmd(
+        &c,
+        &[
+            "recover",
+            "--point",
+            "latest",
+            "--disk",
+            "0",
+            "--out",
+            r2.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        same(&r2, &c.source),
+        "recover of latest differs from the source"
+    );
+
+    let json = target_cmd(&c, &["points", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let pts = v["points"].as_array().unwrap();
+    assert!(pts.len() >= 2, "{json}");
+    assert!(pts.iter().any(|p| p["seq"].as_u64() == Some(s1)), "{json}");
+    assert!(
+        !v["inconsistent"].as_array().unwrap().is_empty(),
+        "the initial copy is an M range: {json}"
+    );
+
+    // With the target stopped, recover runs the group's start-up itself.
+    c.agent.as_mut().unwrap().stop(Duration::from_secs(40));
+    c.target.as_mut().unwrap().stop(Duration::from_secs(40));
+    std::fs::remove_file(&r1).unwrap();
+    target_cmd(
+        &c,
+        &["recover", "--point", &seq1, "--disk", "0", "--out", r1s],
+    );
+    assert!(same(&r1, &snap1), "offline recover of seq {s1} differs");
+
+    // Promote: the replica itself goes back to seq s1, and stays there.
+    target_cmd(&c, &["recover", "--point", &seq1, "--promote"]);
+    assert!(
+        same(&c.replica, &snap1),
+        "the promoted replica is not at seq {s1}"
+    );
+    c.start_target();
+    let why = wait_until(
+        Duration::from_secs(30),
+        "the target to report the group promoted",
+        || c.target_status()?.groups.first()?.stalled.clone(),
+    );
+    assert!(why.contains("promoted"), "{why}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        same(&c.replica, &snap1),
+        "a promoted replica must not change\n{}",
+        tail(&c.logs())
+    );
+    c.stop_all();
+}
