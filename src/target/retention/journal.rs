@@ -991,6 +991,19 @@ impl Writer {
         Ok(freed)
     }
 
+    /// Start a new segment now (tests of segment boundaries).
+    #[cfg(test)]
+    pub fn reset_for_test_rotation(&mut self) -> Result<(), JournalError> {
+        self.sync()?;
+        let seg = self.seg + 1;
+        let file = create_segment(&self.dir, seg, &self.group)?;
+        self.older_bytes += self.len;
+        self.seg = seg;
+        self.file = file;
+        self.len = SEGMENT_HEADER_LEN as u64;
+        Ok(())
+    }
+
     /// Empty the journal: delete every segment and start a new one after the
     /// active one (numbers never go back, so readers never mistake an old
     /// position for a new one).

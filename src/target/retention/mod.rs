@@ -718,3 +718,6 @@ impl Retention {
         self.writer.sync().map_err(|e| self.jerr(e))
     }
 }
+
+#[cfg(test)]
+mod tests;

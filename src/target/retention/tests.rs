@@ -1,0 +1,293 @@
+//! Tests of the retention journal format, the writer and scanner, and of
+//! before-images read back through the overlay.
+
+use proptest::prelude::*;
+
+use super::journal::{
+    self, BLOCK, JournalError, Loc, PointKind, PointRec, RecordHead, Scanner, Writer,
+    decode_header, encode_image_header, encode_point, encode_segment_header,
+};
+use super::pins::Granted;
+use super::reader::Overlay;
+
+fn point(epoch: u64, frame_no: u64, tag: Option<&str>) -> PointRec {
+    PointRec {
+        epoch,
+        frame_no,
+        last_seq: frame_no * 10,
+        time_us: 1_700_000_000_000_000 + frame_no,
+        kind: if tag.is_some() {
+            PointKind::App
+        } else {
+            PointKind::Crash
+        },
+        tag: tag.map(str::to_string),
+    }
+}
+
+#[test]
+fn golden_segment_header() {
+    let h = encode_segment_header(1, "g1");
+    let mut want = [0u8; 64];
+    want[..8].copy_from_slice(b"TMRJSEG1");
+    want[8] = 1;
+    want[16] = 1;
+    want[24] = b'g';
+    want[25] = b'1';
+    let crc = crc32c::crc32c(&want[..60]);
+    want[60..].copy_from_slice(&crc.to_le_bytes());
+    assert_eq!(h, want);
+    journal::check_segment_header(&h, 1, "g1", std::path::Path::new("x")).unwrap();
+    assert!(journal::check_segment_header(&h, 2, "g1", std::path::Path::new("x")).is_err());
+    assert!(journal::check_segment_header(&h, 1, "g2", std::path::Path::new("x")).is_err());
+}
+
+#[test]
+fn golden_point_and_image_records() {
+    let p = point(3, 7, Some("db"));
+    let rec = encode_point(&p);
+    assert_eq!(rec.len(), 48 + 8 + 2);
+    assert_eq!(&rec[..4], b"TMRR");
+    assert_eq!(rec[4], 1, "kind point");
+    assert_eq!(rec[5], 1, "version");
+    assert_eq!(u16::from_le_bytes([rec[6], rec[7]]), 1, "app");
+    assert_eq!(u64::from_le_bytes(rec[8..16].try_into().unwrap()), 3);
+    assert_eq!(u64::from_le_bytes(rec[16..24].try_into().unwrap()), 7);
+    assert_eq!(u64::from_le_bytes(rec[24..32].try_into().unwrap()), 70);
+    assert_eq!(&rec[32..36], &[0; 4]);
+    assert_eq!(u32::from_le_bytes(rec[40..44].try_into().unwrap()), 10);
+    assert_eq!(&rec[56..], b"db");
+    let (head, len) = decode_header(&rec[..48]).unwrap();
+    assert_eq!(len, 10);
+    let RecordHead::Point(hp) = head else {
+        panic!()
+    };
+    let crc = u32::from_le_bytes(rec[36..40].try_into().unwrap());
+    assert_eq!(journal::finish_point(hp, &rec[48..], crc).unwrap(), p);
+
+    let data = vec![0xa5u8; 8192];
+    let h = encode_image_header(4, 2, 4096 * 3, 8192, Some(&data));
+    assert_eq!(h[4], 2);
+    let (head, len) = decode_header(&h).unwrap();
+    assert_eq!(len, 8192);
+    assert_eq!(
+        head,
+        RecordHead::Image {
+            epoch: 4,
+            disk: 2,
+            offset: 12288,
+            len: 8192,
+            zero: false,
+            data_crc: crc32c::crc32c(&data),
+        }
+    );
+    let z = encode_image_header(4, 2, 0, 4096, None);
+    assert_eq!(z[4], 3);
+    assert!(matches!(
+        decode_header(&z).unwrap(),
+        (RecordHead::Image { zero: true, .. }, 0)
+    ));
+}
+
+#[test]
+fn bad_headers_are_refused_with_a_reason() {
+    let good = encode_image_header(1, 0, 4096, 4096, None);
+    let cases: Vec<(usize, u8, &str)> = vec![
+        (0, b'X', "magic"),
+        (4, 9, "kind"),
+        (5, 2, "version"),
+        (44, 0, "checksum"),
+    ];
+    for (i, v, what) in cases {
+        let mut h = good;
+        h[i] = v;
+        let e = decode_header(&h).unwrap_err();
+        assert!(e.contains(what) || e.contains("checksum"), "{what}: {e}");
+    }
+    // A misaligned image (with a valid checksum) is refused for its content.
+    let h = encode_image_header(1, 0, 100, 4096, None);
+    assert!(decode_header(&h).unwrap_err().contains("multiple"));
+    assert!(decode_header(&good[..40]).is_err());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+    #[test]
+    fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
+        let _ = decode_header(&bytes);
+        let _ = journal::check_segment_header(&bytes, 1, "g1", std::path::Path::new("x"));
+    }
+
+    #[test]
+    fn mutated_records_never_panic_and_never_decode_to_something_else(
+        at in 0usize..48, bit in 0u8..8
+    ) {
+        let good = encode_image_header(5, 1, 8192, 4096, Some(&[7u8; 4096]));
+        let mut h = good;
+        h[at] ^= 1 << bit;
+        // A flipped bit is caught by the header checksum.
+        prop_assert!(decode_header(&h).is_err());
+    }
+}
+
+#[test]
+fn writer_and_scanner_round_trip_across_segments_and_reopen() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("retention");
+    let (mut w, opened) = Writer::open(&dir, "g1").unwrap();
+    assert!(opened.points.is_empty());
+    let l1 = w.append_point(&point(1, 5, None)).unwrap();
+    let img = vec![3u8; 4096];
+    w.append_image(1, 0, 0, &img).unwrap();
+    w.append_image(1, 0, 4096, &[0u8; 4096]).unwrap();
+    w.sync().unwrap();
+    drop(w);
+    let (mut w, opened) = Writer::open(&dir, "g1").unwrap();
+    assert_eq!(opened.points, vec![(l1, point(1, 5, None))]);
+    assert!(opened.torn.is_none());
+    w.append_point(&point(2, 9, Some("t"))).unwrap();
+    let mut sc = Scanner::new(&dir, "g1", l1);
+    let mut kinds = Vec::new();
+    while let Some(r) = sc.next_record().unwrap() {
+        kinds.push(match r.head {
+            RecordHead::Point(p) => format!("p{}", p.epoch),
+            RecordHead::Image { zero, .. } => (if zero { "z" } else { "i" }).to_string(),
+        });
+    }
+    assert_eq!(kinds, ["p1", "i", "z", "p2"]);
+}
+
+#[test]
+fn a_torn_tail_is_cut_at_open_and_reads_as_the_end_meanwhile() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("retention");
+    let (mut w, _) = Writer::open(&dir, "g1").unwrap();
+    let l1 = w.append_point(&point(1, 5, None)).unwrap();
+    w.append_image(1, 0, 0, &vec![9u8; 8192]).unwrap();
+    w.sync().unwrap();
+    let end = w.end();
+    drop(w);
+    // Half a record at the end (a crash mid-append).
+    let seg = dir.join(journal::segment_name(1));
+    let partial = encode_image_header(1, 0, 8192, 4096, Some(&[1u8; 4096]));
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
+        f.write_all(&partial).unwrap();
+        f.write_all(&[1u8; 100]).unwrap();
+    }
+    // A reader sees the end before it.
+    let mut sc = Scanner::new(&dir, "g1", l1);
+    let mut n = 0;
+    while sc.next_record().unwrap().is_some() {
+        n += 1;
+    }
+    assert_eq!(n, 2);
+    let (w, opened) = Writer::open(&dir, "g1").unwrap();
+    let (_, at, cut) = opened.torn.expect("torn tail reported");
+    assert_eq!((at, cut), (end.pos, 48 + 100));
+    assert_eq!(w.end(), end);
+}
+
+#[test]
+fn corruption_in_an_older_segment_drops_the_points_before_it() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("retention");
+    {
+        let (mut w, _) = Writer::open(&dir, "g1").unwrap();
+        w.append_point(&point(1, 1, None)).unwrap();
+        w.append_image(1, 0, 0, &vec![1u8; 4096]).unwrap();
+        w.reset_for_test_rotation().unwrap();
+        w.append_point(&point(2, 2, None)).unwrap();
+        w.sync().unwrap();
+    }
+    // Damage the first segment's image record header.
+    let seg1 = dir.join(journal::segment_name(1));
+    let mut b = std::fs::read(&seg1).unwrap();
+    let first_rec = 64 + 48 + 8;
+    b[first_rec + 2] ^= 0xff;
+    std::fs::write(&seg1, b).unwrap();
+    let (_, opened) = Writer::open(&dir, "g1").unwrap();
+    assert_eq!(opened.problems.len(), 1, "{:?}", opened.problems);
+    assert!(
+        opened.problems[0].contains("offset"),
+        "{:?}",
+        opened.problems
+    );
+    assert_eq!(
+        opened
+            .points
+            .iter()
+            .map(|(_, p)| p.epoch)
+            .collect::<Vec<_>>(),
+        vec![2]
+    );
+}
+
+/// The overlay rebuilds a point from the replica and the before-images, also
+/// when the replica changes after the overlay was made.
+#[test]
+fn the_overlay_replaces_changed_blocks_with_their_first_before_image() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("retention");
+    let (mut w, _) = Writer::open(&dir, "g1").unwrap();
+    // Replica at point 1: blocks 0..4 = 1, 2, 3, 4.
+    let mut replica: Vec<u8> = (0..4u8).flat_map(|v| vec![v + 1; BLOCK as usize]).collect();
+    let at_p1 = replica.clone();
+    let l1 = w.append_point(&point(1, 10, None)).unwrap();
+    // Epoch 1 overwrites block 1 (image 2).
+    w.append_image(1, 0, BLOCK, &replica[BLOCK as usize..2 * BLOCK as usize])
+        .unwrap();
+    replica[BLOCK as usize..2 * BLOCK as usize].fill(20);
+    // Point 2, epoch 2 overwrites blocks 1 and 2 (images 20, 3).
+    w.append_point(&point(2, 20, None)).unwrap();
+    w.append_image(2, 0, BLOCK, &replica[BLOCK as usize..3 * BLOCK as usize])
+        .unwrap();
+    replica[BLOCK as usize..3 * BLOCK as usize].fill(30);
+    w.sync().unwrap();
+    let g = Granted {
+        epoch: 1,
+        seg: l1.seg,
+        pos: l1.pos,
+        frame_no: 10,
+        last_seq: 100,
+        time_us: 0,
+    };
+    let mut o = Overlay::new(&dir, "g1", &g).unwrap();
+    let mut buf = replica.clone();
+    o.apply(0, 0, &mut buf).unwrap();
+    assert_eq!(buf, at_p1, "point 1 rebuilt");
+    // Later: epoch 3 zeroes block 3 after the overlay was made.
+    w.append_point(&point(3, 30, None)).unwrap();
+    w.append_image(3, 0, 3 * BLOCK, &replica[3 * BLOCK as usize..])
+        .unwrap();
+    replica[3 * BLOCK as usize..].fill(0);
+    w.sync().unwrap();
+    let mut buf = replica.clone();
+    o.apply(0, 0, &mut buf).unwrap();
+    assert_eq!(buf, at_p1, "point 1 rebuilt after more changes");
+    // A part of a block.
+    let mut part = replica[BLOCK as usize + 100..BLOCK as usize + 200].to_vec();
+    o.apply(0, BLOCK + 100, &mut part).unwrap();
+    assert_eq!(part, at_p1[BLOCK as usize + 100..BLOCK as usize + 200]);
+    assert_eq!(o.changed_ranges(0), vec![(BLOCK, 3 * BLOCK)]);
+    // Another disk is untouched.
+    let mut other = vec![5u8; 4096];
+    o.apply(1, 0, &mut other).unwrap();
+    assert_eq!(other, vec![5u8; 4096]);
+}
+
+#[test]
+fn a_trimmed_segment_is_reported_to_a_reader() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("retention");
+    let (mut w, _) = Writer::open(&dir, "g1").unwrap();
+    let l1 = w.append_point(&point(1, 1, None)).unwrap();
+    w.reset().unwrap();
+    let mut sc = Scanner::new(&dir, "g1", l1);
+    assert!(matches!(
+        sc.next_record(),
+        Err(JournalError::Trimmed { seg: 1 })
+    ));
+    let _ = Loc::default();
+}
