@@ -162,3 +162,48 @@ fn e2e_older_points_recover_while_replicating_offline_and_by_promote() {
     );
     c.stop_all();
 }
+
+/// The target's disk fills up mid-apply: the group pauses (it says so), and
+/// once space returns it resumes; the replica ends equal to the source, and the
+/// apply log shows every frame applied once, in chain order.
+#[test]
+fn e2e_a_full_target_disk_pauses_the_group_until_space_returns() {
+    use common::tools::Mounted;
+    let mut c = Cluster::new(32 * MIB);
+    c.start_relay();
+    let small = c.dir.path().join("small");
+    let _fs = Mounted::tmpfs(&small, "40m");
+    let state = small.join("target-state");
+    let replica = small.join("replica.img");
+    configure_target(&c, |t| {
+        t.target.state_dir = state.clone();
+        t.groups[0].disks[0].path = replica.clone();
+    });
+    // Leave about 6 MiB free.
+    let filler = small.join("filler");
+    std::fs::write(&filler, vec![0x11u8; 34 * MIB as usize]).unwrap();
+    c.start_target();
+    c.start_agent(&["--workload-bytes", "24M", "--workload-seed", "21"]);
+    let last = c.wait_workload_done(LONG);
+    let log = || c.target.as_ref().unwrap().log_text();
+    let t0 = std::time::Instant::now();
+    while !log().contains("applying paused") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the target did not pause for space\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(log().contains("No space left"), "{}", tail(&log()));
+    std::thread::sleep(Duration::from_secs(3));
+    std::fs::remove_file(&filler).unwrap();
+    c.wait_applied(last, LONG);
+    assert!(log().contains("applying resumed"), "{}", tail(&log()));
+    let st = c.target_status().unwrap();
+    assert!(st.groups[0].paused.is_none(), "{:?}", st.groups[0].paused);
+    c.stop_all();
+    assert!(same(&c.source, &replica), "replica differs\n{}", c.logs());
+    let s = tidemark::target::check_apply_log(&state.join("g1").join("apply.log")).unwrap();
+    assert!(s.applies > 0);
+}

@@ -36,6 +36,8 @@ pub const ROTATE_BYTES: u64 = 64 << 20;
 pub struct ApplyLog {
     path: PathBuf,
     file: File,
+    /// Length of the file: a line that fails half-written is cut off again.
+    len: u64,
 }
 
 impl ApplyLog {
@@ -48,9 +50,11 @@ impl ApplyLog {
             std::fs::rename(path, PathBuf::from(old))?;
         }
         let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let len = file.metadata()?.len();
         Ok(ApplyLog {
             path: path.to_path_buf(),
             file,
+            len,
         })
     }
 
@@ -79,8 +83,18 @@ impl ApplyLog {
 
     fn line(&mut self, s: &str) -> std::io::Result<()> {
         // One write call per line: a concurrent reader or a kill never sees
-        // half a line from the page cache.
-        self.file.write_all(s.as_bytes())
+        // half a line from the page cache. A line that fails half-written (a
+        // full disk) is cut off, so a retry does not leave a torn line.
+        match self.file.write_all(s.as_bytes()) {
+            Ok(()) => {
+                self.len += s.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.file.set_len(self.len);
+                Err(e)
+            }
+        }
     }
 }
 

@@ -89,6 +89,21 @@ impl Drop for LoopDev {
 pub struct Mounted(pub PathBuf);
 
 impl Mounted {
+    /// A tmpfs of `size` (e.g. "40m") at `dir`: a small file system that fills up.
+    pub fn tmpfs(dir: &Path, size: &str) -> Mounted {
+        require_root("mounting a tmpfs");
+        std::fs::create_dir_all(dir).unwrap();
+        run_ok(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o"])
+                .arg(format!("size={size}"))
+                .arg("tmpfs")
+                .arg(dir),
+            Duration::from_secs(30),
+        );
+        Mounted(dir.to_path_buf())
+    }
+
     pub fn mount(dev: &str, dir: &Path) -> Mounted {
         std::fs::create_dir_all(dir).unwrap();
         run_ok(

@@ -4,7 +4,7 @@
 
 use super::super::TargetError;
 use super::super::gate::ChainPos;
-use super::super::redo::{RedoFailed, no_space_errno, spool_no_space};
+use super::super::redo::{RedoFailed, io_no_space, no_space_errno, spool_no_space};
 use super::super::retention::Position;
 use super::super::status::Paused;
 use super::{Applier, ApplyError, PAUSE_RETRY, REPLAY_CHUNK, open_replica};
@@ -123,12 +123,25 @@ impl Applier {
             });
         }
         let create = self.plan(f)?;
-        self.log.apply(h).map_err(|source| ApplyError::Log {
-            group: self.group.clone(),
-            frame_no: h.frame_no,
-            path: self.log.path().to_path_buf(),
-            source,
-        })?;
+        loop {
+            match self.log.apply(h) {
+                Ok(()) => break,
+                Err(source)
+                    if io_no_space(&source)
+                        && self.pause_wait(&format!(
+                            "apply log {}: {source}",
+                            self.log.path().display()
+                        )) => {}
+                Err(source) => {
+                    return Err(ApplyError::Log {
+                        group: self.group.clone(),
+                        frame_no: h.frame_no,
+                        path: self.log.path().to_path_buf(),
+                        source,
+                    });
+                }
+            }
+        }
         let img_err = |group: &str, source| ApplyError::Image {
             group: group.to_string(),
             frame_no: h.frame_no,

@@ -214,8 +214,7 @@ impl Classify for JournalError {
 impl JournalError {
     /// True when the file system is full.
     pub fn is_no_space(&self) -> bool {
-        matches!(self, JournalError::Io { source, .. }
-            if source.raw_os_error().is_some_and(crate::target::redo::no_space_errno))
+        matches!(self, JournalError::Io { source, .. } if crate::target::redo::io_no_space(source))
     }
 }
 
