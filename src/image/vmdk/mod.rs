@@ -7,6 +7,7 @@
 //! an [`ImageError::Vmdk`] naming the path, the structure and the offset, never
 //! a panic, an unbounded allocation or a write outside the file's own grains.
 
+mod cache;
 mod descriptor;
 mod flat;
 mod header;
@@ -20,7 +21,7 @@ pub use descriptor::{Access, Descriptor, DescriptorError, Extent, ExtentKind};
 pub use flat::VmdkFlatImage;
 pub use header::{HeaderError, SparseHeader};
 pub use sparse::{GT_CACHE_BYTES, VmdkSparseImage};
-pub use stream::{StreamStats, export_image_stream_optimized, export_stream_optimized};
+pub use stream::{SourceRead, StreamStats, export_image_stream_optimized, export_stream_optimized};
 
 use crate::error::{Classify, ErrorKind};
 

@@ -11,12 +11,13 @@
 //! Grain tables are read on demand into a bounded LRU cache
 //! ([`GT_CACHE_BYTES`]); only the two grain directories are held whole.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use super::cache::GtCache;
 use super::descriptor::{self, Descriptor, ExtentKind, NO_PARENT};
 use super::header::{self, GD_AT_END, SparseHeader};
 use super::{Directory, NEW_GRAIN_SECTORS, NEW_GTES_PER_GT, SECTOR, VmdkError, vmdk_err};
@@ -61,67 +62,6 @@ impl std::fmt::Display for Region {
             Region::Table(Directory::Primary, i) => write!(f, "grain table {i}"),
             Region::Table(Directory::Redundant, i) => write!(f, "redundant grain table {i}"),
         }
-    }
-}
-
-/// Least-recently-used cache of decoded grain tables.
-struct GtCache {
-    max: usize,
-    tables: HashMap<u64, (Vec<u32>, u64)>,
-    order: BTreeMap<u64, u64>,
-    tick: u64,
-}
-
-impl GtCache {
-    fn new(max: usize) -> Self {
-        GtCache {
-            max: max.max(1),
-            tables: HashMap::new(),
-            order: BTreeMap::new(),
-            tick: 0,
-        }
-    }
-
-    /// Entry `e` of table `gt` if the table is cached (and mark it used).
-    fn get(&mut self, gt: u64, e: usize) -> Option<u32> {
-        let (table, used) = self.tables.get_mut(&gt)?;
-        self.order.remove(used);
-        self.tick += 1;
-        *used = self.tick;
-        self.order.insert(self.tick, gt);
-        table.get(e).copied()
-    }
-
-    fn insert(&mut self, gt: u64, table: Vec<u32>) {
-        self.remove(gt);
-        while self.tables.len() >= self.max {
-            let Some((_, old)) = self.order.pop_first() else {
-                break;
-            };
-            self.tables.remove(&old);
-        }
-        self.tick += 1;
-        self.order.insert(self.tick, gt);
-        self.tables.insert(gt, (table, self.tick));
-    }
-
-    /// Set entry `e` of table `gt`, if cached.
-    fn set(&mut self, gt: u64, e: usize, v: u32) {
-        if let Some((table, _)) = self.tables.get_mut(&gt)
-            && let Some(slot) = table.get_mut(e)
-        {
-            *slot = v;
-        }
-    }
-
-    fn remove(&mut self, gt: u64) {
-        if let Some((_, used)) = self.tables.remove(&gt) {
-            self.order.remove(&used);
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.tables.len()
     }
 }
 

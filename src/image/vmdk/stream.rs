@@ -19,6 +19,10 @@ use super::sparse::{file_name, new_capacity, sync_parent_dir};
 use super::{NEW_GRAIN_SECTORS, NEW_GTES_PER_GT, SECTOR, VmdkError, vmdk_err};
 use crate::image::{Image, ImageError};
 
+/// The export's source: `read(offset, buf)` fills `buf` with the virtual
+/// disk's bytes at `offset`.
+pub type SourceRead<'a> = dyn FnMut(u64, &mut [u8]) -> Result<(), ImageError> + 'a;
+
 /// What an export wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct StreamStats {
@@ -191,7 +195,7 @@ fn grains_of(ranges: &[(u64, u64)], capacity: u64, grain_bytes: u64) -> Vec<(u64
 pub fn export_stream_optimized(
     dest: &Path,
     capacity: u64,
-    read: &mut dyn FnMut(u64, &mut [u8]) -> Result<(), ImageError>,
+    read: &mut SourceRead<'_>,
     allocated: Option<&[(u64, u64)]>,
     mut progress: Option<&mut dyn FnMut(u64, u64)>,
 ) -> Result<StreamStats, ImageError> {
@@ -273,7 +277,7 @@ fn write_all(
     s: &mut Stream,
     text: &str,
     capacity: u64,
-    read: &mut dyn FnMut(u64, &mut [u8]) -> Result<(), ImageError>,
+    read: &mut SourceRead<'_>,
     allocated: Option<&[(u64, u64)]>,
     progress: &mut Option<&mut dyn FnMut(u64, u64)>,
 ) -> Result<(), ExportError> {
