@@ -734,3 +734,58 @@ fn one_tib_sparse_image_stays_small_in_file_and_memory() {
     }
     assert_qemu_check(&path);
 }
+
+/// Mount `img` with libvmdk's vmdkmount (FUSE) and return the bytes it reads.
+fn read_through_vmdkmount(dir: &Path, img: &Path) -> Vec<u8> {
+    require_tool("vmdkmount", "libvmdk-utils");
+    let mnt = dir.join(format!(
+        "mnt-{}",
+        img.file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::create_dir(&mnt).unwrap();
+    let mut child = Command::new("vmdkmount")
+        .args([s(img), s(&mnt)])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start vmdkmount");
+    let disk = mnt.join("vmdk1");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !disk.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let bytes = std::fs::read(&disk);
+    let _ = run("umount", &[s(&mnt)]);
+    // vmdkmount may stay in the foreground until unmounted: reap it (bounded).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    if child.try_wait().unwrap().is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    bytes.unwrap_or_else(|e| panic!("vmdkmount of {}: {e}", img.display()))
+}
+
+#[test]
+fn libvmdk_reads_the_same_bytes_as_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ours.vmdk");
+    let size = 40 * MIB + 512;
+    let mut img =
+        VmdkSparseImage::open_with(&path, Some(size), Box::new(SyncEngine::new())).unwrap();
+    let mut model = vec![0u8; size as usize];
+    exercise(&mut img, &mut model, 31, 15);
+    let stream = dir.path().join("stream.vmdk");
+    export_image_stream_optimized(&mut img, &stream, None).unwrap();
+    drop(img);
+    assert!(
+        read_through_vmdkmount(dir.path(), &path) == model,
+        "libvmdk reads our sparse image as the model"
+    );
+    assert!(
+        read_through_vmdkmount(dir.path(), &stream) == model,
+        "libvmdk reads our stream as the model"
+    );
+}
