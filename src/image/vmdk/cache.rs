@@ -32,6 +32,16 @@ impl GtCache {
         table.get(e).copied()
     }
 
+    /// Table `gt` if cached (and mark it used).
+    pub(super) fn table(&mut self, gt: u64) -> Option<&[u32]> {
+        let (table, used) = self.tables.get_mut(&gt)?;
+        self.order.remove(used);
+        self.tick += 1;
+        *used = self.tick;
+        self.order.insert(self.tick, gt);
+        Some(table)
+    }
+
     pub(super) fn insert(&mut self, gt: u64, table: Vec<u32>) {
         self.remove(gt);
         while self.tables.len() >= self.max {
@@ -80,6 +90,7 @@ mod tests {
             (c.len(), c.get(2, 0), c.get(1, 0), c.get(3, 0)),
             (2, None, Some(10), Some(30))
         );
+        assert_eq!(c.table(3), Some(&[30][..]));
         c.set(3, 0, 33);
         c.set(3, 5, 1); // out of the table: ignored
         c.set(9, 0, 1); // not cached: ignored

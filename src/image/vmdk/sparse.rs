@@ -959,24 +959,35 @@ impl Image for VmdkSparseImage {
             return Ok(out);
         }
         let gb = self.grain_bytes;
+        let gtes = self.gtes;
+        let zero_grain = self.header.zero_grain();
         let end = offset + len;
-        let mut grain = offset / gb;
-        let last = (end - 1) / gb;
-        while grain <= last {
-            let gt = grain / self.gtes;
+        let (first, last) = (offset / gb / gtes, (end - 1) / gb / gtes);
+        for gt in first..=last {
             if self.gd[gt as usize] == 0 {
-                grain = (gt + 1) * self.gtes;
                 continue;
             }
-            if let Grain::At(_) = self.lookup(grain)? {
+            if self.cache.table(gt).is_none() {
+                self.load_table(gt)?;
+            }
+            let Some(table) = self.cache.table(gt) else {
+                continue;
+            };
+            for (e, &v) in table.iter().enumerate() {
+                if v == 0 || (v == 1 && zero_grain) {
+                    continue;
+                }
+                let grain = gt * gtes + e as u64;
                 let s = (grain * gb).max(offset);
                 let e = ((grain + 1) * gb).min(end);
+                if s >= e {
+                    continue;
+                }
                 match out.last_mut() {
                     Some(r) if r.0 + r.1 == s => r.1 += e - s,
                     _ => out.push((s, e - s)),
                 }
             }
-            grain += 1;
         }
         Ok(out)
     }
