@@ -6,8 +6,10 @@ cd "$(dirname "$0")/.."
 
 need_pkgs=()
 # Tools the tests and benchmark scripts use (qemu-img, qemu-io, qemu-nbd ship
-# preinstalled): real NBD clients, FUSE, fio, a filesystem and its checker.
+# preinstalled): real NBD clients, FUSE, fio, a filesystem and its checker,
+# libvmdk's vmdkinfo (a second VMDK reader beside qemu-img).
 for tool in e2fsck:e2fsprogs mkfs.ext4:e2fsprogs nbdinfo:libnbd-bin nbdcopy:libnbd-bin \
+        vmdkinfo:libvmdk-utils vmdkmount:libvmdk-utils qemu-io:qemu-utils \
         nbdfuse:libnbd-bin fusermount3:fuse3 fio:fio losetup:mount qemu-img:qemu-utils; do
     bin=${tool%%:*}; pkg=${tool##*:}
     command -v "$bin" >/dev/null 2>&1 || need_pkgs+=("$pkg")

@@ -1,7 +1,8 @@
 //! Image backends: how applied writes reach a replica.
 //!
 //! Shaped like cloud-hypervisor's `block` crate: an image *format* (where a
-//! virtual disk offset lives in the backing file; today [`RawImage`], VMDK later)
+//! virtual disk offset lives in the backing file: [`RawImage`], the VMDK
+//! layouts in [`vmdk`])
 //! runs over an I/O *engine* (how file-level writes reach the kernel:
 //! [`UringEngine`] or [`SyncEngine`]), and [`open_image`] is the one factory that
 //! picks both from an [`ImageSpec`]. A format translates virtual ops into file ops
@@ -11,6 +12,7 @@
 mod raw;
 pub(crate) mod sync;
 mod uring;
+pub mod vmdk;
 
 #[cfg(test)]
 mod tests;
@@ -25,6 +27,7 @@ use crate::error::{Classify, ErrorKind};
 pub use raw::RawImage;
 pub use sync::SyncEngine;
 pub use uring::UringEngine;
+pub use vmdk::{VmdkFlatImage, VmdkSparseImage};
 
 /// Submission queue depth of the io_uring engine: at most this many file
 /// operations are in flight at once (the completion queue is twice as deep, so
@@ -125,11 +128,19 @@ impl fmt::Display for OpKind {
     }
 }
 
-/// Layout of the image file. VMDK variants come later behind the same [`Image`] trait.
+/// Layout of the image file, chosen by [`ImageSpec::format`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ImageFormat {
     /// Virtual offset = file offset: a regular file or a block device.
     Raw,
+    /// VMDK monolithicSparse: one file with header, embedded descriptor, grain
+    /// directories and tables, grains allocated on first write
+    /// ([`VmdkSparseImage`]). `create_size` creates one of that capacity.
+    VmdkSparse,
+    /// VMDK monolithicFlat: `path` is the descriptor, the data is in one flat
+    /// extent file beside it (`<stem>-flat.vmdk` when created)
+    /// ([`VmdkFlatImage`]).
+    VmdkFlat,
 }
 
 /// How file operations reach the kernel.
@@ -159,8 +170,9 @@ pub struct ImageSpec {
     pub format: ImageFormat,
     /// I/O engine.
     pub engine: Engine,
-    /// If the path does not exist, create a sparse file of this many bytes.
-    /// An existing image is opened as is, whatever this says.
+    /// If the path does not exist, create an image of this many bytes (raw: a
+    /// sparse file; VMDK: a new image of that capacity, which must be a
+    /// multiple of 512). An existing image is opened as is, whatever this says.
     pub create_size: Option<u64>,
     /// Write block-aligned data with `O_DIRECT` (through an aligned bounce
     /// buffer), when the file system takes it; everything else goes through the
@@ -214,8 +226,23 @@ pub trait Image: Send + fmt::Debug {
 
     /// Grow a regular-file image to `size` bytes (sparse, durable before return).
     /// Never shrinks: a `size` at or below the current size is a no-op. Fails on
-    /// a block device with [`ImageError::NotGrowable`].
+    /// a block device with [`ImageError::NotGrowable`], on a VMDK with
+    /// [`ImageError::FixedCapacity`].
     fn grow_to(&mut self, size: u64) -> Result<(), ImageError>;
+
+    /// The ranges of `[offset, offset + len)` that may hold data, as sorted,
+    /// disjoint, non-empty `(offset, len)` pairs inside the query; everything
+    /// else reads as zeros (so a reader may skip it). Conservative: a listed
+    /// range may still read as zeros. The range must lie inside the image.
+    /// The default lists the whole range.
+    fn data_ranges(&mut self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>, ImageError> {
+        check_read_range(self.path(), self.size(), offset, len)?;
+        Ok(if len == 0 {
+            Vec::new()
+        } else {
+            vec![(offset, len)]
+        })
+    }
 
     /// `Ok` if the image holds at least `needed` bytes, else [`ImageError::TooSmall`].
     fn ensure_size(&self, needed: u64) -> Result<(), ImageError> {
@@ -238,7 +265,41 @@ pub trait Image: Send + fmt::Debug {
 pub fn open_image(spec: &ImageSpec) -> Result<Box<dyn Image>, ImageError> {
     match spec.format {
         ImageFormat::Raw => Ok(Box::new(RawImage::open(spec)?)),
+        ImageFormat::VmdkSparse => Ok(Box::new(VmdkSparseImage::open(spec)?)),
+        ImageFormat::VmdkFlat => Ok(Box::new(VmdkFlatImage::open(spec)?)),
     }
+}
+
+/// `Ok` when `[offset, offset + len)` lies inside an image of `size` bytes,
+/// else [`ImageError::ReadOutOfRange`].
+pub(crate) fn check_read_range(
+    path: &Path,
+    size: u64,
+    offset: u64,
+    len: u64,
+) -> Result<(), ImageError> {
+    if offset.checked_add(len).is_none_or(|end| end > size) {
+        return Err(ImageError::ReadOutOfRange {
+            path: path.to_path_buf(),
+            offset,
+            len,
+            size,
+        });
+    }
+    Ok(())
+}
+
+/// Build the engine `engine` names (io_uring of [`URING_ENTRIES`], or sync).
+pub(crate) fn new_engine(path: &Path, engine: Engine) -> Result<Box<dyn IoEngine>, ImageError> {
+    Ok(match engine {
+        Engine::Uring => Box::new(UringEngine::new(URING_ENTRIES).map_err(|source| {
+            ImageError::UringUnavailable {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?),
+        Engine::Sync => Box::new(SyncEngine::new()),
+    })
 }
 
 /// A file-level I/O engine: executes ops on one file descriptor. Formats use it
@@ -421,6 +482,49 @@ pub enum ImageError {
         /// Cause.
         source: io::Error,
     },
+    /// grow_to on an image whose format fixes its capacity (VMDK: the capacity
+    /// is in the header, the descriptor and the grain directory's size).
+    #[error(
+        "{path}: a {format} image has a fixed capacity of {size} bytes; it cannot grow to {requested} bytes"
+    )]
+    FixedCapacity {
+        /// Image path.
+        path: PathBuf,
+        /// Format name.
+        format: &'static str,
+        /// Capacity.
+        size: u64,
+        /// Requested size.
+        requested: u64,
+    },
+    /// A VMDK is corrupt or unusable: the error names the structure and where.
+    #[error("{path}: {source}")]
+    Vmdk {
+        /// Path of the file at fault (descriptor or extent).
+        path: PathBuf,
+        /// What is wrong.
+        source: vmdk::VmdkError,
+    },
+    /// Writing a streamOptimized export failed (the partial file is removed).
+    #[error("{path}: writing the streamOptimized export at byte {offset}: {source}")]
+    Export {
+        /// Export path.
+        path: PathBuf,
+        /// Byte offset in the export file.
+        offset: u64,
+        /// Cause.
+        source: io::Error,
+    },
+    /// Listing the data ranges of a raw file (SEEK_DATA / SEEK_HOLE) failed.
+    #[error("{path}: listing data ranges at offset {offset}: {source}")]
+    DataRanges {
+        /// Image path.
+        path: PathBuf,
+        /// Offset the seek started at.
+        offset: u64,
+        /// Cause.
+        source: io::Error,
+    },
     /// io_uring could not be set up or lacks a needed opcode; use [`Engine::Sync`].
     #[error("{path}: io_uring unavailable ({source}); the sync engine can be used instead")]
     UringUnavailable {
@@ -452,6 +556,8 @@ impl ImageError {
             | ImageError::Flush { source, .. }
             | ImageError::Read { source, .. }
             | ImageError::Grow { source, .. }
+            | ImageError::DataRanges { source, .. }
+            | ImageError::Export { source, .. }
             | ImageError::UringUnavailable { source, .. } => source.raw_os_error(),
             _ => None,
         }
@@ -466,12 +572,16 @@ impl Classify for ImageError {
             | ImageError::Op { .. }
             | ImageError::Flush { .. }
             | ImageError::Read { .. }
-            | ImageError::Grow { .. } => ErrorKind::Io,
+            | ImageError::Grow { .. }
+            | ImageError::DataRanges { .. }
+            | ImageError::Export { .. } => ErrorKind::Io,
+            ImageError::Vmdk { source, .. } => source.kind(),
             // An op outside the image comes from the stream: refuse it, never retry it.
             ImageError::OutOfRange { .. } | ImageError::ReadOutOfRange { .. } => ErrorKind::Corrupt,
             ImageError::NotFileOrBlockDevice { .. }
             | ImageError::TooSmall { .. }
             | ImageError::NotGrowable { .. }
+            | ImageError::FixedCapacity { .. }
             | ImageError::UringUnavailable { .. } => ErrorKind::Config,
         }
     }

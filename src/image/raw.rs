@@ -6,9 +6,12 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use nix::errno::Errno;
+use nix::unistd::{Whence, lseek};
+
 use super::{
     Engine, EngineError, Image, ImageError, ImageSpec, IoEngine, SyncEngine, URING_ENTRIES,
-    UringEngine, WriteOp, ZeroMode,
+    UringEngine, WriteOp, ZeroMode, check_read_range,
 };
 use crate::util::aligned::{AlignedBuf, BLOCK};
 
@@ -373,6 +376,55 @@ impl Image for RawImage {
 
     fn engine(&self) -> Engine {
         self.engine.kind()
+    }
+
+    /// Regular files: the data extents `SEEK_DATA` / `SEEK_HOLE` report
+    /// (file-system blocks, so a range may include some zeros); a block device,
+    /// or a file system without the seeks, lists the whole range.
+    fn data_ranges(&mut self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>, ImageError> {
+        check_read_range(&self.path, self.size, offset, len)?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let whole = vec![(offset, len)];
+        if self.block_device {
+            return Ok(whole);
+        }
+        let end = offset + len;
+        let err = |offset: u64, e: Errno| ImageError::DataRanges {
+            path: self.path.clone(),
+            offset,
+            source: e.into(),
+        };
+        // Offsets fit in off_t: they lie inside a regular file.
+        let seek = |pos: u64, whence: Whence| lseek(&self.file, pos as i64, whence);
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let data = match seek(pos, Whence::SeekData) {
+                Ok(d) => d as u64,
+                // No data at or after pos.
+                Err(Errno::ENXIO) => break,
+                // The file system cannot tell: everything may hold data.
+                Err(Errno::EINVAL | Errno::EOPNOTSUPP) => return Ok(whole),
+                Err(e) => return Err(err(pos, e)),
+            };
+            if data >= end {
+                break;
+            }
+            let hole = match seek(data, Whence::SeekHole) {
+                Ok(h) => (h as u64).min(end),
+                Err(Errno::ENXIO) => end,
+                Err(e) => return Err(err(data, e)),
+            };
+            if hole <= data {
+                // A racing truncate; never loop without progress.
+                break;
+            }
+            out.push((data, hole - data));
+            pos = hole;
+        }
+        Ok(out)
     }
 
     fn grow_to(&mut self, size: u64) -> Result<(), ImageError> {

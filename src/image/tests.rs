@@ -543,3 +543,53 @@ fn op_accessors_and_overlap() {
     );
     assert!(WriteOp::Zero { offset: 3, len: 0 }.is_empty());
 }
+
+#[test]
+fn raw_data_ranges_follow_the_files_extents() {
+    for engine in [Engine::Uring, Engine::Sync] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ranges.img");
+        let size = 64u64 << 20;
+        let mut img = open_image(&spec(&path, engine, Some(size))).unwrap();
+        assert_eq!(
+            img.data_ranges(0, size).unwrap(),
+            vec![],
+            "{engine}: all hole"
+        );
+        img.write_batch(&[
+            WriteOp::Write {
+                offset: 1 << 20,
+                data: &[1u8; 4096],
+            },
+            WriteOp::Write {
+                offset: (40 << 20) + 100,
+                data: &[2u8; 10_000],
+            },
+        ])
+        .unwrap();
+        img.flush().unwrap();
+        let ranges = img.data_ranges(0, size).unwrap();
+        let covers = |o: u64, l: u64| ranges.iter().any(|&(s, n)| s <= o && o + l <= s + n);
+        assert!(
+            covers(1 << 20, 4096) && covers((40 << 20) + 100, 10_000),
+            "{engine}: {ranges:?}"
+        );
+        let listed: u64 = ranges.iter().map(|r| r.1).sum();
+        assert!(
+            listed <= 2 << 20,
+            "{engine}: holes listed as data: {ranges:?}"
+        );
+        assert!(ranges.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0));
+        // A query inside the data is clipped to the query.
+        assert_eq!(
+            img.data_ranges((1 << 20) + 10, 20).unwrap(),
+            vec![((1 << 20) + 10, 20)]
+        );
+        assert_eq!(img.data_ranges(2 << 20, 1 << 20).unwrap(), vec![]);
+        assert_eq!(img.data_ranges(5, 0).unwrap(), vec![]);
+        assert!(matches!(
+            img.data_ranges(size - 1, 2),
+            Err(ImageError::ReadOutOfRange { .. })
+        ));
+    }
+}
