@@ -371,6 +371,7 @@ fn role_configs(
                 disks: vec![TargetDisk {
                     id: 0,
                     path: format!("replicas/{g}-disk0.img").into(),
+                    format: Default::default(),
                 }],
                 retention: Default::default(),
             })

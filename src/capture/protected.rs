@@ -298,15 +298,31 @@ impl ProtectedDisk {
         buf: &mut Vec<u8>,
     ) -> Result<Option<u64>, ProtectedError> {
         let end = end.min(self.backing.size());
-        // A hole: one zero range up to the next data, no read.
-        let next_data = self.backing.next_data(offset).unwrap_or(offset);
-        let stop = if next_data > offset {
-            next_data.min(end).min(offset + MAX_ZERO_RECORD)
-        } else {
-            (offset + COPY_CHUNK as u64).min(end)
+        // A hole: one zero range up to the next data, no read. The hole is
+        // looked for again under the range locks: a write that filled part of
+        // it in between would otherwise be recorded before a zero range that
+        // erases it on the replica.
+        let mut next_data = self.backing.next_data(offset).unwrap_or(offset);
+        #[cfg(test)]
+        copy_hook::run(self);
+        let (stop, _locks) = loop {
+            let stop = if next_data > offset {
+                next_data.min(end).min(offset + MAX_ZERO_RECORD)
+            } else {
+                (offset + COPY_CHUNK as u64).min(end)
+            };
+            let locks = self.stripes.lock(offset, stop - offset);
+            if next_data <= offset {
+                break (stop, locks);
+            }
+            let again = self.backing.next_data(offset).unwrap_or(offset);
+            if again >= stop {
+                break (stop, locks);
+            }
+            drop(locks);
+            next_data = again;
         };
         let len = stop - offset;
-        let _locks = self.stripes.lock(offset, len);
         let mut parts = Vec::new();
         if next_data > offset {
             parts.push(CopyPart::Zero(offset, len));
@@ -442,6 +458,39 @@ fn split_copy(offset: u64, buf: &[u8], parts: &mut Vec<CopyPart>) {
 }
 
 pub use crate::util::zero::is_zero;
+
+/// Test-only: run code between a copy step's hole lookup and its range locks
+/// (a writer that gets in between).
+#[cfg(test)]
+pub(crate) mod copy_hook {
+    use std::cell::RefCell;
+
+    use super::ProtectedDisk;
+
+    type Hook = Box<dyn FnMut(&ProtectedDisk)>;
+
+    thread_local! {
+        static HOOK: RefCell<Option<Hook>> = const { RefCell::new(None) };
+    }
+
+    /// Call `f` at that point of every copy step on this thread, until cleared.
+    pub fn set(f: Option<Hook>) {
+        HOOK.with(|h| *h.borrow_mut() = f);
+    }
+
+    pub(super) fn run(d: &ProtectedDisk) {
+        let hook = HOOK.with(|h| h.borrow_mut().take());
+        if let Some(mut f) = hook {
+            f(d);
+            HOOK.with(|h| {
+                let mut slot = h.borrow_mut();
+                if slot.is_none() {
+                    *slot = Some(f);
+                }
+            });
+        }
+    }
+}
 
 impl BlockIo for ProtectedDisk {
     fn size(&self) -> u64 {

@@ -82,6 +82,28 @@ struct RecoverArgs {
 enum OutFormat {
     /// A sparse raw image.
     Raw,
+    /// VMDK monolithicSparse (grains allocated where the disk has data).
+    Vmdk,
+    /// VMDK streamOptimized (compressed grains, for import into a hypervisor).
+    VmdkStream,
+}
+
+impl OutFormat {
+    fn lib(self) -> tidemark::target::recover::OutFormat {
+        use tidemark::target::recover::OutFormat as F;
+        match self {
+            OutFormat::Raw => F::Raw,
+            OutFormat::Vmdk => F::Vmdk,
+            OutFormat::VmdkStream => F::VmdkStream,
+        }
+    }
+
+    fn ext(self) -> &'static str {
+        match self {
+            OutFormat::Raw => "img",
+            OutFormat::Vmdk | OutFormat::VmdkStream => "vmdk",
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -243,15 +265,10 @@ fn recover(a: RecoverArgs) -> anyhow::Result<()> {
         let path = if a.disk.is_some() {
             out.clone()
         } else {
-            out.join(format!("{group}-disk{id}.img"))
+            out.join(format!("{group}-disk{id}.{}", a.format.ext()))
         };
-        match a.format {
-            OutFormat::Raw => {
-                let mut p =
-                    Progress::new(format!("recover {group} disk {id} → {}", path.display()));
-                view.copy_raw(id, &path, &mut |d, t| p.update(d, t))?;
-            }
-        }
+        let mut p = Progress::new(format!("recover {group} disk {id} → {}", path.display()));
+        view.copy_to(id, &path, a.format.lib(), &mut |d, t| p.update(d, t))?;
         println!("{}", path.display());
     }
     Ok(())

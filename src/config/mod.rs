@@ -304,8 +304,43 @@ fn d24() -> u64 {
 pub struct TargetDisk {
     /// Disk id, unique within the group, equal to the agent's id for the source.
     pub id: u32,
-    /// Replica image: raw file or block device.
+    /// Replica image: raw file or block device, or a VMDK descriptor.
     pub path: PathBuf,
+    /// Layout of the replica: `raw` (a file or block device), `vmdk`
+    /// (monolithicSparse: grains allocated on first write) or `vmdk-flat`
+    /// (monolithicFlat: descriptor + flat extent `<name>-flat.vmdk`). A missing
+    /// replica is created in this format at the source disk's size.
+    #[serde(default, skip_serializing_if = "ReplicaFormat::is_raw")]
+    pub format: ReplicaFormat,
+}
+
+/// The layout of a replica image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReplicaFormat {
+    /// Virtual offset = file offset: a regular file or a block device.
+    #[default]
+    Raw,
+    /// VMDK monolithicSparse.
+    Vmdk,
+    /// VMDK monolithicFlat.
+    VmdkFlat,
+}
+
+impl ReplicaFormat {
+    /// True for [`ReplicaFormat::Raw`].
+    pub fn is_raw(&self) -> bool {
+        *self == ReplicaFormat::Raw
+    }
+
+    /// The image backend's format.
+    pub fn image_format(self) -> crate::image::ImageFormat {
+        match self {
+            ReplicaFormat::Raw => crate::image::ImageFormat::Raw,
+            ReplicaFormat::Vmdk => crate::image::ImageFormat::VmdkSparse,
+            ReplicaFormat::VmdkFlat => crate::image::ImageFormat::VmdkFlat,
+        }
+    }
 }
 
 fn d1u32() -> u32 {

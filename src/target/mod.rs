@@ -389,6 +389,7 @@ fn prepare_group(cfg: &TargetConfig, g: &TargetGroup) -> Result<Prepared, Target
         disks.push(DiskSpec {
             id,
             path: d.path.clone(),
+            format: d.format.image_format(),
         });
     }
     let gdir = dir.join(&g.name);

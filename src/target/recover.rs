@@ -6,9 +6,7 @@
 //! replica itself back to the point and stops replication into it
 //! (docs/CONSISTENCY.md, "Recover").
 
-use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -24,6 +22,8 @@ use super::{TargetError, run_group_offline};
 use crate::config::{TargetConfig, TargetGroup};
 use crate::error::{Classify, ErrorKind};
 use crate::frontend::{BlockIo, IoError, IoErrorKind, Op, check_range};
+use crate::image::vmdk::export_stream_optimized;
+use crate::image::{Engine, Image, ImageError, ImageFormat, ImageSpec, WriteOp, open_image};
 use crate::util::lockfile::{self, LockError};
 
 /// How long a reader waits for a running target to answer its pin.
@@ -191,6 +191,9 @@ pub enum RecoverError {
     /// The retention journal cannot be read.
     #[error(transparent)]
     Journal(#[from] JournalError),
+    /// A replica or an output image failed.
+    #[error(transparent)]
+    Image(#[from] ImageError),
     /// A file could not be read or written.
     #[error("{}: {source}", path.display())]
     Io {
@@ -211,6 +214,7 @@ impl Classify for RecoverError {
             RecoverError::NoAnswer { .. } => ErrorKind::Throttled,
             RecoverError::Target(e) => e.kind(),
             RecoverError::Journal(e) => e.kind(),
+            RecoverError::Image(e) => e.kind(),
             RecoverError::Io { .. } => ErrorKind::Io,
         }
     }
@@ -292,9 +296,19 @@ fn resolve(
 #[derive(Debug)]
 struct Replica {
     id: u16,
-    path: PathBuf,
-    file: File,
+    image: Box<dyn Image>,
     size: u64,
+}
+
+/// The format of a recovered image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutFormat {
+    /// A sparse raw file.
+    Raw,
+    /// VMDK monolithicSparse.
+    Vmdk,
+    /// VMDK streamOptimized (compressed, for import into a hypervisor).
+    VmdkStream,
 }
 
 /// A group's disks as they were at one point, readable while replication goes
@@ -370,18 +384,15 @@ impl PointView {
         for d in &g.disks {
             let id = u16::try_from(d.id)
                 .map_err(|_| RecoverError::Config(format!("disk id {} above 65535", d.id)))?;
-            let file = OpenOptions::new()
-                .read(true)
-                .write(promote)
-                .open(&d.path)
-                .map_err(io_at(&d.path))?;
-            let size = file_size(&file).map_err(io_at(&d.path))?;
-            replicas.push(Replica {
-                id,
+            let image = open_image(&ImageSpec {
                 path: d.path.clone(),
-                file,
-                size,
-            });
+                format: d.format.image_format(),
+                engine: Engine::Sync,
+                create_size: None,
+                direct_io: false,
+            })?;
+            let size = image.size();
+            replicas.push(Replica { id, image, size });
         }
         Ok(PointView {
             group: group.to_string(),
@@ -419,43 +430,105 @@ impl PointView {
     /// Read `buf.len()` bytes of `disk` at `offset`, as they were at the point.
     pub fn read(&mut self, disk: u16, offset: u64, buf: &mut [u8]) -> Result<(), RecoverError> {
         let i = self.replica(disk)?;
-        let r = &self.replicas[i];
-        read_full(&r.file, offset, buf).map_err(io_at(&r.path))?;
+        self.replicas[i].image.read_at(offset, buf)?;
         // The replica first, then the journal: see retention::reader.
         self.overlay.apply(disk, offset, buf)?;
         Ok(())
     }
 
-    /// Copy `disk` at the point to a raw image at `out` (created sparse; all-
-    /// zero chunks are left as holes), reporting progress (bytes done, total).
-    pub fn copy_raw(
+    /// Like [`PointView::read`], but returns `false` without reading when the
+    /// range read as zeros at the point (a hole of the replica that nothing
+    /// has changed since the point), so copies skip holes.
+    pub fn read_or_hole(
+        &mut self,
+        disk: u16,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<bool, RecoverError> {
+        let i = self.replica(disk)?;
+        let len = buf.len() as u64;
+        let data = self.replicas[i].image.data_ranges(offset, len)?;
+        // After the replica, the journal: a write since the point has put its
+        // before-image there before it changed the replica.
+        self.overlay.refresh()?;
+        if data.is_empty() && !self.overlay.changed_in(disk, offset, len) {
+            return Ok(false);
+        }
+        self.read(disk, offset, buf)?;
+        Ok(true)
+    }
+
+    /// Copy `disk` at the point to an image at `out` in `format` (holes and
+    /// all-zero chunks are not written), reporting progress (bytes done,
+    /// total). Returns the bytes of data written.
+    pub fn copy_to(
         &mut self,
         disk: u16,
         out: &Path,
+        format: OutFormat,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<u64, RecoverError> {
         let size = self.replicas[self.replica(disk)?].size;
-        let f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(out)
-            .map_err(io_at(out))?;
-        f.set_len(size).map_err(io_at(out))?;
+        if out.exists() {
+            return Err(RecoverError::Config(format!(
+                "{} exists: recover never overwrites a file (remove it first)",
+                out.display()
+            )));
+        }
+        if format == OutFormat::VmdkStream {
+            let mut err: Option<RecoverError> = None;
+            let mut read = |off: u64, buf: &mut [u8]| -> Result<(), ImageError> {
+                match self.read_or_hole(disk, off, buf) {
+                    Ok(true) => Ok(()),
+                    Ok(false) => {
+                        buf.fill(0);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        let msg = e.to_string();
+                        err = Some(e);
+                        Err(ImageError::Export {
+                            path: out.to_path_buf(),
+                            offset: off,
+                            source: io::Error::other(msg),
+                        })
+                    }
+                }
+            };
+            let r = export_stream_optimized(out, size, &mut read, None, Some(progress));
+            if let Some(e) = err {
+                return Err(e);
+            }
+            return Ok(r?.file_bytes);
+        }
+        let mut img = open_image(&ImageSpec {
+            path: out.to_path_buf(),
+            format: match format {
+                OutFormat::Vmdk => ImageFormat::VmdkSparse,
+                _ => ImageFormat::Raw,
+            },
+            engine: Engine::Sync,
+            create_size: Some(size),
+            direct_io: false,
+        })?;
         let mut buf = vec![0u8; CHUNK];
         let mut off = 0u64;
         let mut written = 0u64;
         while off < size {
             let n = (size - off).min(CHUNK as u64) as usize;
-            self.read(disk, off, &mut buf[..n])?;
-            if !crate::util::zero::is_zero(&buf[..n]) {
-                f.write_all_at(&buf[..n], off).map_err(io_at(out))?;
+            if self.read_or_hole(disk, off, &mut buf[..n])?
+                && !crate::util::zero::is_zero(&buf[..n])
+            {
+                img.write_batch(&[WriteOp::Write {
+                    offset: off,
+                    data: &buf[..n],
+                }])?;
                 written += n as u64;
             }
             off += n as u64;
             progress(off, size);
         }
-        f.sync_all().map_err(io_at(out))?;
+        img.flush()?;
         Ok(written)
     }
 
@@ -492,49 +565,21 @@ impl PointView {
                     let n = (end - o).min(CHUNK as u64) as usize;
                     buf.resize(n, 0);
                     self.overlay.apply(disk, o, &mut buf[..n])?;
-                    let r = &self.replicas[i];
-                    r.file.write_all_at(&buf[..n], o).map_err(io_at(&r.path))?;
+                    self.replicas[i].image.write_batch(&[WriteOp::Write {
+                        offset: o,
+                        data: &buf[..n],
+                    }])?;
                     o += n as u64;
                     done += n as u64;
                     progress(done, total);
                 }
             }
         }
-        for r in &self.replicas {
-            r.file.sync_all().map_err(io_at(&r.path))?;
+        for r in &mut self.replicas {
+            r.image.flush()?;
         }
         Ok(done)
     }
-}
-
-fn file_size(f: &File) -> io::Result<u64> {
-    use std::io::{Seek, SeekFrom};
-    let meta = f.metadata()?;
-    if meta.is_file() {
-        return Ok(meta.len());
-    }
-    // A block device: its size is where it ends.
-    let mut g = f.try_clone()?;
-    g.seek(SeekFrom::End(0))
-}
-
-fn read_full(f: &File, mut offset: u64, mut buf: &mut [u8]) -> io::Result<()> {
-    while !buf.is_empty() {
-        match f.read_at(buf, offset) {
-            Ok(0) => {
-                // Past the end of a sparse file cut short: zeros.
-                buf.fill(0);
-                return Ok(());
-            }
-            Ok(n) => {
-                offset += n as u64;
-                buf = &mut buf[n..];
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// A disk of a [`PointView`] as a read-only [`BlockIo`], for `expose`.

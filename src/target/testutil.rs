@@ -77,6 +77,7 @@ impl Site {
         g.disks.push(TargetDisk {
             id,
             path: path.clone(),
+            format: Default::default(),
         });
         path
     }

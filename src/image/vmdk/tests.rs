@@ -789,3 +789,51 @@ fn libvmdk_reads_the_same_bytes_as_the_model() {
         "libvmdk reads our stream as the model"
     );
 }
+
+/// Batches like the target's (frames of 256 writes of 16 KiB, some zero
+/// ranges up to 2 MiB), with another thread flushing through a second handle
+/// all the while, as the target's flusher does.
+#[test]
+fn target_like_batches_with_a_concurrent_flush_match_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.vmdk");
+    let size = 96 * MIB;
+    let mut img =
+        VmdkSparseImage::open_with(&path, Some(size), Box::new(UringEngine::new(256).unwrap()))
+            .unwrap();
+    let mut model = vec![0u8; size as usize];
+    let mut rng = Prng::new(3);
+    let h = img.sync_handle().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let st = stop.clone();
+    let t = std::thread::spawn(move || {
+        while !st.load(std::sync::atomic::Ordering::Relaxed) {
+            h.sync_data().unwrap();
+        }
+    });
+    for b in 0..30 {
+        let mut batch: Vec<Owned> = Vec::new();
+        for _ in 0..256 {
+            let off = rng.below(size / 16384) * 16384;
+            if rng.below(40) == 0 {
+                let len = (rng.below(32) + 1) * 65536;
+                batch.push((off, len.min(size - off), None));
+            } else if rng.below(8) == 0 {
+                batch.push((off, 65536.min(size - off), None));
+            } else {
+                let mut d = vec![0u8; 16384];
+                rng.fill(&mut d);
+                batch.push((off, 16384, Some(d)));
+            }
+        }
+        apply_model(&mut model, &batch);
+        img.write_batch(&ops_of(&batch)).unwrap();
+        let got = read_all(&mut img);
+        if got != model {
+            let i = got.iter().zip(&model).position(|(a, b)| a != b).unwrap();
+            panic!("batch {b}: first difference at {i} (grain {})", i / 65536);
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    t.join().unwrap();
+}

@@ -167,6 +167,7 @@ impl Applier {
                 self.direct_io,
                 &self.group,
                 &slot.path,
+                slot.format,
                 Some(size),
             )
             .map_err(|e| img_err(&self.group, e))?;
@@ -415,6 +416,7 @@ impl Applier {
                                 self.direct_io,
                                 &self.group,
                                 &slot.path,
+                                slot.format,
                                 None,
                             )
                             .map_err(|source| ApplyError::Image {

@@ -101,6 +101,8 @@ pub(crate) struct DiskSpec {
     pub id: u16,
     /// Replica path.
     pub path: PathBuf,
+    /// Replica layout.
+    pub format: ImageFormat,
 }
 
 /// Everything the apply thread owns.
@@ -192,6 +194,7 @@ impl PromotedMarker {
 struct Slot {
     id: u16,
     path: PathBuf,
+    format: ImageFormat,
     image: Option<Box<dyn Image>>,
     /// A second handle on the image's file, for the flusher.
     sync: Option<std::sync::Arc<File>>,
@@ -269,11 +272,12 @@ fn open_replica(
     direct_io: bool,
     group: &str,
     path: &Path,
+    format: ImageFormat,
     create: Option<u64>,
 ) -> Result<Box<dyn Image>, ImageError> {
     let spec = |engine| ImageSpec {
         path: path.to_path_buf(),
-        format: ImageFormat::Raw,
+        format,
         engine,
         create_size: create,
         direct_io,
@@ -304,12 +308,11 @@ impl Applier {
         for d in &s.disks {
             let image = if d.path.symlink_metadata().is_ok() {
                 Some(
-                    open_replica(&mut engine, s.direct_io, &s.group, &d.path, None).map_err(
-                        |source| TargetError::Replica {
+                    open_replica(&mut engine, s.direct_io, &s.group, &d.path, d.format, None)
+                        .map_err(|source| TargetError::Replica {
                             group: s.group.clone(),
                             source: Box::new(source),
-                        },
-                    )?,
+                        })?,
                 )
             } else {
                 None
@@ -326,6 +329,7 @@ impl Applier {
             slots.push(Slot {
                 id: d.id,
                 path: d.path.clone(),
+                format: d.format,
                 image,
                 sync,
                 touched: false,

@@ -169,6 +169,23 @@ impl Overlay {
         Ok(self.cache.as_ref().map_or(&[][..], |(_, d)| d.as_slice()))
     }
 
+    /// True when some block of `disk` in `offset..offset+len` changed since
+    /// the point (as far as the journal has been read).
+    pub fn changed_in(&self, disk: u16, offset: u64, len: u64) -> bool {
+        if self.index.is_empty() || len == 0 {
+            return false;
+        }
+        let b0 = offset / BLOCK;
+        let b1 = (offset + len).div_ceil(BLOCK);
+        if b1 - b0 > self.index.len() as u64 {
+            return self
+                .index
+                .keys()
+                .any(|(d, b)| *d == disk && (b0..b1).contains(b));
+        }
+        (b0..b1).any(|b| self.index.contains_key(&(disk, b)))
+    }
+
     /// Every (offset, length) of `disk` that has a before-image, in block
     /// runs, ascending (what `promote` writes back).
     pub fn changed_ranges(&self, disk: u16) -> Vec<(u64, u64)> {
