@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use super::control::{self, ControlError, ControlSocket};
 use super::frontends::{DiskRef, Frontends};
 use super::outbox::{OutFrame, Outbox};
 use super::pipeline::{Pipeline, PipelineConfig, PipelineError, Reorder, SealOutput};
@@ -106,6 +107,9 @@ pub enum AgentError {
     /// A frontend could not start.
     #[error(transparent)]
     Frontend(#[from] super::frontends::FrontendError),
+    /// The control socket could not start.
+    #[error(transparent)]
+    Control(#[from] ControlError),
     /// A thread or task failed.
     #[error("group {group}: {what}")]
     Internal {
@@ -128,6 +132,7 @@ impl Classify for AgentError {
             AgentError::Pipeline { .. } => ErrorKind::Config,
             AgentError::Session(e) => e.kind(),
             AgentError::Frontend(e) => e.kind(),
+            AgentError::Control(e) => e.kind(),
             AgentError::Internal { .. } => ErrorKind::Io,
         }
     }
@@ -296,6 +301,17 @@ pub async fn run(
         prepared.push(p);
     }
     let infos: Vec<Arc<GroupInfo>> = prepared.iter().map(|p| p.info.clone()).collect();
+    // Local tools (`tidemark agent tag`) reach the journals from here on; the
+    // socket is removed when `control` is dropped (orderly stop, or an error).
+    let control = ControlSocket::start(
+        &cfg.agent.state_dir,
+        control::journal_handler(
+            prepared
+                .iter()
+                .map(|p| (p.cfg.name.clone(), p.journal.clone()))
+                .collect(),
+        ),
+    )?;
     let status_path = cfg.agent.state_dir.join(STATUS_FILE);
     let write_status = {
         let infos = infos.clone();
@@ -428,6 +444,7 @@ pub async fn run(
     }
     end.fire();
     let _ = stopper.await;
+    drop(control);
     status_stop.fire();
     let _ = status_task.await;
     write_status();

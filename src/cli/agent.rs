@@ -7,12 +7,23 @@ use tidemark::agent::workload::{Pattern, WorkloadSpec};
 
 /// Run the agent: protect the configured disks and replicate them through the relay.
 #[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct AgentArgs {
+    #[command(subcommand)]
+    command: Option<AgentCommand>,
     /// The agent's config file (agent.toml from `tidemark init`).
-    #[arg(long)]
-    config: PathBuf,
+    #[arg(long, required = true)]
+    config: Option<PathBuf>,
     #[command(flatten)]
     workload: WorkloadArgs,
+}
+
+/// Commands for a running agent.
+#[derive(clap::Subcommand)]
+enum AgentCommand {
+    /// Record an application-consistent tag in the running agent's stream
+    /// (pre-hook, fsfreeze, tag, thaw, post-hook).
+    Tag(super::agent_tag::TagArgs),
 }
 
 /// A synthetic workload written through the capture path (for benchmarks and
@@ -92,7 +103,12 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 /// Run `agent`.
 pub fn run(a: AgentArgs) -> anyhow::Result<()> {
-    let cfg = tidemark::config::AgentConfig::load(&a.config)?;
+    let config = match (a.command, a.config) {
+        (Some(AgentCommand::Tag(t)), _) => return super::agent_tag::run(t),
+        (None, Some(c)) => c,
+        (None, None) => anyhow::bail!("--config is required"),
+    };
+    let cfg = tidemark::config::AgentConfig::load(&config)?;
     let opts = AgentOptions {
         workload: a.workload.spec(),
         exit_after_workload: a.workload.exit_after_workload,
