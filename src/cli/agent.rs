@@ -30,7 +30,8 @@ enum AgentCommand {
 /// tests): active when `--workload-seconds` or `--workload-bytes` is given.
 #[derive(clap::Args, Debug, Clone)]
 pub struct WorkloadArgs {
-    /// Write for this many seconds to the first disk of the first group.
+    /// Write for this many seconds to the disks of the first group (each
+    /// write to one of them, drawn from the seeded generator).
     #[arg(long)]
     pub workload_seconds: Option<f64>,
     /// Write this many bytes (suffixes K, M, G: binary units).
@@ -54,6 +55,14 @@ pub struct WorkloadArgs {
     /// Stop the agent in order once the workload is done and the relay holds all of it.
     #[arg(long)]
     pub exit_after_workload: bool,
+    /// Append one line per acknowledged write, `seq disk offset len index`
+    /// (seq `-` when capture kept only its region), and `seq tag name` per
+    /// tag; the write's data is `workload::write_data(spec, index)`.
+    #[arg(long, value_name = "PATH")]
+    pub workload_log: Option<PathBuf>,
+    /// Record a tag named `auto-<n>` every SECS seconds while the workload runs.
+    #[arg(long, value_name = "SECS", default_value_t = 0.0)]
+    pub workload_tag_every: f64,
 }
 
 impl WorkloadArgs {
@@ -70,6 +79,11 @@ impl WorkloadArgs {
             compressibility: self.workload_compressibility,
             seed: self.workload_seed,
             rate_bytes_per_sec: (self.workload_rate_mb_s.max(0.0) * 1e6) as u64,
+            tag_every_secs: if self.workload_tag_every.is_finite() {
+                self.workload_tag_every.max(0.0)
+            } else {
+                0.0
+            },
         })
     }
 }
@@ -112,6 +126,7 @@ pub fn run(a: AgentArgs) -> anyhow::Result<()> {
     let opts = AgentOptions {
         workload: a.workload.spec(),
         exit_after_workload: a.workload.exit_after_workload,
+        workload_log: a.workload.workload_log.clone(),
     };
     super::run_role("agent-rt", |sd| tidemark::agent::run(cfg, opts, sd))
 }
