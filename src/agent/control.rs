@@ -207,7 +207,9 @@ impl ControlSocket {
         }
         // Bind under a temporary name, restrict it, then move it into place:
         // the socket is never reachable at its real path with wider modes.
-        let tmp = state_dir.join(format!(".{SOCKET_NAME}.{}", std::process::id()));
+        // (No longer than the final name for usual pids: socket paths are
+        // limited to 107 bytes.)
+        let tmp = state_dir.join(format!(".ctl.{}", std::process::id()));
         let _ = std::fs::remove_file(&tmp);
         let listener = UnixListener::bind(&tmp).map_err(bind_err)?;
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
@@ -509,5 +511,42 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(e, ControlError::Connect { .. }), "{e}");
+    }
+
+    #[test]
+    fn journal_handler_tags_refuses_unknown_groups_and_expired_requests() {
+        let j = Arc::new(CaptureJournal::in_memory(
+            1 << 20,
+            5,
+            Box::new(|f| Ok(f + 100)),
+        ));
+        let h = journal_handler(vec![("g1".into(), j.clone())]);
+        let tag = |group: &str, name: &str, valid_until_us| {
+            Request::Tag(TagRequest {
+                group: group.into(),
+                name: name.into(),
+                flags: 1,
+                valid_until_us,
+            })
+        };
+        assert_eq!(h(tag("g1", "a", 0)), Response::Seq { seq: 5 });
+        assert_eq!(
+            h(tag("g1", "b", now_us() + 10_000_000)),
+            Response::Seq { seq: 6 }
+        );
+        let Response::Error { error, kind } = h(tag("g2", "a", 0)) else {
+            panic!("unknown group accepted")
+        };
+        assert!(error.contains("\"g2\"") && error.contains("g1"), "{error}");
+        assert_eq!(kind, "corrupt");
+        let Response::Error { error, .. } = h(tag("g1", "late", now_us() - 2_000_000)) else {
+            panic!("expired request accepted")
+        };
+        assert!(error.contains("expired"), "{error}");
+        let Response::Error { error, .. } = h(tag("g1", "-x", 0)) else {
+            panic!("bad name accepted")
+        };
+        assert!(error.contains("invalid tag"), "{error}");
+        assert_eq!(j.next_seq(), 7, "refusals take no seq");
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::control::{self, ControlError, ControlSocket};
+use super::control::{self, ControlSocket};
 use super::frontends::{DiskRef, Frontends};
 use super::outbox::{OutFrame, Outbox};
 use super::pipeline::{Pipeline, PipelineConfig, PipelineError, Reorder, SealOutput};
@@ -110,9 +110,6 @@ pub enum AgentError {
     /// A frontend could not start.
     #[error(transparent)]
     Frontend(#[from] super::frontends::FrontendError),
-    /// The control socket could not start.
-    #[error(transparent)]
-    Control(#[from] ControlError),
     /// A thread or task failed.
     #[error("group {group}: {what}")]
     Internal {
@@ -135,7 +132,6 @@ impl Classify for AgentError {
             AgentError::Pipeline { .. } => ErrorKind::Config,
             AgentError::Session(e) => e.kind(),
             AgentError::Frontend(e) => e.kind(),
-            AgentError::Control(e) => e.kind(),
             AgentError::Internal { .. } => ErrorKind::Io,
         }
     }
@@ -306,15 +302,20 @@ pub async fn run(
     let infos: Vec<Arc<GroupInfo>> = prepared.iter().map(|p| p.info.clone()).collect();
     // Local tools (`tidemark agent tag`) reach the journals from here on; the
     // socket is removed when `control` is dropped (orderly stop, or an error).
-    let control = ControlSocket::start(
-        &cfg.agent.state_dir,
-        control::journal_handler(
-            prepared
-                .iter()
-                .map(|p| (p.cfg.name.clone(), p.journal.clone()))
-                .collect(),
-        ),
-    )?;
+    // Without it the agent still protects its disks: only tags are unavailable.
+    let handler = control::journal_handler(
+        prepared
+            .iter()
+            .map(|p| (p.cfg.name.clone(), p.journal.clone()))
+            .collect(),
+    );
+    let control = match ControlSocket::start(&cfg.agent.state_dir, handler) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::error!("{e}; `tidemark agent tag` cannot reach this agent");
+            None
+        }
+    };
     let status_path = cfg.agent.state_dir.join(STATUS_FILE);
     let write_status = {
         let infos = infos.clone();
