@@ -12,6 +12,7 @@
 //! deadline before that instant, so the agent never records the tag after the
 //! thaw. Each hook is bounded by `timeout` too (killed past it).
 
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -328,7 +329,10 @@ async fn run_hook(
         .env("TIDEMARK_TAG_NAME", &opts.name)
         .env("TIDEMARK_TAG_GROUP", &opts.group)
         .env("TIDEMARK_TAG_MOUNTS", mounts.join("\n"))
-        .stdin(Stdio::null());
+        .stdin(Stdio::null())
+        // Its own process group: a timeout kills whatever it started too,
+        // and a terminal's Ctrl-C reaches only this command, which decides.
+        .process_group(0);
     // The hook's output goes to stderr: stdout carries only the tag's seq.
     if let Ok(fd) = std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() {
         cmd.stdout(Stdio::from(fd));
@@ -366,7 +370,14 @@ async fn run_hook(
     }
 }
 
+/// Kill the hook and everything in its process group, and reap it.
 fn kill(child: &mut Child) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
     let _ = child.kill();
     let _ = child.wait();
 }
