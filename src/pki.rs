@@ -391,6 +391,8 @@ fn role_configs(
             capture_policy: Default::default(),
             dirty_flush_ms: 2000,
             pipeline_nice: 10,
+            tag_pre_hook: None,
+            tag_post_hook: None,
         },
         tls: tls(Role::Agent),
         groups: opts

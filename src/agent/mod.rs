@@ -3,8 +3,11 @@
 //! [`run`] is the process; [`pipeline`] turns the capture journal into sealed
 //! frames; [`outbox`] decides what to (re)send and what an ack releases;
 //! [`state`] persists seq and frame-number reservations; [`workload`] is the
-//! synthetic writer the bench and tests drive it with.
+//! synthetic writer the bench and tests drive it with; [`control`] is the
+//! running agent's control socket and [`tagcmd`] the `tidemark agent tag`
+//! command that uses it.
 
+pub mod control;
 mod frontends;
 pub mod outbox;
 pub mod pipeline;
@@ -12,6 +15,7 @@ mod run;
 mod session;
 pub mod state;
 pub mod status;
+pub mod tagcmd;
 pub mod workload;
 
 pub use frontends::FrontendError;

@@ -239,6 +239,8 @@ fn to_record(e: &Entry) -> RecordRef<'_> {
             e.time_us,
         ),
         Change::DiskSize(size) => RecordRef::disk_size(e.seq, e.disk, *size, e.time_us),
+        Change::Tag { name, flags } => RecordRef::tag(e.seq, e.time_us, *flags, name),
+        Change::Note { reason, text } => RecordRef::note(e.seq, e.disk, e.time_us, *reason, text),
     }
 }
 
@@ -305,6 +307,7 @@ mod tests {
             0,
             1 << 30,
             crate::capture::bitmap::RegionBitmap::new((1 << 30) / 4096),
+            crate::frame::NoteReason::InitialCopy,
             "",
         );
         let key = DataKey::from_bytes([7; 32]);
@@ -369,5 +372,82 @@ mod tests {
         assert_eq!(got, 200);
         journal.close();
         p.stop();
+    }
+
+    #[test]
+    fn the_batcher_cuts_a_frame_after_a_tag() {
+        let journal = Arc::new(CaptureJournal::in_memory(
+            64 << 20,
+            1,
+            Box::new(|f| Ok(f + 1000)),
+        ));
+        journal.add_disk(
+            0,
+            1 << 20,
+            crate::capture::bitmap::RegionBitmap::new(256),
+            crate::frame::NoteReason::InitialCopy,
+            "",
+        );
+        let group: GroupName = "g1".parse().unwrap();
+        let cfg = PipelineConfig {
+            group,
+            key_epoch: 1,
+            zstd_level: 1,
+            frame_max_bytes: 1 << 20,
+            // A long linger: only the tag may end the first frame early.
+            linger: Duration::from_millis(300),
+            heartbeat: Duration::from_secs(60),
+            workers: 2,
+            max_jobs: 4,
+            nice: 0,
+        };
+        for i in 0..3u64 {
+            journal
+                .record_write(0, i * 4096, vec![i as u8; 4096])
+                .unwrap();
+        }
+        let tag = journal.record_tag("cut-here", 1).unwrap();
+        for i in 0..2u64 {
+            journal.record_write(0, i * 4096, vec![9; 4096]).unwrap();
+        }
+        let (tx, rx) = bounded(16);
+        let key = DataKey::from_bytes([3; 32]);
+        let p = Pipeline::start(
+            journal.clone(),
+            &key,
+            cfg,
+            ChainPos::default(),
+            1,
+            Box::new(|f| Ok(f + 10)),
+            tx,
+        )
+        .unwrap();
+        let mut opener = Opener::new(group, vec![(1, key)]).unwrap();
+        let mut reorder = Reorder::default();
+        let mut frames = Vec::new();
+        while frames.len() < 2 {
+            let o = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+            reorder.push(o.index, o.result.unwrap());
+            while let Some(f) = reorder.pop() {
+                p.release();
+                frames.push(opener.open(&f.bytes).unwrap());
+            }
+        }
+        journal.close();
+        p.stop();
+        let (a, b) = (&frames[0], &frames[1]);
+        assert_eq!(a.header.kind, FrameKind::Write);
+        assert_eq!(a.header.version, crate::frame::FormatVersion::V2);
+        assert_eq!(a.header.last_seq, tag, "the tag ends its frame");
+        assert_eq!(a.records.len(), 3);
+        let t = a.tag().unwrap();
+        assert_eq!((t.name, t.seq, t.app_consistent()), ("cut-here", tag, true));
+        assert_eq!(b.header.version, crate::frame::FormatVersion::V1);
+        assert_eq!(
+            b.header.first_seq,
+            tag + 1,
+            "the next write starts a new frame"
+        );
+        assert_eq!(b.records.len(), 2);
     }
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use super::control::{self, ControlSocket};
 use super::frontends::{DiskRef, Frontends};
 use super::outbox::{OutFrame, Outbox};
 use super::pipeline::{Pipeline, PipelineConfig, PipelineError, Reorder, SealOutput};
@@ -42,11 +43,14 @@ pub const SEAL_WORKERS: usize = 2;
 /// Options of an agent run beyond its config file.
 #[derive(Debug, Clone, Default)]
 pub struct AgentOptions {
-    /// Run this synthetic workload on the first disk of the first group once its
-    /// initial copy is recorded.
+    /// Run this synthetic workload on the disks of the first group (spread
+    /// over all of them).
     pub workload: Option<WorkloadSpec>,
     /// Stop by itself once the workload is done and acknowledged by the relay.
     pub exit_after_workload: bool,
+    /// Append the workload's log here (`seq disk offset len index` per write,
+    /// `seq tag name` per tag; see [`workload`]).
+    pub workload_log: Option<PathBuf>,
 }
 
 /// Why the agent could not run, or had to stop.
@@ -296,6 +300,22 @@ pub async fn run(
         prepared.push(p);
     }
     let infos: Vec<Arc<GroupInfo>> = prepared.iter().map(|p| p.info.clone()).collect();
+    // Local tools (`tidemark agent tag`) reach the journals from here on; the
+    // socket is removed when `control` is dropped (orderly stop, or an error).
+    // Without it the agent still protects its disks: only tags are unavailable.
+    let handler = control::journal_handler(
+        prepared
+            .iter()
+            .map(|p| (p.cfg.name.clone(), p.journal.clone()))
+            .collect(),
+    );
+    let control = match ControlSocket::start(&cfg.agent.state_dir, handler) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::error!("{e}; `tidemark agent tag` cannot reach this agent");
+            None
+        }
+    };
     let status_path = cfg.agent.state_dir.join(STATUS_FILE);
     let write_status = {
         let infos = infos.clone();
@@ -385,7 +405,13 @@ pub async fn run(
     };
     let mut tasks = tokio::task::JoinSet::new();
     for (i, p) in prepared.into_iter().enumerate() {
-        let workload = if i == 0 { opts.workload.clone() } else { None };
+        let workload = if i == 0 {
+            opts.workload
+                .clone()
+                .map(|w| (w, opts.workload_log.clone()))
+        } else {
+            None
+        };
         let endpoint = endpoint.clone();
         let agent_name = cfg.agent.name.clone();
         let sd = groups_sd.clone();
@@ -428,6 +454,7 @@ pub async fn run(
     }
     end.fire();
     let _ = stopper.await;
+    drop(control);
     status_stop.fire();
     let _ = status_task.await;
     write_status();
@@ -446,7 +473,7 @@ async fn run_group(
     p: Prepared,
     endpoint: RelayEndpoint,
     agent_name: String,
-    workload: Option<WorkloadSpec>,
+    workload: Option<(WorkloadSpec, Option<PathBuf>)>,
     stop: Shutdown,
 ) -> Result<(), AgentError> {
     let group = p.cfg.name.clone();
@@ -658,26 +685,28 @@ fn close_disks(journal: &CaptureJournal, disks: &[Arc<ProtectedDisk>]) {
     }
 }
 
-/// The synthetic workload, on the first disk, when one is asked for. Once it is
-/// done, its last seq is the journal's last one after every dirty region was
-/// copied (so the replica equals the source once that seq is applied).
+/// The synthetic workload, over the group's disks, when one is asked for.
+/// Once it is done, its last seq is the journal's last one after every dirty
+/// region was copied (so the replica equals the source once that seq is
+/// applied).
 fn writer_thread(
     group: &str,
     disks: &[Arc<ProtectedDisk>],
     journal: &CaptureJournal,
     info: &GroupInfo,
-    workload: Option<WorkloadSpec>,
+    workload: Option<(WorkloadSpec, Option<PathBuf>)>,
     stop: &AtomicBool,
 ) {
-    let Some(spec) = workload else { return };
-    let Some(disk) = disks.first() else { return };
+    let Some((spec, log)) = workload else { return };
     tracing::info!(
         group,
-        disk = disk.id(),
+        disks = disks.len(),
         ?spec,
+        log = ?log,
         "synthetic workload starting"
     );
-    let mut report = match workload::run(disk, &spec, stop, &info.workload_progress) {
+    let r = workload::run(disks, &spec, log.as_deref(), stop, &info.workload_progress);
+    let mut report = match r {
         Ok(r) => {
             tracing::info!(
                 group,

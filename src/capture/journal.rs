@@ -29,6 +29,7 @@ use super::bitmap::{Granularity, RegionBitmap};
 use super::modes::{self, Budgets, LinkView, Mode, ModeState, Placement, Tick};
 use super::spill::{self, Spill, SpillMeta, SpillPos};
 use crate::error::{Classify, ErrorKind};
+use crate::frame::NoteReason;
 use crate::util::time::now_us;
 
 /// Per-entry bookkeeping charged against the memory budget besides the data.
@@ -54,6 +55,35 @@ pub enum Change {
     Zero(u64),
     /// The disk's size is announced (offset unused).
     DiskSize(u64),
+    /// A tag: the end of the frame it closes is a named recovery point
+    /// (disk 0, offset unused). Recorded only in a write-ordered mode.
+    Tag {
+        /// The tag's name (checked against the tag naming rules).
+        name: Arc<str>,
+        /// Tag flags ([`crate::frame::TAG_APP_CONSISTENT`]).
+        flags: u64,
+    },
+    /// A note: why the M entries that follow are not consistent, for the
+    /// entry's disk (offset unused). Recorded when dirty regions start being
+    /// copied.
+    Note {
+        /// The reason code.
+        reason: NoteReason,
+        /// Free text, at most [`crate::frame::NOTE_TEXT_MAX`] bytes.
+        text: Arc<str>,
+    },
+}
+
+impl Change {
+    /// Bytes this change carries in a frame's data area.
+    pub fn payload_len(&self) -> usize {
+        match self {
+            Change::Write(d) => d.len(),
+            Change::Tag { name, .. } => name.len(),
+            Change::Note { text, .. } => text.len(),
+            Change::Zero(_) | Change::DiskSize(_) => 0,
+        }
+    }
 }
 
 /// One captured change, as the batcher gets it.
@@ -76,10 +106,7 @@ pub struct Entry {
 impl Entry {
     /// Bytes of payload this entry adds to a frame.
     pub fn payload_len(&self) -> usize {
-        match &self.change {
-            Change::Write(d) => d.len(),
-            _ => 0,
-        }
+        self.change.payload_len()
     }
 }
 
@@ -141,6 +168,31 @@ pub enum CaptureError {
         /// Cause.
         source: std::io::Error,
     },
+    /// A tag was asked for while the group is not write-ordered (bitmap or
+    /// drain mode): the replica at that seq would not equal the source.
+    #[error(
+        "group {group} is in {mode} mode since {since} (reason: {reason}): a tag now could not \
+         be a consistent point",
+        since = crate::util::time::format_us(*since_us)
+    )]
+    NotConsistent {
+        /// The group.
+        group: String,
+        /// The capture mode.
+        mode: &'static str,
+        /// Since when, µs since the Unix epoch.
+        since_us: u64,
+        /// Why the group is in that mode.
+        reason: String,
+    },
+    /// A tag name or flags break the tag rules.
+    #[error("invalid tag {name:?}: {detail}")]
+    InvalidTag {
+        /// The name asked for.
+        name: String,
+        /// What is wrong.
+        detail: String,
+    },
 }
 
 impl Classify for CaptureError {
@@ -148,7 +200,11 @@ impl Classify for CaptureError {
         match self {
             CaptureError::Closed => ErrorKind::Shutdown,
             CaptureError::Reserve(_) | CaptureError::Spill { .. } => ErrorKind::Io,
-            CaptureError::Empty { .. } | CaptureError::UnknownDisk(_) => ErrorKind::Corrupt,
+            CaptureError::Empty { .. }
+            | CaptureError::UnknownDisk(_)
+            | CaptureError::InvalidTag { .. } => ErrorKind::Corrupt,
+            // Not now: once the group is write-ordered again a tag succeeds.
+            CaptureError::NotConsistent { .. } => ErrorKind::Throttled,
         }
     }
 }
@@ -192,17 +248,20 @@ struct Slot {
 impl Slot {
     fn data_len(&self) -> usize {
         match &self.held {
-            Held::Change(Change::Write(d)) => d.len(),
+            Held::Change(c) => c.payload_len(),
             Held::Spilled(_, l) => *l as usize,
-            _ => 0,
         }
     }
 
     fn mem_charge(&self) -> usize {
         match &self.held {
-            Held::Change(Change::Write(d)) => d.len() + ENTRY_OVERHEAD,
-            _ => ENTRY_OVERHEAD,
+            Held::Change(c) => c.payload_len() + ENTRY_OVERHEAD,
+            Held::Spilled(..) => ENTRY_OVERHEAD,
         }
+    }
+
+    fn is_tag(&self) -> bool {
+        matches!(self.held, Held::Change(Change::Tag { .. }))
     }
 
     /// The disk range the change covers (None for a size announcement).
@@ -210,7 +269,7 @@ impl Slot {
         match &self.held {
             Held::Change(Change::Write(d)) => Some((self.offset, d.len() as u64)),
             Held::Change(Change::Zero(l)) => Some((self.offset, *l)),
-            Held::Change(Change::DiskSize(_)) => None,
+            Held::Change(Change::DiskSize(_) | Change::Tag { .. } | Change::Note { .. }) => None,
             Held::Spilled(_, l) => Some((self.offset, u64::from(*l))),
         }
     }
@@ -224,6 +283,10 @@ struct DiskDirty {
     cur: RegionBitmap,
     prev: RegionBitmap,
     copied_bytes: u64,
+    /// Why the pending regions became pending (the first cause since they
+    /// were last empty): the reason of the Note recorded when they start
+    /// being copied.
+    cause: Option<(NoteReason, String)>,
 }
 
 impl DiskDirty {
@@ -241,6 +304,8 @@ struct Inner {
     /// Index in `slots` of the first entry not yet handed to the batcher.
     unbatched: usize,
     unbatched_bytes: usize,
+    /// Tags among the entries not yet handed to the batcher.
+    unbatched_tags: usize,
     mem: usize,
     spill: Option<Spill>,
     next_seq: u64,
@@ -250,6 +315,8 @@ struct Inner {
     recorded_bytes: u64,
     dirty_marks: u64,
     dropped: u64,
+    dropped_tags: u64,
+    tags: u64,
     block_waits: u64,
     mode: ModeState,
     link_up: bool,
@@ -310,10 +377,18 @@ impl Inner {
 
     /// Mark a range pending; a write-ordered mode can no longer make recovery
     /// points, so it becomes bitmap.
-    fn mark_pending(&mut self, group: &str, disk: u16, offset: u64, len: u64, why: &str) {
+    fn mark_pending(
+        &mut self,
+        group: &str,
+        disk: u16,
+        (offset, len): (u64, u64),
+        cause: NoteReason,
+        why: &str,
+    ) {
         if let Ok(d) = self.disk(disk) {
             let (a, b) = d.span(offset, len);
             d.pending.set_range(a, b);
+            d.cause.get_or_insert_with(|| (cause, why.to_string()));
         }
         if self.mode.mode.write_ordered() {
             self.change_mode(group, Mode::Bitmap, why.to_string());
@@ -341,6 +416,7 @@ impl Inner {
     fn push(&mut self, slot: Slot) {
         self.mem += slot.mem_charge();
         self.unbatched_bytes += slot.data_len();
+        self.unbatched_tags += usize::from(slot.is_tag());
         self.recorded += 1;
         self.recorded_bytes += slot.data_len() as u64;
         self.slots.push_back(slot);
@@ -353,32 +429,54 @@ impl Inner {
         }
     }
 
-    /// Remove every entry not yet handed to the batcher (size announcements
-    /// stay), marking its region pending. Returns how many were dropped.
-    fn drop_unbatched(&mut self) -> u64 {
+    /// Remove every entry not yet handed to the batcher, marking its region
+    /// pending (for `why`). Size announcements and notes stay, as M entries
+    /// (the frames that follow cannot be recovery points); tags are dropped
+    /// (the point they name can no longer be reproduced). Returns how many
+    /// entries were dropped.
+    fn drop_unbatched(&mut self, group: &str, why: &str) -> u64 {
         let tail: Vec<Slot> = self.slots.drain(self.unbatched..).collect();
         let mut dropped = 0;
-        for s in tail {
+        for mut s in tail {
+            if let Held::Change(Change::Tag { name, .. }) = &s.held {
+                tracing::warn!(
+                    group,
+                    seq = s.seq,
+                    tag = %name,
+                    "tag dropped before it was sent: capture left write-ordered mode ({why})"
+                );
+                self.release(&s);
+                self.dropped_tags += 1;
+                continue;
+            }
             match s.range() {
-                None => self.slots.push_back(s),
+                None => {
+                    s.ordering = Ordering::M;
+                    self.slots.push_back(s);
+                }
                 Some((o, l)) => {
                     if let Ok(d) = self.disk(s.disk) {
                         let (a, b) = d.span(o, l);
                         d.pending.set_range(a, b);
+                        d.cause
+                            .get_or_insert_with(|| (NoteReason::BitmapCatchUp, why.to_string()));
                     }
                     self.release(&s);
                     dropped += 1;
                 }
             }
         }
-        self.unbatched_bytes = self
-            .slots
-            .iter()
-            .skip(self.unbatched)
-            .map(Slot::data_len)
-            .sum();
+        self.recount_unbatched();
         self.dropped += dropped;
         dropped
+    }
+
+    /// Recompute the unbatched bytes and tags from the slots.
+    fn recount_unbatched(&mut self) {
+        let tail = self.slots.iter().skip(self.unbatched);
+        (self.unbatched_bytes, self.unbatched_tags) = tail.fold((0, 0), |(b, t), s| {
+            (b + s.data_len(), t + usize::from(s.is_tag()))
+        });
     }
 
     /// Entries from `seq` on that were handed to the batcher are taken back
@@ -389,12 +487,7 @@ impl Inner {
         {
             self.unbatched = i;
         }
-        self.unbatched_bytes = self
-            .slots
-            .iter()
-            .skip(self.unbatched)
-            .map(Slot::data_len)
-            .sum();
+        self.recount_unbatched();
     }
 }
 
@@ -440,6 +533,12 @@ pub struct JournalStats {
     pub dirty_marks: u64,
     /// Unsent entries dropped to the dirty bitmap.
     pub dropped_entries: u64,
+    /// Tags recorded since start.
+    #[serde(default)]
+    pub tags: u64,
+    /// Tags dropped before they were sent (capture left write-ordered mode).
+    #[serde(default)]
+    pub dropped_tags: u64,
     /// Records that waited for budget (policy `block`).
     pub budget_waits: u64,
     /// The full-budget policy.
@@ -484,6 +583,7 @@ impl CaptureJournal {
                 slots: VecDeque::new(),
                 unbatched: 0,
                 unbatched_bytes: 0,
+                unbatched_tags: 0,
                 mem: 0,
                 spill,
                 next_seq,
@@ -493,6 +593,8 @@ impl CaptureJournal {
                 recorded_bytes: 0,
                 dirty_marks: 0,
                 dropped: 0,
+                dropped_tags: 0,
+                tags: 0,
                 block_waits: 0,
                 mode: ModeState::new(Mode::Data, "started", now_us()),
                 link_up: false,
@@ -531,8 +633,16 @@ impl CaptureJournal {
 
     /// Register a disk of `size` bytes, with the regions that must be copied from
     /// its backing disk before the group can make recovery points again. With
-    /// pending regions the group starts draining, for `reason`.
-    pub fn add_disk(&self, id: u16, size: u64, pending: RegionBitmap, reason: &str) {
+    /// pending regions the group starts draining, for `reason` (`cause` is the
+    /// reason code of the Note recorded for the disk).
+    pub fn add_disk(
+        &self,
+        id: u16,
+        size: u64,
+        pending: RegionBitmap,
+        cause: NoteReason,
+        reason: &str,
+    ) {
         let gran = Granularity::for_disk(size);
         let regions = gran.regions(size);
         let mut g = self.lock();
@@ -546,11 +656,19 @@ impl CaptureJournal {
             cur: RegionBitmap::new(regions),
             prev: RegionBitmap::new(regions),
             copied_bytes: 0,
+            cause: has_pending.then(|| (cause, reason.to_string())),
         });
-        if has_pending && g.mode.mode != Mode::Drain {
+        if has_pending {
             let why = format!("disk {id}: {reason}");
-            g.change_mode(&self.cfg.group, Mode::Drain, why);
+            if g.mode.mode != Mode::Drain {
+                g.change_mode(&self.cfg.group, Mode::Drain, why.clone());
+            }
+            // The copy of this disk's regions starts now (with the group's
+            // drain, or joining it): say why.
+            self.push_notes(&mut g, &why, Some(id));
         }
+        drop(g);
+        self.avail.notify_one();
     }
 
     /// Record a live write of `data` at `offset` on `disk` (its bytes are already
@@ -584,7 +702,7 @@ impl CaptureJournal {
         let (data_len, range_len) = match &change {
             Change::Write(d) => (d.len(), d.len() as u64),
             Change::Zero(l) => (0, *l),
-            Change::DiskSize(_) => (0, 0),
+            Change::DiskSize(_) | Change::Tag { .. } | Change::Note { .. } => (0, 0),
         };
         let charge = data_len + ENTRY_OVERHEAD;
         let group = self.cfg.group.as_str();
@@ -626,7 +744,13 @@ impl CaptureJournal {
                             self.cfg.memory_budget >> 20
                         )
                     };
-                    g.mark_pending(group, disk, offset, range_len, &why);
+                    g.mark_pending(
+                        group,
+                        disk,
+                        (offset, range_len),
+                        NoteReason::BitmapCatchUp,
+                        &why,
+                    );
                     return Ok(Recorded::Dirty);
                 }
                 Placement::Memory => Held::Change(change),
@@ -654,7 +778,13 @@ impl CaptureJournal {
                             g.dirty_marks += 1;
                             let why =
                                 format!("spill write failed ({e}): keeping dirty regions only");
-                            g.mark_pending(group, disk, offset, range_len, &why);
+                            g.mark_pending(
+                                group,
+                                disk,
+                                (offset, range_len),
+                                NoteReason::BitmapCatchUp,
+                                &why,
+                            );
                             return Ok(Recorded::Dirty);
                         }
                     };
@@ -739,11 +869,12 @@ impl CaptureJournal {
     }
 
     /// A change reached the backing disk (or may have, after an error) but could
-    /// not be recorded: keep its region for resync. Works after close too.
-    pub fn mark_pending(&self, disk: u16, offset: u64, len: u64, why: &str) {
+    /// not be recorded: keep its region for resync, for `cause` (the reason
+    /// code of the Note recorded when it is copied). Works after close too.
+    pub fn mark_pending(&self, disk: u16, offset: u64, len: u64, cause: NoteReason, why: &str) {
         let mut g = self.lock();
         g.dirty_marks += 1;
-        g.mark_pending(&self.cfg.group, disk, offset, len.max(1), why);
+        g.mark_pending(&self.cfg.group, disk, (offset, len.max(1)), cause, why);
     }
 
     /// The next run of pending regions of `disk` at or after byte `from`, at most
@@ -829,6 +960,9 @@ impl CaptureJournal {
         let (a, b) = d.span(offset, len);
         d.pending.clear_range(a, b);
         d.copied_bytes += len;
+        if d.pending.is_empty() {
+            d.cause = None;
+        }
         drop(g);
         self.avail.notify_one();
         Ok(true)
@@ -882,7 +1016,7 @@ impl CaptureJournal {
         match modes::tick(g.mode.mode, link, backlog, limit, pending, after) {
             Tick::Stay => {}
             Tick::ToBitmap(why) => {
-                let n = g.drop_unbatched();
+                let n = g.drop_unbatched(&self.cfg.group, &why);
                 g.change_mode(
                     &self.cfg.group,
                     Mode::Bitmap,
@@ -891,7 +1025,12 @@ impl CaptureJournal {
                 drop(g);
                 self.space.notify_all();
             }
-            Tick::ToDrain(why) => g.change_mode(&self.cfg.group, Mode::Drain, why),
+            Tick::ToDrain(why) => {
+                g.change_mode(&self.cfg.group, Mode::Drain, why.clone());
+                self.push_notes(&mut g, &why, None);
+                drop(g);
+                self.avail.notify_one();
+            }
             Tick::PauseDrain(why) => g.change_mode(&self.cfg.group, Mode::Bitmap, why),
         }
     }
@@ -928,7 +1067,7 @@ impl CaptureJournal {
         let first_us = g.slots[g.unbatched].time_us;
         let linger_until = Instant::now()
             + linger.saturating_sub(Duration::from_micros(now_us().saturating_sub(first_us)));
-        while g.unbatched_bytes < max_bytes && !g.closed {
+        while g.unbatched_bytes < max_bytes && g.unbatched_tags == 0 && !g.closed {
             let now = Instant::now();
             if now >= linger_until {
                 break;
@@ -946,6 +1085,7 @@ impl CaptureJournal {
         let start = g.unbatched;
         let ordering = g.slots[start].ordering;
         let mut bytes = 0usize;
+        let mut tags = 0usize;
         let mut end = start;
         while end < g.slots.len() {
             let s = &g.slots[end];
@@ -958,6 +1098,11 @@ impl CaptureJournal {
             }
             bytes += l;
             end += 1;
+            if s.is_tag() {
+                // A tag ends its frame: the frame's end is the tagged point.
+                tags += 1;
+                break;
+            }
         }
         enum Out {
             Ready(Entry),
@@ -990,6 +1135,7 @@ impl CaptureJournal {
             .collect();
         g.unbatched = end;
         g.unbatched_bytes -= bytes;
+        g.unbatched_tags -= tags;
         drop(g);
         let mut entries = Vec::with_capacity(out.len());
         for o in out {
@@ -1007,9 +1153,9 @@ impl CaptureJournal {
                     Err(e) => {
                         let mut g = self.lock();
                         g.untake_from(meta.seq);
-                        let n = g.drop_unbatched();
-                        let why =
-                            format!("spill read failed ({e}): {n} entries kept as dirty regions");
+                        let why = format!("spill read failed ({e})");
+                        let n = g.drop_unbatched(&self.cfg.group, &why);
+                        let why = format!("{why}: {n} entries kept as dirty regions");
                         g.change_mode(&self.cfg.group, Mode::Bitmap, why);
                         drop(g);
                         self.space.notify_all();
@@ -1038,6 +1184,7 @@ impl CaptureJournal {
                 g.unbatched -= 1;
             } else {
                 g.unbatched_bytes = g.unbatched_bytes.saturating_sub(s.data_len());
+                g.unbatched_tags = g.unbatched_tags.saturating_sub(usize::from(s.is_tag()));
             }
         }
         if seq >= g.rot_seq {
@@ -1123,6 +1270,8 @@ impl CaptureJournal {
             recorded_bytes: g.recorded_bytes,
             dirty_marks: g.dirty_marks,
             dropped_entries: g.dropped,
+            tags: g.tags,
+            dropped_tags: g.dropped_tags,
             budget_waits: g.block_waits,
             policy: self.cfg.policy,
             mode: g.mode.clone(),
@@ -1140,6 +1289,9 @@ impl CaptureJournal {
         }
     }
 }
+
+#[path = "journal_markers.rs"]
+mod markers;
 
 #[cfg(test)]
 #[path = "journal_tests.rs"]

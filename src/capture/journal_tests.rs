@@ -1,11 +1,20 @@
 use super::*;
+use crate::error::{Classify, ErrorKind};
+use crate::frame::NoteReason;
 use std::sync::atomic::{AtomicU64, Ordering as AO};
+use std::time::Instant;
 
 const MIB: u64 = 1 << 20;
 
 fn journal(budget: usize) -> CaptureJournal {
     let j = CaptureJournal::in_memory(budget, 1, Box::new(|from| Ok(from + 10)));
-    j.add_disk(0, 64 * MIB, RegionBitmap::new(64 * MIB / 4096), "");
+    j.add_disk(
+        0,
+        64 * MIB,
+        RegionBitmap::new(64 * MIB / 4096),
+        NoteReason::InitialCopy,
+        "",
+    );
     j
 }
 
@@ -19,7 +28,13 @@ fn degrading(budget: usize, spill: Option<(&std::path::Path, u64)>) -> CaptureJo
         policy: Policy::Degrade,
     };
     let j = CaptureJournal::new(cfg, 1, Box::new(|from| Ok(from + 1000))).unwrap();
-    j.add_disk(0, 64 * MIB, RegionBitmap::new(64 * MIB / 4096), "");
+    j.add_disk(
+        0,
+        64 * MIB,
+        RegionBitmap::new(64 * MIB / 4096),
+        NoteReason::InitialCopy,
+        "",
+    );
     j
 }
 
@@ -65,7 +80,7 @@ fn batches_never_mix_orderings() {
     let j = journal(1 << 20);
     let mut pending = RegionBitmap::new(256);
     pending.set_range(0, 1);
-    j.add_disk(1, MIB, pending, "test copy");
+    j.add_disk(1, MIB, pending, NoteReason::InitialCopy, "test copy");
     assert_eq!(j.mode(), Mode::Drain);
     j.record_disk_size(1, MIB).unwrap();
     j.record_write(0, 0, vec![1; 10]).unwrap();
@@ -76,11 +91,17 @@ fn batches_never_mix_orderings() {
     assert!(j.finish_drain());
     j.record_write(0, 0, vec![2; 10]).unwrap();
     let b = j.take_batch(1 << 20, Duration::ZERO, Duration::ZERO);
-    assert_eq!(b.len(), 3);
+    assert_eq!(b.len(), 4);
     assert!(
         b.iter().all(|e| e.ordering == Ordering::M),
         "writes while draining are M"
     );
+    assert!(
+        matches!(&b[0].change, Change::Note { reason: NoteReason::InitialCopy, text } if text.contains("test copy")),
+        "the drain starts with a note: {:?}",
+        b[0].change
+    );
+    assert_eq!(b[0].disk, 1);
     let b = j.take_batch(1 << 20, Duration::ZERO, Duration::ZERO);
     assert_eq!(b.len(), 1);
     assert_eq!(b[0].ordering, Ordering::W);
@@ -143,7 +164,7 @@ fn reservation_is_called_before_seqs_are_used() {
             Ok(from + 2)
         }),
     );
-    j.add_disk(0, MIB, RegionBitmap::new(256), "");
+    j.add_disk(0, MIB, RegionBitmap::new(256), NoteReason::InitialCopy, "");
     for _ in 0..5 {
         j.record_zero(0, 0, 1).unwrap();
     }
@@ -153,7 +174,7 @@ fn reservation_is_called_before_seqs_are_used() {
         1,
         Box::new(|_| Err(std::io::Error::other("disk full"))),
     );
-    failing.add_disk(0, MIB, RegionBitmap::new(256), "");
+    failing.add_disk(0, MIB, RegionBitmap::new(256), NoteReason::InitialCopy, "");
     assert!(matches!(
         failing.record_zero(0, 0, 1),
         Err(CaptureError::Reserve(_))
@@ -265,8 +286,171 @@ fn unreachable_too_long_drops_unsent_entries_then_drains_and_returns_to_data() {
     assert!(j.finish_drain());
     assert_eq!(j.mode(), Mode::Data);
     let e = take_all(&j);
-    assert_eq!(e.len(), 2);
+    assert_eq!(e.len(), 3);
     assert!(e.iter().all(|e| e.ordering == Ordering::M && e.seq > first));
+    match &e[0].change {
+        Change::Note { reason, text } => {
+            assert_eq!(*reason, NoteReason::BitmapCatchUp);
+            assert!(text.contains("relay keeps up again"), "{text}");
+            assert!(text.contains("unreachable"), "the cause is kept: {text}");
+        }
+        other => panic!("the drain starts with a note, got {other:?}"),
+    }
+}
+
+#[test]
+fn record_tag_in_each_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = 4096 + ENTRY_OVERHEAD;
+    let j = degrading(2 * w, Some((dir.path(), 3 * 4096)));
+    // data
+    let s1 = seq(j.record_write(0, 0, vec![1; 4096]).unwrap());
+    let t1 = j.record_tag("before-spill", 1).unwrap();
+    assert_eq!(t1, s1 + 1);
+    // spill
+    seq(j.record_write(0, 4096, vec![2; 4096]).unwrap());
+    assert_eq!(j.mode(), Mode::Spill);
+    let t2 = j.record_tag("in-spill", 0).unwrap();
+    // bitmap: budgets full
+    for i in 0..4 {
+        j.record_write(0, 8192 * (i + 2), vec![3; 4096]).unwrap();
+    }
+    assert_eq!(j.mode(), Mode::Bitmap);
+    let next = j.next_seq();
+    let e = j.record_tag("in-bitmap", 0).unwrap_err();
+    assert!(matches!(
+        e,
+        CaptureError::NotConsistent { mode: "bitmap", .. }
+    ));
+    let msg = e.to_string();
+    assert!(
+        msg.contains("group g is in bitmap mode since ")
+            && msg.contains("budgets full")
+            && msg.contains("could not be a consistent point"),
+        "{msg}"
+    );
+    assert_eq!(e.kind(), ErrorKind::Throttled);
+    assert_eq!(j.next_seq(), next, "a refused tag takes no seq");
+    let entries = take_all(&j);
+    // drain (the unsent backlog was taken)
+    j.set_link(true);
+    j.tick();
+    assert_eq!(j.mode(), Mode::Drain);
+    let e = j.record_tag("in-drain", 0).unwrap_err();
+    assert!(e.to_string().contains("drain mode"), "{e}");
+    // invalid names and flags, closed
+    for (name, flags) in [("", 0), ("-x", 0), ("a b", 0), ("ok", 2)] {
+        let e = j.record_tag(name, flags).unwrap_err();
+        assert!(matches!(e, CaptureError::InvalidTag { .. }), "{e}");
+        assert_eq!(e.kind(), ErrorKind::Corrupt);
+    }
+    let tags: Vec<(u64, &str, u64)> = entries
+        .iter()
+        .filter_map(|e| match &e.change {
+            Change::Tag { name, flags } => Some((e.seq, &**name, *flags)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(tags, vec![(t1, "before-spill", 1), (t2, "in-spill", 0)]);
+    assert!(
+        entries
+            .iter()
+            .filter(|e| matches!(e.change, Change::Tag { .. }))
+            .all(|e| e.ordering == Ordering::W && e.disk == 0)
+    );
+    assert_eq!(j.stats().tags, 2);
+    j.close();
+    assert!(matches!(j.record_tag("late", 0), Err(CaptureError::Closed)));
+}
+
+#[test]
+fn a_tag_ends_its_batch() {
+    let j = journal(MIB as usize);
+    j.record_write(0, 0, vec![1; 100]).unwrap();
+    let t = j.record_tag("t", 0).unwrap();
+    j.record_write(0, 0, vec![2; 100]).unwrap();
+    // Even with a long linger, the batch ends at the tag at once.
+    let t0 = Instant::now();
+    let b = j.take_batch(usize::MAX, Duration::from_secs(5), Duration::ZERO);
+    assert!(
+        t0.elapsed() < Duration::from_secs(1),
+        "no linger after a tag"
+    );
+    assert_eq!(b.len(), 2);
+    assert_eq!(b.last().unwrap().seq, t);
+    let b = j.take_batch(usize::MAX, Duration::ZERO, Duration::ZERO);
+    assert_eq!(b.len(), 1);
+    assert!(matches!(b[0].change, Change::Write(_)));
+}
+
+#[test]
+fn unsent_tags_are_dropped_with_the_writes_when_capture_degrades() {
+    let j = degrading(MIB as usize, None);
+    j.record_write(0, 0, vec![1; 4096]).unwrap();
+    j.record_tag("lost", 0).unwrap();
+    j.record_disk_size(0, 64 * MIB).unwrap();
+    j.set_link(false);
+    std::thread::sleep(Duration::from_millis(60));
+    j.tick();
+    assert_eq!(j.mode(), Mode::Bitmap);
+    let st = j.stats();
+    assert_eq!((st.dropped_entries, st.dropped_tags), (1, 1));
+    let left = take_all(&j);
+    assert_eq!(left.len(), 1);
+    assert!(matches!(left[0].change, Change::DiskSize(_)));
+    assert_eq!(
+        left[0].ordering,
+        Ordering::M,
+        "kept entries are no recovery point"
+    );
+}
+
+#[test]
+fn a_note_for_each_disk_that_starts_copying() {
+    let j = journal(MIB as usize);
+    let mut p = RegionBitmap::new(256);
+    p.set_range(0, 2);
+    j.add_disk(
+        1,
+        MIB,
+        p.clone(),
+        NoteReason::UncleanStop,
+        "previous run crashed",
+    );
+    j.add_disk(2, MIB, p, NoteReason::InitialCopy, "initial copy of 1 MiB");
+    j.add_disk(
+        3,
+        MIB,
+        RegionBitmap::new(256),
+        NoteReason::InitialCopy,
+        "nothing",
+    );
+    let e = take_all(&j);
+    let notes: Vec<(u16, NoteReason)> = e
+        .iter()
+        .filter_map(|e| match &e.change {
+            Change::Note { reason, .. } => Some((e.disk, *reason)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        notes,
+        vec![(1, NoteReason::UncleanStop), (2, NoteReason::InitialCopy)]
+    );
+    assert!(e.iter().all(|e| e.ordering == Ordering::M));
+    // A backing write failure: bitmap, then a note with code 4 when copying.
+    let j = journal(MIB as usize);
+    j.set_link(true);
+    j.mark_pending(0, 4096, 4096, NoteReason::BackingWriteFailure, "EIO");
+    assert_eq!(j.mode(), Mode::Bitmap);
+    j.tick();
+    assert_eq!(j.mode(), Mode::Drain);
+    let e = take_all(&j);
+    assert!(
+        matches!(&e[0].change, Change::Note { reason: NoteReason::BackingWriteFailure, text } if text.contains("EIO")),
+        "{:?}",
+        e[0].change
+    );
 }
 
 #[test]

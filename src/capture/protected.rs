@@ -22,6 +22,7 @@ use super::bitmap::RegionBitmap;
 use super::dirtylog::{DirtyLog, DirtyLogError, Recovered};
 use super::journal::{CaptureError, CaptureJournal, CopyPart, Recorded};
 use crate::error::{Classify, ErrorKind};
+use crate::frame::NoteReason;
 use crate::frontend::{BlockIo, IoError, IoErrorKind, Op, check_range};
 
 /// Size of the blocks a copy tests for all-zero content.
@@ -155,11 +156,11 @@ impl ProtectedDisk {
             source,
         };
         let (log, rec) = DirtyLog::open(state_dir, journal.group(), id, size).map_err(dl)?;
-        let (pending, reason) = start_regions(&log, rec, initial_copy, size);
+        let (pending, cause, reason) = start_regions(&log, rec, initial_copy, size);
         log.mark_open(&pending).map_err(dl)?;
         let shift = log.granularity().shift;
         let pending_bytes = (pending.count() << shift).min(size);
-        journal.add_disk(id, size, pending, &reason);
+        journal.add_disk(id, size, pending, cause, &reason);
         Ok((
             ProtectedDisk {
                 id,
@@ -230,7 +231,8 @@ impl ProtectedDisk {
                 "backing {op} failed at offset {offset} ({len} bytes): {e}; the region is kept for resync"
             );
             tracing::error!(disk = self.id, path = %self.path().display(), "{why}");
-            self.journal.mark_pending(self.id, offset, len, &why);
+            self.journal
+                .mark_pending(self.id, offset, len, NoteReason::BackingWriteFailure, &why);
             return Err(err(e));
         }
         let recorded = match record(payload) {
@@ -240,7 +242,8 @@ impl ProtectedDisk {
                     "{op} at offset {offset} reached the disk but was not captured ({e}); the region is kept for resync"
                 );
                 tracing::warn!(disk = self.id, "{why}");
-                self.journal.mark_pending(self.id, offset, len, &why);
+                self.journal
+                    .mark_pending(self.id, offset, len, NoteReason::BitmapCatchUp, &why);
                 Recorded::Dirty
             }
         };
@@ -381,13 +384,14 @@ fn start_regions(
     rec: Recovered,
     initial_copy: bool,
     size: u64,
-) -> (RegionBitmap, String) {
+) -> (RegionBitmap, NoteReason, String) {
     let shift = log.granularity().shift;
     let bytes = |b: &RegionBitmap| (b.count() << shift).min(size);
     if let Some(why) = &rec.fallback {
         tracing::warn!("dirty log unusable ({why}): the whole disk is copied again");
         return (
             rec.dirty,
+            NoteReason::UncleanStop,
             format!("dirty log unusable ({why}): copying the whole disk"),
         );
     }
@@ -395,10 +399,15 @@ fn start_regions(
         if initial_copy {
             let mut all = RegionBitmap::new(log.regions());
             all.set_range(0, log.regions());
-            return (all, format!("initial copy of {size} bytes"));
+            return (
+                all,
+                NoteReason::InitialCopy,
+                format!("initial copy of {size} bytes"),
+            );
         }
         return (
             rec.dirty,
+            NoteReason::InitialCopy,
             "initial copy skipped (initial_copy = false)".into(),
         );
     }
@@ -409,7 +418,9 @@ fn start_regions(
         } else {
             format!("{n} bytes left dirty at the last orderly stop")
         };
-        return (rec.dirty, why);
+        // Left dirty at an orderly stop: writes the relay never acknowledged,
+        // or regions capture had degraded to: a catch-up.
+        return (rec.dirty, NoteReason::BitmapCatchUp, why);
     }
     let n = bytes(&rec.dirty);
     let why = format!(
@@ -417,7 +428,7 @@ fn start_regions(
         rec.al_extents,
         log.extent_bytes() >> 20
     );
-    (rec.dirty, why)
+    (rec.dirty, NoteReason::UncleanStop, why)
 }
 
 /// Split `buf` (read at `offset`) into zero ranges and data records.

@@ -60,7 +60,7 @@ fn replay(entries: &[Entry], img: &mut [u8]) {
         match &e.change {
             Change::Write(d) => img[e.offset as usize..][..d.len()].copy_from_slice(d),
             Change::Zero(l) => img[e.offset as usize..][..*l as usize].fill(0),
-            Change::DiskSize(_) => {}
+            Change::DiskSize(_) | Change::Tag { .. } | Change::Note { .. } => {}
         }
     }
 }

@@ -7,19 +7,31 @@ use tidemark::agent::workload::{Pattern, WorkloadSpec};
 
 /// Run the agent: protect the configured disks and replicate them through the relay.
 #[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct AgentArgs {
+    #[command(subcommand)]
+    command: Option<AgentCommand>,
     /// The agent's config file (agent.toml from `tidemark init`).
-    #[arg(long)]
-    config: PathBuf,
+    #[arg(long, required = true)]
+    config: Option<PathBuf>,
     #[command(flatten)]
     workload: WorkloadArgs,
+}
+
+/// Commands for a running agent.
+#[derive(clap::Subcommand)]
+enum AgentCommand {
+    /// Record an application-consistent tag in the running agent's stream
+    /// (pre-hook, fsfreeze, tag, thaw, post-hook).
+    Tag(super::agent_tag::TagArgs),
 }
 
 /// A synthetic workload written through the capture path (for benchmarks and
 /// tests): active when `--workload-seconds` or `--workload-bytes` is given.
 #[derive(clap::Args, Debug, Clone)]
 pub struct WorkloadArgs {
-    /// Write for this many seconds to the first disk of the first group.
+    /// Write for this many seconds to the disks of the first group (each
+    /// write to one of them, drawn from the seeded generator).
     #[arg(long)]
     pub workload_seconds: Option<f64>,
     /// Write this many bytes (suffixes K, M, G: binary units).
@@ -43,6 +55,14 @@ pub struct WorkloadArgs {
     /// Stop the agent in order once the workload is done and the relay holds all of it.
     #[arg(long)]
     pub exit_after_workload: bool,
+    /// Append one line per acknowledged write, `seq disk offset len index`
+    /// (seq `-` when capture kept only its region), and `seq tag name` per
+    /// tag; the write's data is `workload::write_data(spec, index)`.
+    #[arg(long, value_name = "PATH")]
+    pub workload_log: Option<PathBuf>,
+    /// Record a tag named `auto-<n>` every SECS seconds while the workload runs.
+    #[arg(long, value_name = "SECS", default_value_t = 0.0)]
+    pub workload_tag_every: f64,
 }
 
 impl WorkloadArgs {
@@ -59,6 +79,11 @@ impl WorkloadArgs {
             compressibility: self.workload_compressibility,
             seed: self.workload_seed,
             rate_bytes_per_sec: (self.workload_rate_mb_s.max(0.0) * 1e6) as u64,
+            tag_every_secs: if self.workload_tag_every.is_finite() {
+                self.workload_tag_every.max(0.0)
+            } else {
+                0.0
+            },
         })
     }
 }
@@ -92,10 +117,16 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 /// Run `agent`.
 pub fn run(a: AgentArgs) -> anyhow::Result<()> {
-    let cfg = tidemark::config::AgentConfig::load(&a.config)?;
+    let config = match (a.command, a.config) {
+        (Some(AgentCommand::Tag(t)), _) => return super::agent_tag::run(t),
+        (None, Some(c)) => c,
+        (None, None) => anyhow::bail!("--config is required"),
+    };
+    let cfg = tidemark::config::AgentConfig::load(&config)?;
     let opts = AgentOptions {
         workload: a.workload.spec(),
         exit_after_workload: a.workload.exit_after_workload,
+        workload_log: a.workload.workload_log.clone(),
     };
     super::run_role("agent-rt", |sd| tidemark::agent::run(cfg, opts, sd))
 }

@@ -2,6 +2,7 @@
 //! clap arguments and calls into the library.
 
 pub mod agent;
+pub mod agent_tag;
 pub mod bench;
 pub mod init;
 pub mod relay;

@@ -70,6 +70,15 @@ pub struct AgentSection {
     /// priority as the workload).
     #[serde(default = "d10")]
     pub pipeline_nice: u64,
+    /// `tidemark agent tag`: a program run before the file systems are
+    /// frozen (arguments: the tag name, then the mount points); a non-zero
+    /// exit refuses the tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag_pre_hook: Option<PathBuf>,
+    /// `tidemark agent tag`: a program run at the end whenever the pre-hook
+    /// ran (same arguments; `TIDEMARK_TAG_RESULT` says ok or failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag_post_hook: Option<PathBuf>,
 }
 
 impl AgentSection {
@@ -350,6 +359,14 @@ impl AgentConfig {
         if let Some(d) = &a.spill_dir {
             v.path("agent.spill_dir", d)?;
         }
+        for (field, hook) in [
+            ("agent.tag_pre_hook", &a.tag_pre_hook),
+            ("agent.tag_post_hook", &a.tag_post_hook),
+        ] {
+            if let Some(h) = hook {
+                v.path(field, h)?;
+            }
+        }
         v.tls(&self.tls)?;
         v.nonempty("group", self.groups.len())?;
         let mut names = HashSet::new();
@@ -500,6 +517,12 @@ impl AgentConfig {
         resolve(base, &mut self.agent.state_dir);
         if let Some(d) = &mut self.agent.spill_dir {
             resolve(base, d);
+        }
+        for h in [&mut self.agent.tag_pre_hook, &mut self.agent.tag_post_hook]
+            .into_iter()
+            .flatten()
+        {
+            resolve(base, h);
         }
         self.tls.resolve(base);
         for g in &mut self.groups {

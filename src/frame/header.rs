@@ -15,16 +15,24 @@ pub enum FormatVersion {
     /// Version 1: the initial format (128-byte header, W/M/HEARTBEAT flags, raw or
     /// zstd codec, AES-256-GCM, record kinds Write/Zero/DiskSize).
     V1 = 1,
+    /// Version 2: version 1 plus two marker record kinds that carry UTF-8 in
+    /// the data area: Tag (kind 4; a named recovery point, only as the last
+    /// record of a W frame) and Note (kind 5; why the M data that follows is
+    /// not consistent, only in M frames). The header is unchanged. A sealer
+    /// writes version 2 only for a frame that holds a Tag or a Note, so
+    /// targets that read only version 1 keep working until tags are used.
+    V2 = 2,
 }
 
 impl FormatVersion {
-    /// The version this build writes.
-    pub const LATEST: FormatVersion = FormatVersion::V1;
+    /// The newest version this build reads (and writes, for frames that need it).
+    pub const LATEST: FormatVersion = FormatVersion::V2;
 
     /// The version for a wire value, if known.
     pub fn from_u16(v: u16) -> Option<FormatVersion> {
         match v {
             1 => Some(FormatVersion::V1),
+            2 => Some(FormatVersion::V2),
             _ => None,
         }
     }
@@ -247,7 +255,8 @@ pub struct RawFrameHeader {
 const _: () = assert!(std::mem::size_of::<RawFrameHeader>() == HEADER_LEN);
 
 /// A validated frame header. Every value of this type that came from
-/// [`FrameHeader::parse`] or [`FrameHeader::decode`] satisfies all v1 rules.
+/// [`FrameHeader::parse`] or [`FrameHeader::decode`] satisfies all header rules
+/// (the same for versions 1 and 2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameHeader {
     /// Format version.
@@ -334,7 +343,10 @@ impl FrameHeader {
                 frame_no,
                 "header_len",
                 off::HEADER_LEN,
-                format!("{header_len}, version 1 requires {HEADER_LEN}"),
+                format!(
+                    "{header_len}, version {} requires {HEADER_LEN}",
+                    version as u16
+                ),
             ));
         }
         let fl = u16::from_le(raw.flags);
@@ -400,7 +412,7 @@ impl FrameHeader {
         Ok(h)
     }
 
-    /// Check the v1 rules between fields (the ones the type system does not carry).
+    /// Check the header rules between fields (the ones the type system does not carry).
     pub fn validate(&self) -> Result<(), FrameError> {
         let n = self.frame_no;
         if self.key_epoch == 0 {
@@ -799,7 +811,7 @@ mod tests {
         let good = frame_of(&sample());
         let cases: &[(usize, &[u8], &str)] = &[
             (off::MAGIC, b"TMFX", "magic"),
-            (off::VERSION, &[2, 0], "version 2"),
+            (off::VERSION, &[3, 0], "version 3"),
             (off::VERSION, &[0, 0], "version 0"),
             (off::HEADER_LEN, &[129, 0], "header_len"),
             (off::FLAGS, &[0x09, 0], "flags"),

@@ -1,4 +1,4 @@
-//! Frame format v1: the sealed unit an agent sends.
+//! Frame format (v1, v2): the sealed unit an agent sends.
 //!
 //! A frame is a 128-byte little-endian [`FrameHeader`] (readable by the relay
 //! without any key), then the payload (record headers and write data, optionally
@@ -6,10 +6,12 @@
 //! then the 16-byte tag. [`Sealer`] builds frames on the agent, [`Opener`] verifies
 //! and opens them on the target, [`FrameHeader::parse`] is the relay's key-less
 //! structural check. The byte layout, validation rules, the nonce-uniqueness
-//! argument and the version rules are in `docs/FORMAT.md` ("Frame v1").
+//! argument and the version rules are in `docs/FORMAT.md` ("Frame v1", and
+//! "Frame v2" for the Tag and Note marker records of [`marker`]).
 
 mod header;
 mod key;
+pub mod marker;
 mod record;
 mod seal;
 
@@ -22,8 +24,14 @@ use crate::error::{Classify, ErrorKind};
 
 pub use header::{Codec, FormatVersion, FrameHeader, FrameKind, GroupName, RawFrameHeader};
 pub use key::DataKey;
-pub use record::{RawRecordHeader, RecordHeader, RecordKind, RecordRef};
-pub use seal::{FrameMeta, OpenedFrame, Opener, RecordIter, SealedFrame, Sealer, zstd_level_range};
+pub use marker::{
+    NOTE_TEXT_MAX, NoteReason, NoteRecord, Record, TAG_APP_CONSISTENT, TAG_NAME_MAX, TagRecord,
+    check_tag_name,
+};
+pub use record::{RawRecordHeader, RecordHeader, RecordKind, RecordRef, WireKind, WireRecord};
+pub use seal::{
+    AllRecords, FrameMeta, OpenedFrame, Opener, RecordIter, SealedFrame, Sealer, zstd_level_range,
+};
 
 /// Frame magic, the first four bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"TMFR";

@@ -12,10 +12,11 @@ use std::ops::Range;
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, Tag, UnboundKey};
 
 use super::header::nonce;
-use super::record::{RecordBounds, RecordIssue, check_records};
+use super::marker::{NoteReason, NoteRecord, Record, TagRecord};
+use super::record::{RecordBounds, RecordIssue, check_marker_data, check_records};
 use super::{
     Codec, DataKey, FormatVersion, FrameError, FrameHeader, FrameKind, GroupName, HEADER_LEN,
-    MAX_PLAIN_LEN, RECORD_HEADER_LEN, RecordHeader, RecordRef, TAG_LEN,
+    MAX_PLAIN_LEN, RECORD_HEADER_LEN, RecordHeader, RecordRef, TAG_LEN, WireKind, WireRecord,
 };
 
 /// What the caller decides about a frame; everything else in the header is derived
@@ -119,7 +120,10 @@ impl Sealer {
     }
 
     /// Build, compress and encrypt one frame from `records` (in seq order). Refuses
-    /// input that would break a format rule, so every sealed frame opens.
+    /// input that would break a format rule, so every sealed frame opens. The
+    /// frame is version 2 when it holds a Tag or a Note record, version 1
+    /// otherwise (so a target that reads only v1 keeps working until tags or
+    /// notes are used).
     pub fn seal(
         &mut self,
         meta: &FrameMeta,
@@ -200,6 +204,11 @@ impl Sealer {
                 last.header.time_us,
             ),
         };
+        let version = if records.iter().any(|r| r.header.kind.change().is_none()) {
+            FormatVersion::V2
+        } else {
+            FormatVersion::V1
+        };
         let bounds = RecordBounds {
             prev_last_seq: meta.prev_last_seq,
             first_seq,
@@ -207,14 +216,19 @@ impl Sealer {
             time_first_us,
             time_last_us,
             data_len,
+            version,
+            frame_kind: meta.kind,
         };
-        check_records(records.iter().map(|r| r.header), &bounds).map_err(
+        let refuse =
             |RecordIssue {
                  index,
                  field,
                  detail,
-             }| { invalid(format!("record {index}: invalid `{field}`: {detail}")) },
-        )?;
+             }| { invalid(format!("record {index}: invalid `{field}`: {detail}")) };
+        check_records(records.iter().map(|r| r.header), &bounds).map_err(refuse)?;
+        for (i, r) in records.iter().enumerate() {
+            check_marker_data(i, &r.header, r.data).map_err(refuse)?;
+        }
 
         // Plaintext, built once.
         self.plain.clear();
@@ -253,7 +267,7 @@ impl Sealer {
         let stored_len = (out.len() - HEADER_LEN) as u32;
 
         let header = FrameHeader {
-            version: FormatVersion::LATEST,
+            version,
             kind: meta.kind,
             heartbeat: meta.heartbeat,
             codec,
@@ -291,32 +305,111 @@ impl Sealer {
     }
 }
 
-/// An opened, verified frame: its header, record headers, and the data of its Write
-/// records concatenated in record order.
+/// A marker record of an opened frame: where it is among the records, its
+/// header fields, and where its text is in the data area.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Marker {
+    /// Index among all the frame's records.
+    pos: usize,
+    seq: u64,
+    time_us: u64,
+    what: MarkerWhat,
+    /// The name or text, relative to the data area.
+    text: Range<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MarkerWhat {
+    Tag { flags: u64 },
+    Note { disk: u16, reason: NoteReason },
+}
+
+/// An opened, verified frame: its header, its change records, its marker
+/// records (v2), and the data area.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OpenedFrame {
     /// The frame header.
     pub header: FrameHeader,
-    /// Record headers in seq order.
+    /// The change records (Write, Zero, DiskSize) in seq order. Marker
+    /// records (v2 Tag and Note) are not in it: see [`OpenedFrame::tag`],
+    /// [`OpenedFrame::notes`] and [`OpenedFrame::all`].
     pub records: Vec<RecordHeader>,
-    /// The buffer the write data lives in (the decrypted frame for a raw frame,
+    /// Marker records in seq order.
+    markers: Vec<Marker>,
+    /// The buffer the data lives in (the decrypted frame for a raw frame,
     /// the decompressed payload for a zstd frame).
     buf: Vec<u8>,
-    /// Where in `buf` the write data is.
+    /// Where in `buf` the data area is.
     data: Range<usize>,
 }
 
 impl OpenedFrame {
-    /// Write data, concatenated in record order (each Write's `len` bytes in turn).
+    /// The data area: the data of the Write records and, in a v2 frame, the
+    /// Tag names and Note texts, concatenated in record order.
     pub fn data(&self) -> &[u8] {
         &self.buf[self.data.clone()]
     }
 
-    /// Records with their data (empty for Zero and DiskSize).
+    /// The change records with their data (the bytes for a Write, empty for
+    /// Zero and DiskSize); marker records are skipped.
     pub fn iter(&self) -> RecordIter<'_> {
         RecordIter {
             records: self.records.iter(),
+            markers: &self.markers,
             data: self.data(),
+            pos: 0,
+        }
+    }
+
+    /// Every record, change and marker, in seq order.
+    pub fn all(&self) -> AllRecords<'_> {
+        AllRecords {
+            frame: self,
+            pos: 0,
+            change: 0,
+            marker: 0,
+            at: 0,
+        }
+    }
+
+    /// The frame's Tag, if it has one (always its last record): the end of
+    /// this frame is then a named recovery point.
+    pub fn tag(&self) -> Option<TagRecord<'_>> {
+        match self.markers.last().map(|m| self.marker(m)) {
+            Some(Record::Tag(t)) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// The frame's Notes, in seq order.
+    pub fn notes(&self) -> impl Iterator<Item = NoteRecord<'_>> + '_ {
+        self.markers.iter().filter_map(|m| match self.marker(m) {
+            Record::Note(n) => Some(n),
+            _ => None,
+        })
+    }
+
+    fn marker(&self, m: &Marker) -> Record<'_> {
+        // Opening checked the text is in the data area and valid UTF-8.
+        let text = self
+            .data()
+            .get(m.text.clone())
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .unwrap_or_default();
+        match m.what {
+            MarkerWhat::Tag { flags } => Record::Tag(TagRecord {
+                seq: m.seq,
+                time_us: m.time_us,
+                flags,
+                name: text,
+            }),
+            MarkerWhat::Note { disk, reason } => Record::Note(NoteRecord {
+                seq: m.seq,
+                time_us: m.time_us,
+                disk,
+                reason,
+                text,
+            }),
         }
     }
 }
@@ -329,21 +422,34 @@ impl<'a> IntoIterator for &'a OpenedFrame {
     }
 }
 
-/// Iterator over an opened frame's records and their data.
+/// Iterator over an opened frame's change records and their data.
 #[derive(Debug, Clone)]
 pub struct RecordIter<'a> {
     records: std::slice::Iter<'a, RecordHeader>,
+    markers: &'a [Marker],
     data: &'a [u8],
+    /// Index among all records of the next one.
+    pos: usize,
 }
 
 impl<'a> Iterator for RecordIter<'a> {
     type Item = (RecordHeader, &'a [u8]);
     fn next(&mut self) -> Option<Self::Item> {
+        // Skip the text of markers before the next change record.
+        while let Some((m, rest)) = self.markers.split_first()
+            && m.pos == self.pos
+        {
+            let n = m.text.len().min(self.data.len());
+            self.data = &self.data[n..];
+            self.markers = rest;
+            self.pos += 1;
+        }
         let r = *self.records.next()?;
-        // Opening checked that the Write lengths sum to data.len().
+        // Opening checked that the data lengths sum to data.len().
         let n = (r.data_len() as usize).min(self.data.len());
         let (d, rest) = self.data.split_at(n);
         self.data = rest;
+        self.pos += 1;
         Some((r, d))
     }
     fn size_hint(&self) -> (usize, Option<usize>) {
@@ -352,6 +458,46 @@ impl<'a> Iterator for RecordIter<'a> {
 }
 
 impl ExactSizeIterator for RecordIter<'_> {}
+
+/// Iterator over every record of an opened frame, change and marker, in seq
+/// order ([`OpenedFrame::all`]).
+#[derive(Debug, Clone)]
+pub struct AllRecords<'a> {
+    frame: &'a OpenedFrame,
+    pos: usize,
+    change: usize,
+    marker: usize,
+    /// Offset in the data area of the next record's data.
+    at: usize,
+}
+
+impl<'a> Iterator for AllRecords<'a> {
+    type Item = Record<'a>;
+    fn next(&mut self) -> Option<Record<'a>> {
+        let f = self.frame;
+        if let Some(m) = f.markers.get(self.marker)
+            && m.pos == self.pos
+        {
+            self.marker += 1;
+            self.pos += 1;
+            self.at = m.text.end;
+            return Some(f.marker(m));
+        }
+        let r = *f.records.get(self.change)?;
+        self.change += 1;
+        self.pos += 1;
+        let end = self.at + r.data_len() as usize;
+        let d = f.data().get(self.at..end).unwrap_or_default();
+        self.at = end;
+        Some(Record::Change(r, d))
+    }
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = self.frame.records.len() + self.frame.markers.len() - self.pos;
+        (n, Some(n))
+    }
+}
+
+impl ExactSizeIterator for AllRecords<'_> {}
 
 /// Opens frames of one group: checks the header, the group, the key epoch and the
 /// tag, then decompresses and checks the records. Reuses a zstd context and a
@@ -508,10 +654,10 @@ impl Opener {
             field,
             detail,
         };
-        let mut records = Vec::with_capacity(h.record_count as usize);
+        let mut all = Vec::with_capacity(h.record_count as usize);
         let (chunks, _) = payload[..hdr_len].as_chunks::<RECORD_HEADER_LEN>();
         for (i, chunk) in chunks.iter().enumerate() {
-            records.push(RecordHeader::decode(i, chunk).map_err(invalid)?);
+            all.push(WireRecord::decode(i, chunk).map_err(invalid)?);
         }
         let bounds = RecordBounds {
             prev_last_seq: h.prev_last_seq,
@@ -520,11 +666,49 @@ impl Opener {
             time_first_us: h.time_first_us,
             time_last_us: h.time_last_us,
             data_len: u64::from(h.data_len()),
+            version: h.version,
+            frame_kind: h.kind,
         };
-        check_records(records.iter().copied(), &bounds).map_err(invalid)?;
+        check_records(all.iter().copied(), &bounds).map_err(invalid)?;
+        let data_area = &payload[hdr_len..];
+        let mut records = Vec::with_capacity(all.len());
+        let mut markers = Vec::new();
+        let mut at = 0usize;
+        for (i, r) in all.iter().enumerate() {
+            let text = at..at + r.data_len() as usize;
+            at = text.end;
+            let what = match r.kind {
+                WireKind::Tag => MarkerWhat::Tag { flags: r.offset },
+                WireKind::Note => MarkerWhat::Note {
+                    disk: r.disk,
+                    // check_records refused unknown codes.
+                    reason: NoteReason::from_u64(r.offset).ok_or_else(|| {
+                        invalid(RecordIssue {
+                            index: i,
+                            field: "offset",
+                            detail: format!("unknown note reason code {}", r.offset),
+                        })
+                    })?,
+                },
+                _ => {
+                    records.extend(r.as_change());
+                    continue;
+                }
+            };
+            let bytes = data_area.get(text.clone()).ok_or_else(mismatch)?;
+            check_marker_data(i, r, bytes).map_err(invalid)?;
+            markers.push(Marker {
+                pos: i,
+                seq: r.seq,
+                time_us: r.time_us,
+                what,
+                text,
+            });
+        }
         Ok(OpenedFrame {
             header: h,
             records,
+            markers,
             data: start + hdr_len..start + plain,
             buf,
         })

@@ -4,6 +4,7 @@
 
 pub mod aligned;
 pub mod datagen;
+pub mod fsfreeze;
 pub mod hist;
 pub mod lockfile;
 pub mod malloc;
