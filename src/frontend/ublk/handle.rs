@@ -226,6 +226,7 @@ mod tests {
                     Change::Write(d) => format!("write {}", d.len()),
                     Change::Zero(l) => format!("zero {l}"),
                     Change::DiskSize(s) => format!("size {s}"),
+                    Change::Tag { .. } | Change::Note { .. } => "size marker".into(),
                 };
                 (*o, what)
             })
