@@ -314,7 +314,8 @@ impl Applier {
         if bytes + zero_bytes > 0 {
             self.retention.changed();
         }
-        self.last_tag = None;
+        // A frame ending with a tag makes its end a tagged point.
+        self.last_tag = f.tag().map(|t| (t.name.to_string(), t.app_consistent()));
     }
 
     /// Append again a frame whose redo-journal append failed. The first retry

@@ -561,6 +561,11 @@ impl Applier {
         }
         // A frame boundary: a recovery point here? (And pins, promotes.)
         if let Ok(f) = &result {
+            // An agent's note says why M data follows (for the catalog).
+            if let Some(n) = f.notes().next() {
+                self.retention
+                    .set_m_reason(&format!("{}: {}", n.reason.as_str(), n.text));
+            }
             let pos = self.position();
             let next_is_m = f.header.kind == FrameKind::Merge;
             if let Err(e) = self.boundary_or_pause(&pos, next_is_m) {
