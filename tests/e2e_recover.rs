@@ -46,6 +46,58 @@ fn same(a: &Path, b: &Path) -> bool {
     tidemark::bench::run::compare_files(a, b).unwrap()
 }
 
+/// `tidemark target expose` of `point`: the NBD export equals `want`
+/// (qemu-img compare), and a write to it is refused.
+fn expose_and_compare(c: &Cluster, point: &str, want: &Path) {
+    use common::tools::{Bg, require_tool, run, run_ok};
+    let qi = require_tool("qemu-img", "qemu-utils");
+    let qio = require_tool("qemu-io", "qemu-utils");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let log = c.dir.path().join("expose.log");
+    let _bg = Bg::spawn(
+        Command::new(exe())
+            .args(["target", "expose", "--point", point, "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["--export", "pt"])
+            .arg("--config")
+            .arg(c.path("target.toml")),
+        &log,
+    );
+    let uri = format!("nbd://127.0.0.1:{port}/pt");
+    wait_until(Duration::from_secs(60), "the expose server", || {
+        std::fs::read_to_string(&log)
+            .ok()?
+            .contains("nbd://")
+            .then_some(())
+    });
+    run_ok(
+        Command::new(&qi)
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(want)
+            .arg(&uri),
+        Duration::from_secs(60),
+    );
+    let w = run(
+        Command::new(&qio).args(["-f", "raw", "-c", "write 0 4k", &uri]),
+        Duration::from_secs(30),
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&w.stdout),
+        String::from_utf8_lossy(&w.stderr)
+    );
+    assert!(
+        !w.status.success()
+            || text.contains("ermission")
+            || text.contains("read-only")
+            || text.contains("Read-only"),
+        "a write to the exposed point must fail: {text}"
+    );
+}
+
 /// Wait until the catalog lists a point at exactly `seq`.
 fn wait_point(c: &Cluster, seq: u64) {
     let dir = c.target_state_dir();
@@ -120,6 +172,27 @@ fn e2e_older_points_recover_while_replicating_offline_and_by_promote() {
         same(&r2, &c.source),
         "recover of latest differs from the source"
     );
+
+    // The same point served read-only over NBD, without a copy.
+    expose_and_compare(&c, &seq1, &snap1);
+    // Points that do not exist are refused with the reason.
+    for (p, why) in [
+        ("seq:1", "no recovery point matches"),
+        ("no-such-tag", "no recovery point matches"),
+        ("1999-01-01T00:00:00Z", "no recovery point matches"),
+    ] {
+        let out = Command::new(exe())
+            .args(["target", "recover", "--point", p, "--disk", "0", "--out"])
+            .arg(c.dir.path().join("never.img"))
+            .arg("--config")
+            .arg(c.path("target.toml"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "recover {p} must fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "recover {p}: {err}");
+        assert!(!c.dir.path().join("never.img").exists());
+    }
 
     let json = target_cmd(&c, &["points", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();

@@ -76,6 +76,9 @@ struct RecoverArgs {
     /// for good (failover): the replica becomes the source.
     #[arg(long)]
     promote: bool,
+    /// Print one JSON object on stdout: the point and the files written.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -229,6 +232,14 @@ fn recover(a: RecoverArgs) -> anyhow::Result<()> {
         .with_context(|| format!("group {group}: point {}", a.point))?;
     let g = view.point().clone();
     let (kind, tag) = view.kind();
+    let point_json = serde_json::json!({
+        "group": group,
+        "seq": g.last_seq,
+        "frame_no": g.frame_no,
+        "time_us": g.time_us,
+        "kind": kind.as_str(),
+        "tag": tag,
+    });
     eprintln!(
         "group {group}: point seq {} (frame {}, {}, {}{})",
         g.last_seq,
@@ -244,6 +255,12 @@ fn recover(a: RecoverArgs) -> anyhow::Result<()> {
             "group {group}: promoted at seq {}: {n} bytes rolled back; the replica is the source now, nothing more is applied to it",
             g.last_seq
         );
+        if a.json {
+            println!(
+                "{}",
+                serde_json::json!({"point": point_json, "promoted": true, "rolled_back_bytes": n})
+            );
+        }
         return Ok(());
     }
     let out = a.out.unwrap_or_default();
@@ -261,6 +278,7 @@ fn recover(a: RecoverArgs) -> anyhow::Result<()> {
     if a.disk.is_none() {
         std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     }
+    let mut outputs = Vec::new();
     for (id, _) in disks {
         let path = if a.disk.is_some() {
             out.clone()
@@ -269,7 +287,16 @@ fn recover(a: RecoverArgs) -> anyhow::Result<()> {
         };
         let mut p = Progress::new(format!("recover {group} disk {id} → {}", path.display()));
         view.copy_to(id, &path, a.format.lib(), &mut |d, t| p.update(d, t))?;
-        println!("{}", path.display());
+        if !a.json {
+            println!("{}", path.display());
+        }
+        outputs.push(serde_json::json!({"disk": id, "path": path}));
+    }
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"point": point_json, "outputs": outputs})
+        );
     }
     Ok(())
 }

@@ -819,3 +819,21 @@ async fn the_redo_journal_is_replayed_at_start_without_the_relay() {
     let log = check_apply_log(&site.group_dir("g1").join(APPLY_LOG)).unwrap();
     assert_eq!(log.applies, frames.len() as u64);
 }
+
+/// A VMDK replica that is not a valid VMDK (here: garbage where its header
+/// should be) stops the target at start with an error naming the file, and
+/// the file is left as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_vmdk_replica_is_refused_at_start_and_left_alone() {
+    let mut site = Site::new(&["g1"]).await;
+    let replica = site.replica("g1", 0);
+    site.cfg.groups[0].disks[0].format = crate::config::ReplicaFormat::Vmdk;
+    std::fs::create_dir_all(replica.parent().unwrap()).unwrap();
+    let garbage = data(5, 1 << 20);
+    std::fs::write(&replica, &garbage).unwrap();
+    let e = site.start().finish().await.unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains(&replica.display().to_string()), "{msg}");
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{msg}");
+    assert_eq!(std::fs::read(&replica).unwrap(), garbage);
+}

@@ -295,6 +295,14 @@ impl Retention {
         }
     }
 
+    /// True when a point may be made at `frame_no`: not before the newest
+    /// point (a replay after a crash starts below points made before it).
+    pub fn may_point_at(&self, frame_no: u64) -> bool {
+        self.last_point
+            .as_ref()
+            .is_none_or(|p| frame_no >= p.frame_no)
+    }
+
     /// Records were applied (the replica changed since the last point).
     pub fn changed(&mut self) {
         self.changed_since_point = true;
