@@ -43,21 +43,10 @@ impl Applier {
                         what: format!("frame {} does not open: {e}", f.frame_no),
                     }),
                 })?;
-                // Points during a replay too, once past the newest point made
-                // before the crash (points only move forward).
-                if self.retention.may_point_at(self.applied.frame_no) {
-                    let pos = self.position();
-                    let next_is_m = frame.header.kind == FrameKind::Merge;
-                    if let Some(n) = frame.notes().next() {
-                        self.retention
-                            .set_m_reason(&format!("{}: {}", n.reason.as_str(), n.text));
-                    }
-                    self.boundary_or_pause(&pos, next_is_m)
-                        .map_err(|e| TargetError::Replay {
-                            group: self.group.clone(),
-                            source: Box::new(e),
-                        })?;
-                }
+                // No new point during a replay: until the journal's last
+                // frame, blocks that later frames wrote before the crash
+                // already hold their later content, so a before-image read
+                // now for an epoch starting here would not be the point's.
                 self.apply_or_pause(&frame)
                     .map_err(|e| TargetError::Replay {
                         group: self.group.clone(),

@@ -415,6 +415,8 @@ impl Applier {
             return Ok(a);
         }
         a.replay(s.opener)?;
+        let in_m = a.applied.frame_no > 0 && !a.applied_consistent;
+        a.retention.set_in_m(in_m);
         a.retention_status();
         Ok(a)
     }

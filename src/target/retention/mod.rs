@@ -295,12 +295,10 @@ impl Retention {
         }
     }
 
-    /// True when a point may be made at `frame_no`: not before the newest
-    /// point (a replay after a crash starts below points made before it).
-    pub fn may_point_at(&self, frame_no: u64) -> bool {
-        self.last_point
-            .as_ref()
-            .is_none_or(|p| frame_no >= p.frame_no)
+    /// The replica is (not) inside an M range, as found after the replay at
+    /// start (the last frame applied was M).
+    pub fn set_in_m(&mut self, in_m: bool) {
+        self.in_m = in_m;
     }
 
     /// Records were applied (the replica changed since the last point).
