@@ -423,19 +423,13 @@ fn prepare_group(cfg: &TargetConfig, g: &TargetGroup) -> Result<Prepared, Target
     })
 }
 
-/// Run one group's start-up without a relay and stop again: replay its redo
-/// journal onto the replicas and answer the pins waiting for it (a `recover`
-/// while no target runs). The caller holds the state directory's lock.
-/// Blocking.
-pub fn run_group_offline(cfg: &TargetConfig, group: &str) -> Result<(), TargetError> {
-    let g =
-        cfg.groups
-            .iter()
-            .find(|g| g.name == group)
-            .ok_or_else(|| TargetError::UnknownGroup {
-                group: group.to_string(),
-            })?;
-    let p = prepare_group(cfg, g)?;
+/// What the apply thread of a prepared group needs, with the status and the
+/// progress watch it publishes to. `stop` ends a pause (disk full).
+fn apply_setup(
+    cfg: &TargetConfig,
+    p: Prepared,
+    stop: Arc<AtomicBool>,
+) -> Result<(ApplySetup, SharedStatus, watch::Receiver<Progress>), TargetError> {
     let mark = p.watermark.get();
     let status = SharedStatus::new(GroupStatus::new(
         &p.name,
@@ -446,7 +440,7 @@ pub fn run_group_offline(cfg: &TargetConfig, group: &str) -> Result<(), TargetEr
         },
         mark.pos.frame_no == 0,
     ));
-    let (progress_tx, _progress_rx) = watch::channel(Progress {
+    let (progress_tx, progress_rx) = watch::channel(Progress {
         durable: mark,
         stall: None,
     });
@@ -460,27 +454,42 @@ pub fn run_group_offline(cfg: &TargetConfig, group: &str) -> Result<(), TargetEr
         crate::config::Engine::Uring => Engine::Uring,
         crate::config::Engine::Sync => Engine::Sync,
     };
+    let setup = ApplySetup {
+        group: p.name,
+        disks: p.disks,
+        engine,
+        batch_bytes: cfg.target.apply_batch_bytes(),
+        direct_io: cfg.target.direct_io,
+        watermark: p.watermark,
+        log_path: p.log_path,
+        status: status.clone(),
+        progress: progress_tx,
+        redo: p.redo,
+        opener,
+        stop,
+        policy: p.policy,
+        state_dir: cfg.target.state_dir.clone(),
+    };
+    Ok((setup, status, progress_rx))
+}
+
+/// Run one group's start-up without a relay and stop again: replay its redo
+/// journal onto the replicas and answer the pins waiting for it (a `recover`
+/// while no target runs). The caller holds the state directory's lock.
+/// Blocking.
+pub fn run_group_offline(cfg: &TargetConfig, group: &str) -> Result<(), TargetError> {
+    let g =
+        cfg.groups
+            .iter()
+            .find(|g| g.name == group)
+            .ok_or_else(|| TargetError::UnknownGroup {
+                group: group.to_string(),
+            })?;
+    let p = prepare_group(cfg, g)?;
+    let (setup, _status, _progress) = apply_setup(cfg, p, Arc::new(AtomicBool::new(false)))?;
     // No frames will come: the thread replays, answers pins, and ends.
     let (_, rx) = crossbeam_channel::bounded::<apply::Opened>(1);
-    let (thread, ready) = apply::spawn(
-        ApplySetup {
-            group: p.name.clone(),
-            disks: p.disks,
-            engine,
-            batch_bytes: cfg.target.apply_batch_bytes(),
-            direct_io: cfg.target.direct_io,
-            watermark: p.watermark,
-            log_path: p.log_path,
-            status,
-            progress: progress_tx,
-            redo: p.redo,
-            opener,
-            stop: Arc::new(AtomicBool::new(false)),
-            policy: p.policy,
-            state_dir: cfg.target.state_dir.clone(),
-        },
-        rx,
-    )?;
+    let (thread, ready) = apply::spawn(setup, rx)?;
     let started = ready
         .blocking_recv()
         .unwrap_or(Err(TargetError::TaskFailed {
@@ -498,32 +507,7 @@ async fn start_group(
     endpoint: &RelayEndpoint,
     shutdown: Shutdown,
 ) -> Result<GroupRuntime, TargetError> {
-    let mark = p.watermark.get();
-    let status = SharedStatus::new(GroupStatus::new(
-        &p.name,
-        WatermarkStatus {
-            frame_no: mark.pos.frame_no,
-            last_seq: mark.pos.last_seq,
-            time_us: mark.time_us,
-        },
-        mark.pos.frame_no == 0,
-    ));
-    let (progress_tx, progress_rx) = watch::channel(Progress {
-        durable: mark,
-        stall: None,
-    });
-    let (job_tx, job_rx) = crossbeam_channel::bounded(budget::BUDGET_FRAMES as usize);
-    let (opened_tx, opened_rx) = crossbeam_channel::bounded(budget::BUDGET_FRAMES as usize);
-    let engine = match cfg.target.engine {
-        crate::config::Engine::Uring => Engine::Uring,
-        crate::config::Engine::Sync => Engine::Sync,
-    };
-    let opener = Opener::new(p.group, vec![(p.key_epoch, p.key.clone())]).map_err(|source| {
-        TargetError::Key {
-            group: p.name.clone(),
-            source: Box::new(source),
-        }
-    })?;
+    let (group, name, key_epoch, key) = (p.group, p.name.clone(), p.key_epoch, p.key.clone());
     // Ends a pause (disk full) of the apply thread when the target stops.
     let stop = Arc::new(AtomicBool::new(false));
     {
@@ -534,28 +518,13 @@ async fn start_group(
             stop.store(true, Ordering::Relaxed);
         });
     }
-    let (apply_thread, ready) = apply::spawn(
-        ApplySetup {
-            group: p.name.clone(),
-            disks: p.disks,
-            engine,
-            batch_bytes: cfg.target.apply_batch_bytes(),
-            direct_io: cfg.target.direct_io,
-            watermark: p.watermark,
-            log_path: p.log_path,
-            status: status.clone(),
-            progress: progress_tx,
-            redo: p.redo,
-            opener,
-            stop,
-            policy: p.policy,
-            state_dir: cfg.target.state_dir.clone(),
-        },
-        opened_rx,
-    )?;
+    let (setup, status, progress_rx) = apply_setup(cfg, p, stop)?;
+    let (job_tx, job_rx) = crossbeam_channel::bounded(budget::BUDGET_FRAMES as usize);
+    let (opened_tx, opened_rx) = crossbeam_channel::bounded(budget::BUDGET_FRAMES as usize);
+    let (apply_thread, ready) = apply::spawn(setup, opened_rx)?;
     let mut threads = vec![apply_thread];
     let started = ready.await.unwrap_or(Err(TargetError::TaskFailed {
-        group: p.name.clone(),
+        group: name.clone(),
         what: "apply thread",
     }));
     let redo = match started {
@@ -566,8 +535,8 @@ async fn start_group(
         }
     };
     match open::spawn(
-        p.group,
-        &[(p.key_epoch, p.key)],
+        group,
+        &[(key_epoch, key)],
         open::OPEN_THREADS,
         job_rx,
         opened_tx,
@@ -581,7 +550,7 @@ async fn start_group(
     }
     Ok(GroupRuntime {
         session: GroupSession {
-            group: p.group,
+            group,
             name: cfg.target.name.clone(),
             endpoint: endpoint.clone(),
             status,

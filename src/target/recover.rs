@@ -99,63 +99,12 @@ pub fn parse_time(s: &str) -> Result<u64, String> {
         }
         return Ok((f * 1e6) as u64);
     }
-    let t = s.strip_suffix('Z').unwrap_or(s);
-    let (date, time) = t.split_once('T').ok_or_else(bad)?;
-    let d: Vec<&str> = date.split('-').collect();
-    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
-    let h: Vec<&str> = hms.split(':').collect();
-    if d.len() != 3 || h.len() != 3 {
-        return Err(bad());
-    }
-    let num = |x: &str, lo: i64, hi: i64| -> Result<i64, String> {
-        let v: i64 = x.parse().map_err(|_| bad())?;
-        if v < lo || v > hi {
-            return Err(bad());
-        }
-        Ok(v)
-    };
-    let (y, mo, da) = (num(d[0], 1970, 9999)?, num(d[1], 1, 12)?, num(d[2], 1, 31)?);
-    let (hh, mi, ss) = (num(h[0], 0, 23)?, num(h[1], 0, 59)?, num(h[2], 0, 60)?);
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let yy = if mo <= 2 { y - 1 } else { y };
-    let era = yy.div_euclid(400);
-    let yoe = yy - era * 400;
-    let mp = (mo + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + da - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let mut us = ((days * 86_400 + hh * 3600 + mi * 60 + ss) as u64) * 1_000_000;
-    if !frac.is_empty() {
-        if !frac.bytes().all(|b| b.is_ascii_digit()) || frac.len() > 9 {
-            return Err(bad());
-        }
-        let digits = format!("{frac:0<6}");
-        us += digits[..6].parse::<u64>().map_err(|_| bad())?;
-    }
-    Ok(us)
+    crate::util::time::parse_utc(s).ok_or_else(bad)
 }
 
 /// Format µs since the epoch as `YYYY-MM-DDTHH:MM:SS.ffffffZ`.
 pub fn format_time(us: u64) -> String {
-    let secs = (us / 1_000_000) as i64;
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        us % 1_000_000
-    )
+    crate::util::time::format_us_exact(us)
 }
 
 /// Errors of recover, expose and promote.
