@@ -326,6 +326,9 @@ pub async fn run(
                 role: "agent".into(),
                 name: name.clone(),
                 pid: std::process::id(),
+                // Taken before the snapshot: everything acknowledged before
+                // this time is in it.
+                updated_us: crate::util::time::now_us(),
                 groups: infos.iter().map(|i| i.snapshot()).collect(),
             };
             if let Err(e) = statusfile::write_json(&path, &st) {

@@ -201,6 +201,10 @@ pub struct AgentStatus {
     pub name: String,
     /// Process id.
     pub pid: u32,
+    /// When the snapshot was taken, µs since the Unix epoch: it reflects
+    /// every write acknowledged before then.
+    #[serde(default)]
+    pub updated_us: u64,
     /// Per group.
     pub groups: Vec<AgentGroupStatus>,
 }

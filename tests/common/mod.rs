@@ -342,6 +342,9 @@ impl Cluster {
     /// region, empty journal) and the target applied its last seq. Returns that
     /// seq.
     pub fn wait_caught_up(&mut self, limit: Duration) -> u64 {
+        // Only a snapshot taken after this call reflects every write the
+        // caller has seen acknowledged.
+        let since = tidemark::util::time::now_us();
         let seq = wait_until(limit, "the agent to hold nothing unsent", || {
             if let Some(a) = self.agent.as_mut()
                 && let Some(st) = a.exited()
@@ -349,7 +352,7 @@ impl Cluster {
                 panic!("agent exited with {st}:\n{}", tail(&a.log_text()));
             }
             let s = self.agent_status()?;
-            if Some(s.pid) != self.agent.as_ref().map(|a| a.pid()) {
+            if Some(s.pid) != self.agent.as_ref().map(|a| a.pid()) || s.updated_us <= since {
                 return None;
             }
             let j = &s.groups[0].journal;
