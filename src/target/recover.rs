@@ -385,9 +385,10 @@ impl PointView {
         Ok(())
     }
 
-    /// Like [`PointView::read`], but returns `false` without reading when the
-    /// range read as zeros at the point (a hole of the replica that nothing
-    /// has changed since the point), so copies skip holes.
+    /// Like [`PointView::read`], but reads from the replica only the ranges
+    /// that may hold data (holes read as zeros without a read) and returns
+    /// `false` when the whole range read as zeros at the point (a hole that
+    /// nothing has changed since the point), so copies skip holes.
     pub fn read_or_hole(
         &mut self,
         disk: u16,
@@ -396,14 +397,27 @@ impl PointView {
     ) -> Result<bool, RecoverError> {
         let i = self.replica(disk)?;
         let len = buf.len() as u64;
-        let data = self.replicas[i].image.data_ranges(offset, len)?;
-        // After the replica, the journal: a write since the point has put its
+        let img = &mut self.replicas[i].image;
+        let data = img.data_ranges(offset, len)?;
+        // The replica first (its holes are part of it)...
+        buf.fill(0);
+        for &(o, l) in &data {
+            let (o, l) = (o.max(offset), (o + l).min(offset + len));
+            if o < l {
+                let s = (o - offset) as usize;
+                img.read_at(o, &mut buf[s..s + (l - o) as usize])?;
+            }
+        }
+        // ...then the journal: a write since the point has put its
         // before-image there before it changed the replica.
         self.overlay.refresh()?;
-        if data.is_empty() && !self.overlay.changed_in(disk, offset, len) {
+        let changed = self.overlay.changed_in(disk, offset, len);
+        if data.is_empty() && !changed {
             return Ok(false);
         }
-        self.read(disk, offset, buf)?;
+        if changed {
+            self.overlay.apply(disk, offset, buf)?;
+        }
         Ok(true)
     }
 
@@ -460,25 +474,64 @@ impl PointView {
             create_size: Some(size),
             direct_io: false,
         })?;
-        let mut buf = vec![0u8; CHUNK];
-        let mut off = 0u64;
-        let mut written = 0u64;
-        while off < size {
-            let n = (size - off).min(CHUNK as u64) as usize;
-            if self.read_or_hole(disk, off, &mut buf[..n])?
-                && !crate::util::zero::is_zero(&buf[..n])
-            {
-                img.write_batch(&[WriteOp::Write {
-                    offset: off,
-                    data: &buf[..n],
-                }])?;
-                written += n as u64;
-            }
-            off += n as u64;
-            progress(off, size);
+        // Reads here, writes on a second thread: the two disks' work overlaps.
+        let (full_tx, full_rx) = crossbeam_channel::bounded::<(u64, Vec<u8>)>(2);
+        let (empty_tx, empty_rx) = crossbeam_channel::bounded::<Vec<u8>>(3);
+        for _ in 0..3 {
+            let _ = empty_tx.send(vec![0u8; CHUNK]);
         }
-        img.flush()?;
-        Ok(written)
+        let recycle = empty_tx.clone();
+        std::thread::scope(|scope| -> Result<u64, RecoverError> {
+            let writer = scope.spawn(move || -> Result<u64, ImageError> {
+                let mut written = 0u64;
+                for (off, buf) in full_rx {
+                    let ops = nonzero_runs(off, &buf);
+                    if !ops.is_empty() {
+                        img.write_batch(&ops)?;
+                        written += ops.iter().map(|o| o.len()).sum::<u64>();
+                    }
+                    drop(ops);
+                    if empty_tx.send(buf).is_err() {
+                        break;
+                    }
+                }
+                img.flush()?;
+                Ok(written)
+            });
+            let mut off = 0u64;
+            let mut failed = None;
+            while off < size {
+                let n = (size - off).min(CHUNK as u64) as usize;
+                let Ok(mut buf) = empty_rx.recv() else {
+                    break;
+                };
+                buf.resize(n, 0);
+                match self.read_or_hole(disk, off, &mut buf) {
+                    Ok(true) => {
+                        if full_tx.send((off, buf)).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(false) => {
+                        let _ = recycle.send(buf);
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+                off += n as u64;
+                progress(off, size);
+            }
+            drop(full_tx);
+            let written = writer
+                .join()
+                .map_err(|_| RecoverError::Config("the writer thread panicked".into()))?;
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            Ok(written?)
+        })
     }
 
     /// Roll the replicas themselves back to the point (the target has stopped
@@ -529,6 +582,34 @@ impl PointView {
         }
         Ok(done)
     }
+}
+
+/// The writes of a chunk read at `off`: its runs of 64 KiB blocks that are
+/// not all zeros (a recovered image keeps holes where the disk reads zeros).
+fn nonzero_runs(off: u64, buf: &[u8]) -> Vec<WriteOp<'_>> {
+    const BLOCK: usize = 64 * 1024;
+    let mut ops = Vec::new();
+    let mut start: Option<usize> = None;
+    for (i, b) in buf.chunks(BLOCK).enumerate() {
+        let at = i * BLOCK;
+        if crate::util::zero::is_zero(b) {
+            if let Some(s) = start.take() {
+                ops.push(WriteOp::Write {
+                    offset: off + s as u64,
+                    data: &buf[s..at],
+                });
+            }
+        } else if start.is_none() {
+            start = Some(at);
+        }
+    }
+    if let Some(s) = start {
+        ops.push(WriteOp::Write {
+            offset: off + s as u64,
+            data: &buf[s..],
+        });
+    }
+    ops
 }
 
 /// A disk of a [`PointView`] as a read-only [`BlockIo`], for `expose`.
