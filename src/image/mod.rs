@@ -15,7 +15,7 @@ mod uring;
 pub mod vmdk;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::fmt;
 use std::fs::File;
@@ -218,6 +218,21 @@ pub trait Image: Send + fmt::Debug {
     /// Read exactly `buf.len()` bytes at `offset` (must lie inside the image).
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError>;
 
+    /// Read every `(offset, buf)` of `reads` in full, as [`Image::read_at`]
+    /// each would, but handed to the engine together (io_uring: up to its ring
+    /// depth in flight at once). Every read is range-checked first: one outside
+    /// the image fails the batch with [`ImageError::ReadOutOfRange`] and nothing
+    /// read. On an I/O error no read is in flight any more when this returns,
+    /// the error names a failed read, and what the buffers hold is unspecified.
+    /// The default reads them one after another.
+    fn read_batch(&mut self, reads: &mut [(u64, &mut [u8])]) -> Result<(), ImageError> {
+        check_read_batch(self.path(), self.size(), reads)?;
+        for (offset, buf) in reads.iter_mut() {
+            self.read_at(*offset, buf)?;
+        }
+        Ok(())
+    }
+
     /// Path the image was opened from.
     fn path(&self) -> &Path;
 
@@ -289,6 +304,19 @@ pub(crate) fn check_read_range(
     Ok(())
 }
 
+/// `Ok` when every read of `reads` lies inside an image of `size` bytes, else
+/// [`ImageError::ReadOutOfRange`] for the first one that does not.
+pub(crate) fn check_read_batch(
+    path: &Path,
+    size: u64,
+    reads: &[(u64, &mut [u8])],
+) -> Result<(), ImageError> {
+    for (offset, buf) in reads {
+        check_read_range(path, size, *offset, buf.len() as u64)?;
+    }
+    Ok(())
+}
+
 /// Build the engine `engine` names (io_uring of [`URING_ENTRIES`], or sync).
 pub(crate) fn new_engine(path: &Path, engine: Engine) -> Result<Box<dyn IoEngine>, ImageError> {
     Ok(match engine {
@@ -325,6 +353,45 @@ pub trait IoEngine: Send {
     /// Read exactly `buf.len()` bytes at `offset`; reading past the end of the
     /// file is an `UnexpectedEof` error.
     fn read_at(&mut self, file: &File, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+
+    /// Read every `(offset, buf)` of `reads` in full (reads are independent:
+    /// they may run in any order and at once; the buffers are disjoint by
+    /// construction). Reading past the end of the file is an `UnexpectedEof`
+    /// error. Short reads continue and EINTR/EAGAIN retry. On an error no read
+    /// is in flight any more when this returns; the error names the
+    /// lowest-indexed read that failed, and the buffers' content is
+    /// unspecified. The default reads them one after another with
+    /// [`IoEngine::read_at`].
+    fn read_batch(
+        &mut self,
+        file: &File,
+        reads: &mut [(u64, &mut [u8])],
+    ) -> Result<(), ReadBatchError> {
+        for (index, (offset, buf)) in reads.iter_mut().enumerate() {
+            self.read_at(file, *offset, buf)
+                .map_err(|source| ReadBatchError {
+                    index,
+                    offset: *offset,
+                    len: buf.len() as u64,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+}
+
+/// Which read of an engine's [`IoEngine::read_batch`] failed, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("read at offset {offset}, len {len} (read {index} of the batch) failed: {source}")]
+pub struct ReadBatchError {
+    /// Index of the read in the batch.
+    pub index: usize,
+    /// File offset of the read.
+    pub offset: u64,
+    /// Length of the read.
+    pub len: u64,
+    /// The OS error (errno in `raw_os_error()`), or `UnexpectedEof`.
+    pub source: io::Error,
 }
 
 /// Which op of an engine's batch failed, and why (the lowest-indexed failing op).

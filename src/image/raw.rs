@@ -11,7 +11,7 @@ use nix::unistd::{Whence, lseek};
 
 use super::{
     Engine, EngineError, Image, ImageError, ImageSpec, IoEngine, SyncEngine, URING_ENTRIES,
-    UringEngine, WriteOp, ZeroMode, check_read_range,
+    UringEngine, WriteOp, ZeroMode, check_read_batch, check_read_range,
 };
 use crate::util::aligned::{AlignedBuf, BLOCK};
 
@@ -367,6 +367,18 @@ impl Image for RawImage {
                 offset,
                 len,
                 source,
+            })
+    }
+
+    fn read_batch(&mut self, reads: &mut [(u64, &mut [u8])]) -> Result<(), ImageError> {
+        check_read_batch(&self.path, self.size, reads)?;
+        self.engine
+            .read_batch(&self.file, reads)
+            .map_err(|e| ImageError::Read {
+                path: self.path.clone(),
+                offset: e.offset,
+                len: e.len,
+                source: e.source,
             })
     }
 

@@ -593,3 +593,132 @@ fn raw_data_ranges_follow_the_files_extents() {
         ));
     }
 }
+
+/// A random batch of `n` reads (offset, length) over an image of `size` bytes:
+/// empty, short unaligned, whole blocks, runs of blocks and a few long ones;
+/// some overlap (each read has its own buffer).
+pub(crate) fn random_reads(rng: &mut Prng, size: u64, n: usize) -> Vec<(u64, usize)> {
+    (0..n)
+        .map(|_| {
+            let len = match rng.below(6) {
+                0 => 0,
+                1 => 1 + rng.below(700),
+                2 | 3 => 4096,
+                4 => 4096 * (1 + rng.below(64)),
+                _ => 1 + rng.below(3 << 20),
+            }
+            .min(size);
+            let mut offset = rng.below(size - len + 1);
+            if rng.below(2) == 0 {
+                offset -= offset % 4096;
+            }
+            (offset, len as usize)
+        })
+        .collect()
+}
+
+/// `read_batch` of random batches (some larger than any ring) returns what
+/// `read_at` returns read by read; a batch with a read past the end is refused
+/// with nothing read, the error naming that read.
+pub(crate) fn assert_read_batch_matches_read_at(img: &mut dyn Image, seed: u64, rounds: usize) {
+    let size = img.size();
+    let mut rng = Prng::new(seed);
+    for round in 0..rounds {
+        let n = 1 + rng.below(if round % 4 == 0 { 700 } else { 40 }) as usize;
+        let shape = random_reads(&mut rng, size, n);
+        let want: Vec<Vec<u8>> = shape
+            .iter()
+            .map(|&(o, l)| {
+                let mut b = vec![0u8; l];
+                img.read_at(o, &mut b).unwrap();
+                b
+            })
+            .collect();
+        let mut got: Vec<Vec<u8>> = shape.iter().map(|&(_, l)| vec![0xee; l]).collect();
+        let mut reads: Vec<(u64, &mut [u8])> = shape
+            .iter()
+            .zip(got.iter_mut())
+            .map(|(&(o, _), b)| (o, b.as_mut_slice()))
+            .collect();
+        img.read_batch(&mut reads).unwrap();
+        if let Some(i) = (0..n).find(|&i| got[i] != want[i]) {
+            panic!(
+                "{}: round {round}: read {i} of {n} at {} len {} differs from read_at",
+                img.path().display(),
+                shape[i].0,
+                shape[i].1
+            );
+        }
+    }
+    // Past the end (and overflowing): refused, nothing read.
+    for (bad_off, bad_len) in [(size - 100, 101usize), (size, 1), (u64::MAX - 1, 4)] {
+        let mut a = vec![0xabu8; 4096];
+        let mut b = vec![0xcdu8; bad_len];
+        let mut c = vec![0xefu8; 100];
+        let mut reads: Vec<(u64, &mut [u8])> =
+            vec![(0, &mut a), (bad_off, &mut b), (size - 100, &mut c)];
+        match img.read_batch(&mut reads) {
+            Err(ImageError::ReadOutOfRange {
+                offset,
+                len,
+                size: s,
+                ..
+            }) => {
+                assert_eq!((offset, len, s), (bad_off, bad_len as u64, size));
+            }
+            other => panic!("expected ReadOutOfRange, got {other:?}"),
+        }
+        assert!(a.iter().all(|&x| x == 0xab), "nothing read");
+        assert!(b.iter().all(|&x| x == 0xcd) && c.iter().all(|&x| x == 0xef));
+    }
+    // An empty batch is fine.
+    img.read_batch(&mut []).unwrap();
+}
+
+#[test]
+fn raw_read_batch_matches_read_at_on_every_engine() {
+    let size = 9 * 1024 * 1024 + 1234;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("reads.img");
+    random_file(&path, size, 17);
+    for (engine, depth) in [
+        (Engine::Uring, URING_ENTRIES),
+        (Engine::Uring, 4),
+        (Engine::Sync, 0),
+    ] {
+        let mut img = open_config(&path, engine, depth, ZeroMode::PunchHole, false);
+        assert_read_batch_matches_read_at(&mut img, depth.into(), 12);
+    }
+}
+
+#[test]
+fn uring_read_batch_past_the_end_of_the_file_is_an_eof_error_naming_the_read() {
+    // The engine without the image's range check: a read past the end of the
+    // file fails as read_at does, with every other read reaped first.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("short.img");
+    random_file(&path, 64 << 10, 4);
+    let file = File::open(&path).unwrap();
+    for mut eng in [
+        Box::new(UringEngine::new(4).unwrap()) as Box<dyn IoEngine>,
+        Box::new(SyncEngine::new()),
+    ] {
+        let mut bufs: Vec<Vec<u8>> = (0..10).map(|_| vec![0u8; 4096]).collect();
+        let mut reads: Vec<(u64, &mut [u8])> = bufs
+            .iter_mut()
+            .enumerate()
+            .map(|(i, b)| {
+                (
+                    if i == 6 { 62 << 10 } else { i as u64 * 4096 },
+                    b.as_mut_slice(),
+                )
+            })
+            .collect();
+        let e = eng.read_batch(&file, &mut reads).unwrap_err();
+        assert_eq!((e.index, e.offset, e.len), (6, 62 << 10, 4096));
+        assert_eq!(e.source.kind(), io::ErrorKind::UnexpectedEof);
+        // The engine stays usable.
+        let mut one = [0u8; 10];
+        eng.read_batch(&file, &mut [(5, &mut one[..])]).unwrap();
+    }
+}

@@ -14,9 +14,13 @@
 //! used: it only waits for the earlier SQE's CQE, which is too early when that
 //! CQE reports a short write or EAGAIN and the remainder is resubmitted later.
 //!
-//! Safety: `write_batch` and `read_at` do not return (not even on error) until
-//! every submitted SQE has been reaped, so every buffer the kernel may read or
-//! write outlives its use. If the ring itself fails while SQEs are in flight,
+//! Reads of a batch (`read_batch`) are independent: they are cut into pieces of
+//! at most [`MAX_IO_CHUNK`] bytes and submitted up to the ring's depth at once,
+//! with no ordering; a short read or EINTR/EAGAIN resubmits the remainder.
+//!
+//! Safety: `write_batch`, `read_batch` and `read_at` do not return (not even on
+//! error) until every submitted SQE has been reaped, so every buffer the kernel
+//! may read or write outlives its use. If the ring itself fails while SQEs are in flight,
 //! the process aborts rather than return and free those buffers.
 #![allow(unsafe_code)]
 
@@ -27,7 +31,10 @@ use std::os::fd::AsRawFd;
 
 use io_uring::{IoUring, Probe, opcode, squeue, types};
 
-use super::{Engine, EngineError, IoEngine, MAX_IO_CHUNK, WriteOp, ZERO_CHUNK, ZEROS, ZeroMode};
+use super::{
+    Engine, EngineError, IoEngine, MAX_IO_CHUNK, ReadBatchError, WriteOp, ZERO_CHUNK, ZEROS,
+    ZeroMode,
+};
 
 /// user_data of the single SQE of `read_at` and `sync_data`.
 const SINGLE: u64 = u64::MAX;
@@ -336,6 +343,126 @@ impl UringEngine {
     }
 }
 
+/// A byte range of one read of a `read_batch`: `len` bytes, `at` bytes into
+/// read `read`'s buffer (and file range). Waiting pieces may be longer than one
+/// SQE; an in-flight piece is exactly one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ReadPiece {
+    read: usize,
+    at: usize,
+    len: usize,
+}
+
+/// Bookkeeping of one `read_batch`.
+struct ReadBatch {
+    /// In-flight pieces, indexed by user_data.
+    slots: Vec<Option<ReadPiece>>,
+    free: Vec<usize>,
+    /// Remainders (short reads, EINTR/EAGAIN) waiting for a slot, first out first.
+    work: VecDeque<ReadPiece>,
+    /// The next read of the batch not started yet.
+    next: usize,
+    /// The failure with the lowest read index, if any.
+    failure: Option<(usize, io::Error)>,
+}
+
+impl ReadBatch {
+    fn new(depth: usize) -> Self {
+        ReadBatch {
+            slots: vec![None; depth],
+            free: (0..depth).rev().collect(),
+            work: VecDeque::new(),
+            next: 0,
+            failure: None,
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// The next piece to submit (a remainder first, then the next non-empty
+    /// read of `lens`), at most `MAX_IO_CHUNK` bytes; what is left of a longer
+    /// range goes back to the front of the queue.
+    fn next_piece(&mut self, lens: &[usize]) -> Option<ReadPiece> {
+        let whole = match self.work.pop_front() {
+            Some(p) => p,
+            None => {
+                while lens.get(self.next).is_some_and(|&l| l == 0) {
+                    self.next += 1;
+                }
+                let len = *lens.get(self.next)?;
+                self.next += 1;
+                ReadPiece {
+                    read: self.next - 1,
+                    at: 0,
+                    len,
+                }
+            }
+        };
+        let len = whole.len.min(MAX_IO_CHUNK);
+        if len < whole.len {
+            self.work.push_front(ReadPiece {
+                at: whole.at + len,
+                len: whole.len - len,
+                ..whole
+            });
+        }
+        Some(ReadPiece { len, ..whole })
+    }
+
+    fn fail(&mut self, read: usize, e: io::Error, reads: usize) {
+        if self.failure.as_ref().is_none_or(|(i, _)| read < *i) {
+            self.failure = Some((read, e));
+        }
+        // Start nothing new; what is in flight is still reaped.
+        self.work.clear();
+        self.next = reads;
+    }
+
+    /// Handle the completion of the piece in slot `user_data` with result
+    /// `res`, for a batch of `reads` reads.
+    fn complete(&mut self, user_data: u64, res: i32, reads: usize) {
+        let Some(piece) = usize::try_from(user_data)
+            .ok()
+            .and_then(|s| self.slots.get_mut(s))
+            .and_then(Option::take)
+        else {
+            tracing::warn!(
+                user_data,
+                "io_uring completion for no in-flight read; ignored"
+            );
+            return;
+        };
+        self.free.push(user_data as usize);
+        if res == -libc::EINTR || res == -libc::EAGAIN {
+            // Resubmit the same piece.
+            self.work.push_front(piece);
+        } else if res < 0 {
+            self.fail(piece.read, io::Error::from_raw_os_error(-res), reads);
+        } else if res == 0 {
+            let e = io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("end of file with {} bytes of the read left", piece.len),
+            );
+            self.fail(piece.read, e, reads);
+        } else if (res as usize) < piece.len {
+            // Short read: the remainder goes first.
+            let n = res as usize;
+            self.work.push_front(ReadPiece {
+                at: piece.at + n,
+                len: piece.len - n,
+                ..piece
+            });
+        }
+    }
+
+    /// True when nothing is left to submit.
+    fn drained(&self, reads: usize) -> bool {
+        self.work.is_empty() && self.next >= reads
+    }
+}
+
 impl IoEngine for UringEngine {
     fn kind(&self) -> Engine {
         Engine::Uring
@@ -412,6 +539,72 @@ impl IoEngine for UringEngine {
         unsafe { self.run_single(build) }.map(drop)
     }
 
+    fn read_batch(
+        &mut self,
+        file: &File,
+        reads: &mut [(u64, &mut [u8])],
+    ) -> Result<(), ReadBatchError> {
+        let fd = types::Fd(file.as_raw_fd());
+        // Every buffer's pointer, taken once from its exclusive borrow: `reads`
+        // is not touched again until every SQE of the batch has been reaped.
+        let bufs: Vec<(u64, *mut u8)> = reads
+            .iter_mut()
+            .map(|(offset, buf)| (*offset, buf.as_mut_ptr()))
+            .collect();
+        let lens: Vec<usize> = reads.iter().map(|(_, buf)| buf.len()).collect();
+        let mut batch = ReadBatch::new(self.depth);
+        loop {
+            while batch.failure.is_none()
+                && !batch.free.is_empty()
+                && !self.ring.submission().is_full()
+            {
+                let Some(piece) = batch.next_piece(&lens) else {
+                    break;
+                };
+                let Some(slot) = batch.free.pop() else {
+                    unreachable!("a free slot was checked");
+                };
+                let (offset, base) = bufs[piece.read];
+                // In bounds: piece.at + piece.len <= lens[piece.read] by construction.
+                let ptr = base.wrapping_add(piece.at);
+                let entry = opcode::Read::new(fd, ptr, piece.len as u32)
+                    .offset(offset + piece.at as u64)
+                    .build()
+                    .user_data(slot as u64);
+                batch.slots[slot] = Some(piece);
+                // SAFETY: `ptr..ptr + piece.len` lies inside the buffer of
+                // `reads[piece.read]`, exclusively borrowed for this whole call;
+                // no two in-flight pieces overlap (a piece is in one slot or in
+                // the work queue, never both, and pieces of one read are
+                // disjoint), and nothing else touches the buffers until this
+                // function returns, which is only after every SQE it pushed has
+                // been reaped (on success and on error). The fd is borrowed too.
+                unsafe { self.push(&entry) };
+            }
+            if batch.in_flight() == 0 {
+                if let Some((index, source)) = batch.failure.take() {
+                    return Err(ReadBatchError {
+                        index,
+                        offset: reads[index].0,
+                        len: lens[index] as u64,
+                        source,
+                    });
+                }
+                if batch.drained(lens.len()) {
+                    return Ok(());
+                }
+                // Nothing of ours in flight but no room to submit: flush the
+                // submission queue and try again.
+                self.enter(0);
+                continue;
+            }
+            self.enter(1);
+            for cqe in self.ring.completion() {
+                batch.complete(cqe.user_data(), cqe.result(), lens.len());
+            }
+        }
+    }
+
     fn read_at(&mut self, file: &File, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let fd = types::Fd(file.as_raw_fd());
         let mut done = 0usize;
@@ -442,6 +635,97 @@ impl IoEngine for UringEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_pieces_skip_empty_reads_and_cut_long_ones() {
+        let mut b = ReadBatch::new(4);
+        let lens = [0, 10, 0, MAX_IO_CHUNK + 5];
+        assert_eq!(
+            b.next_piece(&lens),
+            Some(ReadPiece {
+                read: 1,
+                at: 0,
+                len: 10
+            })
+        );
+        assert_eq!(
+            b.next_piece(&lens),
+            Some(ReadPiece {
+                read: 3,
+                at: 0,
+                len: MAX_IO_CHUNK
+            })
+        );
+        assert_eq!(
+            b.next_piece(&lens),
+            Some(ReadPiece {
+                read: 3,
+                at: MAX_IO_CHUNK,
+                len: 5
+            })
+        );
+        assert_eq!(b.next_piece(&lens), None);
+        assert!(b.drained(lens.len()));
+    }
+
+    fn read_in_flight(piece: ReadPiece) -> (ReadBatch, u64) {
+        let mut b = ReadBatch::new(4);
+        b.next = 3;
+        let slot = b.free.pop().unwrap();
+        b.slots[slot] = Some(piece);
+        (b, slot as u64)
+    }
+
+    const RP: ReadPiece = ReadPiece {
+        read: 1,
+        at: 100,
+        len: 500,
+    };
+
+    #[test]
+    fn short_reads_and_retryable_errors_resubmit_the_rest() {
+        let (mut b, slot) = read_in_flight(RP);
+        b.complete(slot, 200, 3);
+        assert_eq!(
+            b.work.front().copied(),
+            Some(ReadPiece {
+                read: 1,
+                at: 300,
+                len: 300
+            })
+        );
+        assert_eq!(b.in_flight(), 0);
+        for errno in [libc::EINTR, libc::EAGAIN] {
+            let (mut b, slot) = read_in_flight(RP);
+            b.complete(slot, -errno, 3);
+            assert_eq!(b.work.front().copied(), Some(RP));
+            assert!(b.failure.is_none());
+        }
+        let (mut b, slot) = read_in_flight(RP);
+        b.complete(slot, 500, 3);
+        assert!(b.work.is_empty() && b.failure.is_none() && b.drained(3));
+    }
+
+    #[test]
+    fn read_errors_keep_the_lowest_read_and_stop_new_work() {
+        let (mut b, slot) = read_in_flight(RP);
+        b.next = 1;
+        b.work.push_back(ReadPiece { read: 2, ..RP });
+        b.complete(slot, -libc::EIO, 3);
+        assert!(b.drained(3), "nothing new starts after a failure");
+        assert_eq!(b.failure.as_ref().map(|f| f.0), Some(1));
+        b.fail(0, io::Error::from_raw_os_error(libc::EBADF), 3);
+        assert_eq!(b.failure.as_ref().map(|f| f.0), Some(0));
+        b.fail(2, io::Error::from_raw_os_error(libc::EBADF), 3);
+        assert_eq!(b.failure.as_ref().map(|f| f.0), Some(0));
+        // End of file is an error, not a loop; an unknown slot is ignored.
+        let (mut b, slot) = read_in_flight(RP);
+        b.complete(slot, 0, 3);
+        let (i, e) = b.failure.take().unwrap();
+        assert_eq!((i, e.kind()), (1, io::ErrorKind::UnexpectedEof));
+        b.complete(999, 0, 3);
+        b.complete(u64::MAX, 0, 3);
+    }
 
     /// A batch with op 0 started and one piece of it in flight in slot `slot`.
     fn one_in_flight(piece: Piece) -> (Batch, u64) {

@@ -12,7 +12,8 @@ use super::header::MAGIC;
 use super::sparse::{check_descriptor, sync_parent_dir};
 use super::{SECTOR, VmdkError, vmdk_err};
 use crate::image::{
-    Engine, Image, ImageError, ImageFormat, ImageSpec, RawImage, WriteOp, check_read_range,
+    Engine, Image, ImageError, ImageFormat, ImageSpec, RawImage, WriteOp, check_read_batch,
+    check_read_range,
 };
 
 /// A monolithicFlat VMDK: descriptor file plus one flat extent.
@@ -302,6 +303,17 @@ impl Image for VmdkFlatImage {
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError> {
         check_read_range(&self.path, self.size, offset, buf.len() as u64)?;
         self.inner.read_at(self.base + offset, buf)
+    }
+
+    fn read_batch(&mut self, reads: &mut [(u64, &mut [u8])]) -> Result<(), ImageError> {
+        check_read_batch(&self.path, self.size, reads)?;
+        let base = self.base;
+        let mut shifted: Vec<(u64, &mut [u8])> = reads
+            .iter_mut()
+            .map(|(offset, buf)| (*offset + base, &mut **buf))
+            .collect();
+        // An error names the extent file and the offset in it, as `read_at`'s.
+        self.inner.read_batch(&mut shifted)
     }
 
     fn path(&self) -> &Path {

@@ -22,7 +22,8 @@ use super::descriptor::{self, Descriptor, ExtentKind, NO_PARENT};
 use super::header::{self, GD_AT_END, SparseHeader};
 use super::{Directory, NEW_GRAIN_SECTORS, NEW_GTES_PER_GT, SECTOR, VmdkError, vmdk_err};
 use crate::image::{
-    Engine, Image, ImageError, ImageSpec, IoEngine, WriteOp, ZeroMode, check_read_range, new_engine,
+    Engine, Image, ImageError, ImageSpec, IoEngine, WriteOp, ZeroMode, check_read_batch,
+    check_read_range, new_engine,
 };
 
 /// Memory for cached grain tables per image: 4 MiB, 2048 tables of 512
@@ -929,6 +930,77 @@ impl Image for VmdkSparseImage {
             off += n;
         }
         Ok(())
+    }
+
+    /// Each read is mapped to its grains (runs contiguous in the file merged),
+    /// unallocated pieces are zero-filled, and the file reads of every
+    /// allocated piece of the batch go to the engine as one batch.
+    fn read_batch(&mut self, reads: &mut [(u64, &mut [u8])]) -> Result<(), ImageError> {
+        check_read_batch(&self.path, self.size, reads)?;
+        // Where each piece of each read lives: (read, bytes into its buffer,
+        // length, file offset or None for zeros), in buffer order per read.
+        let gb = self.grain_bytes;
+        let mut pieces: Vec<(usize, usize, usize, Option<u64>)> = Vec::new();
+        for (i, (offset, buf)) in reads.iter().enumerate() {
+            let end = *offset + buf.len() as u64;
+            let mut off = *offset;
+            while off < end {
+                let in_grain = off % gb;
+                let n = (end - off).min(gb - in_grain);
+                let file = match self.lookup(off / gb)? {
+                    Grain::At(s) => Some(s * SECTOR + in_grain),
+                    Grain::Unallocated | Grain::NoTable => None,
+                };
+                let at = (off - *offset) as usize;
+                match pieces.last_mut() {
+                    // Contiguous with the previous piece of this read, in the
+                    // file or as zeros: one piece.
+                    Some((r, pat, plen, pfile))
+                        if *r == i
+                            && *pat + *plen == at
+                            && match (*pfile, file) {
+                                (Some(p), Some(f)) => p + *plen as u64 == f,
+                                (None, None) => true,
+                                _ => false,
+                            } =>
+                    {
+                        *plen += n as usize;
+                    }
+                    _ => pieces.push((i, at, n as usize, file)),
+                }
+                off += n;
+            }
+        }
+        // Cut the buffers into the pieces: zeros filled here, file reads batched.
+        let mut file_reads: Vec<(u64, &mut [u8])> = Vec::new();
+        // Per file read: the virtual offset it covers (for errors).
+        let mut virt: Vec<u64> = Vec::new();
+        let mut p = 0;
+        for (i, (offset, buf)) in reads.iter_mut().enumerate() {
+            let mut rest: &mut [u8] = buf;
+            while let Some(&(r, at, len, file)) = pieces.get(p)
+                && r == i
+            {
+                let (piece, tail) = std::mem::take(&mut rest).split_at_mut(len);
+                rest = tail;
+                match file {
+                    Some(f) => {
+                        file_reads.push((f, piece));
+                        virt.push(*offset + at as u64);
+                    }
+                    None => piece.fill(0),
+                }
+                p += 1;
+            }
+        }
+        self.engine
+            .read_batch(&self.file, &mut file_reads)
+            .map_err(|e| ImageError::Read {
+                path: self.path.clone(),
+                offset: virt[e.index],
+                len: e.len,
+                source: e.source,
+            })
     }
 
     fn path(&self) -> &Path {

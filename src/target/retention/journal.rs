@@ -22,7 +22,7 @@
 //! reader treats it as the current end.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Seek, SeekFrom, Write};
+use std::io::{self, IoSlice, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -775,6 +775,11 @@ pub struct Writer {
     /// Bytes of the segments before the active one.
     older_bytes: u64,
     dirty: bool,
+    /// Tests: a write that would end past this offset of the active segment
+    /// writes its first part, then fails with ENOSPC (a torn append on a full
+    /// disk).
+    #[cfg(test)]
+    fail_past: Option<u64>,
 }
 
 impl Writer {
@@ -866,6 +871,8 @@ impl Writer {
                 len,
                 older_bytes,
                 dirty: false,
+                #[cfg(test)]
+                fail_past: None,
             },
             opened,
         ))
@@ -909,33 +916,53 @@ impl Writer {
         Ok(())
     }
 
-    fn append(&mut self, parts: &[&[u8]]) -> Result<Loc, JournalError> {
-        self.rotate_if_full()?;
-        let at = self.end();
-        let path = self.dir.join(segment_name(self.seg));
-        let mut off = self.len;
-        for p in parts {
-            if let Err(e) = self.file.write_all_at(p, off) {
-                // Leave no partial record behind: the next append starts at
-                // the old end again.
-                let _ = self.file.set_len(self.len);
-                return Err(io_err("write", &path)(e));
-            }
-            off += p.len() as u64;
+    /// Write `parts` back to back at the end of the active segment, with one
+    /// `pwritev` (more only past [`IOV_MAX`] parts or after a short write). On
+    /// failure the segment is cut back to its old end, so no partial record is
+    /// left behind and the next append starts there again.
+    fn write_parts(&mut self, parts: &[IoSlice<'_>]) -> Result<(), JournalError> {
+        let total: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        if let Err(e) = self.write_at_end(parts) {
+            let _ = self.file.set_len(self.len);
+            return Err(io_err("write", &self.dir.join(segment_name(self.seg)))(e));
         }
-        self.len = off;
+        self.len += total;
         self.dirty = true;
-        Ok(at)
+        Ok(())
+    }
+
+    fn write_at_end(&self, parts: &[IoSlice<'_>]) -> io::Result<()> {
+        #[cfg(test)]
+        if self.fail_past.is_some_and(|limit| {
+            self.len + parts.iter().map(|p| p.len() as u64).sum::<u64>() > limit
+        }) {
+            if let Some(p) = parts.first() {
+                self.file.write_all_at(p, self.len)?;
+            }
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        pwritev_all(&self.file, parts, self.len)
+    }
+
+    /// Tests: make writes that would end past `limit` bytes of the active
+    /// segment fail with ENOSPC after writing their first part (`None`: never).
+    #[cfg(test)]
+    pub(crate) fn fail_writes_past(&mut self, limit: Option<u64>) {
+        self.fail_past = limit;
     }
 
     /// Append a point record.
     pub fn append_point(&mut self, p: &PointRec) -> Result<Loc, JournalError> {
         let rec = encode_point(p);
-        self.append(&[&rec])
+        self.rotate_if_full()?;
+        let at = self.end();
+        self.write_parts(&[IoSlice::new(&rec)])?;
+        Ok(at)
     }
 
     /// Append a before-image of `data` at `offset` of `disk` for `epoch`; an
-    /// all-zero range is stored as a zero image without data.
+    /// all-zero range is stored as a zero image without data. Header and data
+    /// go out in one `pwritev`.
     pub fn append_image(
         &mut self,
         epoch: u64,
@@ -943,14 +970,62 @@ impl Writer {
         offset: u64,
         data: &[u8],
     ) -> Result<Loc, JournalError> {
-        let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
-        if crate::util::zero::is_zero(data) {
-            let h = encode_image_header(epoch, disk, offset, len, None);
-            self.append(&[&h])
-        } else {
-            let h = encode_image_header(epoch, disk, offset, len, Some(data));
-            self.append(&[&h, data])
+        self.append_image_records(epoch, disk, &[(offset, data)])
+            .map(|(at, _)| at)
+    }
+
+    /// Append before-images of `epoch` on `disk`, each `(offset, data)` as
+    /// [`Writer::append_image`] would, as many as go into the active segment
+    /// before it rotates (each record that starts below [`SEGMENT_BYTES`], so
+    /// segments are cut exactly where one append per record would cut them),
+    /// with one vectored write. Returns how many were appended: a prefix of
+    /// `images`, at least one unless `images` is empty; call again with the
+    /// rest. Either every record of one call is appended or none is (a failed
+    /// write is cut back).
+    pub fn append_images(
+        &mut self,
+        epoch: u64,
+        disk: u16,
+        images: &[(u64, &[u8])],
+    ) -> Result<usize, JournalError> {
+        if images.is_empty() {
+            return Ok(0);
         }
+        self.append_image_records(epoch, disk, images)
+            .map(|(_, n)| n)
+    }
+
+    /// [`Writer::append_images`] for a non-empty `images`; also returns where
+    /// the first record went.
+    fn append_image_records(
+        &mut self,
+        epoch: u64,
+        disk: u16,
+        images: &[(u64, &[u8])],
+    ) -> Result<(Loc, usize), JournalError> {
+        self.rotate_if_full()?;
+        let at = self.end();
+        let mut heads: Vec<([u8; RECORD_HEADER_LEN], bool)> = Vec::with_capacity(images.len());
+        let mut end = self.len;
+        for &(offset, data) in images {
+            if end >= SEGMENT_BYTES && !heads.is_empty() {
+                break;
+            }
+            let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+            let zero = crate::util::zero::is_zero(data);
+            let h = encode_image_header(epoch, disk, offset, len, (!zero).then_some(data));
+            heads.push((h, zero));
+            end += RECORD_HEADER_LEN as u64 + if zero { 0 } else { data.len() as u64 };
+        }
+        let mut parts: Vec<IoSlice<'_>> = Vec::with_capacity(2 * heads.len());
+        for ((h, zero), &(_, data)) in heads.iter().zip(images) {
+            parts.push(IoSlice::new(h));
+            if !zero {
+                parts.push(IoSlice::new(data));
+            }
+        }
+        self.write_parts(&parts)?;
+        Ok((at, heads.len()))
     }
 
     /// True when records were appended since the last [`Writer::sync`].
@@ -1016,6 +1091,41 @@ impl Writer {
         self.len = SEGMENT_HEADER_LEN as u64;
         self.trim_before(next)
     }
+}
+
+/// Most buffers one `pwritev` takes on Linux (`UIO_MAXIOV`).
+pub const IOV_MAX: usize = 1024;
+
+/// `pwritev` all of `parts` back to back at `offset`: short writes continue,
+/// EINTR/EAGAIN retry, more than [`IOV_MAX`] parts take several calls.
+fn pwritev_all(file: &File, parts: &[IoSlice<'_>], mut offset: u64) -> io::Result<()> {
+    let mut owned: Vec<IoSlice<'_>> = parts.iter().filter(|p| !p.is_empty()).copied().collect();
+    let mut rest: &mut [IoSlice<'_>] = &mut owned;
+    while !rest.is_empty() {
+        let off = i64::try_from(offset).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("offset {offset} does not fit in off_t"),
+            )
+        })?;
+        let n = rest.len().min(IOV_MAX);
+        match nix::sys::uio::pwritev(file, &rest[..n], off) {
+            Ok(0) => {
+                let left: usize = rest.iter().map(|p| p.len()).sum();
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    format!("pwritev at offset {offset} wrote 0 of {left} bytes"),
+                ));
+            }
+            Ok(n) => {
+                offset += n as u64;
+                IoSlice::advance_slices(&mut rest, n);
+            }
+            Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// Create segment `seg` with its header, durably (file and directory).

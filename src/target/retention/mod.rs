@@ -76,6 +76,53 @@ impl Classify for RetentionError {
     }
 }
 
+/// Most bytes of before-images [`Retention::preserve`] reads and appends at
+/// once: a frame that overwrites more is preserved in several batches.
+pub const PRESERVE_BATCH_BYTES: usize = 64 << 20;
+
+/// The preserve buffer is given back after a batch larger than this.
+const PRESERVE_BUF_KEEP: usize = 16 << 20;
+
+/// The runs of blocks of `ranges` (byte offset, length; rounded out to whole
+/// blocks, clamped to the disk's `blocks`) not set in `preserved`: sorted,
+/// disjoint, each at most one record ([`MAX_RECORD_DATA`]) long; a block
+/// several ranges cover is in one run.
+fn unpreserved_runs(
+    preserved: &RegionBitmap,
+    blocks: u64,
+    ranges: &[(u64, u64)],
+) -> Vec<(u64, u64)> {
+    let max_blocks = u64::from(MAX_RECORD_DATA) / BLOCK;
+    let mut spans: Vec<(u64, u64)> = ranges
+        .iter()
+        .filter(|&&(_, len)| len > 0)
+        .map(|&(off, len)| {
+            (
+                off / BLOCK,
+                off.saturating_add(len).div_ceil(BLOCK).min(blocks),
+            )
+        })
+        .filter(|&(b0, b1)| b0 < b1)
+        .collect();
+    spans.sort_unstable();
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    // Blocks below this are already looked at.
+    let mut done = 0u64;
+    for (b0, b1) in spans {
+        for b in b0.max(done)..b1 {
+            if preserved.get(b) {
+                continue;
+            }
+            match runs.last_mut() {
+                Some((s, e)) if *e == b && *e - *s < max_blocks => *e += 1,
+                _ => runs.push((b, b + 1)),
+            }
+        }
+        done = done.max(b1);
+    }
+    runs
+}
+
 /// A change the catalog must learn once the batch that made it is durable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CatalogOp {
@@ -646,6 +693,12 @@ impl Retention {
     /// the blocks of `ranges` (offset, length) on `disk` that are not yet
     /// preserved in the current epoch. Frames at or before the epoch's start
     /// (replayed after a crash) are part of the point and are not preserved.
+    ///
+    /// Two passes: first every unpreserved run of blocks the frame overwrites
+    /// (sorted, each at most one record long), then their content is read with
+    /// one [`Image::read_batch`] and appended with one vectored write per
+    /// [`PRESERVE_BATCH_BYTES`] (and per journal segment). Blocks are marked
+    /// preserved only once their record is appended.
     pub fn preserve(
         &mut self,
         frame_no: u64,
@@ -670,50 +723,88 @@ impl Retention {
             cur.rebuilt.retain(|(d, ..)| *d != disk);
             cur.preserved.insert(disk, bm);
         }
-        let max_blocks = u64::from(MAX_RECORD_DATA) / BLOCK;
-        for &(off, len) in ranges {
-            if len == 0 {
-                continue;
+        let Some(bm) = cur.preserved.get(&disk) else {
+            return Ok(());
+        };
+        let runs = unpreserved_runs(bm, blocks, ranges);
+        if runs.is_empty() {
+            return Ok(());
+        }
+        let mut buf = std::mem::take(&mut self.buf);
+        let res = self.preserve_runs(epoch, disk, img, size, &runs, &mut buf);
+        if buf.len() > PRESERVE_BUF_KEEP {
+            buf = Vec::new();
+        }
+        self.buf = buf;
+        res
+    }
+
+    /// Read and append the before-images of `runs` (block ranges, sorted and
+    /// disjoint, none preserved yet) of `disk` in batches of at most
+    /// [`PRESERVE_BATCH_BYTES`], marking each run once its record is appended.
+    fn preserve_runs(
+        &mut self,
+        epoch: u64,
+        disk: u16,
+        img: &mut dyn Image,
+        size: u64,
+        runs: &[(u64, u64)],
+        buf: &mut Vec<u8>,
+    ) -> Result<(), RetentionError> {
+        // A run's bytes (the last block of a disk may be short).
+        let span = |&(b, e): &(u64, u64)| (b * BLOCK, (e * BLOCK).min(size));
+        let mut i = 0;
+        while i < runs.len() {
+            // Runs i..j: at most PRESERVE_BATCH_BYTES, at least one run.
+            let mut j = i;
+            let mut bytes = 0usize;
+            while let Some(r) = runs.get(j) {
+                let (s, e) = span(r);
+                let n = (e - s) as usize;
+                if j > i && bytes + n > PRESERVE_BATCH_BYTES {
+                    break;
+                }
+                bytes += n;
+                j += 1;
             }
-            let b0 = off / BLOCK;
-            let b1 = off.saturating_add(len).div_ceil(BLOCK).min(blocks);
-            let mut b = b0;
-            while b < b1 {
-                let Some(cur) = self.current.as_mut() else {
-                    return Ok(());
+            if buf.len() < bytes {
+                buf.resize(bytes, 0);
+            }
+            let mut reads: Vec<(u64, &mut [u8])> = Vec::with_capacity(j - i);
+            let mut rest: &mut [u8] = &mut buf[..bytes];
+            for r in &runs[i..j] {
+                let (s, e) = span(r);
+                let (piece, tail) = std::mem::take(&mut rest).split_at_mut((e - s) as usize);
+                rest = tail;
+                reads.push((s, piece));
+            }
+            img.read_batch(&mut reads)
+                .map_err(|source| RetentionError::Read {
+                    group: self.group.clone(),
+                    source: Box::new(source),
+                })?;
+            let images: Vec<(u64, &[u8])> = reads.into_iter().map(|(s, d)| (s, &*d)).collect();
+            let mut k = 0;
+            while k < images.len() {
+                let n = match self.writer.append_images(epoch, disk, &images[k..]) {
+                    Ok(n) => n,
+                    Err(source) => {
+                        return Err(RetentionError::Journal {
+                            group: self.group.clone(),
+                            source,
+                        });
+                    }
                 };
-                let Some(bm) = cur.preserved.get_mut(&disk) else {
-                    return Ok(());
-                };
-                if bm.get(b) {
-                    b += 1;
-                    continue;
-                }
-                // A run of unpreserved blocks, at most one record long.
-                let mut e = b + 1;
-                while e < b1 && e - b < max_blocks && !bm.get(e) {
-                    e += 1;
-                }
-                let start = b * BLOCK;
-                let end = (e * BLOCK).min(size);
-                let n = (end - start) as usize;
-                self.buf.resize(n, 0);
-                img.read_at(start, &mut self.buf[..n])
-                    .map_err(|source| RetentionError::Read {
-                        group: self.group.clone(),
-                        source: Box::new(source),
-                    })?;
-                let data = std::mem::take(&mut self.buf);
-                let r = self.writer.append_image(epoch, disk, start, &data[..n]);
-                self.buf = data;
-                r.map_err(|e| self.jerr(e))?;
                 if let Some(cur) = self.current.as_mut()
                     && let Some(bm) = cur.preserved.get_mut(&disk)
                 {
-                    bm.set_range(b, e);
+                    for &(b, e) in &runs[i + k..i + k + n] {
+                        bm.set_range(b, e);
+                    }
                 }
-                b = e;
+                k += n;
             }
+            i = j;
         }
         Ok(())
     }

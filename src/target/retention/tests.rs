@@ -291,3 +291,272 @@ fn a_trimmed_segment_is_reported_to_a_reader() {
     ));
     let _ = Loc::default();
 }
+
+/// Before-images as a map: (epoch, disk, block) -> the block's bytes (the
+/// last block of a disk may be short), from every image record of the
+/// journal in `dir`. Panics if a block has two images in one epoch.
+fn images_by_block(dir: &std::path::Path) -> std::collections::BTreeMap<(u64, u16, u64), Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let first = journal::list_segments(dir).unwrap()[0];
+    let mut sc = Scanner::new(dir, "g1", Loc { seg: first, pos: 0 });
+    while let Some(r) = sc.next_record().unwrap() {
+        let RecordHead::Image {
+            epoch,
+            disk,
+            offset,
+            len,
+            zero,
+            data_crc,
+        } = r.head
+        else {
+            continue;
+        };
+        let mut data = vec![0u8; len as usize];
+        if !zero {
+            journal::read_image(dir, r.loc.seg, r.data_pos, data_crc, &mut data).unwrap();
+        }
+        for (i, block) in data.chunks(BLOCK as usize).enumerate() {
+            let key = (epoch, disk, offset / BLOCK + i as u64);
+            assert!(
+                out.insert(key, block.to_vec()).is_none(),
+                "block {key:?} preserved twice in one epoch"
+            );
+        }
+    }
+    out
+}
+
+/// The per-run path `Retention::preserve` had before it batched its reads
+/// and appends: ranges in frame order, one `read_at` and one `append_image`
+/// per run of unpreserved blocks (at most one record long).
+fn preserve_per_run(
+    w: &mut Writer,
+    bm: &mut crate::capture::bitmap::RegionBitmap,
+    epoch: u64,
+    disk: u16,
+    img: &mut dyn crate::image::Image,
+    ranges: &[(u64, u64)],
+) {
+    let size = img.size();
+    let blocks = size.div_ceil(BLOCK);
+    let max_blocks = u64::from(journal::MAX_RECORD_DATA) / BLOCK;
+    for &(off, len) in ranges {
+        if len == 0 {
+            continue;
+        }
+        let b1 = off.saturating_add(len).div_ceil(BLOCK).min(blocks);
+        let mut b = off / BLOCK;
+        while b < b1 {
+            if bm.get(b) {
+                b += 1;
+                continue;
+            }
+            let mut e = b + 1;
+            while e < b1 && e - b < max_blocks && !bm.get(e) {
+                e += 1;
+            }
+            let (start, end) = (b * BLOCK, (e * BLOCK).min(size));
+            let mut buf = vec![0u8; (end - start) as usize];
+            img.read_at(start, &mut buf).unwrap();
+            w.append_image(epoch, disk, start, &buf).unwrap();
+            bm.set_range(b, e);
+            b = e;
+        }
+    }
+}
+
+/// One frame of the test: ranges (offset, len) and what is written there
+/// (`None`: zeros).
+type Frame = Vec<(u64, u64, Option<Vec<u8>>)>;
+
+/// Frames of many scattered 4 KiB writes, with unaligned small writes, long
+/// ranges (several records), zero ranges, writes of zeros, overlaps inside a
+/// frame, and the disk's short last block.
+fn scattered_frames(rng: &mut crate::util::prng::Prng, size: u64, frames: usize) -> Vec<Frame> {
+    (0..frames)
+        .map(|_| {
+            let mut f: Frame = (0..200 + rng.below(400))
+                .map(|_| {
+                    let len = match rng.below(40) {
+                        0..4 => 1 + rng.below(3000),
+                        4 => 4096 * (1 + rng.below(400)),
+                        _ => 4096,
+                    }
+                    .min(size);
+                    let mut off = rng.below(size - len + 1);
+                    if rng.below(4) != 0 {
+                        off -= off % 4096;
+                    }
+                    let data = match rng.below(8) {
+                        0 => None,
+                        1 => Some(vec![0u8; len as usize]),
+                        _ => {
+                            let mut d = vec![0u8; len as usize];
+                            rng.fill(&mut d);
+                            Some(d)
+                        }
+                    };
+                    (off, len, data)
+                })
+                .collect();
+            // Overlaps inside the frame, and the end of the disk.
+            let (o, l, _) = f[0].clone();
+            f.push((o, l, None));
+            f.push((size - 10, 10, Some(vec![7u8; 10])));
+            f
+        })
+        .collect()
+}
+
+/// `Retention::preserve` (runs read with one `read_batch`, records appended
+/// with vectored writes) leaves the same before-images as the per-run path,
+/// block for block and epoch for epoch, and every point rebuilds exactly
+/// through the overlay; also when an append fails (disk full) and is retried,
+/// and for a frame larger than one read batch and one journal segment.
+#[test]
+fn batched_preserve_keeps_the_same_images_as_the_per_run_path() {
+    use super::policy::Policy;
+    use super::{PRESERVE_BATCH_BYTES, Position, Retention};
+    use crate::capture::bitmap::RegionBitmap;
+    use crate::image::{Engine, ImageFormat, ImageSpec, WriteOp, open_image};
+    use crate::util::prng::Prng;
+
+    // Larger than one read batch, with a short last block.
+    let size = PRESERVE_BATCH_BYTES as u64 + (6 << 20) + 1536;
+    for format in [ImageFormat::Raw, ImageFormat::VmdkSparse] {
+        let d = tempfile::tempdir().unwrap();
+        let mut img = open_image(&ImageSpec {
+            path: d.path().join("replica"),
+            format,
+            engine: Engine::Uring,
+            create_size: Some(size),
+            direct_io: false,
+        })
+        .unwrap();
+        let mut rng = Prng::new(11);
+        // Data in the first half (the rest reads as zeros: zero images).
+        let mut model = vec![0u8; size as usize];
+        rng.fill(&mut model[..(size / 2) as usize]);
+        img.write_batch(&[WriteOp::Write {
+            offset: 0,
+            data: &model[..(size / 2) as usize],
+        }])
+        .unwrap();
+        let policy = Policy {
+            enabled: true,
+            ..Policy::default()
+        };
+        let group_dir = d.path().join("state");
+        let mut ret = Retention::open(&group_dir, "g1", policy, false).unwrap();
+        let old_dir = d.path().join("per-run");
+        let (mut old, _) = Writer::open(&old_dir, "g1").unwrap();
+        let mut old_bm = RegionBitmap::new(size.div_ceil(BLOCK));
+
+        let mut frames = scattered_frames(&mut rng, size, 7);
+        // The last frame zeroes the whole disk: more than a read batch, more
+        // than a journal segment.
+        frames.push(vec![(0, size, None)]);
+        let mut at_points: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut epoch = 0;
+        for (i, frame) in frames.iter().enumerate() {
+            let frame_no = 10 + i as u64;
+            if i % 3 == 0 {
+                // A new point (and epoch) before this frame.
+                let pos = Position {
+                    frame_no: frame_no - 1,
+                    last_seq: frame_no * 10,
+                    time_us: frame_no,
+                    consistent: true,
+                    tag: Some((format!("t{i}"), false)),
+                };
+                ret.boundary(&pos, false).unwrap();
+                epoch = ret.epochs().last().unwrap().1.epoch;
+                assert_eq!(ret.epochs().last().unwrap().1.frame_no, frame_no - 1);
+                old_bm = RegionBitmap::new(size.div_ceil(BLOCK));
+                at_points.push((epoch, model.clone()));
+            }
+            let ranges: Vec<(u64, u64)> = frame.iter().map(|(o, l, _)| (*o, *l)).collect();
+            preserve_per_run(&mut old, &mut old_bm, epoch, 0, img.as_mut(), &ranges);
+            if i == 1 {
+                // The disk fills up in the middle of the frame's append: the
+                // torn append is cut, nothing is marked, and the retry
+                // appends every image once.
+                let end = ret.writer.end().pos;
+                ret.writer.fail_writes_past(Some(end + 100_000));
+                let e = ret
+                    .preserve(frame_no, 0, img.as_mut(), &ranges)
+                    .unwrap_err();
+                assert!(e.is_no_space(), "{e}");
+                assert_eq!(ret.writer.end().pos, end, "the torn append is cut");
+                ret.writer.fail_writes_past(None);
+            }
+            ret.preserve(frame_no, 0, img.as_mut(), &ranges).unwrap();
+            // Preserving the same frame again adds nothing.
+            let end = ret.writer.end();
+            ret.preserve(frame_no, 0, img.as_mut(), &ranges).unwrap();
+            assert_eq!(ret.writer.end(), end);
+            ret.sync().unwrap();
+            let ops: Vec<WriteOp<'_>> = frame
+                .iter()
+                .map(|(o, l, data)| match data {
+                    Some(d) => WriteOp::Write {
+                        offset: *o,
+                        data: d,
+                    },
+                    None => WriteOp::Zero {
+                        offset: *o,
+                        len: *l,
+                    },
+                })
+                .collect();
+            img.write_batch(&ops).unwrap();
+            for (o, l, data) in frame {
+                let r = *o as usize..(*o + *l) as usize;
+                match data {
+                    Some(d) => model[r].copy_from_slice(d),
+                    None => model[r].fill(0),
+                }
+            }
+        }
+        old.sync().unwrap();
+        let new_images = images_by_block(&group_dir.join(super::RETENTION_DIR));
+        let old_images = images_by_block(&old_dir);
+        assert_eq!(
+            new_images.len(),
+            old_images.len(),
+            "{format:?}: blocks preserved"
+        );
+        assert!(
+            new_images == old_images,
+            "{format:?}: the same before-images"
+        );
+        assert!(
+            journal::list_segments(&group_dir.join(super::RETENTION_DIR))
+                .unwrap()
+                .len()
+                > 1,
+            "the last frame spans journal segments"
+        );
+
+        // Every point rebuilds from the replica and the overlay.
+        let mut replica = vec![0u8; size as usize];
+        img.read_at(0, &mut replica).unwrap();
+        assert!(replica == model);
+        let points: Vec<(Loc, PointRec)> = ret.epochs().cloned().collect();
+        for (e, want) in &at_points {
+            let (loc, p) = points.iter().find(|(_, p)| p.epoch == *e).unwrap();
+            let g = Granted {
+                epoch: p.epoch,
+                seg: loc.seg,
+                pos: loc.pos,
+                frame_no: p.frame_no,
+                last_seq: p.last_seq,
+                time_us: p.time_us,
+            };
+            let mut o = Overlay::new(&group_dir.join(super::RETENTION_DIR), "g1", &g).unwrap();
+            let mut buf = replica.clone();
+            o.apply(0, 0, &mut buf).unwrap();
+            assert!(buf == *want, "{format:?}: point of epoch {e} rebuilt");
+        }
+    }
+}
