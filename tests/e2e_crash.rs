@@ -196,6 +196,9 @@ fn kill_count() -> usize {
         .unwrap_or(50)
 }
 
+/// Points the final sweep of the crash loop recovers at most (plus the newest).
+const SWEEP_POINTS: usize = 40;
+
 #[test]
 fn e2e_target_killed_at_random_instants_every_point_stays_exact() {
     let size = 16 * MIB;
@@ -281,6 +284,35 @@ fn e2e_target_killed_at_random_instants_every_point_stays_exact() {
     assert!(
         older_checked >= kills / 10,
         "older points checked: {older_checked}"
+    );
+    // Finally, points spread evenly over the whole history still in retention
+    // (every one when there are few), from the oldest on: each must be the
+    // source after exactly the writes through it, whatever kills it lived through.
+    let mut pts: Vec<u64> = points(&c)
+        .iter()
+        .filter(|p| !p["epoch"].is_null())
+        .filter_map(|p| p["seq"].as_u64())
+        .filter(|&s| s <= last_point)
+        .collect();
+    pts.sort_unstable();
+    pts.dedup();
+    assert!(!pts.is_empty(), "no point left in retention");
+    let step = pts.len().div_ceil(SWEEP_POINTS).max(1);
+    let mut swept = Model::new(sp.clone(), &disks);
+    let mut checked = 0;
+    for &s in pts.iter().step_by(step).chain(pts.last()) {
+        checked += 1;
+        let got = recover(&c, &format!("seq:{s}"), Some(0), &old);
+        assert_eq!(got, s, "seq:{s} names that point");
+        swept.advance(&log, s);
+        assert_same(&old, &swept.disks[&0], &format!("sweep: point seq {s}"));
+        std::fs::remove_file(&old).unwrap();
+    }
+    eprintln!(
+        "swept {checked} of the {} points in retention (seq {}..={})",
+        pts.len(),
+        pts[0],
+        pts[pts.len() - 1]
     );
     let st = c.target_status().unwrap();
     assert_eq!(st.groups[0].chain_violations, 0);
