@@ -3,8 +3,10 @@
 //! a longer run), and after every restart `recover --point latest` equals the
 //! source as it was after exactly the writes with seq ≤ the point (the test
 //! rebuilds that state from the agent's workload log), and so do earlier
-//! points still in retention. And a consistency group of three disks: every
-//! recovery point gives all three at the same seq.
+//! points still in retention: a random one every fifth restart, and at the end
+//! 40 spread over the whole history (`TIDEMARK_CRASH_SWEEP=0`: every one). And
+//! a consistency group of three disks: every recovery point gives all three at
+//! the same seq.
 
 mod common;
 
@@ -196,8 +198,18 @@ fn kill_count() -> usize {
         .unwrap_or(50)
 }
 
-/// Points the final sweep of the crash loop recovers at most (plus the newest).
-const SWEEP_POINTS: usize = 40;
+/// Points the final sweep of the crash loop recovers at most (plus the newest):
+/// `TIDEMARK_CRASH_SWEEP` (0: every point; each costs a `recover`), default 40.
+fn sweep_points() -> usize {
+    match std::env::var("TIDEMARK_CRASH_SWEEP")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        Some(0) => usize::MAX,
+        Some(n) => n,
+        None => 40,
+    }
+}
 
 #[test]
 fn e2e_target_killed_at_random_instants_every_point_stays_exact() {
@@ -297,7 +309,7 @@ fn e2e_target_killed_at_random_instants_every_point_stays_exact() {
     pts.sort_unstable();
     pts.dedup();
     assert!(!pts.is_empty(), "no point left in retention");
-    let step = pts.len().div_ceil(SWEEP_POINTS).max(1);
+    let step = pts.len().div_ceil(sweep_points()).max(1);
     let mut swept = Model::new(sp.clone(), &disks);
     let mut checked = 0;
     for &s in pts.iter().step_by(step).chain(pts.last()) {
