@@ -142,8 +142,22 @@ impl Pipeline {
                     let mut reserved = frame_next;
                     let mut index = 0u64;
                     let mut last_frame = Instant::now();
+                    // The last frame sealed was M (or nothing was sealed yet):
+                    // once capture is write-ordered again, a W heartbeat goes
+                    // out at once, so the target learns without waiting for the
+                    // next write that the replica is consistent again.
+                    let mut after_m = true;
                     while !st.load(AO::Relaxed) {
-                        let wait = cfg.heartbeat.saturating_sub(last_frame.elapsed());
+                        // Read before taking the batch: when it says
+                        // write-ordered, every M entry (a drain's copies are
+                        // recorded before it ends) is already in the journal,
+                        // so an empty batch means all of them are in frames.
+                        let ordered = journal.mode().write_ordered();
+                        let wait = if ordered {
+                            cfg.heartbeat.saturating_sub(last_frame.elapsed())
+                        } else {
+                            Duration::MAX
+                        };
                         let entries = journal.take_batch(
                             cfg.frame_max_bytes,
                             cfg.linger,
@@ -153,7 +167,12 @@ impl Pipeline {
                             if journal.is_closed() {
                                 break;
                             }
-                            if last_frame.elapsed() < cfg.heartbeat {
+                            // A heartbeat is a W frame: none while capture is
+                            // not write-ordered (bitmap or drain mode: the
+                            // replica is not a prefix of the source's history,
+                            // a drain may be half done, and a W frame would
+                            // tell the target it is consistent again).
+                            if !ordered || (!after_m && last_frame.elapsed() < cfg.heartbeat) {
                                 continue;
                             }
                         }
@@ -180,6 +199,7 @@ impl Pipeline {
                             Some(Ordering::M) => FrameKind::Merge,
                             _ => FrameKind::Write,
                         };
+                        after_m = kind == FrameKind::Merge;
                         let meta = FrameMeta {
                             group: cfg.group,
                             key_epoch: cfg.key_epoch,
@@ -281,6 +301,7 @@ impl<T> Reorder<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::capture::journal::CopyPart;
     use crate::frame::Opener;
 
     #[test]
@@ -449,5 +470,115 @@ mod tests {
             "the next write starts a new frame"
         );
         assert_eq!(b.records.len(), 2);
+    }
+
+    /// A pipeline over a one-disk journal that starts draining (a region of
+    /// disk 0 pending), with heartbeats every `heartbeat`.
+    fn draining(heartbeat: Duration) -> (Arc<CaptureJournal>, Pipeline, Receiver<SealOutput>) {
+        let journal = Arc::new(CaptureJournal::in_memory(
+            64 << 20,
+            1,
+            Box::new(|f| Ok(f + 1000)),
+        ));
+        let mut pending = crate::capture::bitmap::RegionBitmap::new(256);
+        pending.set_range(0, 1);
+        journal.add_disk(
+            0,
+            1 << 20,
+            pending,
+            crate::frame::NoteReason::InitialCopy,
+            "test",
+        );
+        assert_eq!(journal.mode(), crate::capture::modes::Mode::Drain);
+        let cfg = PipelineConfig {
+            group: "g1".parse().unwrap(),
+            key_epoch: 1,
+            zstd_level: 1,
+            frame_max_bytes: 1 << 20,
+            linger: Duration::from_millis(5),
+            heartbeat,
+            workers: 1,
+            max_jobs: 4,
+            nice: 0,
+        };
+        let (tx, rx) = bounded(64);
+        let p = Pipeline::start(
+            journal.clone(),
+            &DataKey::from_bytes([7; 32]),
+            cfg,
+            ChainPos::default(),
+            1,
+            Box::new(|f| Ok(f + 10)),
+            tx,
+        )
+        .unwrap();
+        (journal, p, rx)
+    }
+
+    /// Frames received within `wait` (in chain order), as (kind, heartbeat).
+    fn frames_within(
+        p: &Pipeline,
+        rx: &Receiver<SealOutput>,
+        reorder: &mut Reorder<SealedFrame>,
+        wait: Duration,
+        until: impl Fn(&[(FrameKind, bool)]) -> bool,
+    ) -> Vec<(FrameKind, bool)> {
+        let mut opener = Opener::new(
+            "g1".parse().unwrap(),
+            vec![(1, DataKey::from_bytes([7; 32]))],
+        )
+        .unwrap();
+        let deadline = Instant::now() + wait;
+        let mut got = Vec::new();
+        while Instant::now() < deadline && !until(&got) {
+            let Ok(o) = rx.recv_timeout(Duration::from_millis(50)) else {
+                continue;
+            };
+            reorder.push(o.index, o.result.unwrap());
+            while let Some(f) = reorder.pop() {
+                p.release();
+                let h = opener.open(&f.bytes).unwrap().header;
+                got.push((h.kind, h.heartbeat));
+            }
+        }
+        got
+    }
+
+    /// No heartbeat while draining (a W frame would tell the target that the
+    /// replica is consistent again with the drain half done), however long the
+    /// journal stays empty; once every region is copied, a W heartbeat goes out
+    /// at once, without waiting for the heartbeat interval or the next write.
+    #[test]
+    fn no_heartbeat_while_draining_and_one_as_soon_as_the_drain_ends() {
+        // Heartbeats due every 20 ms: none may come while draining.
+        let (journal, p, rx) = draining(Duration::from_millis(20));
+        let mut reorder = Reorder::default();
+        let got = frames_within(&p, &rx, &mut reorder, Duration::from_millis(600), |_| false);
+        assert!(
+            got.iter().all(|&(k, hb)| k == FrameKind::Merge && !hb),
+            "only the drain's M note while draining: {got:?}"
+        );
+        journal.close();
+        p.stop();
+
+        // A heartbeat interval far longer than the test: the W heartbeat after
+        // the drain must not wait for it.
+        let (journal, p, rx) = draining(Duration::from_secs(3600));
+        let mut reorder = Reorder::default();
+        let copied = journal
+            .record_copy(0, 0, 4096, vec![CopyPart::Data(0, vec![1; 4096])])
+            .unwrap();
+        assert!(copied && journal.finish_drain());
+        let got = frames_within(&p, &rx, &mut reorder, Duration::from_secs(20), |g| {
+            g.iter().any(|&(_, hb)| hb)
+        });
+        let first_w = got.iter().position(|&(k, _)| k == FrameKind::Write);
+        assert!(
+            first_w
+                .is_some_and(|i| got[i].1 && got[..i].iter().all(|&(k, _)| k == FrameKind::Merge)),
+            "M frames, then a W heartbeat: {got:?}"
+        );
+        journal.close();
+        p.stop();
     }
 }

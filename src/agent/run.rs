@@ -487,7 +487,8 @@ async fn run_group(
     };
 
     // Capture runs from here on, whatever the relay does: the drainer copies
-    // dirty regions, the keeper ticks the modes and rolls the dirty logs over.
+    // dirty regions, the keeper ticks the modes, the roller rolls the dirty
+    // logs over.
     let sink = {
         let info = info.clone();
         Box::new(move |e: String| info.set_error(e))

@@ -1,7 +1,10 @@
 //! The capture workers of a group: the drainer, which copies dirty regions from
 //! the backing disks into the journal as M entries while the group is in drain
-//! mode, and the keeper, which ticks the mode machine and rolls the disks' dirty
-//! logs over. Both are plain threads (blocking disk I/O), stopped by a flag.
+//! mode; the keeper, which ticks the mode machine; and the roller, which rolls
+//! the disks' dirty logs over. Plain threads (blocking disk I/O), stopped by a
+//! flag. The keeper does no I/O, so a slow disk (a dirty-log fsync taking
+//! seconds) never delays a mode decision such as pausing a drain when the
+//! relay is gone.
 
 use std::sync::atomic::{AtomicBool, Ordering as AO};
 use std::sync::{Arc, Mutex};
@@ -74,14 +77,20 @@ impl CaptureWorkers {
                 })?
         };
         let keeper = {
-            let (j, s, e) = (journal, stop.clone(), last_error.clone());
+            let (j, s) = (journal.clone(), stop.clone());
             std::thread::Builder::new()
                 .name(format!("keeper-{group}"))
-                .spawn(move || keeper_loop(&j, &disks, &s, &e, rollover))?
+                .spawn(move || keeper_loop(&j, &s))?
+        };
+        let roller = {
+            let (s, e) = (stop.clone(), last_error.clone());
+            std::thread::Builder::new()
+                .name(format!("roller-{group}"))
+                .spawn(move || roller_loop(&journal, &disks, &s, &e, rollover))?
         };
         Ok(CaptureWorkers {
             stop,
-            threads: vec![drainer, keeper],
+            threads: vec![drainer, keeper, roller],
             last_error,
         })
     }
@@ -95,7 +104,7 @@ impl CaptureWorkers {
             .clone()
     }
 
-    /// Stop both workers and wait for them.
+    /// Stop the workers and wait for them.
     pub fn stop(self) {
         self.stop.store(true, AO::Relaxed);
         for t in self.threads {
@@ -171,7 +180,14 @@ fn drain_loop(
     }
 }
 
-fn keeper_loop(
+fn keeper_loop(journal: &CaptureJournal, stop: &AtomicBool) {
+    while !stop.load(AO::Relaxed) {
+        std::thread::sleep(TICK);
+        journal.tick();
+    }
+}
+
+fn roller_loop(
     journal: &CaptureJournal,
     disks: &[Arc<ProtectedDisk>],
     stop: &AtomicBool,
@@ -181,7 +197,6 @@ fn keeper_loop(
     let mut next_roll = Instant::now() + rollover;
     while !stop.load(AO::Relaxed) {
         std::thread::sleep(TICK);
-        journal.tick();
         if Instant::now() < next_roll {
             continue;
         }

@@ -423,6 +423,13 @@ impl Retention {
 
     /// Look at the pins now (the apply thread is idle).
     pub fn idle(&mut self, at: &Position) -> Result<(), RetentionError> {
+        if self.in_m && at.frame_no > 0 && at.consistent {
+            // The W frame after M data (often the agent's heartbeat when a
+            // drain ends with no write after it) is applied and nothing
+            // follows yet: the replica is consistent again now, not only
+            // when the next frame comes.
+            return self.boundary(at, false);
+        }
         if self.pins.due() {
             self.answer_pins(at)?;
         }

@@ -560,3 +560,42 @@ fn batched_preserve_keeps_the_same_images_as_the_per_run_path() {
         }
     }
 }
+
+/// After M data, the first W frame (a heartbeat when the drain ends with no
+/// write after it) makes the replica consistent again as soon as the apply
+/// thread is idle, not only when a next frame arrives; an M frame applied last
+/// does not.
+#[test]
+fn idle_after_the_w_frame_that_follows_m_data_makes_a_point() {
+    use super::policy::Policy;
+    use super::{Position, Retention};
+    let d = tempfile::tempdir().unwrap();
+    let policy = Policy {
+        enabled: true,
+        ..Policy::default()
+    };
+    let mut ret = Retention::open(&d.path().join("state"), "g1", policy, false).unwrap();
+    let pos = |frame_no: u64, consistent: bool| Position {
+        frame_no,
+        last_seq: frame_no * 10,
+        time_us: frame_no * 1_000_000,
+        consistent,
+        tag: None,
+    };
+    let last = |ret: &Retention| ret.epochs().last().map(|(_, p)| p.frame_no);
+    // W frames 1..=3, then M data (frames 4, 5) begins.
+    ret.boundary(&pos(3, true), true).unwrap();
+    assert_eq!(last(&ret), Some(3), "the point before the M range");
+    ret.boundary(&pos(4, false), true).unwrap();
+    // Idle after an M frame: still inconsistent, no point.
+    ret.idle(&pos(5, false)).unwrap();
+    assert_eq!(last(&ret), Some(3));
+    // Frame 6 is W (a heartbeat): idle makes the point at its end.
+    ret.boundary(&pos(5, false), false).unwrap();
+    assert_eq!(last(&ret), Some(3), "not before frame 6 is applied");
+    ret.idle(&pos(6, true)).unwrap();
+    assert_eq!(last(&ret), Some(6));
+    // The next frame's boundary at the same position adds nothing.
+    ret.boundary(&pos(6, true), false).unwrap();
+    assert_eq!(ret.epochs().filter(|(_, p)| p.frame_no == 6).count(), 1);
+}
