@@ -1,5 +1,8 @@
 //! Tests of `diff`, the plan's chunking and the progress file.
 
+// One-range region lists (`&[0..20]`) are what these tests mean.
+#![allow(clippy::single_range_in_vec_init)]
+
 use std::collections::BTreeSet;
 
 use proptest::prelude::*;

@@ -212,8 +212,8 @@ pub enum DigestError {
         first_block: u64,
         /// Number of blocks asked for.
         count: u64,
-        /// Cause (names the image).
-        source: ImageError,
+        /// Cause (names the image); boxed, as ImageError is large.
+        source: Box<ImageError>,
     },
     /// Reading blocks failed.
     #[error("reading {len} bytes at offset {offset} (blocks from {block}): {source}")]
@@ -224,8 +224,8 @@ pub enum DigestError {
         len: u64,
         /// Block at `offset`.
         block: u64,
-        /// Cause (names the image and the read).
-        source: ImageError,
+        /// Cause (names the image and the read); boxed, as ImageError is large.
+        source: Box<ImageError>,
     },
 }
 
@@ -283,7 +283,7 @@ pub fn digest_range(
         .map_err(|source| DigestError::DataRanges {
             first_block,
             count,
-            source,
+            source: Box::new(source),
         })?;
 
     // The runs of blocks touched by a data range, relative to first_block,
@@ -388,7 +388,7 @@ fn read_and_digest(
                 offset: extents.first().map_or(0, |e| e.0),
                 len: total as u64,
                 block: first_block + segs.first().map_or(0, |s| s.0),
-                source,
+                source: Box::new(source),
             })?;
     }
     let mut at = 0usize;
