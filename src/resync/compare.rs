@@ -154,6 +154,17 @@ impl ResyncPlan {
             chunk_starts.push(chunk_count);
             chunk_count += (r.end - r.start).div_ceil(u64::from(chunk_blocks));
         }
+        // Bound the memory and the file: the done bitmap and the regions
+        // must fit a progress file that `load` accepts.
+        let file_len = (PROGRESS_HEADER_LEN as u64 + 4)
+            .saturating_add((merged.len() as u64).saturating_mul(16))
+            .saturating_add(chunk_count.div_ceil(64).saturating_mul(8));
+        if file_len > MAX_PROGRESS_FILE {
+            return Err(ProgressError::PlanTooLarge {
+                regions: merged.len() as u64,
+                chunks: chunk_count,
+            });
+        }
         Ok(ResyncPlan {
             disk,
             disk_size,
@@ -232,6 +243,15 @@ pub enum ProgressError {
         /// Blocks of the disk.
         disk_blocks: u64,
     },
+    /// The plan has too many regions or chunks for a progress file of at most
+    /// [`MAX_PROGRESS_FILE`] bytes (use larger chunks, or merge regions).
+    #[error("a plan of {regions} regions and {chunks} chunks is too large for a progress file")]
+    PlanTooLarge {
+        /// Regions after merging.
+        regions: u64,
+        /// Chunks.
+        chunks: u64,
+    },
     /// `mark_done` of a chunk the plan does not have.
     #[error("chunk {index} does not exist (the plan has {chunks} chunks)")]
     NoSuchChunk {
@@ -293,6 +313,7 @@ impl Classify for ProgressError {
             ProgressError::Corrupt { .. } | ProgressError::Mismatch { .. } => ErrorKind::Corrupt,
             ProgressError::BadChunkBlocks { .. }
             | ProgressError::RegionOutsideDisk { .. }
+            | ProgressError::PlanTooLarge { .. }
             | ProgressError::NoSuchChunk { .. } => ErrorKind::Config,
         }
     }

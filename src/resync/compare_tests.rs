@@ -77,6 +77,9 @@ fn plan_normalizes_and_cuts_regions() {
             Err(ProgressError::BadChunkBlocks { .. })
         ));
     }
+    // 2^40 chunks would need a 128 GiB bitmap: refused, not allocated.
+    let huge = ResyncPlan::new(0, u64::MAX, BlockSize::new(4096).unwrap(), &[0..1 << 40], 1);
+    assert!(matches!(huge, Err(ProgressError::PlanTooLarge { chunks, .. }) if chunks == 1 << 40));
     let empty = plan(&[], 8);
     assert_eq!(empty.chunk_count(), 0);
     assert!(ResyncProgress::new(empty).is_done());
