@@ -5,6 +5,7 @@
 //! mutual TLS by [`transport`] to the [`relay`], which keeps it durably in a
 //! [`spool`] and forwards it to the [`target`], which keeps it in a redo spool of
 //! its own and applies it in chain order to an [`image`]. [`bench`](mod@bench) runs all of it on one machine.
+//! [`resync`] holds the core of checksum resync and verify (not yet wired in).
 #![deny(unsafe_code)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
@@ -26,5 +27,6 @@ pub mod relay;
 pub mod target;
 
 pub mod image;
+pub mod resync;
 
 pub mod bench;
