@@ -305,41 +305,34 @@ pub fn digest_range(
         }
     }
 
-    // Read the runs in batches of whole blocks, up to MAX_READ_BYTES each.
+    // Cut the runs into batches of whole blocks, up to MAX_READ_BYTES each,
+    // then read and digest batch by batch.
     let per_batch = (MAX_READ_BYTES as u64 / bs).max(1);
-    let mut buf: Vec<u8> = Vec::new();
-    let mut pending: Vec<(u64, u64)> = Vec::new(); // (relative block, blocks)
-    let mut pending_blocks = 0u64;
+    let mut batches: Vec<Vec<(u64, u64)>> = Vec::new(); // (relative block, blocks)
+    let mut pending_blocks = per_batch;
     for (mut b0, b1) in runs {
         while b0 < b1 {
-            let take = (b1 - b0).min(per_batch - pending_blocks);
-            pending.push((b0, take));
-            pending_blocks += take;
-            b0 += take;
             if pending_blocks == per_batch {
-                read_and_digest(
-                    img,
-                    key,
-                    block_size,
-                    first_block,
-                    size,
-                    &pending,
-                    &mut buf,
-                    &mut out,
-                )?;
-                pending.clear();
+                batches.push(Vec::new());
                 pending_blocks = 0;
             }
+            let take = (b1 - b0).min(per_batch - pending_blocks);
+            if let Some(batch) = batches.last_mut() {
+                batch.push((b0, take));
+            }
+            pending_blocks += take;
+            b0 += take;
         }
     }
-    if !pending.is_empty() {
+    let mut buf: Vec<u8> = Vec::new();
+    for batch in &batches {
         read_and_digest(
             img,
             key,
             block_size,
             first_block,
             size,
-            &pending,
+            batch,
             &mut buf,
             &mut out,
         )?;
