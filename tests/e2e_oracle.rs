@@ -22,7 +22,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant, SystemTime};
 
 use common::tools::{LoopDev, Mounted, fsck_clean, require_root, require_tool, run, run_ok};
-use common::{Cluster, exe, wait_until};
+use common::{Cluster, wait_until};
 use tidemark::config::{AgentConfig, FuseFrontend, TargetConfig};
 use tidemark::util::datagen;
 use tidemark::util::prng::Prng;
@@ -37,48 +37,6 @@ const ROUNDS: u64 = 3;
 type Manifest = BTreeMap<String, blake3::Hash>;
 
 /// `tidemark agent tag --config <agent.toml> <args>`, bounded; the tag's seq.
-fn tag_ok(c: &Cluster, args: &[&str]) -> u64 {
-    let out = run(
-        Command::new(exe())
-            .args(["agent", "tag", "--config"])
-            .arg(c.path("agent.toml"))
-            .args(args)
-            .env("RUST_LOG", "info"),
-        Duration::from_secs(60),
-    );
-    assert!(
-        out.status.success(),
-        "agent tag {args:?} failed ({}): {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr),
-        c.logs()
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .expect("agent tag prints the seq")
-}
-
-/// `tidemark target <args> --config <target.toml>`, bounded; its stdout.
-fn target_cmd(c: &Cluster, args: &[&str]) -> String {
-    let out = run(
-        Command::new(exe())
-            .arg("target")
-            .args(args)
-            .arg("--config")
-            .arg(c.path("target.toml")),
-        LIMIT,
-    );
-    assert!(
-        out.status.success(),
-        "tidemark target {args:?} failed ({}): {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr),
-        c.logs()
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Thaws a mount point on drop (a failing test must not leave it frozen).
 struct ThawGuard(PathBuf);
 
@@ -407,7 +365,7 @@ fn wait_agent_status_after(c: &Cluster, mark: SystemTime) {
 
 /// The catalog's points, from `target points --json`.
 fn points(c: &Cluster) -> Vec<serde_json::Value> {
-    let json = target_cmd(c, &["points", "--json"]);
+    let json = c.target_cmd(&["points", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     v["points"]
         .as_array()
@@ -486,7 +444,7 @@ fn e2e_recovered_ext4_at_every_app_tag_holds_that_rounds_fsynced_files() {
             "round {r}: the live tree is not the model: {d:#?}"
         );
         let name = format!("round-{r}");
-        let seq = tag_ok(&c, &["--freeze", &m, "--timeout", "20", &name]);
+        let seq = c.agent_tag_ok(&["--freeze", &m, "--timeout", "20", &name]);
         eprintln!(
             "{name}: {} files, {} MiB, tag seq {seq}: {:?}",
             manifest.len(),
@@ -540,18 +498,15 @@ fn e2e_recovered_ext4_at_every_app_tag_holds_that_rounds_fsynced_files() {
     fs::create_dir_all(&out).unwrap();
     for (r, (name, seq, manifest)) in (1..).zip(&tags) {
         let img = out.join(format!("{name}.img"));
-        target_cmd(
-            &c,
-            &[
-                "recover",
-                "--point",
-                name,
-                "--disk",
-                "0",
-                "--out",
-                img.to_str().unwrap(),
-            ],
-        );
+        c.target_cmd(&[
+            "recover",
+            "--point",
+            name,
+            "--disk",
+            "0",
+            "--out",
+            img.to_str().unwrap(),
+        ]);
         // fsck a copy: the recovered image stays as recovered for a post-mortem.
         let copy = out.join(format!("{name}.fsck.img"));
         run_ok(

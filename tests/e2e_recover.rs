@@ -23,25 +23,6 @@ fn configure_target(c: &Cluster, f: impl FnOnce(&mut TargetConfig)) {
     std::fs::write(&path, cfg.to_toml_string().unwrap()).unwrap();
 }
 
-/// Run `tidemark target <args>` to completion; its stdout, or a panic with its
-/// stderr.
-fn target_cmd(c: &Cluster, args: &[&str]) -> String {
-    let out = Command::new(exe())
-        .arg("target")
-        .args(args)
-        .arg("--config")
-        .arg(c.path("target.toml"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "tidemark target {args:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        c.logs()
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn same(a: &Path, b: &Path) -> bool {
     tidemark::bench::run::compare_files(a, b).unwrap()
 }
@@ -146,28 +127,22 @@ fn e2e_older_points_recover_while_replicating_offline_and_by_promote() {
     let r1 = c.dir.path().join("r1.img");
     let seq1 = s1.to_string();
     let r1s = r1.to_str().unwrap();
-    target_cmd(
-        &c,
-        &["recover", "--point", &seq1, "--disk", "0", "--out", r1s],
-    );
+    c.target_cmd(&["recover", "--point", &seq1, "--disk", "0", "--out", r1s]);
     assert!(
         same(&r1, &snap1),
         "recover of seq {s1} differs from the source then"
     );
     // The newest point is the source now.
     let r2 = c.dir.path().join("r2.img");
-    target_cmd(
-        &c,
-        &[
-            "recover",
-            "--point",
-            "latest",
-            "--disk",
-            "0",
-            "--out",
-            r2.to_str().unwrap(),
-        ],
-    );
+    c.target_cmd(&[
+        "recover",
+        "--point",
+        "latest",
+        "--disk",
+        "0",
+        "--out",
+        r2.to_str().unwrap(),
+    ]);
     assert!(
         same(&r2, &c.source),
         "recover of latest differs from the source"
@@ -194,7 +169,7 @@ fn e2e_older_points_recover_while_replicating_offline_and_by_promote() {
         assert!(!c.dir.path().join("never.img").exists());
     }
 
-    let json = target_cmd(&c, &["points", "--json"]);
+    let json = c.target_cmd(&["points", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     let pts = v["points"].as_array().unwrap();
     assert!(pts.len() >= 2, "{json}");
@@ -208,14 +183,11 @@ fn e2e_older_points_recover_while_replicating_offline_and_by_promote() {
     c.agent.as_mut().unwrap().stop(Duration::from_secs(40));
     c.target.as_mut().unwrap().stop(Duration::from_secs(40));
     std::fs::remove_file(&r1).unwrap();
-    target_cmd(
-        &c,
-        &["recover", "--point", &seq1, "--disk", "0", "--out", r1s],
-    );
+    c.target_cmd(&["recover", "--point", &seq1, "--disk", "0", "--out", r1s]);
     assert!(same(&r1, &snap1), "offline recover of seq {s1} differs");
 
     // Promote: the replica itself goes back to seq s1, and stays there.
-    target_cmd(&c, &["recover", "--point", &seq1, "--promote"]);
+    c.target_cmd(&["recover", "--point", &seq1, "--promote"]);
     assert!(
         same(&c.replica, &snap1),
         "the promoted replica is not at seq {s1}"

@@ -8,43 +8,16 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
-use common::tools::{LoopDev, Mounted, require_root, require_tool, run, run_ok};
-use common::{Cluster, exe, tail, wait_until};
+use common::tools::{LoopDev, Mounted, require_root, require_tool, run_ok};
+use common::{Cluster, tail, wait_until};
 use tidemark::capture::modes::Mode;
 use tidemark::config::FuseFrontend;
 
 const MIB: u64 = 1 << 20;
 const LONG: Duration = Duration::from_secs(180);
-
-/// `tidemark agent tag --config <agent.toml> <args>`, bounded.
-fn tag(c: &Cluster, args: &[&str]) -> Output {
-    run(
-        Command::new(exe())
-            .args(["agent", "tag", "--config"])
-            .arg(c.path("agent.toml"))
-            .args(args)
-            .env("RUST_LOG", "info"),
-        Duration::from_secs(60),
-    )
-}
-
-fn tag_ok(c: &Cluster, args: &[&str]) -> u64 {
-    let out = tag(c, args);
-    assert!(
-        out.status.success(),
-        "agent tag {args:?} failed ({}): {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr),
-        c.logs()
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .expect("agent tag prints the seq")
-}
 
 /// Assert that `seq` is below the running agent's next seq (waiting for a
 /// status written after the tag: it is refreshed every 250 ms).
@@ -130,7 +103,7 @@ fn e2e_tag_plain_then_frozen_ext4_through_the_fuse_frontend() {
     // The initial copy must be done: a tag needs a write-ordered mode.
     c.wait_caught_up(LONG);
 
-    let plain = tag_ok(&c, &["plain-1"]);
+    let plain = c.agent_tag_ok(&["plain-1"]);
     assert_below_next_seq(&mut c, plain);
     c.wait_applied(plain, LONG);
 
@@ -143,7 +116,7 @@ fn e2e_tag_plain_then_frozen_ext4_through_the_fuse_frontend() {
     let _thaw = ThawGuard(mnt.0.clone());
     write_after(&mnt.0, "before");
     let m = mnt.0.to_str().unwrap().to_string();
-    let frozen = tag_ok(&c, &["--freeze", &m, "--timeout", "20", "app@frozen-1"]);
+    let frozen = c.agent_tag_ok(&["--freeze", &m, "--timeout", "20", "app@frozen-1"]);
     assert!(frozen > plain);
     // Thawed: a write after the tag completes.
     write_after(&mnt.0, "after");
@@ -223,14 +196,14 @@ fn e2e_tag_refusals_bitmap_mode_and_failing_hook_still_thaw() {
     c.wait_caught_up(LONG);
 
     // With the hooks and the freeze: app-consistent, and thawed.
-    let ok = tag_ok(&c, &["--freeze", &m, "hooked-1"]);
+    let ok = c.agent_tag_ok(&["--freeze", &m, "hooked-1"]);
     write_after(&mnt.0, "after-ok");
     c.wait_applied(ok, LONG);
 
     // A failing pre-hook refuses the tag; nothing stays frozen; the
     // post-hook still runs.
     std::fs::write(&refuse, b"").unwrap();
-    let out = tag(&c, &["--freeze", &m, "hooked-2"]);
+    let out = c.agent_tag(&["--freeze", &m, "hooked-2"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -248,7 +221,7 @@ fn e2e_tag_refusals_bitmap_mode_and_failing_hook_still_thaw() {
         let s = c.agent_status()?;
         (s.groups[0].journal.mode.mode == Mode::Bitmap).then_some(())
     });
-    let out = tag(&c, &["--freeze", &m, "in-bitmap"]);
+    let out = c.agent_tag(&["--freeze", &m, "in-bitmap"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -304,6 +304,35 @@ mod tests {
     use crate::capture::journal::CopyPart;
     use crate::frame::Opener;
 
+    /// An in-memory journal of group g1 with a 64 MiB budget.
+    fn test_journal() -> Arc<CaptureJournal> {
+        Arc::new(CaptureJournal::in_memory(
+            64 << 20,
+            1,
+            Box::new(|f| Ok(f + 1000)),
+        ))
+    }
+
+    /// The pipeline settings of these tests (group g1, zstd 1, 4 jobs).
+    fn test_config(
+        frame_max_bytes: usize,
+        linger: Duration,
+        heartbeat: Duration,
+        workers: usize,
+    ) -> PipelineConfig {
+        PipelineConfig {
+            group: "g1".parse().unwrap(),
+            key_epoch: 1,
+            zstd_level: 1,
+            frame_max_bytes,
+            linger,
+            heartbeat,
+            workers,
+            max_jobs: 4,
+            nice: 0,
+        }
+    }
+
     #[test]
     fn reorder_releases_in_index_order() {
         let mut r = Reorder::default();
@@ -319,11 +348,7 @@ mod tests {
 
     #[test]
     fn journal_to_sealed_frames_in_chain_order() {
-        let journal = Arc::new(CaptureJournal::in_memory(
-            64 << 20,
-            1,
-            Box::new(|f| Ok(f + 1000)),
-        ));
+        let journal = test_journal();
         journal.add_disk(
             0,
             1 << 30,
@@ -333,17 +358,12 @@ mod tests {
         );
         let key = DataKey::from_bytes([7; 32]);
         let group: GroupName = "g1".parse().unwrap();
-        let cfg = PipelineConfig {
-            group,
-            key_epoch: 1,
-            zstd_level: 1,
-            frame_max_bytes: 256 * 1024,
-            linger: Duration::from_millis(5),
-            heartbeat: Duration::from_secs(60),
-            workers: 2,
-            max_jobs: 4,
-            nice: 0,
-        };
+        let cfg = test_config(
+            256 * 1024,
+            Duration::from_millis(5),
+            Duration::from_secs(60),
+            2,
+        );
         let (tx, rx) = bounded(16);
         let p = Pipeline::start(
             journal.clone(),
@@ -397,11 +417,7 @@ mod tests {
 
     #[test]
     fn the_batcher_cuts_a_frame_after_a_tag() {
-        let journal = Arc::new(CaptureJournal::in_memory(
-            64 << 20,
-            1,
-            Box::new(|f| Ok(f + 1000)),
-        ));
+        let journal = test_journal();
         journal.add_disk(
             0,
             1 << 20,
@@ -410,18 +426,13 @@ mod tests {
             "",
         );
         let group: GroupName = "g1".parse().unwrap();
-        let cfg = PipelineConfig {
-            group,
-            key_epoch: 1,
-            zstd_level: 1,
-            frame_max_bytes: 1 << 20,
-            // A long linger: only the tag may end the first frame early.
-            linger: Duration::from_millis(300),
-            heartbeat: Duration::from_secs(60),
-            workers: 2,
-            max_jobs: 4,
-            nice: 0,
-        };
+        // A long linger: only the tag may end the first frame early.
+        let cfg = test_config(
+            1 << 20,
+            Duration::from_millis(300),
+            Duration::from_secs(60),
+            2,
+        );
         for i in 0..3u64 {
             journal
                 .record_write(0, i * 4096, vec![i as u8; 4096])
@@ -475,11 +486,7 @@ mod tests {
     /// A pipeline over a one-disk journal that starts draining (a region of
     /// disk 0 pending), with heartbeats every `heartbeat`.
     fn draining(heartbeat: Duration) -> (Arc<CaptureJournal>, Pipeline, Receiver<SealOutput>) {
-        let journal = Arc::new(CaptureJournal::in_memory(
-            64 << 20,
-            1,
-            Box::new(|f| Ok(f + 1000)),
-        ));
+        let journal = test_journal();
         let mut pending = crate::capture::bitmap::RegionBitmap::new(256);
         pending.set_range(0, 1);
         journal.add_disk(
@@ -490,17 +497,7 @@ mod tests {
             "test",
         );
         assert_eq!(journal.mode(), crate::capture::modes::Mode::Drain);
-        let cfg = PipelineConfig {
-            group: "g1".parse().unwrap(),
-            key_epoch: 1,
-            zstd_level: 1,
-            frame_max_bytes: 1 << 20,
-            linger: Duration::from_millis(5),
-            heartbeat,
-            workers: 1,
-            max_jobs: 4,
-            nice: 0,
-        };
+        let cfg = test_config(1 << 20, Duration::from_millis(5), heartbeat, 1);
         let (tx, rx) = bounded(64);
         let p = Pipeline::start(
             journal.clone(),

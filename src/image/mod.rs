@@ -304,6 +304,83 @@ pub(crate) fn check_read_range(
     Ok(())
 }
 
+/// Create the image file `path` of `size` bytes exclusively, lay it out with
+/// `fill`, and make the file and its directory entry durable. If another
+/// process created it meanwhile, open theirs as it is. A failed layout removes
+/// the file, so no half-made image is left for a later open to mistake for a
+/// real one.
+pub(crate) fn create_image_file(
+    path: &Path,
+    size: u64,
+    fill: impl FnOnce(&File) -> io::Result<()>,
+) -> Result<File, ImageError> {
+    let err = |source| ImageError::Create {
+        path: path.to_path_buf(),
+        size,
+        source,
+    };
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            return std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(|source| ImageError::Open {
+                    path: path.to_path_buf(),
+                    source,
+                });
+        }
+        Err(e) => return Err(err(e)),
+    };
+    let made = fill(&file)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| sync_parent_dir(path));
+    if let Err(e) = made {
+        drop(file);
+        let _ = std::fs::remove_file(path);
+        return Err(err(e));
+    }
+    Ok(file)
+}
+
+/// fsync the directory holding `path`, so a new entry in it is durable.
+pub(crate) fn sync_parent_dir(path: &Path) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
+}
+
+/// `Ok` when every op of `ops` lies inside an image of `size` bytes, else
+/// [`ImageError::OutOfRange`] naming the first one that does not (checked
+/// before anything of the batch is written).
+pub(crate) fn check_write_ranges(
+    path: &Path,
+    size: u64,
+    ops: &[WriteOp<'_>],
+) -> Result<(), ImageError> {
+    for (index, op) in ops.iter().enumerate() {
+        if op.end().is_none_or(|end| end > size) {
+            return Err(ImageError::OutOfRange {
+                path: path.to_path_buf(),
+                index,
+                kind: op.kind(),
+                offset: op.offset(),
+                len: op.len(),
+                size,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// `Ok` when every read of `reads` lies inside an image of `size` bytes, else
 /// [`ImageError::ReadOutOfRange`] for the first one that does not.
 pub(crate) fn check_read_batch(

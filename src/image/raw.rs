@@ -11,7 +11,8 @@ use nix::unistd::{Whence, lseek};
 
 use super::{
     Engine, EngineError, Image, ImageError, ImageSpec, IoEngine, SyncEngine, URING_ENTRIES,
-    UringEngine, WriteOp, ZeroMode, check_read_batch, check_read_range,
+    UringEngine, WriteOp, ZeroMode, check_read_batch, check_read_range, check_write_ranges,
+    create_image_file,
 };
 use crate::util::aligned::{AlignedBuf, BLOCK};
 
@@ -238,69 +239,16 @@ impl RawImage {
     }
 
     fn check_ranges(&self, ops: &[WriteOp<'_>]) -> Result<(), ImageError> {
-        for (index, op) in ops.iter().enumerate() {
-            if op.end().is_none_or(|end| end > self.size) {
-                return Err(ImageError::OutOfRange {
-                    path: self.path.clone(),
-                    index,
-                    kind: op.kind(),
-                    offset: op.offset(),
-                    len: op.len(),
-                    size: self.size,
-                });
-            }
-        }
-        Ok(())
+        check_write_ranges(&self.path, self.size, ops)
     }
 }
 
 /// Create a sparse file of `size` bytes; make the file and its directory entry
 /// durable. If another process created it meanwhile, open theirs as is.
 fn create_sparse(path: &Path, size: u64) -> Result<File, ImageError> {
-    let err = |source| ImageError::Create {
-        path: path.to_path_buf(),
-        size,
-        source,
-    };
-    let file = match OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(path)
-    {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            return OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(path)
-                .map_err(|source| ImageError::Open {
-                    path: path.to_path_buf(),
-                    source,
-                });
-        }
-        Err(e) => return Err(err(e)),
-    };
-    let sized = file
-        .set_len(size)
-        .and_then(|()| file.sync_all())
-        .and_then(|()| sync_parent_dir(path));
-    if let Err(e) = sized {
-        // Leave no half-made image behind for a later open to mistake for a real one.
-        drop(file);
-        let _ = std::fs::remove_file(path);
-        return Err(err(e));
-    }
+    let file = create_image_file(path, size, |f| f.set_len(size))?;
     tracing::info!(path = %path.display(), size, "created sparse raw image");
     Ok(file)
-}
-
-fn sync_parent_dir(path: &Path) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    File::open(dir)?.sync_all()
 }
 
 impl Image for RawImage {

@@ -105,6 +105,55 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// `tidemark target <args> --config <target.toml>`, bounded (2 min); its
+    /// stdout, or a panic with its stderr and the roles' logs.
+    pub fn target_cmd(&self, args: &[&str]) -> String {
+        let out = tools::run(
+            Command::new(exe())
+                .arg("target")
+                .args(args)
+                .arg("--config")
+                .arg(self.path("target.toml")),
+            Duration::from_secs(120),
+        );
+        assert!(
+            out.status.success(),
+            "tidemark target {args:?} failed ({}): {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `tidemark agent tag --config <agent.toml> <args>`, bounded (1 min).
+    pub fn agent_tag(&self, args: &[&str]) -> std::process::Output {
+        tools::run(
+            Command::new(exe())
+                .args(["agent", "tag", "--config"])
+                .arg(self.path("agent.toml"))
+                .args(args)
+                .env("RUST_LOG", "info"),
+            Duration::from_secs(60),
+        )
+    }
+
+    /// [`Cluster::agent_tag`] that must succeed: the tag's seq.
+    pub fn agent_tag_ok(&self, args: &[&str]) -> u64 {
+        let out = self.agent_tag(args);
+        assert!(
+            out.status.success(),
+            "agent tag {args:?} failed ({}): {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("agent tag prints the seq")
+    }
+
     /// `tidemark init` into a scratch directory and a sparse source disk of `size` bytes.
     pub fn new(size: u64) -> Cluster {
         let dir = tempfile::Builder::new()

@@ -9,11 +9,12 @@ use std::path::{Path, PathBuf};
 
 use super::descriptor::{self, Descriptor, ExtentKind, MAX_DESCRIPTOR_BYTES};
 use super::header::MAGIC;
-use super::sparse::{check_descriptor, sync_parent_dir};
+use super::sparse::check_descriptor;
 use super::{SECTOR, VmdkError, vmdk_err};
+use crate::image::sync_parent_dir;
 use crate::image::{
     Engine, Image, ImageError, ImageFormat, ImageSpec, RawImage, WriteOp, check_read_batch,
-    check_read_range,
+    check_read_range, check_write_ranges,
 };
 
 /// A monolithicFlat VMDK: descriptor file plus one flat extent.
@@ -246,18 +247,7 @@ impl Image for VmdkFlatImage {
     }
 
     fn write_batch(&mut self, ops: &[WriteOp<'_>]) -> Result<(), ImageError> {
-        for (index, op) in ops.iter().enumerate() {
-            if op.end().is_none_or(|end| end > self.size) {
-                return Err(ImageError::OutOfRange {
-                    path: self.path.clone(),
-                    index,
-                    kind: op.kind(),
-                    offset: op.offset(),
-                    len: op.len(),
-                    size: self.size,
-                });
-            }
-        }
+        check_write_ranges(&self.path, self.size, ops)?;
         let base = self.base;
         let shifted: Vec<WriteOp<'_>> = ops
             .iter()

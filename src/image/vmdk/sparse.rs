@@ -23,7 +23,7 @@ use super::header::{self, GD_AT_END, SparseHeader};
 use super::{Directory, NEW_GRAIN_SECTORS, NEW_GTES_PER_GT, SECTOR, VmdkError, vmdk_err};
 use crate::image::{
     Engine, Image, ImageError, ImageSpec, IoEngine, WriteOp, ZeroMode, check_read_batch,
-    check_read_range, new_engine,
+    check_read_range, check_write_ranges, create_image_file, new_engine,
 };
 
 /// Memory for cached grain tables per image: 4 MiB, 2048 tables of 512
@@ -492,19 +492,7 @@ impl VmdkSparseImage {
     }
 
     fn check_ranges(&self, ops: &[WriteOp<'_>]) -> Result<(), ImageError> {
-        for (index, op) in ops.iter().enumerate() {
-            if op.end().is_none_or(|end| end > self.size) {
-                return Err(ImageError::OutOfRange {
-                    path: self.path.clone(),
-                    index,
-                    kind: op.kind(),
-                    offset: op.offset(),
-                    len: op.len(),
-                    size: self.size,
-                });
-            }
-        }
-        Ok(())
+        check_write_ranges(&self.path, self.size, ops)
     }
 
     /// Map `ops` to file ops, allocating new grains (advancing `next_grain`).
@@ -523,22 +511,16 @@ impl VmdkSparseImage {
                 };
                 let file_at = |s: u64| s * SECTOR + in_grain;
                 match (*op, at) {
-                    (WriteOp::Write { data, .. }, Grain::At(s)) => {
-                        let d = &data[(off - start) as usize..(off - start + n) as usize];
-                        plan.push(
-                            index,
-                            *op,
-                            off,
-                            WriteOp::Write {
-                                offset: file_at(s),
-                                data: d,
-                            },
-                        );
-                    }
-                    (WriteOp::Write { data, .. }, Grain::Unallocated) => {
-                        let s = self.allocate()?;
-                        plan.by_grain.insert(grain, s);
-                        plan.new_grains.push((grain, s, index));
+                    (WriteOp::Write { data, .. }, Grain::At(_) | Grain::Unallocated) => {
+                        let s = match at {
+                            Grain::At(s) => s,
+                            _ => {
+                                let s = self.allocate()?;
+                                plan.by_grain.insert(grain, s);
+                                plan.new_grains.push((grain, s, index));
+                                s
+                            }
+                        };
                         let d = &data[(off - start) as usize..(off - start + n) as usize];
                         plan.push(
                             index,
@@ -779,51 +761,15 @@ fn create(path: &Path, size: u64) -> Result<File, ImageError> {
             },
         ));
     }
-    let err = |source| ImageError::Create {
-        path: path.to_path_buf(),
-        size,
-        source,
-    };
-    let file = match OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(path)
-    {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            return OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(path)
-                .map_err(|e| open_err(path, e));
-        }
-        Err(e) => return Err(err(e)),
-    };
-    let written = file
-        .set_len(h.overhead * SECTOR)
-        .and_then(|()| file.write_all_at(&h.encode(), 0))
-        .and_then(|()| file.write_all_at(text.as_bytes(), h.descriptor_offset * SECTOR))
-        .and_then(|()| file.write_all_at(&directory_bytes(&h, h.rgd_offset), h.rgd_offset * SECTOR))
-        .and_then(|()| file.write_all_at(&directory_bytes(&h, h.gd_offset), h.gd_offset * SECTOR))
-        .and_then(|()| file.sync_all())
-        .and_then(|()| sync_parent_dir(path));
-    if let Err(e) = written {
-        drop(file);
-        let _ = std::fs::remove_file(path);
-        return Err(err(e));
-    }
+    let file = create_image_file(path, size, |file| {
+        file.set_len(h.overhead * SECTOR)?;
+        file.write_all_at(&h.encode(), 0)?;
+        file.write_all_at(text.as_bytes(), h.descriptor_offset * SECTOR)?;
+        file.write_all_at(&directory_bytes(&h, h.rgd_offset), h.rgd_offset * SECTOR)?;
+        file.write_all_at(&directory_bytes(&h, h.gd_offset), h.gd_offset * SECTOR)
+    })?;
     tracing::info!(path = %path.display(), size, "created monolithicSparse VMDK");
     Ok(file)
-}
-
-/// fsync the directory holding `path`, so a new entry in it is durable.
-pub(super) fn sync_parent_dir(path: &Path) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    File::open(dir)?.sync_all()
 }
 
 impl Image for VmdkSparseImage {

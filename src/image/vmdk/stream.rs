@@ -15,8 +15,9 @@ use flate2::{Compress, Compression, FlushCompress, Status};
 
 use super::descriptor::{self, ExtentKind};
 use super::header::{self, SparseHeader};
-use super::sparse::{file_name, new_capacity, sync_parent_dir};
+use super::sparse::{file_name, new_capacity};
 use super::{NEW_GRAIN_SECTORS, NEW_GTES_PER_GT, SECTOR, VmdkError, vmdk_err};
+use crate::image::sync_parent_dir;
 use crate::image::{Image, ImageError};
 
 /// The export's source: `read(offset, buf)` fills `buf` with the virtual

@@ -905,7 +905,12 @@ impl Writer {
         if self.len < SEGMENT_BYTES {
             return Ok(());
         }
-        // The full segment is made durable before records go elsewhere.
+        self.rotate()
+    }
+
+    /// Start the next segment; the active one is made durable before records
+    /// go elsewhere.
+    fn rotate(&mut self) -> Result<(), JournalError> {
         self.sync()?;
         let seg = self.seg + 1;
         let file = create_segment(&self.dir, seg, &self.group)?;
@@ -1068,14 +1073,7 @@ impl Writer {
     /// Start a new segment now (tests of segment boundaries).
     #[cfg(test)]
     pub fn reset_for_test_rotation(&mut self) -> Result<(), JournalError> {
-        self.sync()?;
-        let seg = self.seg + 1;
-        let file = create_segment(&self.dir, seg, &self.group)?;
-        self.older_bytes += self.len;
-        self.seg = seg;
-        self.file = file;
-        self.len = SEGMENT_HEADER_LEN as u64;
-        Ok(())
+        self.rotate()
     }
 
     /// Empty the journal: delete every segment and start a new one after the
