@@ -32,6 +32,12 @@ enum Command {
     Bench(cli::bench::BenchArgs),
     /// Show a role's status (from the config file it runs with).
     Status(cli::status::StatusArgs),
+    /// Resync a disk of the running agent by checksum (only differing blocks
+    /// travel), or in full.
+    Resync(cli::resync::ResyncArgs),
+    /// Compare a disk of the running agent with its replica, without sending
+    /// data; non-zero exit when they differ.
+    Verify(cli::resync::VerifyArgs),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -42,6 +48,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent(a) => cli::agent::run(a),
         Command::Bench(a) => cli::bench::run(a),
         Command::Status(a) => cli::status::run(a),
+        Command::Resync(a) => cli::resync::run_resync(a),
+        Command::Verify(a) => cli::resync::run_verify(a),
     }
 }
 

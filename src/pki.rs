@@ -28,7 +28,8 @@ use rustls::pki_types::{CertificateDer, UnixTime};
 
 use crate::config::{
     AgentConfig, AgentDisk, AgentGroup, AgentSection, ConfigError, Engine, RelayConfig,
-    RelaySection, TargetConfig, TargetDisk, TargetGroup, TargetSection, TlsSection, validate_name,
+    RelaySection, ResyncMode, TargetConfig, TargetDisk, TargetGroup, TargetSection, TlsSection,
+    validate_name,
 };
 use crate::error::{Classify, ErrorKind};
 use crate::transport::tls::{Role, SAN_SUFFIX, group_san, name_san, role_san, warn_if_exposed};
@@ -408,6 +409,8 @@ fn role_configs(
                 heartbeat_ms: 2000,
                 window_frames: 32,
                 window_mib: 32,
+                resync: ResyncMode::Checksum,
+                resync_block_kib: 64,
                 disks: vec![AgentDisk {
                     id: 0,
                     path: format!("disks/{g}-disk0.img").into(),

@@ -29,6 +29,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 
+use super::status::GroupInfo;
 use crate::capture::journal::CaptureJournal;
 use crate::error::{Classify, ErrorKind};
 use crate::util::time::now_us;
@@ -48,6 +49,39 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 pub enum Request {
     /// Record a tag in a group's stream.
     Tag(TagRequest),
+    /// Resync a disk (`tidemark resync`).
+    Resync(ResyncRequest),
+    /// Compare a disk with its replica (`tidemark verify`).
+    Verify(VerifyRequest),
+}
+
+/// `resync`: mark a whole disk for resync.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResyncRequest {
+    /// The group.
+    pub group: String,
+    /// The disk id.
+    pub disk: u16,
+    /// Send every block without comparing digests.
+    #[serde(default)]
+    pub full: bool,
+}
+
+/// `verify`: compare a disk (or a byte range of it) with its replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyRequest {
+    /// The group.
+    pub group: String,
+    /// The disk id.
+    pub disk: u16,
+    /// Byte range `[start, end)`; the whole disk when absent.
+    #[serde(default)]
+    pub range: Option<(u64, u64)>,
+    /// Mark the differing ranges for resync.
+    #[serde(default)]
+    pub repair: bool,
 }
 
 /// `tag`: record a tag now.
@@ -76,6 +110,16 @@ pub enum Response {
     Seq {
         /// The seq.
         seq: u64,
+    },
+    /// A resync was started: bytes marked.
+    Resync {
+        /// Bytes marked for resync.
+        marked_bytes: u64,
+    },
+    /// What a verify found.
+    Verify {
+        /// The report.
+        verify: super::verify::VerifyReport,
     },
     /// Refused.
     Error {
@@ -365,7 +409,45 @@ pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Response
     }
 }
 
-/// The agent's handler: `tag` records a tag in the named group's journal.
+/// The agent's handler: `tag` records a tag in the named group's journal;
+/// `resync` and `verify` run on the group's disks.
+pub(crate) fn agent_handler(groups: Vec<Arc<GroupInfo>>) -> Handler {
+    let unknown = {
+        let known: Vec<String> = groups.iter().map(|g| g.name.clone()).collect();
+        move |group: String| {
+            Response::error(&ControlError::UnknownGroup {
+                group,
+                known: known.clone(),
+            })
+        }
+    };
+    let find = {
+        let groups = groups.clone();
+        move |name: &str| groups.iter().find(|g| g.name == name).cloned()
+    };
+    Arc::new(move |req| match req {
+        Request::Tag(t) => match find(&t.group) {
+            Some(g) => record_tag(&g.journal, t),
+            None => unknown(t.group),
+        },
+        Request::Resync(r) => match find(&r.group) {
+            Some(g) => match super::verify::start_resync(&g, r.disk, r.full) {
+                Ok(marked_bytes) => Response::Resync { marked_bytes },
+                Err(e) => Response::error(&e),
+            },
+            None => unknown(r.group),
+        },
+        Request::Verify(v) => match find(&v.group) {
+            Some(g) => match super::verify::verify(&g, v.disk, v.range, v.repair) {
+                Ok(verify) => Response::Verify { verify },
+                Err(e) => Response::error(&e),
+            },
+            None => unknown(v.group),
+        },
+    })
+}
+
+/// A handler that serves only tags, for `groups`' journals (tests, tools).
 pub fn journal_handler(groups: Vec<(String, Arc<CaptureJournal>)>) -> Handler {
     Arc::new(move |req| match req {
         Request::Tag(t) => {
@@ -375,21 +457,29 @@ pub fn journal_handler(groups: Vec<(String, Arc<CaptureJournal>)>) -> Handler {
                     known: groups.iter().map(|(n, _)| n.clone()).collect(),
                 });
             };
-            let now = now_us();
-            if t.valid_until_us != 0 && now > t.valid_until_us {
-                let late_ms = (now - t.valid_until_us) / 1000;
-                tracing::warn!(group = %t.group, tag = %t.name, late_ms, "tag request expired before it was handled; not recorded");
-                return Response::error(&ControlError::Expired { late_ms });
-            }
-            match journal.record_tag(&t.name, t.flags) {
-                Ok(seq) => Response::Seq { seq },
-                Err(e) => {
-                    tracing::warn!(group = %t.group, tag = %t.name, "tag refused: {e}");
-                    Response::error(&e)
-                }
-            }
+            record_tag(journal, t)
         }
+        Request::Resync(_) | Request::Verify(_) => Response::error(&ControlError::Protocol(
+            "this control socket serves tags only".into(),
+        )),
     })
+}
+
+/// Record tag `t` in `journal`, unless the request expired.
+fn record_tag(journal: &CaptureJournal, t: TagRequest) -> Response {
+    let now = now_us();
+    if t.valid_until_us != 0 && now > t.valid_until_us {
+        let late_ms = (now - t.valid_until_us) / 1000;
+        tracing::warn!(group = %t.group, tag = %t.name, late_ms, "tag request expired before it was handled; not recorded");
+        return Response::error(&ControlError::Expired { late_ms });
+    }
+    match journal.record_tag(&t.name, t.flags) {
+        Ok(seq) => Response::Seq { seq },
+        Err(e) => {
+            tracing::warn!(group = %t.group, tag = %t.name, "tag refused: {e}");
+            Response::error(&e)
+        }
+    }
 }
 
 #[cfg(test)]

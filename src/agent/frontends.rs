@@ -493,6 +493,7 @@ path = "d0.img"
             j,
             Vec::new(),
             vec![disk.clone()],
+            Default::default(),
         ));
         let refs = vec![DiskRef {
             group: "g1".into(),

@@ -5,7 +5,8 @@
 //! [`state`] persists seq and frame-number reservations; [`workload`] is the
 //! synthetic writer the bench and tests drive it with; [`control`] is the
 //! running agent's control socket and [`tagcmd`] the `tidemark agent tag`
-//! command that uses it.
+//! command that uses it; [`verify`] runs `tidemark verify` and `tidemark
+//! resync` for it.
 
 pub mod control;
 mod frontends;
@@ -16,6 +17,7 @@ mod session;
 pub mod state;
 pub mod status;
 pub mod tagcmd;
+pub mod verify;
 pub mod workload;
 
 pub use frontends::FrontendError;

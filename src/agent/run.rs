@@ -20,13 +20,14 @@ use super::session::{Session, SessionEnd, SessionError, agent_hello, connect_wit
 use super::state::{AgentState, StartPoint};
 use super::status::{AgentStatus, DiskStatus, GroupInfo, lock};
 use super::workload::{self, WorkloadReport, WorkloadSpec};
-use crate::capture::drain::CaptureWorkers;
+use crate::capture::drain::{CaptureWorkers, DrainControl};
 use crate::capture::journal::{CaptureConfig, CaptureError, CaptureJournal};
 use crate::capture::modes::Mode;
 use crate::capture::protected::{ProtectedDisk, ProtectedError};
-use crate::config::{AgentConfig, AgentGroup};
+use crate::config::{AgentConfig, AgentGroup, ResyncMode};
 use crate::error::{Classify, ErrorKind};
 use crate::frame::{DataKey, FrameError, GroupName};
+use crate::resync::{BlockSize, DigestClient};
 use crate::transport::client::RelayEndpoint;
 use crate::transport::tls::{self, TlsError};
 use crate::util::lockfile::{self, LockError};
@@ -149,6 +150,8 @@ struct Prepared {
     info: Arc<GroupInfo>,
     dirty_flush: Duration,
     pipeline_nice: i32,
+    /// Sealed digest requests for the session (checksum resync).
+    resync_out: Option<mpsc::Receiver<Vec<u8>>>,
 }
 
 /// What every group shares of the `[agent]` table.
@@ -242,11 +245,25 @@ fn prepare(cfg: &AgentGroup, setup: &CaptureSetup) -> Result<Prepared, AgentErro
                 source,
             })?;
     }
+    let (digests, resync_out) = match cfg.resync {
+        ResyncMode::Checksum => {
+            let bs = BlockSize::new(cfg.resync_block_kib.saturating_mul(1024)).map_err(|e| {
+                AgentError::Internal {
+                    group: group.clone(),
+                    what: format!("resync_block_kib: {e}"),
+                }
+            })?;
+            let (c, rx) = DigestClient::new(&cfg.name, &key, bs);
+            (Some(Arc::new(c)), Some(rx))
+        }
+        ResyncMode::Copy => (None, None),
+    };
     let info = Arc::new(GroupInfo::new(
         cfg.name.clone(),
         journal.clone(),
         views,
         disks.clone(),
+        Arc::new(DrainControl::new(digests)),
     ));
     Ok(Prepared {
         cfg: cfg.clone(),
@@ -259,6 +276,7 @@ fn prepare(cfg: &AgentGroup, setup: &CaptureSetup) -> Result<Prepared, AgentErro
         info,
         dirty_flush: setup.dirty_flush,
         pipeline_nice: setup.pipeline_nice,
+        resync_out,
     })
 }
 
@@ -303,12 +321,7 @@ pub async fn run(
     // Local tools (`tidemark agent tag`) reach the journals from here on; the
     // socket is removed when `control` is dropped (orderly stop, or an error).
     // Without it the agent still protects its disks: only tags are unavailable.
-    let handler = control::journal_handler(
-        prepared
-            .iter()
-            .map(|p| (p.cfg.name.clone(), p.journal.clone()))
-            .collect(),
-    );
+    let handler = control::agent_handler(prepared.iter().map(|p| p.info.clone()).collect());
     let control = match ControlSocket::start(&cfg.agent.state_dir, handler) {
         Ok(c) => Some(c),
         Err(e) => {
@@ -496,6 +509,7 @@ async fn run_group(
     let workers = CaptureWorkers::start(
         p.journal.clone(),
         p.disks.clone(),
+        info.drain.clone(),
         p.dirty_flush,
         p.pipeline_nice,
         sink,
@@ -611,6 +625,7 @@ async fn run_group(
         max_bytes: p.cfg.window_bytes() as usize,
         drain,
         drain_timeout: DRAIN_TIMEOUT,
+        resync_out: p.resync_out,
     };
     let mut session_task = tokio::spawn(session.run(first));
     let mut stop_wait = stop.clone();

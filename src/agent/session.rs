@@ -96,6 +96,8 @@ pub(crate) struct Session {
     /// Fires when the journal is closed and the session should drain.
     pub drain: Shutdown,
     pub drain_timeout: Duration,
+    /// Sealed digest requests to carry to the relay (checksum resync).
+    pub resync_out: Option<mpsc::Receiver<Vec<u8>>>,
 }
 
 /// Open the first session, retrying with back-off until it works, a fatal error,
@@ -188,6 +190,9 @@ impl Session {
             let end = self.serve(stream, &mut draining).await;
             self.info.connected.store(false, Ordering::Relaxed);
             self.info.journal.set_link(false);
+            if let Some(dc) = self.info.drain.digests() {
+                dc.fail_all("the connection to the relay was lost");
+            }
             match end? {
                 ConnEnd::Drained => return Ok(SessionEnd::Drained),
                 ConnEnd::DrainTimeout => return Ok(SessionEnd::DrainTimeout),
@@ -246,6 +251,16 @@ impl Session {
                         self.info.frames_acked.fetch_add(n as u64, Ordering::Relaxed);
                         self.acknowledged(trimmed);
                     }
+                    Some(Ok(Message::Resync(bytes))) => {
+                        if let Some(dc) = self.info.drain.digests() {
+                            dc.on_message(&bytes);
+                        }
+                    }
+                    Some(Ok(Message::ResyncUnreachable { request_id, message })) => {
+                        if let Some(dc) = self.info.drain.digests() {
+                            dc.on_unreachable(request_id, &message);
+                        }
+                    }
                     Some(Ok(Message::Throttle { retry_after_ms })) => {
                         self.info.throttles.fetch_add(1, Ordering::Relaxed);
                         let ms = u64::from(retry_after_ms).clamp(10, 60_000);
@@ -275,6 +290,11 @@ impl Session {
                         p.send(Outgoing::Frame(f.bytes));
                     }
                 }
+                Some(req) = recv_opt(&mut self.resync_out) => {
+                    if tx.send(Outgoing::Msg(Message::Resync(req))).await.is_err() {
+                        break Ok(ConnEnd::Lost("connection writer stopped".into()));
+                    }
+                }
                 f = self.frames.recv(), if can_take => match f {
                     Some(f) => {
                         self.outbox.push(f);
@@ -293,6 +313,18 @@ impl Session {
             tracing::debug!(group = %self.hello.group, "connection writer did not finish in 2 s");
         }
         end
+    }
+}
+
+/// The next item of an optional channel; pending forever without one (or
+/// once it is closed).
+async fn recv_opt<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(r) => match r.recv().await {
+            Some(v) => Some(v),
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
     }
 }
 

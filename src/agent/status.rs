@@ -73,6 +73,8 @@ pub(crate) struct GroupInfo {
     pub workload: Mutex<Option<WorkloadReport>>,
     /// The workload's live progress (the writer thread updates it).
     pub workload_progress: Arc<Mutex<WorkloadReport>>,
+    /// How dirty regions are copied (checksum or full), with counters.
+    pub drain: Arc<crate::capture::drain::DrainControl>,
 }
 
 impl GroupInfo {
@@ -81,6 +83,7 @@ impl GroupInfo {
         journal: Arc<CaptureJournal>,
         disks: Vec<DiskStatus>,
         disk_io: Vec<Arc<ProtectedDisk>>,
+        drain: Arc<crate::capture::drain::DrainControl>,
     ) -> Self {
         GroupInfo {
             name,
@@ -102,6 +105,7 @@ impl GroupInfo {
             probes: Mutex::new(Vec::new()),
             workload: Mutex::new(None),
             workload_progress: Arc::new(Mutex::new(WorkloadReport::default())),
+            drain,
         }
     }
 
@@ -148,6 +152,7 @@ impl GroupInfo {
             last_error: lock(&self.last_error).clone(),
             disks,
             workload,
+            resync: ResyncStatus::of(&self.drain),
         }
     }
 }
@@ -190,6 +195,53 @@ pub struct AgentGroupStatus {
     pub disks: Vec<DiskStatus>,
     /// The synthetic workload, when one runs.
     pub workload: Option<WorkloadReport>,
+    /// How dirty regions reached the replica since start.
+    #[serde(default)]
+    pub resync: ResyncStatus,
+}
+
+/// Counters of copying dirty regions (initial copy, catch-up, resync) since
+/// the agent started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncStatus {
+    /// `checksum` or `copy` (the group's `resync` setting).
+    pub mode: String,
+    /// Bytes read and compared with the replica's digests.
+    pub compared_bytes: u64,
+    /// Bytes of the blocks that differed, sent as M data.
+    pub differing_bytes: u64,
+    /// Bytes copied without a compare (`copy` mode, or a full resync).
+    pub copied_bytes: u64,
+    /// Digest requests sent to the target.
+    pub digest_requests: u64,
+    /// Requests that failed (target away, refused, timed out).
+    pub digest_failures: u64,
+    /// Bytes of sealed digest replies received.
+    pub digest_reply_bytes: u64,
+}
+
+impl ResyncStatus {
+    fn of(d: &crate::capture::drain::DrainControl) -> ResyncStatus {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut s = ResyncStatus {
+            mode: if d.digests().is_some() {
+                "checksum"
+            } else {
+                "copy"
+            }
+            .into(),
+            compared_bytes: r(&d.compared_bytes),
+            differing_bytes: r(&d.differing_bytes),
+            copied_bytes: r(&d.copied_bytes),
+            ..ResyncStatus::default()
+        };
+        if let Some(c) = d.digests() {
+            s.digest_requests = r(&c.stats.requests);
+            s.digest_failures = r(&c.stats.failures);
+            s.digest_reply_bytes = r(&c.stats.reply_bytes);
+        }
+        s
+    }
 }
 
 /// The agent's status snapshot (`<state_dir>/status.json`).

@@ -267,6 +267,10 @@ async fn freeze_and_request(
     match answer {
         Ok(Response::Seq { seq }) => Ok(seq),
         Ok(Response::Error { error, kind }) => Err(TagError::Refused { error, kind }),
+        Ok(other) => Err(TagError::Refused {
+            error: format!("the agent answered a tag request with {other:?}"),
+            kind: ErrorKind::Peer.as_str().into(),
+        }),
         Err(ControlError::Io { source, .. })
             if matches!(
                 source.kind(),

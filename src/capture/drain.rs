@@ -6,7 +6,8 @@
 //! seconds) never delays a mode decision such as pausing a drain when the
 //! relay is gone.
 
-use std::sync::atomic::{AtomicBool, Ordering as AO};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AO};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -15,6 +16,68 @@ use super::dirtylog::ROLLOVER;
 use super::journal::CaptureJournal;
 use super::modes::Mode;
 use super::protected::{COPY_CHUNK, ProtectedDisk};
+use crate::frontend::BlockIo;
+use crate::resync::{DigestClient, Purpose, Ticket};
+
+/// Most blocks asked for in one digest request (64 MiB at 64 KiB blocks):
+/// large enough that the round trip through the relay is small next to the
+/// reading, small enough that the next window's digests are computed at the
+/// target while this one is compared.
+pub const WINDOW_BLOCKS: u64 = 1024;
+/// How long the drainer waits for the target's digests before it tries again.
+pub const DIGEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How the drainer copies dirty regions: by checksum, through the target's
+/// digests (only differing blocks are sent), unless there is no digest client
+/// (`resync = "copy"`) or an operator asked for a full copy of a disk.
+#[derive(Debug, Default)]
+pub struct DrainControl {
+    digests: Option<Arc<DigestClient>>,
+    full: Mutex<HashSet<u16>>,
+    /// Bytes compared by checksum.
+    pub compared_bytes: AtomicU64,
+    /// Bytes of differing blocks sent after a compare.
+    pub differing_bytes: AtomicU64,
+    /// Bytes copied without a compare.
+    pub copied_bytes: AtomicU64,
+}
+
+impl DrainControl {
+    /// Copy by checksum through `digests` when given.
+    pub fn new(digests: Option<Arc<DigestClient>>) -> DrainControl {
+        DrainControl {
+            digests,
+            ..DrainControl::default()
+        }
+    }
+
+    /// The digest client, if resync is by checksum.
+    pub fn digests(&self) -> Option<&Arc<DigestClient>> {
+        self.digests.as_ref()
+    }
+
+    /// Copy `disk`'s pending regions without comparing, until none is left.
+    pub fn copy_in_full(&self, disk: u16) {
+        self.full
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(disk);
+    }
+
+    fn is_full(&self, disk: u16) -> bool {
+        self.full
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&disk)
+    }
+
+    fn full_done(&self, disk: u16) {
+        self.full
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&disk);
+    }
+}
 
 /// Longest pending run the drainer takes at once (it copies it in steps).
 pub const RUN_MAX: u64 = 256 << 20;
@@ -47,6 +110,7 @@ impl CaptureWorkers {
     pub fn start(
         journal: Arc<CaptureJournal>,
         disks: Vec<Arc<ProtectedDisk>>,
+        control: Arc<DrainControl>,
         rollover: Duration,
         nice: i32,
         on_error: ErrorSink,
@@ -73,7 +137,7 @@ impl CaptureWorkers {
                 .name(format!("drain-{group}"))
                 .spawn(move || {
                     crate::util::priority::lower_this_thread(nice);
-                    drain_loop(&j, &d, &s, &e)
+                    drain_loop(&j, &d, &control, &s, &e)
                 })?
         };
         let keeper = {
@@ -121,11 +185,13 @@ fn set_error(slot: &ErrorSlot, e: String) {
 fn drain_loop(
     journal: &CaptureJournal,
     disks: &[Arc<ProtectedDisk>],
+    control: &DrainControl,
     stop: &AtomicBool,
     error: &ErrorSlot,
 ) {
     let mut cursors = vec![0u64; disks.len()];
     let mut retry_at: Vec<Option<Instant>> = vec![None; disks.len()];
+    let mut prefetch: Vec<Option<Ticket>> = (0..disks.len()).map(|_| None).collect();
     let mut buf = Vec::with_capacity(COPY_CHUNK);
     while !stop.load(AO::Relaxed) {
         if journal.mode() != Mode::Drain || journal.is_closed() {
@@ -144,7 +210,10 @@ fn drain_loop(
                     cursors[i] = 0;
                     journal.next_pending(disk.id(), 0, RUN_MAX)
                 });
-            let Some((off, len)) = run else { continue };
+            let Some((off, len)) = run else {
+                control.full_done(disk.id());
+                continue;
+            };
             any_pending = true;
             if retry_at[i].is_some_and(|t| Instant::now() < t) {
                 continue;
@@ -152,7 +221,31 @@ fn drain_loop(
             if !journal.wait_copy_room(COPY_CHUNK, Duration::from_millis(100)) {
                 continue;
             }
-            match disk.copy_step(off, off + len, &mut buf) {
+            let by_checksum = control.digests().filter(|_| !control.is_full(disk.id()));
+            let step = match by_checksum {
+                Some(dc) => resync_window(
+                    journal,
+                    disk,
+                    dc,
+                    control,
+                    off,
+                    len,
+                    &mut prefetch[i],
+                    &mut buf,
+                ),
+                None => disk
+                    .copy_step(off, off + len, &mut buf)
+                    .map(|r| {
+                        if let Some(next) = r {
+                            control
+                                .copied_bytes
+                                .fetch_add(next.saturating_sub(off), AO::Relaxed);
+                        }
+                        r
+                    })
+                    .map_err(|e| e.to_string()),
+            };
+            match step {
                 Ok(Some(next)) => {
                     cursors[i] = next;
                     retry_at[i] = None;
@@ -165,7 +258,7 @@ fn drain_loop(
                         disk = disk.id(),
                         "copy failed, retrying in {RETRY_AFTER:?}: {e}"
                     );
-                    set_error(error, e.to_string());
+                    set_error(error, e);
                     // Skip past this run for now; it stays pending.
                     cursors[i] = off + len;
                     retry_at[i] = Some(Instant::now() + RETRY_AFTER);
@@ -178,6 +271,91 @@ fn drain_loop(
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// The block window of a pending run starting at `off` (`len` bytes): whole
+/// blocks, at most [`WINDOW_BLOCKS`], inside the disk.
+fn window(off: u64, len: u64, bs: u64, size: u64) -> (u64, u64) {
+    let blocks = size.div_ceil(bs);
+    let b0 = off / bs;
+    let b1 = (off + len).div_ceil(bs).min(blocks).min(b0 + WINDOW_BLOCKS);
+    (b0, b1.max(b0))
+}
+
+/// Checksum resync of one window of the pending run at `off`: get the
+/// target's digests (asked for ahead, while the previous window was
+/// compared), ask for the next window's, then compare and copy the differing
+/// blocks step by step. `Ok(Some(next))`: where the copy got to; `Ok(None)`:
+/// the group stopped draining.
+#[allow(clippy::too_many_arguments)]
+fn resync_window(
+    journal: &CaptureJournal,
+    disk: &ProtectedDisk,
+    dc: &DigestClient,
+    control: &DrainControl,
+    off: u64,
+    len: u64,
+    prefetch: &mut Option<Ticket>,
+    buf: &mut Vec<u8>,
+) -> Result<Option<u64>, String> {
+    let bs = u64::from(dc.block_size().bytes());
+    let size = disk.size();
+    let id = disk.id();
+    let (b0, b1) = window(off, len, bs, size);
+    if b1 == b0 {
+        return Ok(Some(off + len));
+    }
+    let count = (b1 - b0) as u32;
+    let ticket = match prefetch.take() {
+        Some(t) => {
+            let r = t.request();
+            if r.disk == id && r.disk_size == size && r.first_block == b0 && r.count == count {
+                t
+            } else {
+                dc.cancel(t);
+                dc.request(id, size, b0, count, Purpose::Resync)
+            }
+        }
+        None => dc.request(id, size, b0, count, Purpose::Resync),
+    };
+    if let Some((noff, nlen)) = journal.next_pending(id, b1 * bs, WINDOW_BLOCKS * bs) {
+        let (n0, n1) = window(noff, nlen, bs, size);
+        if n0 >= b1 && n1 > n0 {
+            *prefetch = Some(dc.request(id, size, n0, (n1 - n0) as u32, Purpose::Resync));
+        }
+    }
+    let target = dc
+        .wait(ticket, DIGEST_TIMEOUT)
+        .map_err(|e| format!("resync of disk {id}: {e}"))?;
+    let end = (b1 * bs).min(size);
+    let mut at = b0 * bs;
+    while at < end {
+        let step_end = (at + COPY_CHUNK as u64).min(end);
+        if !journal.wait_copy_room(COPY_CHUNK, Duration::from_secs(5)) {
+            // Still going: the caller comes back to the rest of the run.
+            return Ok(Some(at));
+        }
+        let i0 = (at / bs - b0) as usize;
+        let step = disk
+            .compare_step(
+                at,
+                step_end,
+                bs,
+                &target.digests[i0..],
+                dc.digest_key(),
+                buf,
+            )
+            .map_err(|e| e.to_string())?;
+        let Some(step) = step else {
+            return Ok(None);
+        };
+        control.compared_bytes.fetch_add(step.compared, AO::Relaxed);
+        control
+            .differing_bytes
+            .fetch_add(step.differing, AO::Relaxed);
+        at = step.next;
+    }
+    Ok(Some(end))
 }
 
 fn keeper_loop(journal: &CaptureJournal, stop: &AtomicBool) {

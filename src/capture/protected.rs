@@ -24,6 +24,18 @@ use super::journal::{CaptureError, CaptureJournal, CopyPart, Recorded};
 use crate::error::{Classify, ErrorKind};
 use crate::frame::NoteReason;
 use crate::frontend::{BlockIo, IoError, IoErrorKind, Op, check_range};
+use crate::resync::{BlockDigest, DigestKey, digest_block};
+
+/// What one [`ProtectedDisk::compare_step`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompareStep {
+    /// Where the next step starts.
+    pub next: u64,
+    /// Bytes read and compared.
+    pub compared: u64,
+    /// Bytes of blocks that differed (recorded as M entries).
+    pub differing: u64,
+}
 
 /// Size of the blocks a copy tests for all-zero content.
 pub const COPY_BLOCK: usize = 64 * 1024;
@@ -330,19 +342,103 @@ impl ProtectedDisk {
         if next_data > offset {
             parts.push(CopyPart::Zero(offset, len));
         } else {
-            buf.resize(len as usize, 0);
-            self.backing
-                .pread(offset, buf)
-                .map_err(|source| ProtectedError::CopyRead {
-                    path: self.path().to_path_buf(),
-                    offset,
-                    len: len as usize,
-                    source,
-                })?;
+            self.read_for_copy(offset, len, buf)?;
             split_copy(offset, buf, &mut parts);
         }
         let recorded = self.journal.record_copy(self.id, offset, len, parts)?;
         Ok(recorded.then_some(stop))
+    }
+
+    /// Checksum resync of one step: under the range locks, read
+    /// `offset..end` (block-aligned, at most [`COPY_CHUNK`]), digest each
+    /// block of `block_size` bytes and record as M entries only the blocks
+    /// whose digest differs from the target's (`target[i]` is the block at
+    /// `offset + i × block_size`); clear the step's pending regions. `None`
+    /// when the group stopped draining.
+    ///
+    /// Skipping equal blocks is safe although the target's digests are older
+    /// than this read: every write the target applies after its read is in
+    /// this disk already and is applied again there in seq order, so the
+    /// target ends with these bytes (docs/RESYNC.md).
+    pub fn compare_step(
+        &self,
+        offset: u64,
+        end: u64,
+        block_size: u64,
+        target: &[BlockDigest],
+        key: &DigestKey,
+        buf: &mut Vec<u8>,
+    ) -> Result<Option<CompareStep>, ProtectedError> {
+        let end = end.min(self.backing.size());
+        if offset >= end {
+            return Ok(Some(CompareStep {
+                next: end,
+                compared: 0,
+                differing: 0,
+            }));
+        }
+        let len = end - offset;
+        let _locks = self.stripes.lock(offset, len);
+        self.read_for_copy(offset, len, buf)?;
+        let mut parts = Vec::new();
+        let mut differing = 0u64;
+        for (i, block) in buf.chunks(block_size as usize).enumerate() {
+            let same = target
+                .get(i)
+                .is_some_and(|t| digest_block(key, block).same_data(t));
+            if !same {
+                differing += block.len() as u64;
+                split_copy(offset + i as u64 * block_size, block, &mut parts);
+            }
+        }
+        let recorded = self.journal.record_copy(self.id, offset, len, parts)?;
+        Ok(recorded.then_some(CompareStep {
+            next: end,
+            compared: len,
+            differing,
+        }))
+    }
+
+    /// The digests of the blocks of `offset..end` (block-aligned, at most
+    /// [`COPY_CHUNK`]), read under the range locks (so no write is half
+    /// done), for an online verify. Records nothing.
+    pub fn digest_step(
+        &self,
+        offset: u64,
+        end: u64,
+        block_size: u64,
+        key: &DigestKey,
+        buf: &mut Vec<u8>,
+    ) -> Result<Vec<BlockDigest>, ProtectedError> {
+        let end = end.min(self.backing.size());
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        let len = end - offset;
+        let locks = self.stripes.lock(offset, len);
+        self.read_for_copy(offset, len, buf)?;
+        drop(locks);
+        Ok(buf
+            .chunks(block_size as usize)
+            .map(|b| digest_block(key, b))
+            .collect())
+    }
+
+    fn read_for_copy(
+        &self,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), ProtectedError> {
+        buf.resize(len as usize, 0);
+        self.backing
+            .pread(offset, buf)
+            .map_err(|source| ProtectedError::CopyRead {
+                path: self.path().to_path_buf(),
+                offset,
+                len: len as usize,
+                source,
+            })
     }
 
     /// Rollover of the dirty log: snapshot what is not vouched for, persist it,

@@ -33,33 +33,7 @@ pub struct TagArgs {
 /// Run `agent tag`.
 pub fn run(a: TagArgs) -> anyhow::Result<()> {
     let cfg = tidemark::config::AgentConfig::load(&a.config)?;
-    let group = match (&a.group, cfg.groups.as_slice()) {
-        (Some(g), groups) => {
-            if !groups.iter().any(|x| &x.name == g) {
-                bail!(
-                    "group {g:?} is not in {} (its groups: {})",
-                    a.config.display(),
-                    groups
-                        .iter()
-                        .map(|x| x.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-            }
-            g.clone()
-        }
-        (None, [one]) => one.name.clone(),
-        (None, groups) => bail!(
-            "{} has {} groups; name one with --group ({})",
-            a.config.display(),
-            groups.len(),
-            groups
-                .iter()
-                .map(|x| x.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    };
+    let group = pick_group(&cfg, a.group.as_deref(), &a.config)?;
     if !(a.timeout.is_finite() && a.timeout > 0.0 && a.timeout <= 3600.0) {
         bail!(
             "--timeout {} must be above 0 and at most 3600 seconds",
@@ -78,4 +52,39 @@ pub fn run(a: TagArgs) -> anyhow::Result<()> {
     let seq = tagcmd::run(&opts).context("tag not recorded")?;
     println!("{seq}");
     Ok(())
+}
+
+/// The group a command on the running agent is for: `--group`, which must be
+/// in the config, or the config's only group.
+pub fn pick_group(
+    cfg: &tidemark::config::AgentConfig,
+    group: Option<&str>,
+    config: &std::path::Path,
+) -> anyhow::Result<String> {
+    let names = || {
+        cfg.groups
+            .iter()
+            .map(|x| x.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match (group, cfg.groups.as_slice()) {
+        (Some(g), groups) => {
+            if !groups.iter().any(|x| x.name == g) {
+                bail!(
+                    "group {g:?} is not in {} (its groups: {})",
+                    config.display(),
+                    names()
+                );
+            }
+            Ok(g.to_string())
+        }
+        (None, [one]) => Ok(one.name.clone()),
+        (None, groups) => bail!(
+            "{} has {} groups; name one with --group ({})",
+            config.display(),
+            groups.len(),
+            names()
+        ),
+    }
 }

@@ -6,6 +6,7 @@ pub mod agent_tag;
 pub mod bench;
 pub mod init;
 pub mod relay;
+pub mod resync;
 pub mod status;
 pub mod target;
 

@@ -129,6 +129,16 @@ pub struct AgentGroup {
     /// journal's budget would never be used).
     #[serde(default = "d32")]
     pub window_mib: u64,
+    /// How dirty regions (initial copy, catch-up, resync) reach the replica:
+    /// `checksum` sends only the blocks whose digest differs from the
+    /// replica's (needs the target connected); `copy` sends every block (the
+    /// relay spools it even while the target is away).
+    #[serde(default)]
+    pub resync: ResyncMode,
+    /// Block size of checksum resync and verify, KiB: a power of two from 4
+    /// to 1024 (docs/RESYNC.md explains the default of 64).
+    #[serde(default = "d64u32")]
+    pub resync_block_kib: u32,
     /// The `[[group.disk]]` tables: source disks.
     #[serde(rename = "disk")]
     pub disks: Vec<AgentDisk>,
@@ -151,6 +161,17 @@ impl AgentGroup {
     pub fn heartbeat(&self) -> Duration {
         Duration::from_millis(self.heartbeat_ms)
     }
+}
+
+/// How dirty regions are copied to the replica.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResyncMode {
+    /// Compare block digests with the target's and send only what differs.
+    #[default]
+    Checksum,
+    /// Send every block, without asking the target.
+    Copy,
 }
 
 /// A `[[group.disk]]` table of `agent.toml`.
@@ -303,6 +324,9 @@ pub const UBLK_QUEUES_MAX: u64 = 64;
 /// Largest buffer memory of one ublk queue, MiB (`depth` × `max_request_kib`).
 pub const UBLK_QUEUE_BUFFERS_MIB_MAX: u64 = 1024;
 
+fn d64u32() -> u32 {
+    64
+}
 fn d1u16() -> u16 {
     1
 }
@@ -372,6 +396,9 @@ impl AgentConfig {
         let mut names = HashSet::new();
         for (gi, g) in self.groups.iter().enumerate() {
             v.group_common(gi, &g.name, &mut names, &g.key_file, g.key_epoch)?;
+            if let Err(e) = crate::resync::BlockSize::new(g.resync_block_kib.saturating_mul(1024)) {
+                return Err(v.err(format!("group[{gi}].resync_block_kib"), e.to_string()));
+            }
             if !(-7..=22).contains(&g.zstd_level) {
                 return Err(v.err(
                     format!("group[{gi}].zstd_level"),

@@ -13,9 +13,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::transport::wire::PeerRole;
+use crate::transport::conn::Outgoing;
+use crate::transport::wire::{Message, PeerRole};
 
 /// How long a superseding session waits for the one it replaces to end.
 pub const SUPERSEDE_WAIT: Duration = Duration::from_secs(5);
@@ -46,6 +47,36 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 type Slot = Option<(watch::Sender<bool>, oneshot::Receiver<()>)>;
+
+/// The writer queue of a role's current session, with the session's number
+/// (so a session that ended clears only its own route).
+type Route = Option<(u64, mpsc::Sender<Outgoing>)>;
+
+/// How long a resync message may wait for room in the peer's writer queue.
+pub const ROUTE_WAIT: Duration = Duration::from_secs(5);
+
+/// Why a resync message could not be handed on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// No session of that role is open for the group.
+    #[error("no {role} is connected to the relay for group {group}")]
+    NotConnected {
+        /// "agent" or "target".
+        role: &'static str,
+        /// The group.
+        group: String,
+    },
+    /// The peer's connection did not take the message in time.
+    #[error("the {role} of group {group} did not take the message within {secs} s")]
+    Busy {
+        /// "agent" or "target".
+        role: &'static str,
+        /// The group.
+        group: String,
+        /// The wait.
+        secs: u64,
+    },
+}
 
 /// Counters of one group, updated by its sessions.
 #[derive(Debug, Default)]
@@ -90,6 +121,9 @@ pub struct GroupHub {
     pub append_latency: Mutex<crate::util::hist::Histogram>,
     agent: Mutex<Slot>,
     target: Mutex<Slot>,
+    /// Where resync messages for each role's current session go.
+    agent_route: Mutex<Route>,
+    target_route: Mutex<Route>,
     cache: Mutex<HotCache>,
     /// Bytes cached by all groups together.
     cache_used: Arc<AtomicUsize>,
@@ -106,6 +140,56 @@ pub struct Claim {
 }
 
 impl GroupHub {
+    fn route(&self, role: PeerRole) -> &Mutex<Route> {
+        match role {
+            PeerRole::Agent => &self.agent_route,
+            PeerRole::Target => &self.target_route,
+        }
+    }
+
+    /// Make `tx` (session number `id`) where resync messages for `role` go.
+    pub fn set_route(&self, role: PeerRole, id: u64, tx: mpsc::Sender<Outgoing>) {
+        *lock(self.route(role)) = Some((id, tx));
+    }
+
+    /// Forget the route of session `id` of `role` (a newer session's stays).
+    pub fn clear_route(&self, role: PeerRole, id: u64) {
+        let mut r = lock(self.route(role));
+        if r.as_ref().is_some_and(|(i, _)| *i == id) {
+            *r = None;
+        }
+    }
+
+    /// Hand a sealed resync message to the current session of `to`, waiting
+    /// at most [`ROUTE_WAIT`] for room in its writer queue. The relay keeps no
+    /// copy: a lost message is asked for again by the agent.
+    pub async fn route_resync(&self, to: PeerRole, bytes: Vec<u8>) -> Result<(), RouteError> {
+        let role = match to {
+            PeerRole::Agent => "agent",
+            PeerRole::Target => "target",
+        };
+        let tx = lock(self.route(to)).as_ref().map(|(_, tx)| tx.clone());
+        let Some(tx) = tx else {
+            return Err(RouteError::NotConnected {
+                role,
+                group: self.name.clone(),
+            });
+        };
+        match tokio::time::timeout(ROUTE_WAIT, tx.send(Outgoing::Msg(Message::Resync(bytes)))).await
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(RouteError::NotConnected {
+                role,
+                group: self.name.clone(),
+            }),
+            Err(_) => Err(RouteError::Busy {
+                role,
+                group: self.name.clone(),
+                secs: ROUTE_WAIT.as_secs(),
+            }),
+        }
+    }
+
     fn slot(&self, role: PeerRole) -> &Mutex<Slot> {
         match role {
             PeerRole::Agent => &self.agent,
@@ -254,6 +338,8 @@ impl Hub {
                     append_latency: Mutex::new(crate::util::hist::Histogram::new()),
                     agent: Mutex::new(None),
                     target: Mutex::new(None),
+                    agent_route: Mutex::new(None),
+                    target_route: Mutex::new(None),
                     cache: Mutex::new(HotCache::default()),
                     cache_used: self.cache_used.clone(),
                     cache_max: self.cache_max,

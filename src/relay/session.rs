@@ -21,6 +21,7 @@ use super::hub::{CachedFrame, GroupHub};
 use super::server::Shared;
 use crate::error::{Classify, ErrorKind};
 use crate::frame::FrameHeader;
+use crate::resync::{MsgHeader, MsgKind};
 use crate::spool::{AppendOutcome, AppendRequest, SpoolError, SpooledFrame};
 use crate::target::gate::ChainPos;
 use crate::transport::client::message_name;
@@ -127,6 +128,8 @@ pub(crate) async fn run_agent(
     .await?;
     hub.counters.agent_connected.store(true, Ordering::Relaxed);
     let _connected = ResetOnDrop(&hub.counters.agent_connected);
+    let _route = Route::open(hub, PeerRole::Agent, tx);
+    let resync_slots = Arc::new(tokio::sync::Semaphore::new(RESYNC_IN_FLIGHT));
 
     // The acker: completes appends in order and acknowledges each durable frame.
     let (pend_tx, mut pend_rx) = mpsc::channel::<Pending>(1024);
@@ -199,6 +202,10 @@ pub(crate) async fn run_agent(
         };
         let bytes = match m {
             Some(Ok(Message::Frame(b))) => b,
+            Some(Ok(Message::Resync(b))) => {
+                forward_request(hub, tx, &resync_slots, b);
+                continue;
+            }
             Some(Ok(other)) => {
                 let what = message_name(&other);
                 let _ = send(
@@ -357,6 +364,8 @@ pub(crate) async fn run_target(
     .await?;
     hub.counters.target_connected.store(true, Ordering::Relaxed);
     let _connected = ResetOnDrop(&hub.counters.target_connected);
+    let _route = Route::open(hub, PeerRole::Target, tx);
+    let resync_slots = Arc::new(tokio::sync::Semaphore::new(RESYNC_IN_FLIGHT));
     hub.counters
         .target_acked
         .fetch_max(applied.frame_no, Ordering::Relaxed);
@@ -469,6 +478,7 @@ pub(crate) async fn run_target(
                         hub.cache_trim(frame_no);
                     }
                 }
+                Some(Ok(Message::Resync(b))) => forward_reply(hub, &resync_slots, b),
                 Some(Ok(Message::Error { kind, frame_no, message })) => {
                     tracing::error!(group = %hub.name, frame_no, ?kind, "target refused a frame: {message}");
                     set(&hub.last_target_error, format!("frame {frame_no}: {message}"));
@@ -499,6 +509,106 @@ pub(crate) async fn run_target(
     let _ = trimmer.await;
     tracing::debug!(session = who, cursor, acked, "target session loop ended");
     result
+}
+
+/// Resync messages of one session being handed on at once; more are refused
+/// (the agent asks again later).
+pub const RESYNC_IN_FLIGHT: usize = 16;
+
+/// Session numbers, so a route is cleared only by the session that set it.
+static ROUTE_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// A session's resync route in its group's hub, cleared when the session ends
+/// (before its writer is closed: the route holds a sender of that writer).
+struct Route<'a> {
+    hub: &'a GroupHub,
+    role: PeerRole,
+    id: u64,
+}
+
+impl<'a> Route<'a> {
+    fn open(hub: &'a GroupHub, role: PeerRole, tx: &Tx) -> Route<'a> {
+        let id = ROUTE_IDS.fetch_add(1, Ordering::Relaxed);
+        hub.set_route(role, id, tx.clone());
+        Route { hub, role, id }
+    }
+}
+
+impl Drop for Route<'_> {
+    fn drop(&mut self) {
+        self.hub.clear_route(self.role, self.id);
+    }
+}
+
+/// An agent's resync request: hand it to the group's target, or tell the agent
+/// (by request id, from the clear header) that it cannot be delivered. Only
+/// requests go this way; the relay reads nothing sealed.
+fn forward_request(
+    hub: &Arc<GroupHub>,
+    tx: &Tx,
+    slots: &Arc<tokio::sync::Semaphore>,
+    bytes: Vec<u8>,
+) {
+    let header = match MsgHeader::parse(&bytes) {
+        Ok(h) if h.kind == MsgKind::Request => h,
+        Ok(h) => {
+            tracing::warn!(group = %hub.name, request_id = h.request_id, kind = ?h.kind, "agent sent a resync message that is not a request; dropped");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(group = %hub.name, "agent sent a malformed resync message, dropped: {e}");
+            return;
+        }
+    };
+    let (hub, tx) = (hub.clone(), tx.clone());
+    let permit = slots.clone().try_acquire_owned();
+    tokio::spawn(async move {
+        let result = match permit {
+            Ok(_permit) => hub
+                .route_resync(PeerRole::Target, bytes)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(_) => Err(format!(
+                "more than {RESYNC_IN_FLIGHT} resync messages of group {} in flight at the relay",
+                hub.name
+            )),
+        };
+        if let Err(message) = result {
+            let _ = tx
+                .send(Outgoing::Msg(Message::ResyncUnreachable {
+                    request_id: header.request_id,
+                    message,
+                }))
+                .await;
+        }
+    });
+}
+
+/// A target's resync reply: hand it to the group's agent, if one is there (if
+/// not, the agent asks again when it is back).
+fn forward_reply(hub: &Arc<GroupHub>, slots: &Arc<tokio::sync::Semaphore>, bytes: Vec<u8>) {
+    let header = match MsgHeader::parse(&bytes) {
+        Ok(h) if h.kind != MsgKind::Request => h,
+        Ok(h) => {
+            tracing::warn!(group = %hub.name, request_id = h.request_id, "target sent a resync request; dropped");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(group = %hub.name, "target sent a malformed resync message, dropped: {e}");
+            return;
+        }
+    };
+    let Ok(permit) = slots.clone().try_acquire_owned() else {
+        tracing::warn!(group = %hub.name, request_id = header.request_id, "too many resync replies in flight; dropped");
+        return;
+    };
+    let hub = hub.clone();
+    tokio::spawn(async move {
+        let _permit = permit;
+        if let Err(e) = hub.route_resync(PeerRole::Agent, bytes).await {
+            tracing::debug!(group = %hub.name, request_id = header.request_id, "resync reply not delivered: {e}");
+        }
+    });
 }
 
 async fn trim(shared: &Arc<Shared>, group: &str, frame_no: u64) {

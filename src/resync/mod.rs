@@ -10,13 +10,17 @@
 //! interrupted resync resumes. Online verify is the same compare without
 //! sending data. Formats and the choice of the block size: docs/RESYNC.md.
 
+pub mod client;
 pub mod compare;
 pub mod digest;
+pub mod msg;
 pub mod wire;
 
+pub use client::{DigestClient, Digests, FetchError, Ticket};
 pub use compare::{Chunk, DiffError, ProgressError, ResyncPlan, ResyncProgress, diff};
 pub use digest::{
     BlockDigest, BlockSize, BlockSizeError, DEFAULT_BLOCK_BYTES, DigestError, DigestKey,
     digest_block, digest_range,
 };
+pub use msg::{DigestRequest, MsgBody, MsgCipher, MsgError, MsgHeader, MsgKind, Purpose};
 pub use wire::{DigestChunk, MAX_CHUNK_BLOCKS, WireError};

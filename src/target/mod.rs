@@ -22,6 +22,7 @@ pub mod apply;
 pub mod applylog;
 pub mod budget;
 pub mod catalog;
+pub mod digests;
 pub mod gate;
 pub mod open;
 pub mod recover;
@@ -518,6 +519,7 @@ async fn start_group(
             stop.store(true, Ordering::Relaxed);
         });
     }
+    let disks = p.disks.clone();
     let (setup, status, progress_rx) = apply_setup(cfg, p, stop)?;
     let (job_tx, job_rx) = crossbeam_channel::bounded(budget::BUDGET_FRAMES as usize);
     let (opened_tx, opened_rx) = crossbeam_channel::bounded(budget::BUDGET_FRAMES as usize);
@@ -536,7 +538,7 @@ async fn start_group(
     };
     match open::spawn(
         group,
-        &[(key_epoch, key)],
+        &[(key_epoch, key.clone())],
         open::OPEN_THREADS,
         job_rx,
         opened_tx,
@@ -548,6 +550,20 @@ async fn start_group(
             return Err(e);
         }
     }
+    let digests = match digests::spawn(name.clone(), &key, disks, progress_rx.clone()) {
+        Ok((service, thread)) => {
+            threads.push(thread);
+            service
+        }
+        Err(e) => {
+            drop(job_tx);
+            join_threads(threads).await;
+            return Err(TargetError::TaskFailed {
+                group: format!("{name} ({e})"),
+                what: "digest thread",
+            });
+        }
+    };
     Ok(GroupRuntime {
         session: GroupSession {
             group,
@@ -559,6 +575,7 @@ async fn start_group(
             redo,
             progress: progress_rx,
             shutdown,
+            digests,
         },
         threads,
     })

@@ -154,6 +154,8 @@ pub(crate) struct GroupSession {
     pub progress: watch::Receiver<Progress>,
     /// Stop signal.
     pub shutdown: Shutdown,
+    /// The digest service (resync and verify requests from the agent).
+    pub digests: super::digests::DigestService,
 }
 
 struct Session {
@@ -273,6 +275,9 @@ impl Session {
                     _ = self.s.shutdown.wait() => Err(ConnEnd::Shutdown),
                     ch = self.s.progress.changed() => self.on_progress(ch.is_ok(), &mut conn).await,
                     m = rx.recv() => self.on_incoming(m, &mut conn).await,
+                    Some(reply) = self.s.digests.replies.recv() => {
+                        conn.send(&Message::Resync(reply)).await.map_err(|reason| ConnEnd::Lost { reason, healthy: false })
+                    }
                     _ = tick.tick() => {
                         self.check_gap();
                         Ok(())
@@ -370,6 +375,12 @@ impl Session {
                 }
             }
             Some(Incoming::Message(Message::Throttle { .. })) => Ok(()),
+            Some(Incoming::Message(Message::Resync(bytes))) => {
+                if self.s.digests.requests.try_send(bytes).is_err() {
+                    tracing::warn!(group = %self.g(), "digest requests are queued to the limit; one dropped (the agent asks again)");
+                }
+                Ok(())
+            }
             Some(Incoming::Message(other)) => Err(lost(format!(
                 "protocol violation: unexpected {} message from the relay",
                 message_name(&other)

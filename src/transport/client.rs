@@ -276,6 +276,8 @@ pub fn message_name(m: &Message) -> &'static str {
         Message::Ack { .. } => "ack",
         Message::Error { .. } => "error",
         Message::Throttle { .. } => "throttle",
+        Message::Resync(_) => "resync",
+        Message::ResyncUnreachable { .. } => "resync-unreachable",
     }
 }
 

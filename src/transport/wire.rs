@@ -32,6 +32,12 @@ const T_FRAME: u8 = 3;
 const T_ACK: u8 = 4;
 const T_ERROR: u8 = 5;
 const T_THROTTLE: u8 = 6;
+const T_RESYNC: u8 = 7;
+const T_RESYNC_UNREACHABLE: u8 = 8;
+
+/// Largest resync message body (a sealed digest reply of a maximal chunk, with
+/// room to spare); larger ones are refused before they are copied.
+pub const MAX_RESYNC_LEN: usize = 1 << 20;
 
 /// Which role opened the connection (the relay accepts both).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +102,18 @@ pub enum Message {
     Throttle {
         /// Advised pause.
         retry_after_ms: u32,
+    },
+    /// A sealed resync message (digest request or reply, see
+    /// `resync::msg`), carried between the agent and the target of a group.
+    /// The relay reads only its clear header and never stores it.
+    Resync(Vec<u8>),
+    /// The relay could not hand the resync request `request_id` to the
+    /// group's target (not connected, or too slow to take it).
+    ResyncUnreachable {
+        /// The request concerned.
+        request_id: u64,
+        /// Why, one line.
+        message: String,
     },
 }
 
@@ -252,6 +270,18 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
             out.push(T_THROTTLE);
             out.extend_from_slice(&retry_after_ms.to_le_bytes());
         }
+        Message::Resync(bytes) => {
+            out.push(T_RESYNC);
+            out.extend_from_slice(bytes);
+        }
+        Message::ResyncUnreachable {
+            request_id,
+            message,
+        } => {
+            out.push(T_RESYNC_UNREACHABLE);
+            out.extend_from_slice(&request_id.to_le_bytes());
+            put_str(out, message);
+        }
     }
     let len = (out.len() - start - 4) as u32;
     out[start..start + 4].copy_from_slice(&len.to_le_bytes());
@@ -330,6 +360,8 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
         T_ACK => "ack",
         T_ERROR => "error",
         T_THROTTLE => "throttle",
+        T_RESYNC => "resync",
+        T_RESYNC_UNREACHABLE => "resync-unreachable",
         other => {
             return Err(WireError::Malformed {
                 what: "unknown",
@@ -382,8 +414,20 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
                 message: b.string("message")?,
             }
         }
-        _ => Message::Throttle {
+        T_THROTTLE => Message::Throttle {
             retry_after_ms: b.u32("retry_after_ms")?,
+        },
+        T_RESYNC => {
+            if b.b.len() > MAX_RESYNC_LEN {
+                return Err(b.err(format!("{} bytes, limit {MAX_RESYNC_LEN}", b.b.len())));
+            }
+            let bytes = b.b.to_vec();
+            b.b = &[];
+            Message::Resync(bytes)
+        }
+        _ => Message::ResyncUnreachable {
+            request_id: b.u64("request_id")?,
+            message: b.string("message")?,
         },
     };
     b.end()?;
@@ -562,7 +606,41 @@ mod tests {
             Message::Throttle {
                 retry_after_ms: 250,
             },
+            Message::Resync(vec![1, 2, 3]),
+            Message::ResyncUnreachable {
+                request_id: 77,
+                message: "no target".into(),
+            },
         ]
+    }
+
+    #[test]
+    fn golden_resync_unreachable_bytes() {
+        let mut buf = Vec::new();
+        encode(
+            &Message::ResyncUnreachable {
+                request_id: 5,
+                message: "x".into(),
+            },
+            &mut buf,
+        );
+        assert_eq!(
+            buf,
+            [
+                12, 0, 0, 0, // body length
+                8, // resync-unreachable
+                5, 0, 0, 0, 0, 0, 0, 0, // request id
+                1, 0, b'x', // message
+            ]
+        );
+    }
+
+    #[test]
+    fn an_oversized_resync_message_is_refused() {
+        let mut body = vec![T_RESYNC];
+        body.resize(MAX_RESYNC_LEN + 2, 0);
+        let e = decode_body(&body).unwrap_err();
+        assert!(e.to_string().contains("limit"), "{e}");
     }
 
     #[test]
