@@ -411,6 +411,7 @@ fn role_configs(
                 window_mib: 32,
                 resync: ResyncMode::Checksum,
                 resync_block_kib: 64,
+                resync_max_mib_s: 0,
                 disks: vec![AgentDisk {
                     id: 0,
                     path: format!("disks/{g}-disk0.img").into(),

@@ -142,3 +142,196 @@ fn e2e_initial_replication_sends_only_data_and_resync_only_what_differs() {
     c.stop_all();
     c.assert_replica_equals_source();
 }
+
+/// Overwrite `blocks` 64 KiB blocks of `path` with seeded junk.
+fn damage(path: &std::path::Path, blocks: impl IntoIterator<Item = u64>, seed: u64) -> u64 {
+    let f = std::fs::File::options().write(true).open(path).unwrap();
+    let mut rng = Prng::new(seed);
+    let mut junk = vec![0u8; BLOCK as usize];
+    let mut n = 0;
+    for b in blocks {
+        tidemark::util::datagen::fill(&mut junk, 0, &mut rng);
+        f.write_all_at(&junk, b * BLOCK).unwrap();
+        n += 1;
+    }
+    f.sync_all().unwrap();
+    n
+}
+
+/// A replicated cluster of `size` bytes with `prefill`ed data, stopped.
+fn replicated(size: u64) -> Cluster {
+    let mut c = Cluster::new(size);
+    c.prefill(3, 4 * MIB);
+    c.start_relay();
+    c.start_target();
+    c.start_agent(&[]);
+    c.wait_caught_up(Duration::from_secs(240));
+    c.stop_all();
+    c
+}
+
+#[test]
+fn e2e_resync_under_a_concurrent_writer_ends_equal_with_the_range_in_the_catalog() {
+    let size = 256 * MIB;
+    let mut c = replicated(size);
+    // Every 8th block of the replica damaged: 512 blocks, 32 MiB.
+    let damaged = damage(&c.replica, (0..size / BLOCK).step_by(8), 5);
+    c.start_relay();
+    c.start_target();
+    c.start_agent(&[
+        "--workload-bytes",
+        "96M",
+        "--workload-seed",
+        "21",
+        "--workload-rate-mb-s",
+        "24",
+    ]);
+    std::thread::sleep(Duration::from_millis(800));
+    let (ok, out) = agent_cmd(&c, "resync", &["--disk", "0"]);
+    assert!(ok, "{out}");
+    let last = c.wait_workload_done(Duration::from_secs(240));
+    c.wait_applied(last, Duration::from_secs(240));
+    c.wait_caught_up(Duration::from_secs(240));
+    let s = resync_status(&c);
+    assert!(
+        s.differing_bytes >= damaged * BLOCK,
+        "every damaged block was sent: {s:?}"
+    );
+    let json = c.target_cmd(&["points", "--json"]);
+    c.stop_all();
+    c.assert_replica_equals_source();
+
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let ranges = v["inconsistent"].as_array().unwrap();
+    let resync: Vec<&serde_json::Value> = ranges
+        .iter()
+        .filter(|r| r["reason"].as_str().unwrap_or("").contains("resync"))
+        .collect();
+    assert!(!resync.is_empty(), "no resync range in the catalog: {json}");
+    for r in &resync {
+        let after = r["after_seq"].as_u64().unwrap();
+        let end = r["end_seq"].as_u64().expect("the resync range is closed");
+        for p in v["points"].as_array().unwrap() {
+            let seq = p["seq"].as_u64().unwrap();
+            assert!(
+                !(after < seq && seq < end),
+                "point {seq} lies inside the resync range {after}..{end}: {json}"
+            );
+        }
+    }
+}
+
+#[test]
+fn e2e_each_role_killed_mid_resync_it_resumes_and_ends_equal() {
+    let size = 256 * MIB;
+    let mut c = Cluster::new(size);
+    // Data everywhere, so the initial copy is a long resync; capped so the
+    // kills land in the middle of it, and the dirty log persisted often so
+    // the agent resumes close to where it was.
+    c.prefill(7, MIB);
+    c.start_relay();
+    c.configure_agent(|a| {
+        a.agent.dirty_flush_ms = 200;
+        a.groups[0].resync_max_mib_s = 48;
+    });
+    c.start_target();
+    c.start_agent(&[]);
+    let progress = |c: &Cluster| {
+        c.agent_status()
+            .map_or(0, |s| s.groups[0].resync.compared_bytes)
+    };
+    let wait_progress = |c: &Cluster, at_least: u64| {
+        common::wait_until(Duration::from_secs(120), "resync progress", || {
+            (progress(c) >= at_least).then_some(())
+        })
+    };
+    wait_progress(&c, 32 * MIB);
+    c.target.as_mut().unwrap().kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    c.start_target();
+    let before = progress(&c);
+    wait_progress(&c, before + 32 * MIB);
+    c.relay.as_mut().unwrap().kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    c.start_relay();
+    let before = progress(&c);
+    wait_progress(&c, before + 32 * MIB);
+    let done_before_kill = progress(&c);
+    std::thread::sleep(Duration::from_millis(600));
+    c.agent.as_mut().unwrap().kill9();
+    c.start_agent(&[]);
+    c.wait_caught_up(Duration::from_secs(240));
+    let s = resync_status(&c);
+    // The restarted agent compared only what was not done before the kill
+    // (give or take what it did after the last dirty-log snapshot).
+    assert!(
+        s.compared_bytes <= size - done_before_kill + 64 * MIB,
+        "the restarted agent compared {} bytes; {} were done before the kill",
+        s.compared_bytes,
+        done_before_kill
+    );
+    c.stop_all();
+    c.assert_replica_equals_source();
+}
+
+#[test]
+fn e2e_failover_then_failback_sends_only_the_delta_and_the_original_ends_equal() {
+    let size = 256 * MIB;
+    let mut c = Cluster::new(size);
+    c.prefill(3, 4 * MIB);
+    c.start_relay();
+    c.start_target();
+    c.start_agent(&["--workload-bytes", "8M", "--workload-seed", "4"]);
+    let last = c.wait_workload_done(Duration::from_secs(120));
+    c.wait_applied(last, Duration::from_secs(120));
+    c.wait_caught_up(Duration::from_secs(120));
+    // Disaster: the protected machine is gone. Fail over at the last point.
+    c.agent.as_mut().unwrap().kill9();
+    c.target_cmd(&["recover", "--point", "latest", "--promote"]);
+    c.stop_all();
+    // The recovered machine runs on the promoted replica and writes to it.
+    let written = damage(&c.replica, (100..4000).step_by(97), 8);
+
+    // A failback pointed at a disk in use is refused: the original agent
+    // still protects the original disk.
+    let mut fb = Cluster::new(MIB);
+    fb.source = c.replica.clone();
+    fb.replica = c.source.clone();
+    c.start_agent(&[]);
+    common::wait_until(Duration::from_secs(30), "the original agent", || {
+        c.agent_status()
+            .filter(|s| Some(s.pid) == c.agent.as_ref().map(|a| a.pid()))
+    });
+    fb.start_relay();
+    fb.start_target();
+    let mut t = fb.target.take().unwrap();
+    let st = t
+        .wait_exit(Duration::from_secs(60))
+        .expect("a target whose replica is in use must stop");
+    assert!(!st.success());
+    assert!(
+        t.log_text().contains("in use by another tidemark process"),
+        "{}",
+        common::tail(&t.log_text())
+    );
+    c.agent.as_mut().unwrap().kill9();
+
+    // Fail back: reverse replication from the promoted replica to the
+    // original disk, which still exists: only the differences travel.
+    fb.start_target();
+    fb.start_agent(&[]);
+    fb.wait_caught_up(Duration::from_secs(240));
+    let s = resync_status(&fb);
+    let sent = relay_bytes_in(&fb);
+    fb.stop_all();
+    assert!(
+        s.differing_bytes >= written * BLOCK && s.differing_bytes < size / 8,
+        "delta only: {s:?}"
+    );
+    assert!(
+        sent < size / 8,
+        "{sent} bytes on the wire for a {size}-byte disk"
+    );
+    let same = tidemark::bench::run::compare_files(&c.source, &c.replica).unwrap();
+    assert!(same, "the original disk does not equal the promoted one");
+}

@@ -537,6 +537,10 @@ mod tests {
                 error: format!("no {}", t.name),
                 kind: "corrupt".into(),
             },
+            other => Response::Error {
+                error: format!("not here: {other:?}"),
+                kind: "corrupt".into(),
+            },
         });
         let sock = ControlSocket::start(dir.path(), handler).unwrap();
         let path = sock.path().to_path_buf();

@@ -263,7 +263,7 @@ fn prepare(cfg: &AgentGroup, setup: &CaptureSetup) -> Result<Prepared, AgentErro
         journal.clone(),
         views,
         disks.clone(),
-        Arc::new(DrainControl::new(digests)),
+        Arc::new(DrainControl::new(digests, cfg.resync_max_mib_s << 20)),
     ));
     Ok(Prepared {
         cfg: cfg.clone(),

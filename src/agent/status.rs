@@ -218,6 +218,9 @@ pub struct ResyncStatus {
     pub digest_failures: u64,
     /// Bytes of sealed digest replies received.
     pub digest_reply_bytes: u64,
+    /// Time the copy waited for the bandwidth cap, µs.
+    #[serde(default)]
+    pub capped_us: u64,
 }
 
 impl ResyncStatus {
@@ -233,6 +236,7 @@ impl ResyncStatus {
             compared_bytes: r(&d.compared_bytes),
             differing_bytes: r(&d.differing_bytes),
             copied_bytes: r(&d.copied_bytes),
+            capped_us: r(&d.capped_us),
             ..ResyncStatus::default()
         };
         if let Some(c) = d.digests() {

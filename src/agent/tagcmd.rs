@@ -415,7 +415,12 @@ mod tests {
     /// A fake agent recording what it was asked.
     fn agent(dir: &Path, seen: Arc<Mutex<Vec<TagRequest>>>) -> ControlSocket {
         let h: Handler = Arc::new(move |r| {
-            let Request::Tag(t) = r;
+            let Request::Tag(t) = r else {
+                return Response::Error {
+                    error: "tags only".into(),
+                    kind: "corrupt".into(),
+                };
+            };
             seen.lock().unwrap().push(t);
             Response::Seq { seq: 77 }
         });

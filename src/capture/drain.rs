@@ -18,6 +18,7 @@ use super::modes::Mode;
 use super::protected::{COPY_CHUNK, ProtectedDisk};
 use crate::frontend::BlockIo;
 use crate::resync::{DigestClient, Purpose, Ticket};
+use crate::util::rate::TokenBucket;
 
 /// Most blocks asked for in one digest request (64 MiB at 64 KiB blocks):
 /// large enough that the round trip through the relay is small next to the
@@ -34,6 +35,9 @@ pub const DIGEST_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct DrainControl {
     digests: Option<Arc<DigestClient>>,
     full: Mutex<HashSet<u16>>,
+    cap: Option<Mutex<TokenBucket>>,
+    /// Time spent waiting for the bandwidth cap, µs.
+    pub capped_us: AtomicU64,
     /// Bytes compared by checksum.
     pub compared_bytes: AtomicU64,
     /// Bytes of differing blocks sent after a compare.
@@ -43,11 +47,43 @@ pub struct DrainControl {
 }
 
 impl DrainControl {
-    /// Copy by checksum through `digests` when given.
-    pub fn new(digests: Option<Arc<DigestClient>>) -> DrainControl {
+    /// Copy by checksum through `digests` when given; send copied data at
+    /// most at `max_bytes_per_s` (0: no cap).
+    pub fn new(digests: Option<Arc<DigestClient>>, max_bytes_per_s: u64) -> DrainControl {
         DrainControl {
             digests,
+            cap: (max_bytes_per_s > 0).then(|| {
+                Mutex::new(TokenBucket::new(
+                    max_bytes_per_s,
+                    COPY_CHUNK as u64,
+                    Instant::now(),
+                ))
+            }),
             ..DrainControl::default()
+        }
+    }
+
+    /// Charge `bytes` of copied data to the bandwidth cap and wait as long
+    /// as it says (giving up early when `stop` is set). New writes are never
+    /// held up by the cap: it paces only the drainer.
+    fn pace(&self, bytes: u64, stop: &AtomicBool) {
+        let Some(cap) = &self.cap else { return };
+        let wait = cap
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .charge(bytes, Instant::now());
+        if wait.is_zero() {
+            return;
+        }
+        self.capped_us
+            .fetch_add(wait.as_micros() as u64, AO::Relaxed);
+        let until = Instant::now() + wait;
+        while !stop.load(AO::Relaxed) {
+            let now = Instant::now();
+            if now >= until {
+                break;
+            }
+            std::thread::sleep((until - now).min(Duration::from_millis(100)));
         }
     }
 
@@ -228,18 +264,18 @@ fn drain_loop(
                     disk,
                     dc,
                     control,
-                    off,
-                    len,
+                    (off, len),
                     &mut prefetch[i],
                     &mut buf,
+                    stop,
                 ),
                 None => disk
                     .copy_step(off, off + len, &mut buf)
                     .map(|r| {
                         if let Some(next) = r {
-                            control
-                                .copied_bytes
-                                .fetch_add(next.saturating_sub(off), AO::Relaxed);
+                            let n = next.saturating_sub(off);
+                            control.copied_bytes.fetch_add(n, AO::Relaxed);
+                            control.pace(n, stop);
                         }
                         r
                     })
@@ -293,10 +329,10 @@ fn resync_window(
     disk: &ProtectedDisk,
     dc: &DigestClient,
     control: &DrainControl,
-    off: u64,
-    len: u64,
+    (off, len): (u64, u64),
     prefetch: &mut Option<Ticket>,
     buf: &mut Vec<u8>,
+    stop: &AtomicBool,
 ) -> Result<Option<u64>, String> {
     let bs = u64::from(dc.block_size().bytes());
     let size = disk.size();
@@ -325,7 +361,7 @@ fn resync_window(
         }
     }
     let target = dc
-        .wait(ticket, DIGEST_TIMEOUT)
+        .wait_or_stop(ticket, DIGEST_TIMEOUT, stop)
         .map_err(|e| format!("resync of disk {id}: {e}"))?;
     let end = (b1 * bs).min(size);
     let mut at = b0 * bs;
@@ -353,6 +389,7 @@ fn resync_window(
         control
             .differing_bytes
             .fetch_add(step.differing, AO::Relaxed);
+        control.pace(step.differing, stop);
         at = step.next;
     }
     Ok(Some(end))

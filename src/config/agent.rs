@@ -139,6 +139,11 @@ pub struct AgentGroup {
     /// to 1024 (docs/RESYNC.md explains the default of 64).
     #[serde(default = "d64u32")]
     pub resync_block_kib: u32,
+    /// Cap on the bandwidth of copied dirty regions (initial copy, catch-up,
+    /// resync), MiB/s; 0 = no cap. Writes captured meanwhile are not held up
+    /// by it, so a resync leaves room on the link for them.
+    #[serde(default)]
+    pub resync_max_mib_s: u64,
     /// The `[[group.disk]]` tables: source disks.
     #[serde(rename = "disk")]
     pub disks: Vec<AgentDisk>,
@@ -396,6 +401,12 @@ impl AgentConfig {
         let mut names = HashSet::new();
         for (gi, g) in self.groups.iter().enumerate() {
             v.group_common(gi, &g.name, &mut names, &g.key_file, g.key_epoch)?;
+            v.range(
+                &format!("group[{gi}].resync_max_mib_s"),
+                g.resync_max_mib_s,
+                0,
+                1 << 20,
+            )?;
             if let Err(e) = crate::resync::BlockSize::new(g.resync_block_kib.saturating_mul(1024)) {
                 return Err(v.err(format!("group[{gi}].resync_block_kib"), e.to_string()));
             }

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -26,6 +26,9 @@ use crate::frame::DataKey;
 /// Requests queued for the session task; more wait in `request` callers' hands
 /// as failures (they ask again).
 pub const OUT_QUEUE: usize = 16;
+
+/// How often a waiting caller checks its stop flag.
+const STOP_POLL: Duration = Duration::from_millis(100);
 
 /// Why digests did not come.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -196,11 +199,34 @@ impl DigestClient {
 
     /// Wait up to `timeout` for the answer to `t`.
     pub fn wait(&self, t: Ticket, timeout: Duration) -> Result<Digests, FetchError> {
-        let r = match t.rx.recv_timeout(timeout) {
-            Ok(a) => a,
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => Err(FetchError::Timeout(timeout)),
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                Err(FetchError::Unavailable("the request was dropped".into()))
+        self.wait_or_stop(t, timeout, &AtomicBool::new(false))
+    }
+
+    /// Wait up to `timeout` for the answer to `t`, giving up early (as
+    /// unavailable) once `stop` is set: a stopping agent never waits for a
+    /// target that is not there.
+    pub fn wait_or_stop(
+        &self,
+        t: Ticket,
+        timeout: Duration,
+        stop: &AtomicBool,
+    ) -> Result<Digests, FetchError> {
+        let deadline = std::time::Instant::now() + timeout;
+        let r = loop {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                break Err(FetchError::Timeout(timeout));
+            }
+            if stop.load(Ordering::Relaxed) {
+                break Err(FetchError::Unavailable("the agent is stopping".into()));
+            }
+            let slice = (deadline - now).min(STOP_POLL);
+            match t.rx.recv_timeout(slice) {
+                Ok(a) => break a,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    break Err(FetchError::Unavailable("the request was dropped".into()));
+                }
             }
         };
         self.waiting().remove(&t.id);

@@ -4,6 +4,7 @@
 
 pub mod aligned;
 pub mod datagen;
+pub mod exclusive;
 pub mod fsfreeze;
 pub mod hist;
 pub mod lockfile;
@@ -11,6 +12,7 @@ pub mod malloc;
 pub mod priority;
 pub mod prng;
 pub mod procstat;
+pub mod rate;
 pub mod shutdown;
 pub mod statusfile;
 pub mod time;

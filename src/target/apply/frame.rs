@@ -177,7 +177,8 @@ impl Applier {
             .map_err(|e| img_err(&self.group, e))?;
             tracing::info!(group = %self.group, disk = slot.id, path = %slot.path.display(), size = img.size(), "replica opened for a DiskSize record");
             slot.sync = Some(std::sync::Arc::new(
-                img.sync_handle().map_err(|e| img_err(&self.group, e))?,
+                super::claimed_sync_handle(img.as_ref(), &slot.path)
+                    .map_err(|e| img_err(&self.group, e))?,
             ));
             slot.image = Some(img);
         }
@@ -429,11 +430,12 @@ impl Applier {
                                 frame_no,
                                 source: Box::new(source),
                             })?;
-                            let sync = img.sync_handle().map_err(|source| ApplyError::Image {
-                                group: self.group.clone(),
-                                frame_no,
-                                source: Box::new(source),
-                            })?;
+                            let sync = super::claimed_sync_handle(img.as_ref(), &slot.path)
+                                .map_err(|source| ApplyError::Image {
+                                    group: self.group.clone(),
+                                    frame_no,
+                                    source: Box::new(source),
+                                })?;
                             slot.sync = Some(std::sync::Arc::new(sync));
                             slot.image = Some(img);
                         } else {

@@ -292,6 +292,18 @@ fn open_replica(
     }
 }
 
+/// The flusher's second handle on a replica, once the replica is claimed for
+/// this process (refused while an agent protects it or another target applies
+/// to it, or while it is a mounted block device).
+pub(super) fn claimed_sync_handle(img: &dyn Image, path: &Path) -> Result<File, ImageError> {
+    let sync = img.sync_handle()?;
+    crate::util::exclusive::claim(&sync, path).map_err(|source| ImageError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(sync)
+}
+
 impl Applier {
     fn start(s: ApplySetup) -> Result<Applier, TargetError> {
         let mark = s.watermark.get();
@@ -318,12 +330,14 @@ impl Applier {
                 None
             };
             let sync = match &image {
-                Some(img) => Some(std::sync::Arc::new(img.sync_handle().map_err(
-                    |source| TargetError::Replica {
-                        group: s.group.clone(),
-                        source: Box::new(source),
-                    },
-                )?)),
+                Some(img) => Some(std::sync::Arc::new(
+                    claimed_sync_handle(img.as_ref(), &d.path).map_err(|source| {
+                        TargetError::Replica {
+                            group: s.group.clone(),
+                            source: Box::new(source),
+                        }
+                    })?,
+                )),
                 None => None,
             };
             slots.push(Slot {
