@@ -412,6 +412,8 @@ fn role_configs(
                 resync: ResyncMode::Checksum,
                 resync_block_kib: 64,
                 resync_max_mib_s: 0,
+                verify_every_minutes: 0,
+                verify_repair: false,
                 disks: vec![AgentDisk {
                     id: 0,
                     path: format!("disks/{g}-disk0.img").into(),

@@ -533,6 +533,21 @@ async fn run_group(
             .map_err(|e| internal(format!("cannot start writer thread: {e}")))?
     };
 
+    // Scheduled verifies, when configured.
+    let verifier = if p.cfg.verify_every_minutes > 0 {
+        Some(
+            super::verify::schedule(
+                info.clone(),
+                Duration::from_secs(p.cfg.verify_every_minutes * 60),
+                p.cfg.verify_repair,
+                stop_writer.clone(),
+            )
+            .map_err(|e| internal(format!("cannot start the verify thread: {e}")))?,
+        )
+    } else {
+        None
+    };
+
     let mut stop_for_connect = stop.clone();
     let hello = agent_hello(&agent_name, &group);
     let first = connect_with_retry(&endpoint, &hello, &info, &mut stop_for_connect).await;
@@ -543,6 +558,9 @@ async fn run_group(
             // nothing was sealed; what was captured stays in the dirty logs.
             stop_writer.store(true, AO::Relaxed);
             let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+            if let Some(v) = verifier {
+                let _ = tokio::task::spawn_blocking(move || v.join()).await;
+            }
             let (journal, disks) = (p.journal.clone(), p.disks.clone());
             let _ = tokio::task::spawn_blocking(move || {
                 workers.stop();
@@ -638,6 +656,9 @@ async fn run_group(
     // the relay.
     stop_writer.store(true, AO::Relaxed);
     let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+    if let Some(v) = verifier {
+        let _ = tokio::task::spawn_blocking(move || v.join()).await;
+    }
     let _ = tokio::task::spawn_blocking(move || workers.stop()).await;
     p.journal.close();
     drain_trigger.fire();

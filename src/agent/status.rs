@@ -75,6 +75,8 @@ pub(crate) struct GroupInfo {
     pub workload_progress: Arc<Mutex<WorkloadReport>>,
     /// How dirty regions are copied (checksum or full), with counters.
     pub drain: Arc<crate::capture::drain::DrainControl>,
+    /// The last scheduled verify of each disk.
+    pub verifies: Mutex<Vec<super::verify::ScheduledVerify>>,
 }
 
 impl GroupInfo {
@@ -106,6 +108,7 @@ impl GroupInfo {
             workload: Mutex::new(None),
             workload_progress: Arc::new(Mutex::new(WorkloadReport::default())),
             drain,
+            verifies: Mutex::new(Vec::new()),
         }
     }
 
@@ -153,6 +156,7 @@ impl GroupInfo {
             disks,
             workload,
             resync: ResyncStatus::of(&self.drain),
+            verifies: lock(&self.verifies).clone(),
         }
     }
 }
@@ -198,6 +202,9 @@ pub struct AgentGroupStatus {
     /// How dirty regions reached the replica since start.
     #[serde(default)]
     pub resync: ResyncStatus,
+    /// The last scheduled verify of each disk (`verify_every_hours`).
+    #[serde(default)]
+    pub verifies: Vec<super::verify::ScheduledVerify>,
 }
 
 /// Counters of copying dirty regions (initial copy, catch-up, resync) since

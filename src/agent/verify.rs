@@ -76,6 +76,18 @@ pub enum VerifyError {
         /// Cause.
         source: FetchError,
     },
+    /// A resync of the disk is still copying.
+    #[error(
+        "disk {disk} of group {group} is already being resynced ({pending_bytes} bytes left); wait for it to finish (`tidemark status`)"
+    )]
+    Busy {
+        /// The group.
+        group: String,
+        /// The disk.
+        disk: u16,
+        /// Bytes still pending.
+        pending_bytes: u64,
+    },
     /// Reading the source failed.
     #[error("reading disk {disk}: {why}")]
     Read {
@@ -92,6 +104,7 @@ impl Classify for VerifyError {
             VerifyError::NoDigests { .. }
             | VerifyError::UnknownDisk { .. }
             | VerifyError::BadRange { .. } => ErrorKind::Config,
+            VerifyError::Busy { .. } => ErrorKind::Throttled,
             VerifyError::Fetch { source, .. } => source.kind(),
             VerifyError::Read { .. } => ErrorKind::Io,
         }
@@ -134,6 +147,20 @@ fn find_disk(info: &GroupInfo, disk: u16) -> Result<&Arc<ProtectedDisk>, VerifyE
 pub(crate) fn start_resync(info: &GroupInfo, disk: u16, full: bool) -> Result<u64, VerifyError> {
     let d = find_disk(info, disk)?;
     let size = d.size();
+    let pending_bytes = info
+        .journal
+        .stats()
+        .disks
+        .iter()
+        .find(|s| s.id == disk)
+        .map_or(0, |s| s.pending_bytes);
+    if pending_bytes > 0 {
+        return Err(VerifyError::Busy {
+            group: info.name.clone(),
+            disk,
+            pending_bytes,
+        });
+    }
     if full {
         info.drain.copy_in_full(disk);
     }
@@ -288,4 +315,54 @@ fn compare_runs(
         }
     }
     Ok(out)
+}
+
+/// The last scheduled verify of a disk, for `tidemark status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduledVerify {
+    /// The disk.
+    pub disk: u16,
+    /// When it ended, µs since the Unix epoch.
+    pub at_us: u64,
+    /// What it found, or why it could not run.
+    pub result: Result<VerifyReport, String>,
+}
+
+/// Run a verify of every disk of `info`'s group every `every`, until `stop`;
+/// results go to `info.verifies` (and the log). The first one runs after one
+/// interval.
+pub(crate) fn schedule(
+    info: Arc<GroupInfo>,
+    every: Duration,
+    repair: bool,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    use std::sync::atomic::Ordering;
+    std::thread::Builder::new()
+        .name(format!("verify-{}", info.name))
+        .spawn(move || {
+            let mut next = std::time::Instant::now() + every;
+            while !stop.load(Ordering::Relaxed) {
+                if std::time::Instant::now() < next {
+                    std::thread::sleep(Duration::from_millis(200));
+                    continue;
+                }
+                for d in &info.disk_io {
+                    let id = d.id();
+                    let result = verify(&info, id, None, repair).map_err(|e| {
+                        tracing::warn!(group = %info.name, disk = id, "scheduled verify could not run: {e}");
+                        e.to_string()
+                    });
+                    let v = ScheduledVerify {
+                        disk: id,
+                        at_us: crate::util::time::now_us(),
+                        result,
+                    };
+                    let mut all = info.verifies.lock().unwrap_or_else(|p| p.into_inner());
+                    all.retain(|x| x.disk != id);
+                    all.push(v);
+                }
+                next = std::time::Instant::now() + every;
+            }
+        })
 }

@@ -28,7 +28,6 @@ impl BackingDisk {
     /// Open `path` read-write and take its size (file length, or device size).
     pub fn open(path: &Path) -> io::Result<Self> {
         let file = OpenOptions::new().read(true).write(true).open(path)?;
-        crate::util::exclusive::claim(&file, path)?;
         let size = device_size(&file)?;
         Ok(BackingDisk {
             path: path.to_path_buf(),

@@ -271,13 +271,12 @@ fn drain_loop(
                 ),
                 None => disk
                     .copy_step(off, off + len, &mut buf)
-                    .map(|r| {
+                    .inspect(|r| {
                         if let Some(next) = r {
                             let n = next.saturating_sub(off);
                             control.copied_bytes.fetch_add(n, AO::Relaxed);
                             control.pace(n, stop);
                         }
-                        r
                     })
                     .map_err(|e| e.to_string()),
             };
@@ -426,5 +425,38 @@ fn roller_loop(
                 set_error(error, e.to_string());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_are_whole_blocks_inside_the_disk_and_at_most_the_window() {
+        let bs = 64 << 10;
+        // A pending run starting mid-block covers its first block.
+        assert_eq!(window(100_000, 4096, bs, 1 << 30), (1, 2));
+        // At most WINDOW_BLOCKS.
+        assert_eq!(window(0, 1 << 30, bs, 1 << 30), (0, WINDOW_BLOCKS));
+        // The short last block of a disk counts; nothing past the end.
+        let size = 10 * bs + 512;
+        assert_eq!(window(9 * bs, 10 * bs, bs, size), (9, 11));
+        assert_eq!(window(20 * bs, bs, bs, size), (20, 20));
+    }
+
+    #[test]
+    fn the_cap_paces_copies_and_no_cap_never_waits() {
+        let stop = AtomicBool::new(false);
+        let free = DrainControl::new(None, 0);
+        free.pace(1 << 30, &stop);
+        assert_eq!(free.capped_us.load(AO::Relaxed), 0);
+        let capped = DrainControl::new(None, 64 << 20);
+        capped.pace(COPY_CHUNK as u64, &stop); // the burst
+        assert_eq!(capped.capped_us.load(AO::Relaxed), 0);
+        // A stopping drainer does not sit out the wait.
+        stop.store(true, AO::Relaxed);
+        capped.pace(1 << 30, &stop);
+        assert!(capped.capped_us.load(AO::Relaxed) > 10_000_000);
     }
 }

@@ -162,6 +162,14 @@ impl ProtectedDisk {
             path: path.to_path_buf(),
             source,
         })?;
+        // One protector per disk, and never a disk another tidemark process
+        // writes as a replica (a failback pointed the wrong way).
+        crate::util::exclusive::claim(backing.file(), path).map_err(|source| {
+            ProtectedError::Open {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
         let size = backing.size();
         let dl = |source| ProtectedError::DirtyLog {
             path: path.to_path_buf(),

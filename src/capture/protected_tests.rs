@@ -403,3 +403,52 @@ fn a_write_into_a_hole_during_the_copy_is_never_erased_by_it() {
         panic!("replay differs from the disk at byte {i}");
     }
 }
+
+#[test]
+fn compare_step_records_only_blocks_whose_digest_differs_and_clears_the_step() {
+    use crate::resync::{BlockDigest, DigestKey, digest_block};
+    const B: u64 = 64 << 10;
+    let s = setup(4 * MIB);
+    // Data in blocks 0..4; the rest is a hole.
+    let data: Vec<u8> = (0..4 * B).map(|i| (i % 251) as u8 + 1).collect();
+    File::options()
+        .write(true)
+        .open(&s.img)
+        .unwrap()
+        .write_all_at(&data, 0)
+        .unwrap();
+    let j = journal(64 << 20, Policy::Block);
+    let (disk, rep) = s.open(&j, true);
+    assert_eq!(rep.pending_bytes, 4 * MIB);
+    take_all(&j);
+    let key = DigestKey::from_bytes([1; 32]);
+    // The target has blocks 0 and 2 equal, block 1 different, block 3
+    // absent; blocks 4.. are Absent (equal to the source's zeros) except
+    // block 9, which holds data at the target.
+    let mut target: Vec<BlockDigest> = vec![BlockDigest::Absent; 64];
+    target[0] = digest_block(&key, &data[..B as usize]);
+    target[1] = digest_block(&key, &[9u8; B as usize]);
+    target[2] = digest_block(&key, &data[2 * B as usize..3 * B as usize]);
+    target[9] = digest_block(&key, &[5u8; B as usize]);
+    let mut buf = Vec::new();
+    let step = disk
+        .compare_step(0, 4 * MIB, B, &target, &key, &mut buf)
+        .unwrap()
+        .unwrap();
+    assert_eq!(step.next, 4 * MIB);
+    assert_eq!(step.compared, 4 * MIB);
+    assert_eq!(step.differing, 3 * B, "blocks 1, 3 and 9");
+    let entries = take_all(&j);
+    let mut got: Vec<(u64, u64, bool)> = entries
+        .iter()
+        .filter_map(|e| match &e.change {
+            Change::Write(d) => Some((e.offset, d.len() as u64, true)),
+            Change::Zero(l) => Some((e.offset, *l, false)),
+            _ => None,
+        })
+        .collect();
+    got.sort_unstable();
+    assert_eq!(got, vec![(B, B, true), (3 * B, B, true), (9 * B, B, false)]);
+    // The whole step is no longer pending.
+    assert_eq!(j.next_pending(0, 0, u64::MAX), None);
+}

@@ -245,6 +245,52 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
                     );
                     println!("      at start: {}", d.start_reason);
                 }
+                let r = &g.resync;
+                println!(
+                    "    copies ({}): compared {}, differing sent {}, copied whole {}; {} digest requests ({} failed){}",
+                    r.mode,
+                    human(r.compared_bytes),
+                    human(r.differing_bytes),
+                    human(r.copied_bytes),
+                    r.digest_requests,
+                    r.digest_failures,
+                    if r.capped_us > 0 {
+                        format!(
+                            ", {:.1} s held by the bandwidth cap",
+                            r.capped_us as f64 / 1e6
+                        )
+                    } else {
+                        String::new()
+                    }
+                );
+                for v in &g.verifies {
+                    match &v.result {
+                        Ok(rep) => println!(
+                            "    last verify of disk {} ({:.0} s ago): {}",
+                            v.disk,
+                            ago_s(v.at_us),
+                            if rep.mismatch_ranges == 0 {
+                                "equal".to_string()
+                            } else {
+                                format!(
+                                    "{} ranges ({}) differ{}",
+                                    rep.mismatch_ranges,
+                                    human(rep.mismatch_bytes),
+                                    if rep.repaired {
+                                        ", marked for resync"
+                                    } else {
+                                        ""
+                                    }
+                                )
+                            }
+                        ),
+                        Err(e) => println!(
+                            "    last verify of disk {} ({:.0} s ago) could not run: {e}",
+                            v.disk,
+                            ago_s(v.at_us)
+                        ),
+                    }
+                }
                 if let Some(e) = &g.last_error {
                     println!("    last error: {e}");
                 }

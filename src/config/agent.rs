@@ -144,6 +144,13 @@ pub struct AgentGroup {
     /// by it, so a resync leaves room on the link for them.
     #[serde(default)]
     pub resync_max_mib_s: u64,
+    /// Run an online verify of every disk of the group this often, minutes
+    /// (0 = never; the result is in `tidemark status`).
+    #[serde(default)]
+    pub verify_every_minutes: u64,
+    /// A scheduled verify also marks what differs for resync.
+    #[serde(default)]
+    pub verify_repair: bool,
     /// The `[[group.disk]]` tables: source disks.
     #[serde(rename = "disk")]
     pub disks: Vec<AgentDisk>,
@@ -401,6 +408,12 @@ impl AgentConfig {
         let mut names = HashSet::new();
         for (gi, g) in self.groups.iter().enumerate() {
             v.group_common(gi, &g.name, &mut names, &g.key_file, g.key_epoch)?;
+            v.range(
+                &format!("group[{gi}].verify_every_minutes"),
+                g.verify_every_minutes,
+                0,
+                366 * 24 * 60,
+            )?;
             v.range(
                 &format!("group[{gi}].resync_max_mib_s"),
                 g.resync_max_mib_s,
