@@ -27,8 +27,8 @@ fn relay_bytes_in(c: &Cluster) -> u64 {
         .bytes_in
 }
 
-/// `tidemark <cmd> --config agent.toml <args>`: (success, stdout).
-fn agent_cmd(c: &Cluster, cmd: &str, args: &[&str]) -> (bool, String) {
+/// `tidemark <cmd> --config agent.toml <args>`: (success, stdout, stderr).
+fn agent_cmd(c: &Cluster, cmd: &str, args: &[&str]) -> (bool, String, String) {
     let out = tools::run(
         Command::new(exe())
             .arg(cmd)
@@ -38,18 +38,18 @@ fn agent_cmd(c: &Cluster, cmd: &str, args: &[&str]) -> (bool, String) {
         Duration::from_secs(240),
     );
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     if !out.status.success() {
         eprintln!(
-            "tidemark {cmd} {args:?}: {}\n{stdout}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
+            "tidemark {cmd} {args:?}: {}\n{stdout}\n{stderr}",
+            out.status
         );
     }
-    (out.status.success(), stdout)
+    (out.status.success(), stdout, stderr)
 }
 
 fn verify_report(c: &Cluster) -> (bool, tidemark::agent::verify::VerifyReport) {
-    let (ok, out) = agent_cmd(c, "verify", &["--disk", "0", "--json"]);
+    let (ok, out, _) = agent_cmd(c, "verify", &["--disk", "0", "--json"]);
     let r = serde_json::from_str(&out)
         .unwrap_or_else(|e| panic!("verify --json printed {out:?}: {e}\n{}", c.logs()));
     (ok, r)
@@ -121,7 +121,7 @@ fn e2e_initial_replication_sends_only_data_and_resync_only_what_differs() {
     assert_eq!(r.mismatch_bytes, planted.len() as u64 * BLOCK);
 
     let before = relay_bytes_in(&c);
-    let (ok, out) = agent_cmd(&c, "resync", &["--disk", "0"]);
+    let (ok, out, _) = agent_cmd(&c, "resync", &["--disk", "0"]);
     assert!(ok, "{out}");
     c.wait_caught_up(Duration::from_secs(120));
     let s = resync_status(&c);
@@ -187,7 +187,7 @@ fn e2e_resync_under_a_concurrent_writer_ends_equal_with_the_range_in_the_catalog
         "24",
     ]);
     std::thread::sleep(Duration::from_millis(800));
-    let (ok, out) = agent_cmd(&c, "resync", &["--disk", "0"]);
+    let (ok, out, _) = agent_cmd(&c, "resync", &["--disk", "0"]);
     assert!(ok, "{out}");
     let last = c.wait_workload_done(Duration::from_secs(240));
     c.wait_applied(last, Duration::from_secs(240));
@@ -260,6 +260,14 @@ fn e2e_each_role_killed_mid_resync_it_resumes_and_ends_equal() {
     std::thread::sleep(Duration::from_millis(600));
     c.agent.as_mut().unwrap().kill9();
     c.start_agent(&[]);
+    // While the resumed copy runs, a second resync of the disk is refused.
+    common::wait_until(Duration::from_secs(30), "the restarted agent", || {
+        c.agent_status()
+            .filter(|s| Some(s.pid) == c.agent.as_ref().map(|a| a.pid()))
+    });
+    let (ok, _, err) = agent_cmd(&c, "resync", &["--disk", "0"]);
+    assert!(!ok, "a second resync while one runs must be refused");
+    assert!(err.contains("already being resynced"), "{err}");
     c.wait_caught_up(Duration::from_secs(240));
     let s = resync_status(&c);
     // The restarted agent compared only what was not done before the kill

@@ -257,6 +257,13 @@ impl DigestClient {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(group = %self.group, "resync reply refused: {e}");
+                // A reply whose clear header names a request fails that
+                // request now instead of at its timeout.
+                if let Ok(h) = super::msg::MsgHeader::parse(bytes)
+                    && let Some((_, tx)) = self.waiting().remove(&h.request_id)
+                {
+                    let _ = tx.send(Err(FetchError::Mismatch(e.to_string())));
+                }
                 return;
             }
         };
@@ -273,11 +280,15 @@ impl DigestClient {
                     || chunk.digests().len() != req.count as usize
                 {
                     Err(FetchError::Mismatch(format!(
-                        "asked for disk {} blocks {}..+{}, got disk {} blocks {}..+{}",
+                        "asked for disk {} ({} bytes, blocks of {}) blocks {}..+{}, got disk {} ({} bytes, blocks of {}) blocks {}..+{}",
                         req.disk,
+                        req.disk_size,
+                        req.block_size,
                         req.first_block,
                         req.count,
                         chunk.disk(),
+                        chunk.disk_size(),
+                        chunk.block_size(),
                         chunk.first_block(),
                         chunk.digests().len()
                     )))
@@ -331,18 +342,6 @@ mod tests {
         let MsgBody::Request(r1) = b1 else { panic!() };
         assert_eq!((r1.first_block, r1.count), (2, 3));
         let bs = BlockSize::new(65536).unwrap();
-        let good = DigestChunk::new(0, 1 << 20, bs, id1, 2, vec![BlockDigest::Zero; 3]).unwrap();
-        c.on_message(
-            &target
-                .seal(
-                    id1,
-                    &MsgBody::Digests {
-                        applied_seq: 5,
-                        chunk: good,
-                    },
-                )
-                .unwrap(),
-        );
         let bad = DigestChunk::new(0, 1 << 20, bs, id2, 9, vec![BlockDigest::Zero; 2]).unwrap();
         c.on_message(
             &target
@@ -351,6 +350,19 @@ mod tests {
                     &MsgBody::Digests {
                         applied_seq: 5,
                         chunk: bad,
+                    },
+                )
+                .unwrap(),
+        );
+        // Answers may come in any order: each completes its own request.
+        let good = DigestChunk::new(0, 1 << 20, bs, id1, 2, vec![BlockDigest::Zero; 3]).unwrap();
+        c.on_message(
+            &target
+                .seal(
+                    id1,
+                    &MsgBody::Digests {
+                        applied_seq: 5,
+                        chunk: good,
                     },
                 )
                 .unwrap(),
@@ -400,6 +412,52 @@ mod tests {
             Err(FetchError::Unavailable(_))
         ));
         assert_eq!(c.stats.failures.load(Ordering::Relaxed), 4);
+    }
+
+    #[test]
+    fn a_reply_for_another_disk_size_or_damaged_fails_its_request_at_once() {
+        let (c, mut rx, target) = client();
+        let bs = BlockSize::new(65536).unwrap();
+        // Another disk size.
+        let t = c.request(0, 1 << 20, 0, 2, Purpose::Resync);
+        let (id, _) = target.open(&rx.try_recv().unwrap()).unwrap();
+        let chunk = DigestChunk::new(0, 2 << 20, bs, id, 0, vec![BlockDigest::Zero; 2]).unwrap();
+        let reply = target
+            .seal(
+                id,
+                &MsgBody::Digests {
+                    applied_seq: 1,
+                    chunk,
+                },
+            )
+            .unwrap();
+        c.on_message(&reply);
+        assert!(matches!(
+            c.wait(t, Duration::from_secs(1)),
+            Err(FetchError::Mismatch(m)) if m.contains("2097152 bytes")
+        ));
+        // Damaged in transit (a flipped bit in the sealed body).
+        let t = c.request(0, 1 << 20, 0, 2, Purpose::Resync);
+        let (id, _) = target.open(&rx.try_recv().unwrap()).unwrap();
+        let chunk = DigestChunk::new(0, 1 << 20, bs, id, 0, vec![BlockDigest::Zero; 2]).unwrap();
+        let mut reply = target
+            .seal(
+                id,
+                &MsgBody::Digests {
+                    applied_seq: 1,
+                    chunk,
+                },
+            )
+            .unwrap();
+        let n = reply.len();
+        reply[n - 20] ^= 1;
+        c.on_message(&reply);
+        assert!(matches!(
+            c.wait(t, Duration::from_secs(1)),
+            Err(FetchError::Mismatch(m)) if m.contains("authentication failed")
+        ));
+        // Truncated: no request can be named; it is dropped.
+        c.on_message(&reply[..10]);
     }
 
     #[test]
