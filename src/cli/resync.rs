@@ -13,10 +13,9 @@ use super::agent_tag::pick_group;
 /// finishes it anyway).
 const VERIFY_WAIT: Duration = Duration::from_secs(24 * 3600);
 
-/// Resync a disk: compare every block with the replica's digest and send the
-/// differing ones (with --full: send every block).
+/// Which disk of the running agent a command is for.
 #[derive(clap::Args, Debug)]
-pub struct ResyncArgs {
+pub struct AgentDisk {
     /// The running agent's config file (agent.toml).
     #[arg(long)]
     config: PathBuf,
@@ -26,6 +25,14 @@ pub struct ResyncArgs {
     /// The disk id.
     #[arg(long)]
     disk: u16,
+}
+
+/// Resync a disk: compare every block with the replica's digest and send the
+/// differing ones (with --full: send every block).
+#[derive(clap::Args, Debug)]
+pub struct ResyncArgs {
+    #[command(flatten)]
+    at: AgentDisk,
     /// Send every block without comparing (the replica is not trusted at all).
     #[arg(long)]
     full: bool,
@@ -35,15 +42,8 @@ pub struct ResyncArgs {
 /// when they differ.
 #[derive(clap::Args, Debug)]
 pub struct VerifyArgs {
-    /// The running agent's config file (agent.toml).
-    #[arg(long)]
-    config: PathBuf,
-    /// The group (default: the config's only group).
-    #[arg(long)]
-    group: Option<String>,
-    /// The disk id.
-    #[arg(long)]
-    disk: u16,
+    #[command(flatten)]
+    at: AgentDisk,
     /// Byte range START..END to compare (default: the whole disk); sizes take
     /// K, M, G, T suffixes (powers of 1024).
     #[arg(long, value_parser = parse_range)]
@@ -68,49 +68,56 @@ fn parse_range(s: &str) -> Result<(u64, u64), String> {
     Ok((a, b))
 }
 
-fn ask(config: &std::path::Path, req: &Request, wait: Duration) -> anyhow::Result<Response> {
-    let cfg = tidemark::config::AgentConfig::load(config)?;
+/// The group of `at`, and a function sending a request to the agent.
+fn ask(
+    at: &AgentDisk,
+    make: impl FnOnce(String) -> Request,
+    wait: Duration,
+) -> anyhow::Result<(String, Response)> {
+    let cfg = tidemark::config::AgentConfig::load(&at.config)?;
+    let group = pick_group(&cfg, at.group.as_deref(), &at.config)?;
     let socket = cfg.agent.state_dir.join(control::SOCKET_NAME);
-    let r = control::request(&socket, req, wait).context("no answer from the agent")?;
+    let req = make(group.clone());
+    let r = control::request(&socket, &req, wait).context("no answer from the agent")?;
     if let Response::Error { error, kind } = r {
         bail!("the agent refused ({kind}): {error}");
     }
-    Ok(r)
+    Ok((group, r))
 }
 
 /// Run `resync`.
 pub fn run_resync(a: ResyncArgs) -> anyhow::Result<()> {
-    let cfg = tidemark::config::AgentConfig::load(&a.config)?;
-    let group = pick_group(&cfg, a.group.as_deref(), &a.config)?;
-    let req = Request::Resync(ResyncRequest {
-        group: group.clone(),
-        disk: a.disk,
-        full: a.full,
-    });
-    match ask(&a.config, &req, Duration::from_secs(60))? {
-        Response::Resync { marked_bytes } => {
+    let disk = a.at.disk;
+    let make = |group| {
+        Request::Resync(ResyncRequest {
+            group,
+            disk,
+            full: a.full,
+        })
+    };
+    match ask(&a.at, make, Duration::from_secs(60))? {
+        (group, Response::Resync { marked_bytes }) => {
             println!(
-                "group {group} disk {}: {marked_bytes} bytes marked for {} resync; `tidemark status` shows its progress",
-                a.disk,
+                "group {group} disk {disk}: {marked_bytes} bytes marked for {} resync; `tidemark status` shows its progress",
                 if a.full { "a full" } else { "a checksum" }
             );
             Ok(())
         }
-        other => bail!("unexpected answer from the agent: {other:?}"),
+        (_, other) => bail!("unexpected answer from the agent: {other:?}"),
     }
 }
 
 /// Run `verify`: exit status 0 when equal, 1 when they differ (or on error).
 pub fn run_verify(a: VerifyArgs) -> anyhow::Result<()> {
-    let cfg = tidemark::config::AgentConfig::load(&a.config)?;
-    let group = pick_group(&cfg, a.group.as_deref(), &a.config)?;
-    let req = Request::Verify(VerifyRequest {
-        group: group.clone(),
-        disk: a.disk,
-        range: a.range,
-        repair: a.repair,
-    });
-    let Response::Verify { verify: r } = ask(&a.config, &req, VERIFY_WAIT)? else {
+    let make = |group| {
+        Request::Verify(VerifyRequest {
+            group,
+            disk: a.at.disk,
+            range: a.range,
+            repair: a.repair,
+        })
+    };
+    let (group, Response::Verify { verify: r }) = ask(&a.at, make, VERIFY_WAIT)? else {
         bail!("unexpected answer from the agent");
     };
     if a.json {

@@ -414,15 +414,12 @@ mod tests {
         assert_eq!(c.stats.failures.load(Ordering::Relaxed), 4);
     }
 
-    #[test]
-    fn a_reply_for_another_disk_size_or_damaged_fails_its_request_at_once() {
-        let (c, mut rx, target) = client();
+    /// The target's sealed answer to `id`: two Zero digests from block 0 of
+    /// a disk of `disk_size` bytes.
+    fn zero_reply(target: &MsgCipher, id: u64, disk_size: u64) -> Vec<u8> {
         let bs = BlockSize::new(65536).unwrap();
-        // Another disk size.
-        let t = c.request(0, 1 << 20, 0, 2, Purpose::Resync);
-        let (id, _) = target.open(&rx.try_recv().unwrap()).unwrap();
-        let chunk = DigestChunk::new(0, 2 << 20, bs, id, 0, vec![BlockDigest::Zero; 2]).unwrap();
-        let reply = target
+        let chunk = DigestChunk::new(0, disk_size, bs, id, 0, vec![BlockDigest::Zero; 2]).unwrap();
+        target
             .seal(
                 id,
                 &MsgBody::Digests {
@@ -430,8 +427,16 @@ mod tests {
                     chunk,
                 },
             )
-            .unwrap();
-        c.on_message(&reply);
+            .unwrap()
+    }
+
+    #[test]
+    fn a_reply_for_another_disk_size_or_damaged_fails_its_request_at_once() {
+        let (c, mut rx, target) = client();
+        // Another disk size.
+        let t = c.request(0, 1 << 20, 0, 2, Purpose::Resync);
+        let (id, _) = target.open(&rx.try_recv().unwrap()).unwrap();
+        c.on_message(&zero_reply(&target, id, 2 << 20));
         assert!(matches!(
             c.wait(t, Duration::from_secs(1)),
             Err(FetchError::Mismatch(m)) if m.contains("2097152 bytes")
@@ -439,16 +444,7 @@ mod tests {
         // Damaged in transit (a flipped bit in the sealed body).
         let t = c.request(0, 1 << 20, 0, 2, Purpose::Resync);
         let (id, _) = target.open(&rx.try_recv().unwrap()).unwrap();
-        let chunk = DigestChunk::new(0, 1 << 20, bs, id, 0, vec![BlockDigest::Zero; 2]).unwrap();
-        let mut reply = target
-            .seal(
-                id,
-                &MsgBody::Digests {
-                    applied_seq: 1,
-                    chunk,
-                },
-            )
-            .unwrap();
+        let mut reply = zero_reply(&target, id, 1 << 20);
         let n = reply.len();
         reply[n - 20] ^= 1;
         c.on_message(&reply);
