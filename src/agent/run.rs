@@ -696,6 +696,7 @@ async fn run_group(
         tracing::warn!(
             group = %group,
             unacknowledged_entries = js.entries,
+            unacknowledged_frames = lock(&info.outbox).0,
             ?end,
             "stopped with writes the relay has not acknowledged; their regions are kept in the dirty logs for the next start"
         );
