@@ -38,7 +38,11 @@
 #
 # Usage: scripts/bench-resync.sh [rounds]   (default 3)
 # Env: SIZE (4G), BENCH_DIR (/var/tmp), WAIT_LIMIT (s per wait, 1200),
-#      TIDEMARK_BIN (use this binary instead of building one).
+#      TIDEMARK_BIN (use this binary instead of building one), PIPELINE_NICE
+#      (the agent's pipeline_nice, default 0: as in `tidemark bench`, every
+#      stage at the same priority as rsync/zstd/ssh, since there is no
+#      workload to yield to; the shipped default 10 lets any other load on a
+#      shared machine take the CPU from the copy first).
 # Binary: with TIDEMARK_BIN unset, if src/ and Cargo.* have no uncommitted
 # changes, `cargo build --release` in the repo when target/release/tidemark is
 # missing or older than the sources; otherwise (someone is editing the tree)
@@ -54,6 +58,8 @@ repo=$PWD
 rounds=${1:-3}
 [[ $rounds =~ ^[1-9][0-9]*$ ]] || { echo "rounds must be a positive integer" >&2; exit 1; }
 wait_limit=${WAIT_LIMIT:-1200}
+pipeline_nice=${PIPELINE_NICE:-0}
+[[ $pipeline_nice =~ ^[0-9]+$ ]] && (( pipeline_nice <= 19 )) || { echo "PIPELINE_NICE must be 0..19" >&2; exit 1; }
 commit=$(git -C "$repo" rev-parse --short HEAD)
 
 # ---- tools -------------------------------------------------------------------
@@ -86,17 +92,17 @@ elif [ -z "$(git -C "$repo" status --porcelain -- src Cargo.toml Cargo.lock buil
 else
     bdir=/var/tmp/tidemark-bench-build
     full=$(git -C "$repo" rev-parse HEAD)
-    src=$bdir/src-$commit
-    if [ ! -f "$src/.complete" ]; then
-        rm -rf "$src"
-        mkdir -p "$src"
-        git -C "$repo" archive "$full" | tar -x -C "$src"
-        touch "$src/.complete"
+    srcdir=$bdir/src-$commit
+    if [ ! -f "$srcdir/.complete" ]; then
+        rm -rf "$srcdir"
+        mkdir -p "$srcdir"
+        git -C "$repo" archive "$full" | tar -x -C "$srcdir"
+        touch "$srcdir/.complete"
     fi
-    echo "== the tree has uncommitted changes: building commit $commit from git archive in $src"
-    (cd "$src" && CARGO_TARGET_DIR=$bdir/target cargo build --release --quiet --bin tidemark)
+    echo "== the tree has uncommitted changes: building commit $commit from git archive in $srcdir"
+    (cd "$srcdir" && CARGO_TARGET_DIR=$bdir/target cargo build --release --quiet --bin tidemark)
     bin=$bdir/target/release/tidemark
-    build_note="commit $commit exported by git archive, built in $src (the working tree had uncommitted changes)"
+    build_note="commit $commit exported by git archive, built in $srcdir (the working tree had uncommitted changes)"
 fi
 [ -x "$bin" ] || { echo "no binary at $bin" >&2; exit 1; }
 
@@ -143,7 +149,7 @@ fsdev=$(df "$dir" | awk 'NR==2 {print $1}')
 disk="$(df -T "$dir" | awk 'NR==2 {print $2}') on $fsdev ($(lsblk -dno NAME,SIZE,ROTA,MODEL "$fsdev" 2>/dev/null | xargs || echo '?'))"
 echo "== machine: $machine"
 echo "== disk: $disk, files in $dir"
-echo "== binary: $build_note"
+echo "== binary: $build_note; agent pipeline_nice = $pipeline_nice"
 echo "== tools: $(zstd --version | head -1); $(rsync --version | head -1); $(ssh -V 2>&1)"
 
 # ---- helpers in python -----------------------------------------------------------
@@ -207,7 +213,7 @@ cat > "$dir/wait_done.py" <<'EOF'
 import json, os, sys, time
 agent_st, target_st, relay_st = sys.argv[1:4]
 t0, pid, limit = float(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
-tpid = int(sys.argv[7])
+tpid, rpid = int(sys.argv[7]), int(sys.argv[8])
 def rd(p):
     try:
         with open(p) as f:
@@ -280,6 +286,15 @@ out = {"ok": True, "wall_s": round(wall, 3), "agent_drain_s": drain_s,
 # Wire: frames into the relay + digest replies + digest requests (80 bytes each:
 # 32 header + 32 body + 16 tag).
 out["wire_bytes"] = (out["relay_bytes_in"] or 0) + rs["digest_reply_bytes"] + 80 * rs["digest_requests"]
+# CPU seconds (user + system) of each role since its start.
+def cpu(p):
+    try:
+        with open(f"/proc/{p}/stat") as f:
+            v = f.read().rsplit(")", 1)[1].split()
+        return round((int(v[11]) + int(v[12])) / os.sysconf("SC_CLK_TCK"), 2)
+    except OSError:
+        return None
+out["cpu_agent_s"], out["cpu_target_s"], out["cpu_relay_s"] = cpu(pid), cpu(tpid), cpu(rpid)
 print(json.dumps(out))
 EOF
 
@@ -376,10 +391,12 @@ cluster_up() { # case mode replica
     sed -i '/^status_listen/d' "$conf/relay.toml" "$conf/target.toml" "$conf/agent.toml"
     sed -i 's|^listen = .*|listen = "127.0.0.1:0"|' "$conf/relay.toml"
     sed -i "s|^path = .*|path = \"$rep\"|" "$conf/target.toml"
-    sed -i "s|^path = .*|path = \"$src\"|; s|^resync = .*|resync = \"$mode\"|; s|^initial_copy = .*|initial_copy = true|" "$conf/agent.toml"
-    grep -q "^resync = \"$mode\"" "$conf/agent.toml" && grep -q "^initial_copy = true" "$conf/agent.toml" ||
+    sed -i "s|^path = .*|path = \"$src\"|; s|^resync = .*|resync = \"$mode\"|; s|^initial_copy = .*|initial_copy = true|; s|^pipeline_nice = .*|pipeline_nice = $pipeline_nice|" "$conf/agent.toml"
+    grep -q "^resync = \"$mode\"" "$conf/agent.toml" && grep -q "^initial_copy = true" "$conf/agent.toml" &&
+        grep -q "^pipeline_nice = $pipeline_nice\$" "$conf/agent.toml" ||
         { echo "agent.toml was not written as expected" >&2; cat "$conf/agent.toml" >&2; return 1; }
     start_role relay "$c"
+    rpid=$last
     addr=
     for i in $(seq 1 300); do
         addr=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['listen'])" "$conf/spool/status.json" 2>/dev/null || true)
@@ -410,7 +427,7 @@ tm_copy() { # case round mode replica-source(none|path): the timed copy; leaves 
     start_role agent "$c"
     st=0
     out=$(python3 "$dir/wait_done.py" "$conf/agent-state/status.json" "$conf/target-state/status.json" \
-        "$conf/spool/status.json" "$t0" "$last" "$wait_limit" "$tpid") || st=$?
+        "$conf/spool/status.json" "$t0" "$last" "$wait_limit" "$tpid" "$rpid") || st=$?
     if [ $st != 0 ]; then
         echo "!! $c round $r: tidemark did not finish: $out" >&2
         log_tails "$c" >&2
@@ -535,9 +552,9 @@ for ((r = 1; r <= rounds; r++)); do
 done
 
 # ---- report ------------------------------------------------------------------------
-python3 - "$res" "$rounds" "$commit" "$machine" "$disk" "$build_note" <<'EOF'
+python3 - "$res" "$rounds" "$commit" "$machine" "$disk" "$build_note" "$pipeline_nice" <<'EOF'
 import json, statistics, sys
-res, rounds, commit, machine, disk, build = sys.argv[1], int(sys.argv[2]), *sys.argv[3:]
+res, rounds, commit, machine, disk, build, nice = sys.argv[1], int(sys.argv[2]), *sys.argv[3:]
 rows = [json.loads(l) for l in open(res)]
 data = next(r for r in rows if r["case"] == "data")
 by = {}
@@ -556,7 +573,7 @@ def mib(x):
     return "—" if x is None else f"{x / 2**20:.1f}"
 R = range(1, rounds + 1)
 print(f"\n## Resync (issue 5)\n")
-print(f"Command: `scripts/bench-resync.sh {rounds}`; commit `{commit}` ({build}).")
+print(f"Command: `{'' if nice == '0' else f'PIPELINE_NICE={nice} '}scripts/bench-resync.sh {rounds}` (agent pipeline_nice = {nice}); commit `{commit}` ({build}).")
 print(f"Machine: {machine}; {disk}.\n")
 print(f"Data: {data['size'] / 2**30:g} GiB source, {data['source_allocated'] / 2**20:.0f} MiB allocated "
       f"(30 % of the 1 MiB chunks zeros: half holes, half written zeros; the rest AES-CTR keystream, "
@@ -598,6 +615,12 @@ for i in R:
     print(f"| {i} | {f(g('resync', i, 'agent_drain_s'))} | {f(g('fullcopy', i, 'agent_drain_s'))} | "
           f"{f(g('initial', i, 'agent_drain_s'))} | {f(g('resync', i, 'start_to_drain_s'))} | "
           f"{f(g('zstd', i, 'sync_s'))} | {f(g('rsync', i, 'sync_s'))} | {loads} |")
+print("\nCPU seconds (user + system) of agent / target / relay, from start to done:\n")
+print("| round | resync | full copy | initial |")
+print("|---|---|---|---|")
+for i in R:
+    print(f"| {i} | " + " | ".join(" / ".join(f(g(c, i, k), 1) for k in ("cpu_agent_s", "cpu_target_s", "cpu_relay_s"))
+                                   for c in ("resync", "fullcopy", "initial")) + " |")
 def ratio(a, ka, b, kb, i, den_extra=None):
     x, y = g(a, i, ka), g(b, i, kb)
     return x / y if x is not None and y else None
