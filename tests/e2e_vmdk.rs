@@ -63,6 +63,7 @@ fn replicate(format: ReplicaFormat) -> Cluster {
     ]);
     let last = c.wait_workload_done(LONG);
     c.wait_applied(last, LONG);
+    c.wait_consistent(LONG);
     c
 }
 

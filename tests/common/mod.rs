@@ -414,6 +414,21 @@ impl Cluster {
         seq
     }
 
+    /// [`Cluster::wait_caught_up`], then until the target says the replica is
+    /// consistent (the W frame after the last M data is applied), so `latest`
+    /// names a point. The initial copy asks the target for digests, so it can
+    /// end after a workload that started with it.
+    pub fn wait_consistent(&mut self, limit: Duration) {
+        self.wait_caught_up(limit);
+        wait_until(limit, "the target to be consistent", || {
+            self.target_status()?
+                .groups
+                .first()
+                .filter(|g| g.consistent)
+                .map(|_| ())
+        });
+    }
+
     /// Tails of every role's current log, for failure messages.
     pub fn logs(&self) -> String {
         let mut out = String::new();
