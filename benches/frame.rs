@@ -28,6 +28,7 @@ fn bench_frame(c: &mut Criterion) {
         prev_last_seq: 0,
         kind: FrameKind::Write,
         heartbeat: false,
+        rebase: false,
         time_us: 0,
     };
     let mut sealer = Sealer::new(&key, 1, 1).unwrap();

@@ -317,6 +317,7 @@ impl ChainState {
             prev_last_seq: self.last_seq,
             kind: FrameKind::Write,
             heartbeat: false,
+            rebase: false,
             time_us: now_us(),
         };
         let f = self.sealer.seal(&meta, &recs)?;

@@ -345,3 +345,146 @@ fn e2e_failover_then_failback_sends_only_the_delta_and_the_original_ends_equal()
     let same = tidemark::bench::run::compare_files(&c.source, &c.replica).unwrap();
     assert!(same, "the original disk does not equal the promoted one");
 }
+
+/// The relay lost frames it had acknowledged (its spool went with its disk)
+/// while the target had not applied them: a gap redelivery cannot close. The
+/// agent finds the relay behind the seq it acknowledged, compares every disk
+/// by checksum (only the lost writes travel), and its first frame is marked
+/// REBASE, so the target continues from it; the catalog shows the range.
+#[test]
+fn e2e_a_relay_that_lost_acknowledged_frames_is_a_chain_gap_resynced_by_checksum() {
+    let size = 64 * MIB;
+    let mut c = Cluster::new(size);
+    c.prefill(3, 4 * MIB);
+    c.start_relay();
+    c.start_target();
+    c.start_agent(&[]);
+    c.wait_consistent(Duration::from_secs(240));
+    c.stop_all();
+    // 8 MiB in 64 KiB writes from the start of the disk, acknowledged by the
+    // relay while the target is away; the agent then stops in order.
+    c.start_relay();
+    c.start_agent(&[
+        "--workload-bytes",
+        "8M",
+        "--workload-pattern",
+        "sequential",
+        "--workload-seed",
+        "33",
+        "--exit-after-workload",
+    ]);
+    let agent = c.agent.as_mut().unwrap();
+    let st = agent.wait_exit(Duration::from_secs(240));
+    assert!(
+        st.is_some_and(|s| s.success()),
+        "agent: {st:?}\n{}",
+        c.logs()
+    );
+    c.stop_all();
+    // The relay's disk is lost.
+    let spool = tidemark::config::RelayConfig::load(&c.path("relay.toml"))
+        .unwrap()
+        .relay
+        .spool_dir;
+    std::fs::remove_dir_all(&spool).unwrap();
+
+    c.start_relay();
+    c.start_target();
+    c.start_agent(&[]);
+    c.wait_consistent(Duration::from_secs(240));
+    let s = resync_status(&c);
+    assert_eq!(
+        s.differing_bytes,
+        8 * MIB,
+        "exactly the lost writes differ: {s:?}"
+    );
+    assert!(s.compared_bytes >= size, "every disk was compared: {s:?}");
+    let sent = relay_bytes_in(&c);
+    assert!(sent < 16 * MIB, "only the lost writes travel: {sent} bytes");
+    let logs = c.logs();
+    assert!(logs.contains("chain gap"), "{logs}");
+    assert!(logs.contains("REBASE frame"), "{logs}");
+    // The catalog closes the range at the boundary after the first W frame
+    // (the next frame or heartbeat).
+    let json = common::wait_until(
+        Duration::from_secs(60),
+        "the chain-gap range closed",
+        || {
+            let json = c.target_cmd(&["points", "--json"]);
+            let v: serde_json::Value = serde_json::from_str(&json).ok()?;
+            v["inconsistent"]
+                .as_array()?
+                .iter()
+                .any(|r| {
+                    r["reason"].as_str().unwrap_or("").contains("chain-gap")
+                        && r["end_seq"].is_u64()
+                })
+                .then_some(json)
+        },
+    );
+    c.stop_all();
+    c.assert_replica_equals_source();
+    let applylog = c.target_state_dir().join("g1").join("apply.log");
+    let sum = tidemark::target::check_apply_log(&applylog)
+        .unwrap_or_else(|e| panic!("apply log {}: {e}", applylog.display()));
+    assert!(sum.merges > 0, "{sum:?}");
+
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let ranges = v["inconsistent"].as_array().unwrap();
+    let gap: Vec<&serde_json::Value> = ranges
+        .iter()
+        .filter(|r| r["reason"].as_str().unwrap_or("").contains("chain-gap"))
+        .collect();
+    assert_eq!(gap.len(), 1, "one chain-gap range: {json}");
+    let after = gap[0]["after_seq"].as_u64().unwrap();
+    let end = gap[0]["end_seq"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("the range is closed: {json}"));
+    for p in v["points"].as_array().unwrap() {
+        let seq = p["seq"].as_u64().unwrap();
+        assert!(
+            !(after < seq && seq < end),
+            "point {seq} lies inside the chain-gap range {after}..{end}: {json}"
+        );
+    }
+
+    // Again while the agent runs: the relay loses its spool and comes back.
+    // The agent's session finds the chain broken, the agent stops in order
+    // (saying why), and its next start resyncs what was lost.
+    c.start_relay();
+    c.start_agent(&[
+        "--workload-bytes",
+        "4M",
+        "--workload-pattern",
+        "sequential",
+        "--workload-seed",
+        "34",
+    ]);
+    let last = c.wait_workload_done(Duration::from_secs(240));
+    common::wait_until(
+        Duration::from_secs(60),
+        "the relay to hold the workload",
+        || (c.agent_status()?.groups[0].acked.last_seq >= last).then_some(()),
+    );
+    c.relay.as_mut().unwrap().kill9();
+    std::fs::remove_dir_all(&spool).unwrap();
+    c.start_relay();
+    let agent = c.agent.as_mut().unwrap();
+    let st = agent.wait_exit(Duration::from_secs(120));
+    let log = agent.log_text();
+    assert!(
+        st.is_some_and(|s| !s.success()),
+        "the agent stops on a broken chain: {st:?}\n{}",
+        c.logs()
+    );
+    assert!(log.contains("lost frames it had acknowledged"), "{log}");
+    c.start_target();
+    c.start_agent(&[]);
+    c.wait_consistent(Duration::from_secs(240));
+    let s = resync_status(&c);
+    assert_eq!(s.differing_bytes, 4 * MIB, "exactly the lost writes: {s:?}");
+    c.stop_all();
+    c.assert_replica_equals_source();
+    tidemark::target::check_apply_log(&applylog)
+        .unwrap_or_else(|e| panic!("apply log {}: {e}", applylog.display()));
+}

@@ -48,6 +48,9 @@ pub struct PipelineConfig {
     pub max_jobs: usize,
     /// Nice value of the batch and seal threads (0: unchanged).
     pub nice: i32,
+    /// The first frame starts a new stretch of the chain after frames the
+    /// relay lost (REBASE): it is sealed as M whatever it holds.
+    pub rebase: bool,
 }
 
 /// Why the pipeline could not start.
@@ -147,6 +150,7 @@ impl Pipeline {
                     // out at once, so the target learns without waiting for the
                     // next write that the replica is consistent again.
                     let mut after_m = true;
+                    let mut rebase = cfg.rebase;
                     while !st.load(AO::Relaxed) {
                         // Read before taking the batch: when it says
                         // write-ordered, every M entry (a drain's copies are
@@ -196,6 +200,7 @@ impl Pipeline {
                         }
                         let heartbeat = entries.is_empty();
                         let kind = match entries.first().map(|e| e.ordering) {
+                            _ if rebase => FrameKind::Merge,
                             Some(Ordering::M) => FrameKind::Merge,
                             _ => FrameKind::Write,
                         };
@@ -207,9 +212,11 @@ impl Pipeline {
                             prev_frame_no: prev.frame_no,
                             prev_last_seq: prev.last_seq,
                             kind,
-                            heartbeat,
+                            heartbeat: heartbeat && !rebase,
+                            rebase,
                             time_us: now_us(),
                         };
+                        rebase = false;
                         let last_seq = entries.last().map_or(prev.last_seq, |e| e.seq);
                         prev = ChainPos { frame_no: next_frame, last_seq };
                         next_frame += 1;
@@ -321,6 +328,7 @@ mod tests {
         workers: usize,
     ) -> PipelineConfig {
         PipelineConfig {
+            rebase: false,
             group: "g1".parse().unwrap(),
             key_epoch: 1,
             zstd_level: 1,

@@ -20,14 +20,16 @@ use super::session::{Session, SessionEnd, SessionError, agent_hello, connect_wit
 use super::state::{AgentState, StartPoint};
 use super::status::{AgentStatus, DiskStatus, GroupInfo, lock};
 use super::workload::{self, WorkloadReport, WorkloadSpec};
-use crate::capture::drain::{CaptureWorkers, DrainControl};
+use crate::capture::dirtylog::DirtyLogError;
+use crate::capture::drain::{CaptureWorkers, Checkpoint, DrainControl};
 use crate::capture::journal::{CaptureConfig, CaptureError, CaptureJournal};
 use crate::capture::modes::Mode;
 use crate::capture::protected::{ProtectedDisk, ProtectedError};
 use crate::config::{AgentConfig, AgentGroup, ResyncMode};
 use crate::error::{Classify, ErrorKind};
-use crate::frame::{DataKey, FrameError, GroupName};
+use crate::frame::{DataKey, FrameError, GroupName, NoteReason};
 use crate::resync::{BlockSize, DigestClient};
+use crate::target::gate::ChainPos;
 use crate::transport::client::RelayEndpoint;
 use crate::transport::tls::{self, TlsError};
 use crate::util::lockfile::{self, LockError};
@@ -506,6 +508,7 @@ async fn run_group(
         let info = info.clone();
         Box::new(move |e: String| info.set_error(e))
     };
+    let checkpoint = acked_checkpoint(info.clone(), p.state.clone());
     let workers = CaptureWorkers::start(
         p.journal.clone(),
         p.disks.clone(),
@@ -513,6 +516,7 @@ async fn run_group(
         p.dirty_flush,
         p.pipeline_nice,
         sink,
+        checkpoint,
     )
     .map_err(|e| internal(format!("cannot start capture workers: {e}")))?;
 
@@ -578,6 +582,10 @@ async fn run_group(
         }
     };
     let head = first.1.head;
+    let rebase = p.start.acked_seq > head.last_seq;
+    if rebase {
+        chain_gap(&p, head).await;
+    }
     let frame_next = p.start.frame_next.max(head.frame_no + 1);
     if head.frame_no >= p.start.frame_next {
         tracing::warn!(group = %group, head = head.frame_no, local = p.start.frame_next, "the relay holds frames beyond this agent's persisted frame numbers; continuing above them");
@@ -600,6 +608,7 @@ async fn run_group(
             workers: SEAL_WORKERS,
             max_jobs: SEAL_WORKERS * 2,
             nice: p.pipeline_nice,
+            rebase,
         },
         head,
         frame_next,
@@ -671,6 +680,12 @@ async fn run_group(
     let _ = pipe_stop.await;
     let _ = tokio::task::spawn_blocking(move || bridge.join()).await;
     {
+        // How far the relay acknowledged, before the last snapshots rely on
+        // it (a relay that comes back holding less is then found at start).
+        let (st, acked) = (p.state.clone(), lock(&info.acked).last_seq);
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || st.note_acked(acked)).await {
+            tracing::error!(group = %group, "cannot record the acknowledged seq: {e}");
+        }
         let (journal, disks) = (p.journal.clone(), p.disks.clone());
         let _ = tokio::task::spawn_blocking(move || close_disks(&journal, &disks)).await;
     }
@@ -702,6 +717,45 @@ async fn run_group(
         );
     }
     Ok(())
+}
+
+/// Before each dirty-log snapshot: record how far the relay has acknowledged
+/// (read after the snapshot was taken, so it covers every trim the snapshot
+/// reflects).
+fn acked_checkpoint(info: Arc<GroupInfo>, state: Arc<AgentState>) -> Checkpoint {
+    Box::new(move || {
+        let acked = lock(&info.acked).last_seq;
+        state.note_acked(acked).map_err(|source| DirtyLogError::Io {
+            path: state.path().to_path_buf(),
+            op: "record the acknowledged seq",
+            source,
+        })
+    })
+}
+
+/// The relay holds the group only up to `head`, below the seq it had
+/// acknowledged before: frames it acknowledged are lost and redelivery cannot
+/// close the gap. Every disk becomes pending in full (compared by checksum,
+/// so only what differs travels), and its snapshot is persisted before any
+/// frame of the new stretch goes out, so a crash cannot forget it; the first
+/// frame is then marked REBASE (docs/RESYNC.md, "A gap in the chain").
+async fn chain_gap(p: &Prepared, head: ChainPos) {
+    let why = format!(
+        "chain gap: the relay holds group {} only through seq {} (frame {}) but had acknowledged through seq {}; the frames between are lost, so every disk is compared with the replica again",
+        p.cfg.name, head.last_seq, head.frame_no, p.start.acked_seq
+    );
+    tracing::warn!(group = %p.cfg.name, "{why}");
+    let dropped = p.journal.rebase(NoteReason::ChainGap, &why);
+    let (journal, disks) = (p.journal.clone(), p.disks.clone());
+    let _ = tokio::task::spawn_blocking(move || {
+        for d in &disks {
+            if let Err(e) = d.rollover(&|| Ok(())) {
+                tracing::error!(group = journal.group(), disk = d.id(), "cannot persist the dirty log after a chain gap (the activity log and the recorded acknowledgement still bring the resync back at the next start): {e}");
+            }
+        }
+    })
+    .await;
+    tracing::info!(group = %p.cfg.name, dropped_entries = dropped, "every disk is pending; the next frame starts a new stretch of the chain");
 }
 
 /// Persist each disk's remaining dirty regions as a clean snapshot (the journal

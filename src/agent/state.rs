@@ -37,6 +37,11 @@ struct StateFile {
     /// Exact next values, valid when `clean`.
     seq_next: u64,
     frame_next: u64,
+    /// The highest seq the relay had acknowledged when the dirty logs were
+    /// last persisted (0: unknown, as in state files from before it). A relay
+    /// that comes back holding less lost acknowledged frames: a chain gap.
+    #[serde(default)]
+    acked_seq: u64,
 }
 
 /// Where numbering resumes after start.
@@ -48,6 +53,9 @@ pub struct StartPoint {
     pub frame_next: u64,
     /// Whether the previous run stopped in order.
     pub was_clean: bool,
+    /// The highest seq the relay had acknowledged by the last persisted dirty
+    /// log (0: unknown).
+    pub acked_seq: u64,
 }
 
 /// Persisted state of one group on the agent.
@@ -78,12 +86,14 @@ impl AgentState {
                 seq_next: file.seq_next.max(1),
                 frame_next: file.frame_next.max(1),
                 was_clean: true,
+                acked_seq: file.acked_seq,
             }
         } else {
             StartPoint {
                 seq_next: file.seq_reserved.max(1),
                 frame_next: file.frame_reserved.max(1),
                 was_clean: file.version == 0 || file.seq_reserved <= 1,
+                acked_seq: file.acked_seq,
             }
         };
         crate::util::time::clamp_floor(file.time_floor_us);
@@ -141,6 +151,27 @@ impl AgentState {
         Ok(until)
     }
 
+    /// The state file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Durably record that the relay acknowledged through `seq`, before a
+    /// dirty log that relies on it is persisted (no write when it did not
+    /// grow). After a relay comes back with less, [`StartPoint::acked_seq`]
+    /// tells the next start that acknowledged frames were lost.
+    pub fn note_acked(&self, seq: u64) -> std::io::Result<()> {
+        let mut g = self.lock();
+        if seq <= g.acked_seq {
+            return Ok(());
+        }
+        let mut next = g.clone();
+        next.acked_seq = seq;
+        self.persist(&next)?;
+        *g = next;
+        Ok(())
+    }
+
     /// Orderly stop: store the exact next values and mark the state clean.
     pub fn close_clean(&self, seq_next: u64, frame_next: u64) -> std::io::Result<()> {
         let mut g = self.lock();
@@ -178,6 +209,31 @@ mod tests {
         assert_eq!(start.seq_next, 1 + SEQ_BLOCK + 5);
         assert_eq!(start.frame_next, 1 + FRAME_BLOCK + 2);
         assert!(start.was_clean);
+    }
+
+    #[test]
+    fn the_acknowledged_seq_survives_restarts_and_only_grows() {
+        let d = tempfile::tempdir().unwrap();
+        let (s, start) = AgentState::open(d.path(), "g1").unwrap();
+        assert_eq!(start.acked_seq, 0);
+        s.note_acked(40).unwrap();
+        s.note_acked(30).unwrap(); // never backwards
+        drop(s); // crash
+        let (s, start) = AgentState::open(d.path(), "g1").unwrap();
+        assert_eq!(start.acked_seq, 40);
+        s.note_acked(41).unwrap();
+        s.close_clean(100, 10).unwrap();
+        drop(s);
+        let (_s, start) = AgentState::open(d.path(), "g1").unwrap();
+        assert_eq!(start.acked_seq, 41);
+        // A state file from before the field reads as unknown.
+        fs::write(
+            d.path().join("g2.state"),
+            br#"{"version":1,"seq_reserved":5,"frame_reserved":3,"time_floor_us":0,"clean":true,"seq_next":5,"frame_next":3}"#,
+        )
+        .unwrap();
+        let (_s, start) = AgentState::open(d.path(), "g2").unwrap();
+        assert_eq!((start.seq_next, start.acked_seq), (5, 0));
     }
 
     #[test]

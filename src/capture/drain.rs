@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::dirtylog::ROLLOVER;
+use super::dirtylog::{DirtyLogError, ROLLOVER};
 use super::journal::CaptureJournal;
 use super::modes::Mode;
 use super::protected::{COPY_CHUNK, ProtectedDisk};
@@ -125,6 +125,10 @@ pub const TICK: Duration = Duration::from_millis(100);
 /// Where the workers report errors (besides their log lines).
 pub type ErrorSink = Box<dyn Fn(String) + Send + Sync>;
 
+/// Runs before each dirty-log snapshot is written (see
+/// [`ProtectedDisk::rollover`]).
+pub type Checkpoint = Box<dyn Fn() -> Result<(), DirtyLogError> + Send + Sync>;
+
 /// The last error, and who else hears of it.
 struct ErrorSlot {
     last: Mutex<Option<String>>,
@@ -142,7 +146,8 @@ impl CaptureWorkers {
     /// Start the drainer and the keeper for `disks` (all of `journal`'s group),
     /// rolling the dirty logs over every `rollover` (zero: [`ROLLOVER`]), the
     /// drainer at `nice`;
-    /// `on_error` hears every error a worker hits (for the status).
+    /// `on_error` hears every error a worker hits (for the status);
+    /// `checkpoint` runs before every snapshot a rollover writes.
     pub fn start(
         journal: Arc<CaptureJournal>,
         disks: Vec<Arc<ProtectedDisk>>,
@@ -150,6 +155,7 @@ impl CaptureWorkers {
         rollover: Duration,
         nice: i32,
         on_error: ErrorSink,
+        checkpoint: Checkpoint,
     ) -> std::io::Result<CaptureWorkers> {
         let stop = Arc::new(AtomicBool::new(false));
         let last_error = Arc::new(ErrorSlot {
@@ -186,7 +192,7 @@ impl CaptureWorkers {
             let (s, e) = (stop.clone(), last_error.clone());
             std::thread::Builder::new()
                 .name(format!("roller-{group}"))
-                .spawn(move || roller_loop(&journal, &disks, &s, &e, rollover))?
+                .spawn(move || roller_loop(&journal, &disks, &s, &e, rollover, &checkpoint))?
         };
         Ok(CaptureWorkers {
             stop,
@@ -407,6 +413,7 @@ fn roller_loop(
     stop: &AtomicBool,
     error: &ErrorSlot,
     rollover: Duration,
+    checkpoint: &Checkpoint,
 ) {
     let mut next_roll = Instant::now() + rollover;
     while !stop.load(AO::Relaxed) {
@@ -416,7 +423,7 @@ fn roller_loop(
         }
         next_roll = Instant::now() + rollover;
         for d in disks {
-            if let Err(e) = d.rollover() {
+            if let Err(e) = d.rollover(checkpoint.as_ref()) {
                 tracing::error!(
                     group = journal.group(),
                     disk = d.id(),

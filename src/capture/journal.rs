@@ -877,6 +877,30 @@ impl CaptureJournal {
         g.mark_pending(&self.cfg.group, disk, (offset, len.max(1)), cause, why);
     }
 
+    /// The relay lost frames it had acknowledged, so the chain has a gap that
+    /// redelivery cannot close: every disk becomes pending in full for
+    /// `cause` (`why` is the text of the Note sent when the copy starts),
+    /// entries not yet in frames are dropped (the pending regions cover them),
+    /// and capture leaves write-ordered mode, so no W frame goes out before
+    /// every disk was compared again. Returns the entries dropped.
+    pub fn rebase(&self, cause: NoteReason, why: &str) -> u64 {
+        let mut g = self.lock();
+        for d in &mut g.disks {
+            let regions = d.pending.len();
+            d.pending.set_range(0, regions);
+            d.cause = Some((cause, why.to_string()));
+        }
+        g.dirty_marks += 1;
+        let dropped = g.drop_unbatched(&self.cfg.group, why);
+        if g.mode.mode.write_ordered() {
+            g.change_mode(&self.cfg.group, Mode::Bitmap, why.to_string());
+        }
+        drop(g);
+        self.space.notify_all();
+        self.avail.notify_all();
+        dropped
+    }
+
     /// The next run of pending regions of `disk` at or after byte `from`, at most
     /// `max` bytes: `(offset, len)` in bytes, region-aligned (clamped to the disk).
     pub fn next_pending(&self, disk: u16, from: u64, max: u64) -> Option<(u64, u64)> {

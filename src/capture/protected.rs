@@ -450,12 +450,19 @@ impl ProtectedDisk {
     }
 
     /// Rollover of the dirty log: snapshot what is not vouched for, persist it,
-    /// retire idle extents of the activity log.
-    pub fn rollover(&self) -> Result<(), DirtyLogError> {
+    /// retire idle extents of the activity log. `checkpoint` runs between
+    /// taking the snapshot and writing it: the agent records there how far the
+    /// relay had acknowledged, so a persisted snapshot never clears a region
+    /// whose frames are newer than the recorded acknowledgement.
+    pub fn rollover(
+        &self,
+        checkpoint: &dyn Fn() -> Result<(), DirtyLogError>,
+    ) -> Result<(), DirtyLogError> {
         let freeze = self.log.freeze();
         let bits = self.journal.dirty_regions(self.id);
         drop(freeze);
         if let Some(bits) = bits {
+            checkpoint()?;
             self.log.write_snapshot(&bits, false)?;
             self.log.retire()?;
         }

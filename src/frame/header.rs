@@ -22,17 +22,23 @@ pub enum FormatVersion {
     /// writes version 2 only for a frame that holds a Tag or a Note, so
     /// targets that read only version 1 keep working until tags are used.
     V2 = 2,
+    /// Version 3: version 2 plus the REBASE flag (bit 3; an M frame that
+    /// starts a new stretch of the chain after frames the relay lost, see
+    /// docs/FORMAT.md "Frame v3") and Note reason 6 (`chain-gap`). A sealer
+    /// writes version 3 only for a frame that needs it.
+    V3 = 3,
 }
 
 impl FormatVersion {
     /// The newest version this build reads (and writes, for frames that need it).
-    pub const LATEST: FormatVersion = FormatVersion::V2;
+    pub const LATEST: FormatVersion = FormatVersion::V3;
 
     /// The version for a wire value, if known.
     pub fn from_u16(v: u16) -> Option<FormatVersion> {
         match v {
             1 => Some(FormatVersion::V1),
             2 => Some(FormatVersion::V2),
+            3 => Some(FormatVersion::V3),
             _ => None,
         }
     }
@@ -68,8 +74,11 @@ pub(crate) mod flags {
     pub const MERGE: u16 = 1 << 1;
     /// An idle heartbeat: W, no records.
     pub const HEARTBEAT: u16 = 1 << 2;
-    /// Every bit this version defines.
-    pub const KNOWN: u16 = WRITE | MERGE | HEARTBEAT;
+    /// Version 3: the first M frame of a new stretch of the chain, after
+    /// frames the relay lost (it may name a predecessor the target passed).
+    pub const REBASE: u16 = 1 << 3;
+    /// Every bit the newest version defines.
+    pub const KNOWN: u16 = WRITE | MERGE | HEARTBEAT | REBASE;
 }
 
 /// Byte offsets of the header fields (for error messages and tests; the table is
@@ -265,6 +274,8 @@ pub struct FrameHeader {
     pub kind: FrameKind,
     /// Idle heartbeat (always W with no records).
     pub heartbeat: bool,
+    /// Starts a new stretch of the chain after lost frames (version 3, M only).
+    pub rebase: bool,
     /// Payload codec.
     pub codec: Codec,
     /// Epoch of the data key that sealed the frame (>= 1).
@@ -394,6 +405,7 @@ impl FrameHeader {
             version,
             kind,
             heartbeat: fl & flags::HEARTBEAT != 0,
+            rebase: fl & flags::REBASE != 0,
             codec,
             key_epoch: u32::from_le(raw.key_epoch),
             group,
@@ -534,6 +546,20 @@ impl FrameHeader {
         if self.heartbeat && self.kind != FrameKind::Write {
             return Err(bad(n, "flags", off::FLAGS, "a heartbeat frame must be W"));
         }
+        if self.rebase && self.kind != FrameKind::Merge {
+            return Err(bad(n, "flags", off::FLAGS, "a REBASE frame must be M"));
+        }
+        if self.rebase && self.version < FormatVersion::V3 {
+            return Err(bad(
+                n,
+                "flags",
+                off::FLAGS,
+                format!(
+                    "REBASE (bit 3) requires version 3 (this frame is version {})",
+                    self.version as u16
+                ),
+            ));
+        }
         match self.codec {
             Codec::Raw if self.stored_len != self.plain_len => Err(bad(
                 n,
@@ -593,11 +619,9 @@ impl FrameHeader {
             FrameKind::Write => flags::WRITE,
             FrameKind::Merge => flags::MERGE,
         };
-        if self.heartbeat {
-            kind | flags::HEARTBEAT
-        } else {
-            kind
-        }
+        let heartbeat = if self.heartbeat { flags::HEARTBEAT } else { 0 };
+        let rebase = if self.rebase { flags::REBASE } else { 0 };
+        kind | heartbeat | rebase
     }
 
     /// Length of the whole frame on the wire: header, stored payload, tag.
@@ -636,6 +660,7 @@ mod tests {
             version: FormatVersion::V1,
             kind: FrameKind::Write,
             heartbeat: false,
+            rebase: false,
             codec: Codec::Zstd,
             key_epoch: 3,
             group: "db-01".parse().unwrap(),
@@ -811,13 +836,21 @@ mod tests {
         let good = frame_of(&sample());
         let cases: &[(usize, &[u8], &str)] = &[
             (off::MAGIC, b"TMFX", "magic"),
-            (off::VERSION, &[3, 0], "version 3"),
+            (off::VERSION, &[4, 0], "version 4"),
             (off::VERSION, &[0, 0], "version 0"),
             (off::HEADER_LEN, &[129, 0], "header_len"),
             (off::FLAGS, &[0x09, 0], "flags"),
             (off::FLAGS, &[0x00, 0], "flags"),
             (off::FLAGS, &[0x03, 0], "flags"),
             (off::FLAGS, &[0x01, 0x80], "flags"),
+            (off::FLAGS, &[0x10, 0], "flags"),
+            // REBASE on a W frame, and on an M frame of version 1.
+            (off::FLAGS, &[0x09, 0], "flags"),
+            (
+                off::FLAGS,
+                &[0x0a, 0],
+                "flags REBASE (bit 3) requires version 3",
+            ),
             (off::CODEC, &[2], "codec"),
             (off::RESERVED0, &[1], "reserved"),
             (off::GROUP, b"DB", "group"),

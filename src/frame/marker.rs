@@ -7,7 +7,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::RecordHeader;
+use super::{FormatVersion, RecordHeader};
 
 /// Longest tag name, bytes.
 pub const TAG_NAME_MAX: usize = 128;
@@ -58,6 +58,9 @@ pub enum NoteReason {
     BackingWriteFailure = 4,
     /// 5: an operator asked for a resync.
     OperatorResync = 5,
+    /// 6 (version 3): the relay lost frames it had acknowledged, so the chain
+    /// has a gap redelivery cannot close; every disk is compared again.
+    ChainGap = 6,
 }
 
 impl NoteReason {
@@ -69,6 +72,7 @@ impl NoteReason {
             3 => Some(NoteReason::BitmapCatchUp),
             4 => Some(NoteReason::BackingWriteFailure),
             5 => Some(NoteReason::OperatorResync),
+            6 => Some(NoteReason::ChainGap),
             _ => None,
         }
     }
@@ -81,6 +85,15 @@ impl NoteReason {
             NoteReason::BitmapCatchUp => "bitmap-catch-up",
             NoteReason::BackingWriteFailure => "backing-write-failure",
             NoteReason::OperatorResync => "operator-resync",
+            NoteReason::ChainGap => "chain-gap",
+        }
+    }
+
+    /// The first frame format version that has this reason code.
+    pub fn min_version(self) -> FormatVersion {
+        match self {
+            NoteReason::ChainGap => FormatVersion::V3,
+            _ => FormatVersion::V2,
         }
     }
 }
@@ -184,12 +197,18 @@ mod tests {
 
     #[test]
     fn note_reasons_round_trip() {
-        for v in 1..=5u64 {
+        for v in 1..=6u64 {
             let r = NoteReason::from_u64(v).unwrap();
             assert_eq!(r as u64, v);
             assert!(!r.to_string().is_empty());
+            let need = if v == 6 {
+                FormatVersion::V3
+            } else {
+                FormatVersion::V2
+            };
+            assert_eq!(r.min_version(), need);
         }
-        for v in [0u64, 6, u64::MAX] {
+        for v in [0u64, 7, u64::MAX] {
             assert!(NoteReason::from_u64(v).is_none());
         }
     }

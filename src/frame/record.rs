@@ -173,6 +173,18 @@ fn issue(index: usize, field: &'static str, detail: impl Into<String>) -> Record
 }
 
 impl WireRecord {
+    /// The first frame format version that can carry this record: its kind's,
+    /// or a Note reason code's when that is newer.
+    pub fn min_version(&self) -> FormatVersion {
+        let kind = self.kind.min_version();
+        match self.kind {
+            WireKind::Note => {
+                NoteReason::from_u64(self.offset).map_or(kind, |r| r.min_version().max(kind))
+            }
+            _ => kind,
+        }
+    }
+
     /// The 32 wire bytes.
     pub fn encode(&self) -> [u8; RECORD_HEADER_LEN] {
         bytemuck::cast(RawRecordHeader {
@@ -407,6 +419,17 @@ pub(crate) fn check_records(
                 format!(
                     "record kind {} requires frame version {} (this frame is version {})",
                     r.kind as u8, need as u16, b.version as u16
+                ),
+            ));
+        }
+        let need = r.min_version();
+        if need > b.version {
+            return Err(issue(
+                i,
+                "offset",
+                format!(
+                    "note reason {} requires frame version {} (this frame is version {})",
+                    r.offset, need as u16, b.version as u16
                 ),
             ));
         }

@@ -37,6 +37,9 @@ pub struct FrameMeta {
     pub kind: FrameKind,
     /// An idle heartbeat (W, no records).
     pub heartbeat: bool,
+    /// The first frame of a new stretch of the chain after frames the relay
+    /// lost (M only; makes the frame version 3).
+    pub rebase: bool,
     /// Time stamp of an empty frame (its `time_first_us` and `time_last_us`);
     /// ignored when there are records (their times are used).
     pub time_us: u64,
@@ -121,9 +124,10 @@ impl Sealer {
 
     /// Build, compress and encrypt one frame from `records` (in seq order). Refuses
     /// input that would break a format rule, so every sealed frame opens. The
-    /// frame is version 2 when it holds a Tag or a Note record, version 1
-    /// otherwise (so a target that reads only v1 keeps working until tags or
-    /// notes are used).
+    /// frame has the lowest version that can carry it: 3 for a REBASE frame or
+    /// a `chain-gap` Note, 2 for a Tag or another Note, 1 otherwise (so a
+    /// target that reads only older versions keeps working until the newer
+    /// features are used).
     pub fn seal(
         &mut self,
         meta: &FrameMeta,
@@ -204,11 +208,12 @@ impl Sealer {
                 last.header.time_us,
             ),
         };
-        let version = if records.iter().any(|r| r.header.kind.change().is_none()) {
-            FormatVersion::V2
-        } else {
-            FormatVersion::V1
-        };
+        let version = records
+            .iter()
+            .map(|r| r.header.min_version())
+            .chain(meta.rebase.then_some(FormatVersion::V3))
+            .max()
+            .unwrap_or(FormatVersion::V1);
         let bounds = RecordBounds {
             prev_last_seq: meta.prev_last_seq,
             first_seq,
@@ -270,6 +275,7 @@ impl Sealer {
             version,
             kind: meta.kind,
             heartbeat: meta.heartbeat,
+            rebase: meta.rebase,
             codec,
             key_epoch: self.key_epoch,
             group: meta.group,

@@ -29,6 +29,7 @@ fn meta(frame_no: u64, prev_last_seq: u64) -> FrameMeta {
         prev_last_seq,
         kind: FrameKind::Write,
         heartbeat: false,
+        rebase: false,
         time_us: T0,
     }
 }
@@ -412,7 +413,14 @@ fn v2_refusals_at_open() {
             vec![],
         ),
         (
-            "unknown note reason code 6",
+            "unknown note reason code 7",
+            3,
+            true,
+            vec![rec(11, 5, 7, 0, 0)],
+            vec![],
+        ),
+        (
+            "note reason 6 requires frame version 3",
             2,
             true,
             vec![rec(11, 5, 6, 0, 0)],
@@ -826,6 +834,7 @@ fn forged_header(count: u32, plain_len: u32, codec: Codec, stored_len: u32) -> F
         version: FormatVersion::V1,
         kind: FrameKind::Write,
         heartbeat: false,
+        rebase: false,
         codec,
         key_epoch: 1,
         group: group(),
@@ -1142,3 +1151,111 @@ proptest! {
         }
     }
 }
+
+/// A v3 golden frame: an M frame marked REBASE (it names frame 2 as
+/// predecessor; the target had passed it) with a chain-gap Note and a Zero.
+fn golden_rebase() -> SealedFrame {
+    let mut s = Sealer::new(&key(), 1, 3).unwrap();
+    let mut m = meta(200_001, 40);
+    m.prev_frame_no = 2;
+    m.kind = FrameKind::Merge;
+    m.rebase = true;
+    s.seal(
+        &m,
+        &[
+            RecordRef::note(1_000_001, 0, T0 + 50, NoteReason::ChainGap, "chain gap"),
+            RecordRef::zero(1_000_002, 0, 0, 65536, T0 + 51),
+        ],
+    )
+    .unwrap()
+}
+
+#[test]
+fn golden_v3_rebase_frame() {
+    let f = golden_rebase();
+    assert_eq!(f.header.version, FormatVersion::V3);
+    assert!(f.header.rebase);
+    assert_eq!(&f.bytes[4..6], &[3, 0]);
+    // Flags: M (bit 1) and REBASE (bit 3).
+    assert_eq!(&f.bytes[8..10], &[0x0a, 0]);
+    assert_eq!(hex(&f.bytes[..HEADER_LEN]), GOLDEN_REBASE_HEADER);
+    assert_eq!(hex(&f.bytes), GOLDEN_REBASE);
+    let o = opener().open(&f.bytes).unwrap();
+    assert!(o.header.rebase);
+    let notes: Vec<_> = o.notes().collect();
+    assert_eq!(notes.len(), 1);
+    assert_eq!(notes[0].reason, NoteReason::ChainGap);
+    assert_eq!(notes[0].text, "chain gap");
+}
+
+#[test]
+fn version_3_is_written_only_when_needed_and_required_when_used() {
+    let mut s = Sealer::new(&key(), 1, 3).unwrap();
+    // A chain-gap Note without REBASE still needs version 3.
+    let mut m = meta(11, 0);
+    m.kind = FrameKind::Merge;
+    let f = s
+        .seal(&m, &[RecordRef::note(1, 0, T0, NoteReason::ChainGap, "x")])
+        .unwrap();
+    assert_eq!(f.header.version, FormatVersion::V3);
+    // Other notes stay version 2.
+    let mut m = meta(12, 0);
+    m.kind = FrameKind::Merge;
+    let f = s
+        .seal(
+            &m,
+            &[RecordRef::note(1, 0, T0, NoteReason::OperatorResync, "x")],
+        )
+        .unwrap();
+    assert_eq!(f.header.version, FormatVersion::V2);
+    // REBASE on a W frame is refused by the sealer.
+    let mut w = meta(13, 0);
+    w.rebase = true;
+    let e = s
+        .seal(&w, &[RecordRef::write(1, 0, 0, T0, b"x")])
+        .unwrap_err();
+    assert!(e.to_string().contains("REBASE frame must be M"), "{e}");
+    // A forged (authenticated) version 2 frame with a chain-gap Note is
+    // refused when opened: the reason code needs version 3.
+    let note = RecordRef::note(1, 0, T0, NoteReason::ChainGap, "x");
+    let mut plain = note.header.encode().to_vec();
+    plain.extend_from_slice(b"x");
+    let h = FrameHeader {
+        version: FormatVersion::V2,
+        kind: FrameKind::Merge,
+        heartbeat: false,
+        rebase: false,
+        codec: Codec::Raw,
+        key_epoch: 1,
+        group: group(),
+        frame_no: 14,
+        prev_frame_no: 13,
+        first_seq: 1,
+        last_seq: 1,
+        prev_last_seq: 0,
+        time_first_us: T0,
+        time_last_us: T0,
+        record_count: 1,
+        plain_len: plain.len() as u32,
+        stored_len: plain.len() as u32,
+    };
+    let e = opener().open(&forge(&h, &plain)).unwrap_err();
+    assert!(e.to_string().contains("requires frame version 3"), "{e}");
+}
+
+const GOLDEN_REBASE_HEADER: &str = concat!(
+    "544d4652030080000a0001000100000064622d30310000000000000000000000",
+    "00000000000000000000000000000000410d0300000000000200000000000000",
+    "41420f000000000042420f0000000000280000000000000032401e18240a0600",
+    "33401e18240a060002000000490000003f000000000000000000000000000000",
+);
+/// zstd output pinned like GOLDEN_ZSTD (bundled zstd 1.5.7).
+const GOLDEN_REBASE: &str = concat!(
+    "544d4652030080000a0001000100000064622d30310000000000000000000000",
+    "00000000000000000000000000000000410d0300000000000200000000000000",
+    "41420f000000000042420f0000000000280000000000000032401e18240a0600",
+    "33401e18240a060002000000490000003f000000000000000000000000000000",
+    "a0f41cfd1aa651dd696ad7f7149d8acd555e8efb27d101afbbd931d51c95769f",
+    "60d0ea386667e135ce857de1e344fcbcba36acb7f1cb2c92ccb56cc01a6b1a17",
+    "2025be7574574f1714a218e68e6803",
+);

@@ -9,13 +9,14 @@
 //!
 //! ```text
 //! start <frame_no> <last_seq>
-//! apply <frame_no> <prev_frame_no> <prev_last_seq> <first_seq> <last_seq> <W|M|H>
+//! apply <frame_no> <prev_frame_no> <prev_last_seq> <first_seq> <last_seq> <W|M|H|R>
 //! ```
 //!
 //! `start` is written each time the group's apply thread starts, with the
 //! durable watermark it resumes from; `apply` before the first byte of a frame
 //! is written to the replica (`W` write-ordered, `M` not write-ordered, `H`
-//! heartbeat). The log is rotated (renamed to `apply.log.1`, replacing an older
+//! heartbeat, `R` an M frame marked REBASE: it may name a predecessor behind
+//! the line before it, after frames the relay lost). The log is rotated (renamed to `apply.log.1`, replacing an older
 //! one) at start once it exceeds [`ROTATE_BYTES`], so it cannot grow without
 //! bound; a rotated file starts with its own `start` line and checks on its own.
 
@@ -23,7 +24,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use super::gate::ChainPos;
+use super::gate::{ChainPos, Link};
 use crate::frame::{FrameHeader, FrameKind};
 
 /// File name of the apply log in a group's state directory.
@@ -100,7 +101,9 @@ impl ApplyLog {
 
 /// The letter an `apply` line uses for a frame's kind.
 pub fn kind_letter(h: &FrameHeader) -> char {
-    if h.heartbeat {
+    if h.rebase {
+        'R'
+    } else if h.heartbeat {
         'H'
     } else if h.kind == FrameKind::Merge {
         'M'
@@ -179,7 +182,8 @@ fn parse_line(line: &str) -> Result<Line, String> {
                 "W" => 'W',
                 "M" => 'M',
                 "H" => 'H',
-                k => return Err(format!("kind {k:?} is not W, M or H")),
+                "R" => 'R',
+                k => return Err(format!("kind {k:?} is not W, M, H or R")),
             };
             let frame = ChainPos {
                 frame_no: num(0, "frame_no")?,
@@ -252,7 +256,16 @@ fn check_text(text: &str) -> Result<ApplyLogSummary, String> {
                 let Some(b) = before else {
                     return Err(format!("line {n}: apply before any start line"));
                 };
-                if prev != b {
+                // A REBASE frame may continue from a frame behind the line
+                // before it (the relay lost frames); it still moves forward.
+                let link = Link {
+                    frame_no: frame.frame_no,
+                    prev_frame_no: prev.frame_no,
+                    prev_last_seq: prev.last_seq,
+                    last_seq: frame.last_seq,
+                    rebase: kind == 'R',
+                };
+                if !link.follows(b) {
                     return Err(format!(
                         "line {n}: frame {} names predecessor frame {} (last seq {}), \
                          but the line before is frame {} (last seq {})",
@@ -261,7 +274,7 @@ fn check_text(text: &str) -> Result<ApplyLogSummary, String> {
                 }
                 sum.applies += 1;
                 match kind {
-                    'M' => sum.merges += 1,
+                    'M' | 'R' => sum.merges += 1,
                     'H' => sum.heartbeats += 1,
                     _ => {}
                 }
@@ -285,20 +298,22 @@ apply 5 2 4 4 4 H
 start 2 4
 apply 5 2 4 4 4 H
 apply 9 5 4 7 9 W
+apply 20 5 4 10 12 R
+apply 21 20 12 13 13 W
 ";
 
     #[test]
     fn a_good_log_passes_with_counts() {
         let s = check_text(GOOD).unwrap();
         assert_eq!(s.starts, 2);
-        assert_eq!(s.applies, 5);
-        assert_eq!(s.merges, 1);
+        assert_eq!(s.applies, 7);
+        assert_eq!(s.merges, 2);
         assert_eq!(s.heartbeats, 2);
         assert_eq!(
             s.last,
             ChainPos {
-                frame_no: 9,
-                last_seq: 9
+                frame_no: 21,
+                last_seq: 13
             }
         );
         assert_eq!(check_text("").unwrap(), ApplyLogSummary::default());
@@ -334,6 +349,11 @@ apply 9 5 4 7 9 W
             ("start 0 0\nbogus\n", "unknown line type"),
             ("start 0 0\napply 1 0 0 1 1 W", "incomplete"),
             ("start 0 0\napply 1 1 0 1 1 W\n", "not below it"),
+            // A REBASE line that does not move forward.
+            (
+                "start 0 0\napply 5 0 0 1 9 W\napply 6 2 3 4 9 R\n",
+                "line 3: frame 6 names predecessor frame 2",
+            ),
         ];
         for (text, want) in cases {
             let e = check_text(text).unwrap_err();
@@ -372,6 +392,7 @@ apply 9 5 4 7 9 W
                     FrameKind::Write
                 },
                 heartbeat: false,
+                rebase: false,
                 time_us: 0,
             };
             let sealed = sealer.seal(&meta, &recs).unwrap();

@@ -30,6 +30,38 @@ pub struct Link {
     pub prev_last_seq: u64,
     /// This frame's last seq.
     pub last_seq: u64,
+    /// A REBASE frame: the agent found that the relay lost frames it had
+    /// acknowledged and starts a new stretch of the chain from what the relay
+    /// holds, which may be behind this gate's tip (the frames between are
+    /// resent as M data, so the stretch is M until every disk was compared).
+    pub rebase: bool,
+}
+
+impl Link {
+    /// The chain fields of a frame header.
+    pub fn of(h: &crate::frame::FrameHeader) -> Link {
+        Link {
+            frame_no: h.frame_no,
+            prev_frame_no: h.prev_frame_no,
+            prev_last_seq: h.prev_last_seq,
+            last_seq: h.last_seq,
+            rebase: h.rebase,
+        }
+    }
+
+    /// True when this frame may be applied right after `tip`: it names `tip`
+    /// as its predecessor (number and last seq), or it is a REBASE frame that
+    /// names a predecessor `tip` had passed and moves beyond `tip` (number
+    /// and seq).
+    pub fn follows(&self, tip: ChainPos) -> bool {
+        if self.prev_frame_no == tip.frame_no {
+            return self.prev_last_seq == tip.last_seq;
+        }
+        self.rebase
+            && self.prev_frame_no < tip.frame_no
+            && self.frame_no > tip.frame_no
+            && self.last_seq > tip.last_seq
+    }
 }
 
 /// What the gate decided about an offered frame.
@@ -116,14 +148,21 @@ impl<T> Gate<T> {
         if link.frame_no <= self.tip.frame_no {
             return Verdict::Duplicate;
         }
-        if link.prev_frame_no < self.tip.frame_no {
+        let behind = link.prev_frame_no < self.tip.frame_no;
+        if behind && !link.rebase {
             return Verdict::Refused(format!(
                 "frame {} names predecessor {} but the chain already continued with frame {}",
                 link.frame_no, link.prev_frame_no, self.tip.frame_no
             ));
         }
-        if link.prev_frame_no == self.tip.frame_no {
-            if link.prev_last_seq != self.tip.last_seq {
+        if behind && link.last_seq <= self.tip.last_seq {
+            return Verdict::Refused(format!(
+                "REBASE frame {} ends at seq {}, not beyond the tip's seq {}",
+                link.frame_no, link.last_seq, self.tip.last_seq
+            ));
+        }
+        if behind || link.prev_frame_no == self.tip.frame_no {
+            if !behind && link.prev_last_seq != self.tip.last_seq {
                 return Verdict::Refused(format!(
                     "frame {} says its predecessor {} ended at seq {}, but it ended at seq {}",
                     link.frame_no, link.prev_frame_no, link.prev_last_seq, self.tip.last_seq
@@ -201,6 +240,7 @@ mod tests {
                 prev_frame_no: prev,
                 prev_last_seq: prev_seq,
                 last_seq,
+                rebase: false,
             });
             prev = frame_no;
             prev_seq = last_seq;
@@ -289,6 +329,7 @@ mod tests {
             prev_frame_no: c[0].frame_no,
             prev_last_seq: c[0].last_seq,
             last_seq: 99,
+            rebase: false,
         };
         assert!(matches!(g.offer(fork, 0, 1), Verdict::Refused(_)));
         // Right predecessor number, wrong seq.
@@ -301,10 +342,85 @@ mod tests {
             prev_frame_no: 7,
             prev_last_seq: 0,
             last_seq: 0,
+            rebase: false,
         };
         assert!(matches!(g.offer(selfref, 0, 1), Verdict::Refused(_)));
         // The good frame still applies afterwards.
         assert!(matches!(g.offer(c[2], 0, 1), Verdict::Ready(_)));
+    }
+
+    #[test]
+    fn a_rebase_frame_may_name_a_predecessor_the_tip_passed() {
+        // The target applied frames 1..=4; the relay lost 3 and 4 and holds
+        // the chain only through frame 2.
+        let c = chain(4);
+        let mut g = Gate::new(ChainPos::default(), 64, 1 << 20);
+        drive(&mut g, &c);
+        let tip = g.tip();
+        let after_relay = Link {
+            frame_no: tip.frame_no + 100,
+            prev_frame_no: c[1].frame_no,
+            prev_last_seq: c[1].last_seq,
+            last_seq: tip.last_seq + 50,
+            rebase: false,
+        };
+        // Without REBASE it contradicts the chain...
+        assert!(matches!(g.offer(after_relay, 0, 1), Verdict::Refused(_)));
+        // ...with it, it is the next frame, and the stretch continues from it.
+        let rebase = Link {
+            rebase: true,
+            ..after_relay
+        };
+        let next = Link {
+            frame_no: rebase.frame_no + 1,
+            prev_frame_no: rebase.frame_no,
+            prev_last_seq: rebase.last_seq,
+            last_seq: rebase.last_seq + 3,
+            rebase: false,
+        };
+        // The next one arrives first and is held until the REBASE frame.
+        assert!(matches!(g.offer(next, 9, 1), Verdict::Held));
+        match g.offer(rebase, 8, 1) {
+            Verdict::Ready(r) => assert_eq!(r.iter().map(|(_, p)| *p).collect::<Vec<_>>(), [8, 9]),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(g.tip().frame_no, next.frame_no);
+        assert!(g.gap().is_none());
+        // Replayed, it is a duplicate.
+        assert!(matches!(g.offer(rebase, 0, 1), Verdict::Duplicate));
+    }
+
+    #[test]
+    fn a_rebase_frame_is_refused_when_it_would_move_seqs_back_and_held_when_ahead() {
+        let c = chain(4);
+        let mut g = Gate::new(ChainPos::default(), 64, 1 << 20);
+        drive(&mut g, &c[..3]);
+        let tip = g.tip();
+        let back = Link {
+            frame_no: tip.frame_no + 10,
+            prev_frame_no: c[0].frame_no,
+            prev_last_seq: c[0].last_seq,
+            last_seq: tip.last_seq,
+            rebase: true,
+        };
+        assert!(
+            matches!(g.offer(back, 0, 1), Verdict::Refused(m) if m.contains("not beyond the tip"))
+        );
+        // A REBASE frame naming a predecessor the gate has not reached yet
+        // waits for it like any frame (the relay still holds the frames
+        // before it).
+        let ahead = Link {
+            frame_no: c[3].frame_no + 10,
+            prev_frame_no: c[3].frame_no,
+            prev_last_seq: c[3].last_seq,
+            last_seq: c[3].last_seq + 1,
+            rebase: true,
+        };
+        assert!(matches!(g.offer(ahead, 2, 1), Verdict::Held));
+        match g.offer(c[3], 1, 1) {
+            Verdict::Ready(r) => assert_eq!(r.len(), 2),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

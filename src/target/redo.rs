@@ -129,8 +129,8 @@ impl Redo {
         ))
     }
 
-    /// Queue `sealed` (frame `frame_no`, predecessor `prev_frame_no`, last seq
-    /// `last_seq`) for appending; the ticket completes once it is durable.
+    /// Queue `sealed` (frame `frame_no`, following `prev_frame_no` in apply
+    /// order, last seq `last_seq`) for appending; the ticket completes once it is durable.
     /// Never blocks.
     pub fn append(
         &self,
@@ -156,10 +156,17 @@ impl Redo {
             offset: 0,
             what: e.to_string(),
         })?;
+        // A REBASE frame may name a predecessor the chain passed: in the redo
+        // journal it follows the frame applied before it.
+        let prev_frame_no = if h.rebase {
+            self.head()
+        } else {
+            h.prev_frame_no
+        };
         self.spool.append_blocking(AppendRequest {
             group: self.group.clone(),
             frame_no: h.frame_no,
-            prev_frame_no: h.prev_frame_no,
+            prev_frame_no,
             last_seq: h.last_seq,
             bytes: Arc::clone(sealed),
         })

@@ -415,18 +415,21 @@ impl Session {
                 ),
             });
         }
-        let link = Link {
-            frame_no: h.frame_no,
-            prev_frame_no: h.prev_frame_no,
-            prev_last_seq: h.prev_last_seq,
-            last_seq: h.last_seq,
-        };
+        let link = Link::of(&h);
         let size = charge.bytes();
+        let tip = self.gate.tip();
         let verdict = self.gate.offer(link, HeldFrame { bytes, charge }, size);
         let dup = match verdict {
             Verdict::Ready(ready) => {
+                // The frame each one follows in apply order: its predecessor,
+                // except for a REBASE frame naming one the tip had passed.
+                let mut applied_prev = tip.frame_no;
                 for (link, f) in ready {
-                    self.submit(link, f)?;
+                    if link.rebase && link.prev_frame_no != applied_prev {
+                        tracing::warn!(group = %g, frame_no = link.frame_no, prev_frame_no = link.prev_frame_no, tip = applied_prev, "REBASE frame: the agent found frames lost at the relay; the chain continues from it and the replica is inconsistent until every disk was compared again");
+                    }
+                    self.submit(link, applied_prev, f)?;
+                    applied_prev = link.frame_no;
                 }
                 self.gap.progress(Instant::now());
                 false
@@ -455,13 +458,15 @@ impl Session {
         Ok(dup)
     }
 
-    fn submit(&mut self, link: Link, f: HeldFrame) -> Result<(), Stall> {
+    /// Hand a frame the gate released to the open threads; `applied_prev` is
+    /// the frame it follows in apply order (the redo journal's chain).
+    fn submit(&mut self, link: Link, applied_prev: u64, f: HeldFrame) -> Result<(), Stall> {
         // Into the redo journal first (never blocks); the open thread waits for
         // the append to be durable before it opens the frame.
         let bytes = Arc::new(f.bytes);
         let redo = self.s.redo.append(
             link.frame_no,
-            link.prev_frame_no,
+            applied_prev,
             link.last_seq,
             Arc::clone(&bytes),
         );

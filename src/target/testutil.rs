@@ -416,6 +416,7 @@ impl Chain {
             prev_last_seq: self.tip.last_seq,
             kind,
             heartbeat,
+            rebase: false,
             time_us: t,
         };
         let sealed = self.sealer.seal(&meta, &refs).unwrap();

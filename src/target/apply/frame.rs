@@ -116,7 +116,7 @@ impl Applier {
     /// created) unless the whole frame is valid.
     fn prepare_frame(&mut self, f: &OpenedFrame) -> Result<(), ApplyError> {
         let h = &f.header;
-        if h.prev_frame_no != self.applied.frame_no || h.prev_last_seq != self.applied.last_seq {
+        if !crate::target::gate::Link::of(h).follows(self.applied) {
             return Err(ApplyError::Chain {
                 group: self.group.clone(),
                 frame_no: h.frame_no,

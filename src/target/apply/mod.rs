@@ -308,7 +308,8 @@ impl Applier {
     fn start(s: ApplySetup) -> Result<Applier, TargetError> {
         let mark = s.watermark.get();
         let consistent = mark.pos.frame_no == 0
-            || applylog::last_kind_of(&s.log_path, mark.pos.frame_no).is_some_and(|k| k != 'M');
+            || applylog::last_kind_of(&s.log_path, mark.pos.frame_no)
+                .is_some_and(|k| !matches!(k, 'M' | 'R'));
         let state_io = |path: &Path, source| TargetError::StateIo {
             path: path.to_path_buf(),
             source,
@@ -577,6 +578,12 @@ impl Applier {
         }
         // A frame boundary: a recovery point here? (And pins, promotes.)
         if let Ok(f) = &result {
+            // A REBASE frame: frames were lost at the relay (for the catalog).
+            if f.header.rebase {
+                self.retention.set_m_reason(
+                    "chain-gap: the relay lost frames it had acknowledged; every disk is compared with the source again",
+                );
+            }
             // An agent's note says why M data follows (for the catalog).
             if let Some(n) = f.notes().next() {
                 self.retention
