@@ -488,3 +488,239 @@ fn e2e_a_relay_that_lost_acknowledged_frames_is_a_chain_gap_resynced_by_checksum
     tidemark::target::check_apply_log(&applylog)
         .unwrap_or_else(|e| panic!("apply log {}: {e}", applylog.display()));
 }
+
+/// Blocks (64 KiB) of `a` and `b` that differ, as byte offsets (a short or
+/// missing file reads as zeros past its end).
+fn differing_blocks(a: &std::path::Path, b: &std::path::Path, size: u64) -> Vec<u64> {
+    let open = |p: &std::path::Path| {
+        std::fs::File::open(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    };
+    let (fa, fb) = (open(a), open(b));
+    let read = |f: &std::fs::File, off: u64, buf: &mut [u8]| {
+        buf.fill(0);
+        let mut done = 0;
+        while done < buf.len() {
+            match f.read_at(&mut buf[done..], off + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) => panic!("reading at {}: {e}", off + done as u64),
+            }
+        }
+    };
+    let (mut x, mut y) = (vec![0u8; BLOCK as usize], vec![0u8; BLOCK as usize]);
+    let mut out = Vec::new();
+    for off in (0..size).step_by(BLOCK as usize) {
+        read(&fa, off, &mut x);
+        read(&fb, off, &mut y);
+        if x != y {
+            out.push(off);
+        }
+    }
+    out
+}
+
+/// `reading <len> bytes at offset <offset>` in a copy error: the range.
+fn failed_copy_range(error: &str) -> Option<std::ops::Range<u64>> {
+    let rest = &error[error.find("reading ")? + "reading ".len()..];
+    let mut words = rest.split(' ');
+    let len: u64 = words.next()?.parse().ok()?;
+    let rest = &rest[rest.find("at offset ")? + "at offset ".len()..];
+    let off: u64 = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()?;
+    Some(off..off + len)
+}
+
+/// Poll the running agent's own status until `f` accepts it; on timeout fail
+/// with the last status seen and the roles' logs.
+fn wait_agent<T>(
+    c: &mut Cluster,
+    limit: Duration,
+    what: &str,
+    mut f: impl FnMut(&tidemark::agent::AgentStatus) -> Option<T>,
+) -> T {
+    let t0 = std::time::Instant::now();
+    let mut last = None;
+    while t0.elapsed() < limit {
+        if let Some(a) = c.agent.as_mut()
+            && let Some(st) = a.exited()
+        {
+            panic!("agent exited with {st}:\n{}", common::tail(&a.log_text()));
+        }
+        if let Some(s) = c.agent_status()
+            && Some(s.pid) == c.agent.as_ref().map(|a| a.pid())
+        {
+            if let Some(v) = f(&s) {
+                return v;
+            }
+            last = Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let last = last.map(|s| {
+        let g = &s.groups[0];
+        format!(
+            "mode {:?}, pending {} bytes, entries {}, last error {:?}, resync {:?}",
+            g.journal.mode.mode, g.journal.pending_bytes, g.journal.entries, g.last_error, g.resync
+        )
+    });
+    panic!(
+        "timed out after {limit:?} waiting for {what}; last agent status: {last:?}\n{}",
+        c.logs()
+    );
+}
+
+/// A source disk that returns read errors in the middle of the initial copy
+/// (a FUSE file failing reads of one range with EIO): the unreadable region
+/// stays pending, across an agent restart too; the error is in the status and
+/// the log with the disk's path and the offset; everything else is copied and
+/// new writes keep reaching the replica. Once the disk reads again, the region
+/// is copied and the replica ends equal to the source.
+#[test]
+fn e2e_a_source_read_error_mid_resync_keeps_its_region_pending_and_the_rest_goes_on() {
+    use tidemark::capture::modes::Mode;
+    let size = 128 * MIB;
+    let chunk = tidemark::capture::protected::COPY_CHUNK as u64;
+    // The source: data everywhere (so every block differs from the empty
+    // replica), served over FUSE with a 200 KiB unreadable range in the middle
+    // of the disk's one pending run.
+    let scratch = tempfile::tempdir().unwrap();
+    let img = scratch.path().join("source.raw");
+    {
+        let f = std::fs::File::create(&img).unwrap();
+        let mut rng = Prng::new(11);
+        let mut buf = vec![0u8; MIB as usize];
+        for off in (0..size).step_by(MIB as usize) {
+            tidemark::util::datagen::fill(&mut buf, 30, &mut rng);
+            f.write_all_at(&buf, off).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    let bad = 50 * MIB + 100 * 1024..50 * MIB + 300 * 1024;
+    // Declared before the cluster: unmounted after the agent is gone.
+    let disk = common::faulty::FaultyDisk::mount(&img, bad.clone());
+    let mut c = Cluster::new(size);
+    c.source = disk.file.clone();
+    c.start_relay();
+    let sock = c.dir.path().join("disk0.sock");
+    c.configure_agent(|a| {
+        a.groups[0].disks[0].nbd = Some(tidemark::config::NbdFrontend {
+            listen: vec![format!("unix:{}", sock.display())],
+            export: Some("disk0".into()),
+            tls: tidemark::config::NbdTls::Off,
+            max_request_kib: 4 * 1024,
+            max_connections: 4,
+        });
+    });
+    c.start_target();
+    c.start_agent(&[]);
+    let uri = c.wait_frontend("nbd");
+    let path = disk.file.display().to_string();
+
+    // The read error is reported, naming the disk's path and an offset whose
+    // range covers the unreadable bytes.
+    let error = wait_agent(&mut c, Duration::from_secs(120), "the read error", |s| {
+        s.groups[0]
+            .last_error
+            .clone()
+            .filter(|e| e.contains("for a copy"))
+    });
+    assert!(error.contains(&path), "the error names the disk: {error}");
+    let failed = failed_copy_range(&error)
+        .unwrap_or_else(|| panic!("the error names the range it could not read: {error}"));
+    assert!(
+        failed.start < bad.end && bad.start < failed.end && failed.end - failed.start <= chunk,
+        "the failed read {failed:?} is one copy step over the bad range {bad:?}: {error}"
+    );
+    assert!(disk.failed_reads() > 0);
+
+    // A write elsewhere while the region fails reaches the replica.
+    common::tools::require_tool("qemu-io", "qemu-utils");
+    common::tools::run_ok(
+        Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0xcd 100M 1M", &uri]),
+        Duration::from_secs(60),
+    );
+    let replica = c.replica.clone();
+    common::wait_until(
+        Duration::from_secs(60),
+        "the new write on the replica",
+        || {
+            let f = std::fs::File::open(&replica).ok()?;
+            let mut b = vec![0u8; MIB as usize];
+            f.read_exact_at(&mut b, 100 * MIB).ok()?;
+            b.iter().all(|&x| x == 0xcd).then_some(())
+        },
+    );
+
+    // Everything but the step(s) holding the unreadable range is copied; the
+    // group stays draining, the replica is not consistent.
+    let at_most = 2 * chunk;
+    let seq = wait_agent(
+        &mut c,
+        Duration::from_secs(180),
+        "all but the unreadable region copied and acknowledged",
+        |s| {
+            let j = &s.groups[0].journal;
+            (j.disks[0].pending_bytes <= at_most && j.entries == 0)
+                .then(|| j.next_seq.saturating_sub(1))
+        },
+    );
+    c.wait_applied(seq, Duration::from_secs(120));
+    let s = c.agent_status().unwrap();
+    let j = &s.groups[0].journal;
+    assert_eq!(j.mode.mode, Mode::Drain, "{:?}", j.mode);
+    let pending = j.disks[0].pending_bytes;
+    assert!(pending > 0, "the unreadable region stays pending");
+    assert!(
+        !c.target_status().unwrap().groups[0].consistent,
+        "the replica is not consistent while a region is pending"
+    );
+    let differ = differing_blocks(&disk.image, &c.replica, size);
+    let near = bad.start.saturating_sub(chunk)..bad.end + chunk;
+    assert!(
+        differ.iter().all(|b| near.contains(b)),
+        "only blocks near the unreadable range {bad:?} may be missing; these differ: {differ:?}"
+    );
+    let bad_blocks = (bad.start / BLOCK * BLOCK..bad.end).step_by(BLOCK as usize);
+    for b in bad_blocks {
+        assert!(differ.contains(&b), "unreadable block {b} was copied?");
+    }
+    let log = c.agent.as_ref().unwrap().log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("copy failed") && l.contains(&path) && l.contains("offset")),
+        "the agent's log names the failed copy, the path and the offset:\n{}",
+        common::tail(&log)
+    );
+
+    // An agent restart keeps the region pending (the dirty log), and only it:
+    // the restarted agent fails on it again and copies nothing else.
+    c.agent.as_mut().unwrap().stop(Duration::from_secs(40));
+    c.start_agent(&[]);
+    wait_agent(
+        &mut c,
+        Duration::from_secs(120),
+        "the restarted agent failing the same region",
+        |s| {
+            let g = &s.groups[0];
+            let p = g.journal.disks[0].pending_bytes;
+            let e = g.last_error.as_deref().unwrap_or("");
+            (e.contains("for a copy") && p == pending).then_some(())
+        },
+    );
+    let s = c.agent_status().unwrap();
+    assert!(
+        s.groups[0].resync.compared_bytes <= at_most,
+        "the restarted agent compared only the pending region: {:?}",
+        s.groups[0].resync
+    );
+
+    // The disk reads again: the region is copied, the replica ends equal.
+    disk.heal();
+    c.wait_consistent(Duration::from_secs(180));
+    c.stop_all();
+    let differ = differing_blocks(&disk.image, &c.replica, size);
+    assert!(differ.is_empty(), "the replica differs at {differ:?}");
+}

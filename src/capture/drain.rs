@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use super::dirtylog::{DirtyLogError, ROLLOVER};
 use super::journal::CaptureJournal;
 use super::modes::Mode;
-use super::protected::{COPY_CHUNK, ProtectedDisk};
+use super::protected::{COPY_CHUNK, ProtectedDisk, ProtectedError};
 use crate::frontend::BlockIo;
 use crate::resync::{DigestClient, Purpose, Ticket};
 use crate::util::rate::TokenBucket;
@@ -284,7 +284,7 @@ fn drain_loop(
                             control.pace(n, stop);
                         }
                     })
-                    .map_err(|e| e.to_string()),
+                    .map_err(CopyFailure::from),
             };
             match step {
                 Ok(Some(next)) => {
@@ -293,15 +293,18 @@ fn drain_loop(
                     progressed = true;
                 }
                 Ok(None) => {}
-                Err(e) => {
+                Err(f) => {
                     tracing::error!(
                         group = journal.group(),
                         disk = disk.id(),
-                        "copy failed, retrying in {RETRY_AFTER:?}: {e}"
+                        "copy failed, retrying in {RETRY_AFTER:?}: {}",
+                        f.error
                     );
-                    set_error(error, e);
-                    // Skip past this run for now; it stays pending.
-                    cursors[i] = off + len;
+                    set_error(error, f.error);
+                    // Skip past the step that failed (a read of the source)
+                    // or else the whole run, for now; it stays pending and is
+                    // tried again on a later pass.
+                    cursors[i] = f.resume_at.unwrap_or(off + len);
                     retry_at[i] = Some(Instant::now() + RETRY_AFTER);
                 }
             }
@@ -310,6 +313,29 @@ fn drain_loop(
             journal.finish_drain();
         } else if !progressed {
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Why a copy step failed, and where the run can go on.
+#[derive(Debug)]
+struct CopyFailure {
+    error: String,
+    /// After a read error of the source: the end of the step that could not
+    /// be read. Only that step stays pending; the rest of the run is copied
+    /// now. `None`: skip the whole run (the target's digests did not come).
+    resume_at: Option<u64>,
+}
+
+impl From<ProtectedError> for CopyFailure {
+    fn from(e: ProtectedError) -> CopyFailure {
+        let resume_at = match &e {
+            ProtectedError::CopyRead { offset, len, .. } => Some(offset + *len as u64),
+            _ => None,
+        };
+        CopyFailure {
+            error: e.to_string(),
+            resume_at,
         }
     }
 }
@@ -327,7 +353,8 @@ fn window(off: u64, len: u64, bs: u64, size: u64) -> (u64, u64) {
 /// target's digests (asked for ahead, while the previous window was
 /// compared), ask for the next window's, then compare and copy the differing
 /// blocks step by step. `Ok(Some(next))`: where the copy got to; `Ok(None)`:
-/// the group stopped draining.
+/// the group stopped draining. A step that fails ends the window (the steps
+/// before it are recorded); the failure says where to go on.
 #[allow(clippy::too_many_arguments)]
 fn resync_window(
     journal: &CaptureJournal,
@@ -338,7 +365,7 @@ fn resync_window(
     prefetch: &mut Option<Ticket>,
     buf: &mut Vec<u8>,
     stop: &AtomicBool,
-) -> Result<Option<u64>, String> {
+) -> Result<Option<u64>, CopyFailure> {
     let bs = u64::from(dc.block_size().bytes());
     let size = disk.size();
     let id = disk.id();
@@ -367,7 +394,10 @@ fn resync_window(
     }
     let target = dc
         .wait_or_stop(ticket, DIGEST_TIMEOUT, stop)
-        .map_err(|e| format!("resync of disk {id}: {e}"))?;
+        .map_err(|e| CopyFailure {
+            error: format!("resync of disk {id}: {e}"),
+            resume_at: None,
+        })?;
     let end = (b1 * bs).min(size);
     let mut at = b0 * bs;
     while at < end {
@@ -386,7 +416,7 @@ fn resync_window(
                 dc.digest_key(),
                 buf,
             )
-            .map_err(|e| e.to_string())?;
+            .map_err(CopyFailure::from)?;
         let Some(step) = step else {
             return Ok(None);
         };
@@ -465,5 +495,90 @@ mod tests {
         stop.store(true, AO::Relaxed);
         capped.pace(1 << 30, &stop);
         assert!(capped.capped_us.load(AO::Relaxed) > 10_000_000);
+    }
+
+    /// A source disk failing reads in the middle of a pending run (a FUSE
+    /// file over a test double that fails one range with EIO), copied without
+    /// a compare: only the copy step holding the range stays pending, the rest
+    /// of the run is copied, the error names the disk's path and the offset.
+    #[test]
+    fn a_read_error_leaves_only_its_step_pending_and_the_rest_of_the_run_is_copied() {
+        use crate::capture::journal::{CaptureConfig, Policy};
+        use crate::frontend::fuse::FuseOptions;
+        use crate::frontend::fuse::testutil::{Fixture, TestDisk};
+        let chunk = COPY_CHUNK as u64;
+        let bad = 3 * chunk + 4096;
+        let (fx, _double) = Fixture::new("disk", 8 * chunk, &FuseOptions::default(), |b| {
+            let mut t = TestDisk::new(b);
+            t.eio = Some(bad..bad + 4096);
+            t
+        });
+        let cfg = CaptureConfig {
+            group: "g1".into(),
+            memory_budget: 64 << 20,
+            spill_dir: None,
+            spill_budget: 0,
+            bitmap_after: Duration::ZERO,
+            policy: Policy::Degrade,
+        };
+        let j = Arc::new(CaptureJournal::new(cfg, 1, Box::new(|f| Ok(f + 1_000_000))).unwrap());
+        let state = fx.dir.path().join("state");
+        let (disk, _) = ProtectedDisk::open(0, &fx.file, j.clone(), &state, true).unwrap();
+        j.set_link(true);
+        assert_eq!(j.mode(), Mode::Drain);
+        assert_eq!(j.stats().pending_bytes, 8 * chunk);
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let sink: ErrorSink = {
+            let heard = heard.clone();
+            Box::new(move |e| heard.lock().unwrap().push(e))
+        };
+        let control = Arc::new(DrainControl::new(None, 0));
+        let w = CaptureWorkers::start(
+            j.clone(),
+            vec![Arc::new(disk)],
+            control.clone(),
+            Duration::ZERO,
+            0,
+            sink,
+            Box::new(|| Ok(())),
+        )
+        .unwrap();
+        let t0 = Instant::now();
+        while j.stats().pending_bytes > chunk && t0.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let last = w.last_error();
+        w.stop();
+        assert_eq!(
+            j.next_pending(0, 0, u64::MAX),
+            Some((3 * chunk, chunk)),
+            "only the step holding the unreadable range stays pending"
+        );
+        assert_eq!(j.mode(), Mode::Drain);
+        assert_eq!(control.copied_bytes.load(AO::Relaxed), 7 * chunk);
+        let last = last.expect("the read error is reported");
+        let path = fx.file.display().to_string();
+        assert!(
+            last.contains(&path) && last.contains(&format!("at offset {}", 3 * chunk)),
+            "{last}"
+        );
+        assert!(heard.lock().unwrap().iter().all(|e| e == &last));
+    }
+
+    #[test]
+    fn only_a_read_error_of_the_source_resumes_after_its_step() {
+        let read = ProtectedError::CopyRead {
+            path: "/dev/x".into(),
+            offset: 8 << 20,
+            len: COPY_CHUNK,
+            source: std::io::Error::from_raw_os_error(libc::EIO),
+        };
+        let f = CopyFailure::from(read);
+        assert_eq!(f.resume_at, Some((8 << 20) + COPY_CHUNK as u64));
+        assert!(f.error.contains("/dev/x") && f.error.contains("at offset 8388608"));
+        let other = CopyFailure::from(ProtectedError::Capture(
+            crate::capture::journal::CaptureError::Closed,
+        ));
+        assert_eq!(other.resume_at, None);
     }
 }

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod faulty;
 pub mod tools;
 
 use std::fs::{self, File};
