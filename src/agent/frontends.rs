@@ -405,10 +405,9 @@ fn add_frontend(r: &DiskRef, kind: &str, address: String, probe: Probe) {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
 
     use super::*;
-    use crate::capture::journal::{CaptureConfig, CaptureJournal, Policy};
+    use crate::capture::journal::{CaptureJournal, Policy};
 
     const CFG: &str = r#"
 [agent]
@@ -470,21 +469,7 @@ path = "d0.img"
             .unwrap()
             .set_len(16 << 20)
             .unwrap();
-        let j = Arc::new(
-            CaptureJournal::new(
-                CaptureConfig {
-                    group: "g1".into(),
-                    memory_budget: 16 << 20,
-                    spill_dir: None,
-                    spill_budget: 0,
-                    bitmap_after: Duration::ZERO,
-                    policy: Policy::Degrade,
-                },
-                1,
-                Box::new(|f| Ok(f + 1_000_000)),
-            )
-            .unwrap(),
-        );
+        let j = CaptureJournal::for_tests("g1", 16 << 20, Policy::Degrade);
         let (disk, _) =
             ProtectedDisk::open(0, &img, j.clone(), &dir.path().join("state"), false).unwrap();
         let disk = Arc::new(disk);

@@ -503,7 +503,7 @@ mod tests {
     /// of the run is copied, the error names the disk's path and the offset.
     #[test]
     fn a_read_error_leaves_only_its_step_pending_and_the_rest_of_the_run_is_copied() {
-        use crate::capture::journal::{CaptureConfig, Policy};
+        use crate::capture::journal::Policy;
         use crate::frontend::fuse::FuseOptions;
         use crate::frontend::fuse::testutil::{Fixture, TestDisk};
         let chunk = COPY_CHUNK as u64;
@@ -513,15 +513,7 @@ mod tests {
             t.eio = Some(bad..bad + 4096);
             t
         });
-        let cfg = CaptureConfig {
-            group: "g1".into(),
-            memory_budget: 64 << 20,
-            spill_dir: None,
-            spill_budget: 0,
-            bitmap_after: Duration::ZERO,
-            policy: Policy::Degrade,
-        };
-        let j = Arc::new(CaptureJournal::new(cfg, 1, Box::new(|f| Ok(f + 1_000_000))).unwrap());
+        let j = CaptureJournal::for_tests("g1", 64 << 20, Policy::Degrade);
         let state = fx.dir.path().join("state");
         let (disk, _) = ProtectedDisk::open(0, &fx.file, j.clone(), &state, true).unwrap();
         j.set_link(true);

@@ -622,6 +622,21 @@ impl CaptureJournal {
         Self::new(cfg, next_seq, reserver).expect("no spill directory to open")
     }
 
+    /// Tests: a journal of group `group` in memory only, reserving seqs a
+    /// million at a time.
+    #[cfg(test)]
+    pub(crate) fn for_tests(group: &str, budget: usize, policy: Policy) -> Arc<Self> {
+        let cfg = CaptureConfig {
+            group: group.into(),
+            memory_budget: budget,
+            spill_dir: None,
+            spill_budget: 0,
+            bitmap_after: Duration::ZERO,
+            policy,
+        };
+        Arc::new(Self::new(cfg, 1, Box::new(|f| Ok(f + 1_000_000))).expect("no spill directory"))
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -1,5 +1,5 @@
 use super::*;
-use crate::capture::journal::{CaptureConfig, Change, Entry, Policy};
+use crate::capture::journal::{Change, Entry, Policy};
 use crate::capture::modes::Mode;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -8,15 +8,7 @@ use std::time::Duration;
 const MIB: u64 = 1 << 20;
 
 fn journal(budget: usize, policy: Policy) -> Arc<CaptureJournal> {
-    let cfg = CaptureConfig {
-        group: "g1".into(),
-        memory_budget: budget,
-        spill_dir: None,
-        spill_budget: 0,
-        bitmap_after: Duration::ZERO,
-        policy,
-    };
-    Arc::new(CaptureJournal::new(cfg, 1, Box::new(|f| Ok(f + 1_000_000))).unwrap())
+    CaptureJournal::for_tests("g1", budget, policy)
 }
 
 struct Setup {

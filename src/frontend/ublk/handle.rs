@@ -83,13 +83,12 @@ fn result(done: Result<(Counter, u64), IoError>, stats: &UblkStats) -> i32 {
 #[cfg(test)]
 mod tests {
     use std::fs::File;
-    use std::sync::Arc;
     use std::time::Duration;
 
     use super::super::proto::*;
     use super::*;
     use crate::capture::backing::BackingDisk;
-    use crate::capture::journal::{CaptureConfig, CaptureJournal, Change, Policy};
+    use crate::capture::journal::{CaptureJournal, Change, Policy};
     use crate::capture::protected::ProtectedDisk;
     use crate::frontend::{IoErrorKind, Op};
 
@@ -199,15 +198,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("src.img");
         File::create(&img).unwrap().set_len(MIB).unwrap();
-        let cfg = CaptureConfig {
-            group: "g1".into(),
-            memory_budget: 64 << 20,
-            spill_dir: None,
-            spill_budget: 0,
-            bitmap_after: Duration::ZERO,
-            policy: Policy::Degrade,
-        };
-        let j = Arc::new(CaptureJournal::new(cfg, 1, Box::new(|f| Ok(f + 1_000_000))).unwrap());
+        let j = CaptureJournal::for_tests("g1", 64 << 20, Policy::Degrade);
         let (disk, _) =
             ProtectedDisk::open(0, &img, j.clone(), &dir.path().join("state"), false).unwrap();
         exercise(&disk);
