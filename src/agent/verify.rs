@@ -22,7 +22,7 @@ use crate::capture::protected::{COPY_CHUNK, ProtectedDisk};
 use crate::error::{Classify, ErrorKind};
 use crate::frame::NoteReason;
 use crate::frontend::BlockIo;
-use crate::resync::{DigestClient, FetchError, Purpose, Ticket, diff};
+use crate::resync::{DigestClient, FetchError, Prefetch, Purpose, diff};
 
 /// Extra compares of the blocks that differed, before they are reported.
 pub const RECHECK_ROUNDS: usize = 2;
@@ -259,28 +259,20 @@ fn compare_runs(
                 .map(move |b| b..(b + WINDOW_BLOCKS).min(r.end))
         })
         .collect();
-    let ask = |w: &Range<u64>| {
-        dc.request(
-            d.id(),
-            size,
-            w.start,
-            (w.end - w.start) as u32,
-            Purpose::Verify,
-        )
-    };
-    let mut next: Option<Ticket> = windows.first().map(ask);
+    let disk = (d.id(), size);
+    let mut ahead = Prefetch::default();
     let mut out: Vec<Range<u64>> = Vec::new();
     let mut buf = Vec::with_capacity(COPY_CHUNK);
     for (i, w) in windows.iter().enumerate() {
-        let Some(ticket) = next.take() else { break };
-        next = windows.get(i + 1).map(ask);
         let count = (w.end - w.start) as u32;
+        let ticket = ahead.take(dc, disk, w.start, count, Purpose::Verify);
+        if let Some(n) = windows.get(i + 1) {
+            ahead.ask(dc, disk, n.start, (n.end - n.start) as u32, Purpose::Verify);
+        }
         let target = match dc.wait(ticket, DIGEST_TIMEOUT) {
             Ok(t) => t,
             Err(source) => {
-                if let Some(t) = next.take() {
-                    dc.cancel(t);
-                }
+                ahead.cancel(dc);
                 return Err(VerifyError::Fetch {
                     disk: d.id(),
                     first_block: w.start,

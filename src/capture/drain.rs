@@ -17,7 +17,7 @@ use super::journal::CaptureJournal;
 use super::modes::Mode;
 use super::protected::{COPY_CHUNK, ProtectedDisk, ProtectedError};
 use crate::frontend::BlockIo;
-use crate::resync::{DigestClient, Purpose, Ticket};
+use crate::resync::{DigestClient, Prefetch, Purpose};
 use crate::util::rate::TokenBucket;
 
 /// Most blocks asked for in one digest request (64 MiB at 64 KiB blocks):
@@ -233,7 +233,7 @@ fn drain_loop(
 ) {
     let mut cursors = vec![0u64; disks.len()];
     let mut retry_at: Vec<Option<Instant>> = vec![None; disks.len()];
-    let mut prefetch: Vec<Option<Ticket>> = (0..disks.len()).map(|_| None).collect();
+    let mut prefetch: Vec<Prefetch> = (0..disks.len()).map(|_| Prefetch::default()).collect();
     let mut buf = Vec::with_capacity(COPY_CHUNK);
     while !stop.load(AO::Relaxed) {
         if journal.mode() != Mode::Drain || journal.is_closed() {
@@ -362,7 +362,7 @@ fn resync_window(
     dc: &DigestClient,
     control: &DrainControl,
     (off, len): (u64, u64),
-    prefetch: &mut Option<Ticket>,
+    prefetch: &mut Prefetch,
     buf: &mut Vec<u8>,
     stop: &AtomicBool,
 ) -> Result<Option<u64>, CopyFailure> {
@@ -374,22 +374,11 @@ fn resync_window(
         return Ok(Some(off + len));
     }
     let count = (b1 - b0) as u32;
-    let ticket = match prefetch.take() {
-        Some(t) => {
-            let r = t.request();
-            if r.disk == id && r.disk_size == size && r.first_block == b0 && r.count == count {
-                t
-            } else {
-                dc.cancel(t);
-                dc.request(id, size, b0, count, Purpose::Resync)
-            }
-        }
-        None => dc.request(id, size, b0, count, Purpose::Resync),
-    };
+    let ticket = prefetch.take(dc, (id, size), b0, count, Purpose::Resync);
     if let Some((noff, nlen)) = journal.next_pending(id, b1 * bs, WINDOW_BLOCKS * bs) {
         let (n0, n1) = window(noff, nlen, bs, size);
         if n0 >= b1 && n1 > n0 {
-            *prefetch = Some(dc.request(id, size, n0, (n1 - n0) as u32, Purpose::Resync));
+            prefetch.ask(dc, (id, size), n0, (n1 - n0) as u32, Purpose::Resync);
         }
     }
     let target = dc

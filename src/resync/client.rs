@@ -83,6 +83,58 @@ impl Ticket {
     }
 }
 
+/// One digest request asked for ahead of its use, so the target reads window
+/// N+1 while the agent reads window N (the checksum resync's drainer and
+/// online verify both work this way).
+#[derive(Debug, Default)]
+pub struct Prefetch(Option<Ticket>);
+
+impl Prefetch {
+    /// The ticket for blocks `first_block .. +count` of `disk`: the one asked
+    /// for ahead when it is that request, else a new request (the other one
+    /// is cancelled).
+    pub fn take(
+        &mut self,
+        dc: &DigestClient,
+        (disk, disk_size): (u16, u64),
+        first_block: u64,
+        count: u32,
+        purpose: Purpose,
+    ) -> Ticket {
+        if let Some(t) = self.0.take() {
+            let r = t.request();
+            if (r.disk, r.disk_size, r.first_block, r.count, r.purpose)
+                == (disk, disk_size, first_block, count, purpose)
+            {
+                return t;
+            }
+            dc.cancel(t);
+        }
+        dc.request(disk, disk_size, first_block, count, purpose)
+    }
+
+    /// Ask ahead for blocks `first_block .. +count` of `disk` (cancelling
+    /// what was asked ahead before).
+    pub fn ask(
+        &mut self,
+        dc: &DigestClient,
+        (disk, disk_size): (u16, u64),
+        first_block: u64,
+        count: u32,
+        purpose: Purpose,
+    ) {
+        self.cancel(dc);
+        self.0 = Some(dc.request(disk, disk_size, first_block, count, purpose));
+    }
+
+    /// Give up on what was asked ahead.
+    pub fn cancel(&mut self, dc: &DigestClient) {
+        if let Some(t) = self.0.take() {
+            dc.cancel(t);
+        }
+    }
+}
+
 /// Counters of one group's digest exchange (status).
 #[derive(Debug, Default)]
 pub struct ClientStats {
@@ -330,6 +382,28 @@ mod tests {
         let key = DataKey::from_bytes([9; 32]);
         let (c, rx) = DigestClient::new("g", &key, BlockSize::new(65536).unwrap());
         (c, rx, MsgCipher::new(&key))
+    }
+
+    #[test]
+    fn a_prefetched_request_is_reused_only_for_the_same_window() {
+        let (c, mut rx, _target) = client();
+        let mut ahead = Prefetch::default();
+        ahead.ask(&c, (0, 1 << 20), 4, 2, Purpose::Resync);
+        assert_eq!(c.stats.requests.load(Ordering::Relaxed), 1);
+        // The same window: the ticket asked ahead, no new request.
+        let t = ahead.take(&c, (0, 1 << 20), 4, 2, Purpose::Resync);
+        assert_eq!(t.request().first_block, 4);
+        assert_eq!(c.stats.requests.load(Ordering::Relaxed), 1);
+        // Another window (or purpose): the one asked ahead is cancelled.
+        ahead.ask(&c, (0, 1 << 20), 6, 2, Purpose::Resync);
+        let t2 = ahead.take(&c, (0, 1 << 20), 6, 2, Purpose::Verify);
+        assert_eq!(t2.request().purpose, Purpose::Verify);
+        assert_eq!(c.stats.requests.load(Ordering::Relaxed), 3);
+        assert_eq!(c.waiting().len(), 2, "t and t2 wait, the cancelled one not");
+        ahead.ask(&c, (0, 1 << 20), 8, 2, Purpose::Resync);
+        ahead.cancel(&c);
+        assert_eq!(c.waiting().len(), 2);
+        while rx.try_recv().is_ok() {}
     }
 
     #[test]

@@ -16,7 +16,7 @@ pub mod digest;
 pub mod msg;
 pub mod wire;
 
-pub use client::{DigestClient, Digests, FetchError, Ticket};
+pub use client::{DigestClient, Digests, FetchError, Prefetch, Ticket};
 pub use compare::{Chunk, DiffError, ProgressError, ResyncPlan, ResyncProgress, diff};
 pub use digest::{
     BlockDigest, BlockSize, BlockSizeError, DEFAULT_BLOCK_BYTES, DigestError, DigestKey,
