@@ -225,6 +225,9 @@ pub struct ResyncStatus {
     pub digest_failures: u64,
     /// Bytes of sealed digest replies received.
     pub digest_reply_bytes: u64,
+    /// Blocks whose digests came back.
+    #[serde(default)]
+    pub digest_blocks: u64,
     /// Time the copy waited for the bandwidth cap, µs.
     #[serde(default)]
     pub capped_us: u64,
@@ -250,6 +253,7 @@ impl ResyncStatus {
             s.digest_requests = r(&c.stats.requests);
             s.digest_failures = r(&c.stats.failures);
             s.digest_reply_bytes = r(&c.stats.reply_bytes);
+            s.digest_blocks = r(&c.stats.blocks);
         }
         s
     }

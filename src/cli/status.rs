@@ -247,13 +247,15 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
                 }
                 let r = &g.resync;
                 println!(
-                    "    copies ({}): compared {}, differing sent {}, copied whole {}; {} digest requests ({} failed){}",
+                    "    copies ({}): compared {}, differing sent {}, copied whole {}; {} digest requests ({} failed, {} blocks, {} of replies){}",
                     r.mode,
                     human(r.compared_bytes),
                     human(r.differing_bytes),
                     human(r.copied_bytes),
                     r.digest_requests,
                     r.digest_failures,
+                    r.digest_blocks,
+                    human(r.digest_reply_bytes),
                     if r.capped_us > 0 {
                         format!(
                             ", {:.1} s held by the bandwidth cap",
