@@ -28,7 +28,7 @@ pub struct OutFrame {
 /// between them (e.g. the relay's spool was wiped).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "relay holds the group up to frame {head}, but this agent's chain continues from frame {first_prev} (oldest unacknowledged frame: {first}, 0 = none): the relay lost frames it had acknowledged. The group stops in order; started again, the agent finds the relay behind the seq it acknowledged and compares every disk with the replica (a chain-gap resync)"
+    "relay holds the group up to frame {head}, but this agent's chain continues from frame {first_prev} (oldest unacknowledged frame: {first}, 0 = none): the relay lost frames it had acknowledged. The agent starts a new stretch of the chain from the relay's head and compares every disk with the replica (a chain-gap resync)"
 )]
 pub struct ChainBreak {
     /// The relay's head frame.

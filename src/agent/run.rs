@@ -30,7 +30,7 @@ use crate::error::{Classify, ErrorKind};
 use crate::frame::{DataKey, FrameError, GroupName, NoteReason};
 use crate::resync::{BlockSize, DigestClient};
 use crate::target::gate::ChainPos;
-use crate::transport::client::RelayEndpoint;
+use crate::transport::client::{Hello, RelayEndpoint};
 use crate::transport::tls::{self, TlsError};
 use crate::util::lockfile::{self, LockError};
 use crate::util::shutdown::{self, Shutdown};
@@ -488,7 +488,7 @@ pub async fn run(
 
 #[allow(clippy::too_many_arguments)]
 async fn run_group(
-    p: Prepared,
+    mut p: Prepared,
     endpoint: RelayEndpoint,
     agent_name: String,
     workload: Option<(WorkloadSpec, Option<PathBuf>)>,
@@ -581,84 +581,68 @@ async fn run_group(
             };
         }
     };
-    let head = first.1.head;
-    let rebase = p.start.acked_seq > head.last_seq;
-    if rebase {
-        chain_gap(&p, head).await;
-    }
-    let frame_next = p.start.frame_next.max(head.frame_no + 1);
-    if head.frame_no >= p.start.frame_next {
-        tracing::warn!(group = %group, head = head.frame_no, local = p.start.frame_next, "the relay holds frames beyond this agent's persisted frame numbers; continuing above them");
-    }
-    *lock(&info.acked) = head;
-
-    // Pipeline: batcher + seal pool, then the bridge back into chain order.
-    let (seal_tx, seal_rx) = crossbeam_channel::bounded::<SealOutput>(64);
-    let reserve_state = p.state.clone();
-    let pipeline = Pipeline::start(
-        p.journal.clone(),
-        &p.key,
-        PipelineConfig {
-            group: p.name,
-            key_epoch: p.cfg.key_epoch,
-            zstd_level: p.cfg.zstd_level,
-            frame_max_bytes: p.cfg.frame_max_bytes() as usize,
-            linger: p.cfg.frame_linger(),
-            heartbeat: p.cfg.heartbeat(),
-            workers: SEAL_WORKERS,
-            max_jobs: SEAL_WORKERS * 2,
-            nice: p.pipeline_nice,
-            rebase,
-        },
-        head,
-        frame_next,
-        Box::new(move |f| reserve_state.reserve_frames(f)),
-        seal_tx,
-    )
-    .map_err(|source| AgentError::Pipeline {
-        group: group.clone(),
-        source: Box::new(source),
-    })?;
-    let (frames_tx, frames_rx) = mpsc::channel::<OutFrame>(4);
-    let next_frame = Arc::new(AtomicU64::new(frame_next));
-    let seal_failed: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
-    let bridge = {
-        let nice = p.pipeline_nice;
-        let returner = pipeline.permit_returner();
-        let info = info.clone();
-        let next_frame = next_frame.clone();
-        let failed = seal_failed.clone();
-        std::thread::Builder::new()
-            .name(format!("bridge-{group}"))
-            .spawn(move || {
-                crate::util::priority::lower_this_thread(nice);
-                bridge_thread(seal_rx, returner, frames_tx, &info, &next_frame, &failed)
-            })
-            .map_err(|e| internal(format!("cannot start bridge thread: {e}")))?
-    };
-
-    let (drain_trigger, drain) = shutdown::channel();
-    let session = Session {
-        info: info.clone(),
-        endpoint,
-        hello,
-        frames: frames_rx,
-        outbox: Outbox::new(
-            p.cfg.window_frames as usize,
-            p.cfg.window_bytes() as usize,
+    // One stretch of the chain per pass: normally the only one. When the
+    // relay loses frames it had acknowledged while this agent runs, the
+    // session ends with a chain break; the pipeline is stopped, every disk
+    // becomes pending, and the next pass starts a new stretch from the
+    // relay's head (a REBASE frame), without stopping capture.
+    let mut conn = first;
+    let mut acked_floor = p.start.acked_seq;
+    let mut frame_floor = p.start.frame_next;
+    let mut resync_out = p.resync_out.take();
+    let (stretch, early) = loop {
+        let head = conn.1.head;
+        let rebase = acked_floor > head.last_seq;
+        if rebase {
+            chain_gap(&p, head, acked_floor).await;
+        }
+        let frame_next = frame_floor.max(head.frame_no + 1);
+        if head.frame_no >= frame_floor {
+            tracing::warn!(group = %group, head = head.frame_no, local = frame_floor, "the relay holds frames beyond this agent's persisted frame numbers; continuing above them");
+        }
+        *lock(&info.acked) = head;
+        let (mut stretch, session) = start_stretch(
+            &p,
+            (&endpoint, &hello),
             head,
-        ),
-        max_frames: p.cfg.window_frames as usize,
-        max_bytes: p.cfg.window_bytes() as usize,
-        drain,
-        drain_timeout: DRAIN_TIMEOUT,
-        resync_out: p.resync_out,
-    };
-    let mut session_task = tokio::spawn(session.run(first));
-    let mut stop_wait = stop.clone();
-    let early = tokio::select! {
-        _ = stop_wait.wait() => None,
-        r = &mut session_task => Some(r),
+            frame_next,
+            rebase,
+            resync_out.take(),
+        )
+        .map_err(|e| match e {
+            StretchError::Pipeline(source) => AgentError::Pipeline {
+                group: group.clone(),
+                source: Box::new(source),
+            },
+            StretchError::Spawn(what) => internal(what),
+        })?;
+        let mut task = tokio::spawn(session.run(conn));
+        let mut stop_wait = stop.clone();
+        let early = tokio::select! {
+            _ = stop_wait.wait() => None,
+            r = &mut task => Some(r),
+        };
+        if early.is_none() {
+            stretch.task = Some(task);
+        }
+        match early {
+            Some(Ok((Err(SessionError::ChainBreak { source, .. }), back))) if !stop.is_fired() => {
+                resync_out = back;
+                tracing::warn!(group = %group, "{source}");
+                acked_floor = acked_floor.max(lock(&info.acked).last_seq);
+                frame_floor = stretch.next_frame.load(AO::Relaxed);
+                stretch.stop_pipeline().await;
+                match connect_with_retry(&endpoint, &hello, &info, &mut stop_for_connect).await {
+                    Ok(Some(c)) => {
+                        conn = c;
+                        continue;
+                    }
+                    Ok(None) => break (None, None),
+                    Err(e) => break (None, Some(Ok((Err(e), None)))),
+                }
+            }
+            early => break (Some(stretch), early),
+        }
     };
     // Orderly stop: no more writes, stop copying, close the journal so the
     // batcher flushes the rest into frames, then let the session drain them to
@@ -670,15 +654,31 @@ async fn run_group(
     }
     let _ = tokio::task::spawn_blocking(move || workers.stop()).await;
     p.journal.close();
-    drain_trigger.fire();
-    let session_result = match early {
-        Some(r) => r,
-        None => session_task.await,
-    }
-    .map_err(|e| internal(format!("session task failed: {e}")))?;
-    let pipe_stop = tokio::task::spawn_blocking(move || pipeline.stop());
-    let _ = pipe_stop.await;
-    let _ = tokio::task::spawn_blocking(move || bridge.join()).await;
+    let (session_result, next_frame, seal_failed) = match stretch {
+        Some(mut st) => {
+            st.drain_trigger.fire();
+            let r = match (early, st.task.take()) {
+                (Some(r), _) => r,
+                (None, Some(t)) => t.await,
+                (None, None) => Ok((Ok(SessionEnd::DrainTimeout), None)),
+            }
+            .map_err(|e| internal(format!("session task failed: {e}")))?;
+            st.stop_pipeline().await;
+            (
+                r.0,
+                st.next_frame.load(AO::Relaxed),
+                lock(&st.seal_failed).clone(),
+            )
+        }
+        None => (
+            match early {
+                Some(Ok((r, _))) => r,
+                _ => Ok(SessionEnd::DrainTimeout),
+            },
+            frame_floor,
+            None,
+        ),
+    };
     {
         // How far the relay acknowledged, before the last snapshots rely on
         // it (a relay that comes back holding less is then found at start).
@@ -689,14 +689,14 @@ async fn run_group(
         let (journal, disks) = (p.journal.clone(), p.disks.clone());
         let _ = tokio::task::spawn_blocking(move || close_disks(&journal, &disks)).await;
     }
-    if let Some(why) = lock(&seal_failed).clone() {
+    if let Some(why) = seal_failed {
         return Err(internal(format!("sealing failed: {why}")));
     }
     let end = session_result.map_err(|e| AgentError::Session(Box::new(e)))?;
     let js = p.journal.stats();
     if end == SessionEnd::Drained && js.entries == 0 {
         let next_seq = p.journal.next_seq();
-        let nf = next_frame.load(AO::Relaxed);
+        let nf = next_frame;
         let st = p.state.clone();
         tokio::task::spawn_blocking(move || st.close_clean(next_seq, nf))
             .await
@@ -739,10 +739,10 @@ fn acked_checkpoint(info: Arc<GroupInfo>, state: Arc<AgentState>) -> Checkpoint 
 /// so only what differs travels), and its snapshot is persisted before any
 /// frame of the new stretch goes out, so a crash cannot forget it; the first
 /// frame is then marked REBASE (docs/RESYNC.md, "A gap in the chain").
-async fn chain_gap(p: &Prepared, head: ChainPos) {
+async fn chain_gap(p: &Prepared, head: ChainPos, acked_seq: u64) {
     let why = format!(
         "chain gap: the relay holds group {} only through seq {} (frame {}) but had acknowledged through seq {}; the frames between are lost, so every disk is compared with the replica again",
-        p.cfg.name, head.last_seq, head.frame_no, p.start.acked_seq
+        p.cfg.name, head.last_seq, head.frame_no, acked_seq
     );
     tracing::warn!(group = %p.cfg.name, "{why}");
     let dropped = p.journal.rebase(NoteReason::ChainGap, &why);
@@ -756,6 +756,124 @@ async fn chain_gap(p: &Prepared, head: ChainPos) {
     })
     .await;
     tracing::info!(group = %p.cfg.name, dropped_entries = dropped, "every disk is pending; the next frame starts a new stretch of the chain");
+}
+
+/// The session task of a stretch: its result and the resync channel back.
+type SessionTask = tokio::task::JoinHandle<(
+    Result<SessionEnd, SessionError>,
+    Option<mpsc::Receiver<Vec<u8>>>,
+)>;
+
+/// One stretch of the group's chain: the seal pipeline, the bridge back into
+/// chain order, and what the session needs to drain at the end.
+struct Stretch {
+    pipeline: Option<Pipeline>,
+    bridge: Option<std::thread::JoinHandle<()>>,
+    task: Option<SessionTask>,
+    drain_trigger: shutdown::Trigger,
+    next_frame: Arc<AtomicU64>,
+    seal_failed: Arc<Mutex<Option<String>>>,
+}
+
+/// Why a stretch could not start.
+enum StretchError {
+    Pipeline(PipelineError),
+    Spawn(String),
+}
+
+impl Stretch {
+    /// Stop the batcher and seal threads and the bridge (frames still in them
+    /// are dropped: the caller either drained the session first or marks
+    /// every disk pending).
+    async fn stop_pipeline(&mut self) {
+        if let Some(pipeline) = self.pipeline.take() {
+            let _ = tokio::task::spawn_blocking(move || pipeline.stop()).await;
+        }
+        if let Some(bridge) = self.bridge.take() {
+            let _ = tokio::task::spawn_blocking(move || bridge.join()).await;
+        }
+    }
+}
+
+/// Start a stretch chained after `head`, numbered from `frame_next` (its first
+/// frame marked REBASE when `rebase`), and the session that sends it.
+fn start_stretch(
+    p: &Prepared,
+    (endpoint, hello): (&RelayEndpoint, &Hello),
+    head: ChainPos,
+    frame_next: u64,
+    rebase: bool,
+    resync_out: Option<mpsc::Receiver<Vec<u8>>>,
+) -> Result<(Stretch, Session), StretchError> {
+    let group = &p.cfg.name;
+    let (seal_tx, seal_rx) = crossbeam_channel::bounded::<SealOutput>(64);
+    let reserve_state = p.state.clone();
+    let pipeline = Pipeline::start(
+        p.journal.clone(),
+        &p.key,
+        PipelineConfig {
+            group: p.name,
+            key_epoch: p.cfg.key_epoch,
+            zstd_level: p.cfg.zstd_level,
+            frame_max_bytes: p.cfg.frame_max_bytes() as usize,
+            linger: p.cfg.frame_linger(),
+            heartbeat: p.cfg.heartbeat(),
+            workers: SEAL_WORKERS,
+            max_jobs: SEAL_WORKERS * 2,
+            nice: p.pipeline_nice,
+            rebase,
+        },
+        head,
+        frame_next,
+        Box::new(move |f| reserve_state.reserve_frames(f)),
+        seal_tx,
+    )
+    .map_err(StretchError::Pipeline)?;
+    let (frames_tx, frames_rx) = mpsc::channel::<OutFrame>(4);
+    let next_frame = Arc::new(AtomicU64::new(frame_next));
+    let seal_failed: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    let bridge = {
+        let nice = p.pipeline_nice;
+        let returner = pipeline.permit_returner();
+        let info = p.info.clone();
+        let next_frame = next_frame.clone();
+        let failed = seal_failed.clone();
+        std::thread::Builder::new()
+            .name(format!("bridge-{group}"))
+            .spawn(move || {
+                crate::util::priority::lower_this_thread(nice);
+                bridge_thread(seal_rx, returner, frames_tx, &info, &next_frame, &failed)
+            })
+            .map_err(|e| StretchError::Spawn(format!("cannot start bridge thread: {e}")))?
+    };
+    let (drain_trigger, drain) = shutdown::channel();
+    let session = Session {
+        info: p.info.clone(),
+        endpoint: endpoint.clone(),
+        hello: hello.clone(),
+        frames: frames_rx,
+        outbox: Outbox::new(
+            p.cfg.window_frames as usize,
+            p.cfg.window_bytes() as usize,
+            head,
+        ),
+        max_frames: p.cfg.window_frames as usize,
+        max_bytes: p.cfg.window_bytes() as usize,
+        drain,
+        drain_timeout: DRAIN_TIMEOUT,
+        resync_out,
+    };
+    Ok((
+        Stretch {
+            pipeline: Some(pipeline),
+            bridge: Some(bridge),
+            task: None,
+            drain_trigger,
+            next_frame,
+            seal_failed,
+        },
+        session,
+    ))
 }
 
 /// Persist each disk's remaining dirty regions as a clean snapshot (the journal

@@ -136,8 +136,20 @@ pub(crate) async fn connect_with_retry(
 }
 
 impl Session {
-    /// Serve until drained (or a fatal error), starting with `first`.
-    pub async fn run(mut self, first: (Stream, Welcome)) -> Result<SessionEnd, SessionError> {
+    /// Serve until drained (or a fatal error), starting with `first`. Gives
+    /// back the resync channel, for a session that follows this one.
+    pub async fn run(
+        mut self,
+        first: (Stream, Welcome),
+    ) -> (
+        Result<SessionEnd, SessionError>,
+        Option<mpsc::Receiver<Vec<u8>>>,
+    ) {
+        let r = self.serve_all(first).await;
+        (r, self.resync_out.take())
+    }
+
+    async fn serve_all(&mut self, first: (Stream, Welcome)) -> Result<SessionEnd, SessionError> {
         let mut conn = Some(first);
         let mut backoff = Backoff::default();
         let mut draining: Option<Instant> = None;

@@ -895,7 +895,9 @@ impl CaptureJournal {
     /// The relay lost frames it had acknowledged, so the chain has a gap that
     /// redelivery cannot close: every disk becomes pending in full for
     /// `cause` (`why` is the text of the Note sent when the copy starts),
-    /// entries not yet in frames are dropped (the pending regions cover them),
+    /// every entry not yet acknowledged is dropped, whether or not it is in a
+    /// frame already (the pending regions cover them; the caller stopped the
+    /// pipeline that took them),
     /// and capture leaves write-ordered mode, so no W frame goes out before
     /// every disk was compared again. Returns the entries dropped.
     pub fn rebase(&self, cause: NoteReason, why: &str) -> u64 {
@@ -906,6 +908,10 @@ impl CaptureJournal {
             d.cause = Some((cause, why.to_string()));
         }
         g.dirty_marks += 1;
+        // Entries already in frames too: those frames belong to the chain
+        // that broke and are never sent.
+        g.unbatched = 0;
+        g.recount_unbatched();
         let dropped = g.drop_unbatched(&self.cfg.group, why);
         if g.mode.mode.write_ordered() {
             g.change_mode(&self.cfg.group, Mode::Bitmap, why.to_string());

@@ -505,3 +505,31 @@ fn a_corrupt_spill_record_turns_the_rest_into_dirty_regions() {
     assert_eq!(st.pending_bytes, 2 * 4096);
     assert_eq!(st.spill_entries, 0);
 }
+
+#[test]
+fn a_rebase_drops_every_unacknowledged_entry_and_makes_every_disk_pending() {
+    let j = journal(1 << 20);
+    for i in 0..6u64 {
+        seq(j.record_write(0, i * 4096, vec![1; 4096]).unwrap());
+    }
+    // Two acknowledged, two in frames (batched), two not yet batched.
+    let b = j.take_batch(4 * 4096, Duration::ZERO, Duration::ZERO);
+    assert_eq!(b.len(), 4);
+    j.trim_through(2);
+    assert_eq!(j.stats().entries, 4);
+    assert_eq!(j.mode(), Mode::Data);
+    let dropped = j.rebase(NoteReason::ChainGap, "chain gap: test");
+    assert_eq!(dropped, 4);
+    let st = j.stats();
+    assert_eq!((st.entries, st.bytes), (0, 0));
+    assert_eq!(st.pending_bytes, 64 * MIB, "the whole disk is pending");
+    assert_eq!(j.mode(), Mode::Bitmap, "no W frame before the compare");
+    assert!(
+        j.take_batch(1 << 20, Duration::ZERO, Duration::ZERO)
+            .is_empty()
+    );
+    // New writes get new seqs, and a late ack of the dropped frames is harmless.
+    j.trim_through(4);
+    let next = j.next_seq();
+    assert!(next > 6);
+}
