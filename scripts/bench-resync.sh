@@ -645,11 +645,13 @@ names = ["resync s", "full copy s", "initial s", "zstd\\|ssh s", "rsync s", "ver
 print("Raw figures per round (wall seconds from start to done; a failed or unequal run shows as fail):\n")
 print("| round | " + " | ".join(names) + " |")
 print("|---" * (len(names) + 1) + "|")
+ran = [c for c in ("resync", "fullcopy", "initial", "zstd", "rsync") if c in want or (c == "resync" and ("verify" in want or "dd" in want))]
+ran += [c for c in ("verify",) if c in want] + (["ddread", "ddboth"] if "dd" in want else [])
 for i in R:
     cells = []
     for c, k in cols:
         r = by.get(c, {}).get(i)
-        cells.append("fail" if r is None or not r.get("ok") or r.get("equal") is False else f(r.get(k), 1 if k.startswith("mb") else 2))
+        cells.append("—" if c not in ran else "fail" if r is None or not r.get("ok") or r.get("equal") is False else f(r.get(k), 1 if k.startswith("mb") else 2))
     print(f"| {i} | " + " | ".join(cells) + " |")
 print("| **median** | " + " | ".join(f(med([ok(c, i) and ok(c, i).get(k) for i in R]), 1 if k.startswith("mb") else 2) for c, k in cols) + " |")
 print("\nBytes per round (MiB): tidemark's relay bytes_in (frames), digest replies, wire total; rsync's bytes sent + received:\n")
@@ -710,8 +712,6 @@ print("\nContext ratios (not the bars):\n")
 for name, pr in ctx:
     print(f"- {name}: {', '.join(f(x) for x in pr)} (median {f(med(pr))})")
 fails = [(r["case"], r["round"]) for r in rows if r["case"] != "data" and (not r.get("ok") or r.get("equal") is False)]
-ran = [c for c in ("resync", "fullcopy", "initial", "zstd", "rsync") if c in want or (c == "resync" and ("verify" in want or "dd" in want))]
-ran += [c for c in ("verify",) if c in want] + (["ddread", "ddboth"] if "dd" in want else [])
 missing = [(c, i) for c in ran for i in R if i not in by.get(c, {})]
 print(f"\nEvery replica equal to the source: {'yes' if not fails and not missing else 'no: ' + str(fails + missing)}")
 EOF

@@ -47,6 +47,8 @@ pub const MAX_ZERO_RECORD: u64 = 1 << 30;
 pub const COPY_RECORD: usize = 1024 * 1024;
 
 const STRIPES: usize = 1024;
+/// Alignment of the buffers of direct reads.
+const DIRECT_ALIGN: usize = crate::util::aligned::BLOCK;
 const STRIPE_SHIFT: u32 = 20;
 
 /// Errors of opening or copying a protected disk.
@@ -389,10 +391,13 @@ impl ProtectedDisk {
         }
         let len = end - offset;
         let _locks = self.stripes.lock(offset, len);
-        let holes = self.read_data_blocks(offset, len, block_size, buf)?;
+        let (holes, at) = self.read_data_blocks(offset, len, block_size, buf)?;
         let mut parts = Vec::new();
         let mut differing = 0u64;
-        for (i, block) in buf.chunks(block_size as usize).enumerate() {
+        for (i, block) in buf[at..at + len as usize]
+            .chunks(block_size as usize)
+            .enumerate()
+        {
             let at = offset + i as u64 * block_size;
             if holes[i] {
                 // Not read: reads as zeros, like an Absent or Zero block.
@@ -443,9 +448,9 @@ impl ProtectedDisk {
         }
         let len = end - offset;
         let locks = self.stripes.lock(offset, len);
-        let holes = self.read_data_blocks(offset, len, block_size, buf)?;
+        let (holes, at) = self.read_data_blocks(offset, len, block_size, buf)?;
         drop(locks);
-        Ok(buf
+        Ok(buf[at..at + len as usize]
             .chunks(block_size as usize)
             .zip(holes)
             .map(|(b, hole)| {
@@ -459,10 +464,12 @@ impl ProtectedDisk {
     }
 
     /// Read `offset..offset+len` (`offset` a multiple of `block_size`) into
-    /// `buf`, except the blocks of `block_size` that lie wholly in holes of
-    /// the backing file (`SEEK_DATA`/`SEEK_HOLE`; a block device has none):
-    /// those read as zeros without I/O, and their bytes in `buf` are left as
-    /// they were. Returns, per block, whether it is such a hole. The caller
+    /// `buf[at..at + len]`, except the blocks of `block_size` that lie wholly
+    /// in holes of the backing file (`SEEK_DATA`/`SEEK_HOLE`; a block device
+    /// has none): those read as zeros without I/O, and their bytes in `buf`
+    /// are left as they were. Returns, per block, whether it is such a hole,
+    /// and `at`: where in `buf` the range starts, chosen so that the reads
+    /// can bypass the page cache ([`BackingDisk::pread_direct`]). The caller
     /// holds the range locks, so no write fills a hole in between.
     fn read_data_blocks(
         &self,
@@ -470,9 +477,16 @@ impl ProtectedDisk {
         len: u64,
         block_size: u64,
         buf: &mut Vec<u8>,
-    ) -> Result<Vec<bool>, ProtectedError> {
+    ) -> Result<(Vec<bool>, usize), ProtectedError> {
         let bs = block_size.max(1);
-        buf.resize(len as usize, 0);
+        // A Vec<u8> has no alignment to ask for: take an aligned window of a
+        // slightly longer one.
+        buf.resize(len as usize + DIRECT_ALIGN, 0);
+        let at = match buf.as_ptr().align_offset(DIRECT_ALIGN) {
+            a if a < DIRECT_ALIGN => a,
+            _ => 0,
+        };
+        let buf = &mut buf[at..at + len as usize];
         let blocks = len.div_ceil(bs) as usize;
         let mut holes = vec![true; blocks];
         for (lo, hi) in self.backing.data_ranges(offset, offset + len) {
@@ -493,7 +507,7 @@ impl ProtectedDisk {
             let lo = b as u64 * bs;
             let hi = ((b + run) as u64 * bs).min(len);
             self.backing
-                .pread(offset + lo, &mut buf[lo as usize..hi as usize])
+                .pread_direct(offset + lo, &mut buf[lo as usize..hi as usize])
                 .map_err(|source| ProtectedError::CopyRead {
                     path: self.path().to_path_buf(),
                     offset: offset + lo,
@@ -502,7 +516,7 @@ impl ProtectedDisk {
                 })?;
             b += run;
         }
-        Ok(holes)
+        Ok((holes, at))
     }
 
     fn read_for_copy(
