@@ -33,11 +33,23 @@
 #             root@127.0.0.1:replica-rsync.img, replica-rsync.img a fresh copy
 #             of replica-base
 # Every case checks afterwards that its replica equals the source (cmp).
+# CASES (default: all of "resync fullcopy initial zstd rsync verify dd") picks
+# cases for a quicker run; verify and dd (ddread + ddboth) run inside the
+# resync case (they need its running roles and equal pair), so either of them
+# runs a resync too. Bars whose cases did not run show as "—".
+# REPLICA_DIR (default: BENCH_DIR's temp dir, i.e. the source's disk) holds
+# every replica written (tidemark's, rsync's, zstd|ssh's output): another
+# device stands in for the target machine's own disk. /dev/shm (tmpfs, RAM) is
+# such a stand-in on a one-disk machine; those figures are context for what
+# the software does when the two sides do not share a disk, never the bars'
+# main figures. With a REPLICA_DIR that refuses O_DIRECT (tmpfs), ddboth reads
+# the replica through the page cache.
 # ssh goes to a private sshd on 127.0.0.1 with its own host key and a client
 # key made for this run. Bars: median over rounds of the per-round ratios.
 #
 # Usage: scripts/bench-resync.sh [rounds]   (default 3)
-# Env: SIZE (4G), BENCH_DIR (/var/tmp), WAIT_LIMIT (s per wait, 1200),
+# Env: SIZE (4G), BENCH_DIR (/var/tmp), CASES, REPLICA_DIR (see above),
+#      WAIT_LIMIT (s per wait, 1200),
 #      TIDEMARK_BIN (use this binary instead of building one), PIPELINE_NICE
 #      (the agent's pipeline_nice, default 0: as in `tidemark bench`, every
 #      stage at the same priority as rsync/zstd/ssh, since there is no
@@ -61,6 +73,12 @@ wait_limit=${WAIT_LIMIT:-1200}
 pipeline_nice=${PIPELINE_NICE:-0}
 [[ $pipeline_nice =~ ^[0-9]+$ ]] && (( pipeline_nice <= 19 )) || { echo "PIPELINE_NICE must be 0..19" >&2; exit 1; }
 commit=$(git -C "$repo" rev-parse --short HEAD)
+all_cases="resync fullcopy initial zstd rsync verify dd"
+want_cases=" ${CASES:-$all_cases} "
+for c in $want_cases; do
+    [[ " $all_cases " == *" $c "* ]] || { echo "CASES: unknown case '$c' (known: $all_cases)" >&2; exit 1; }
+done
+want() { [[ $want_cases == *" $1 "* ]]; }
 
 # ---- tools -------------------------------------------------------------------
 need=()
@@ -111,6 +129,10 @@ dir=$(mktemp -d "${BENCH_DIR:-/var/tmp}/tidemark-resync-bench.XXXXXX")
 pidfile=$dir/pids          # every background process this script starts
 : > "$pidfile"
 sshd_pid=
+rdir=$dir                  # replicas
+if [ -n "${REPLICA_DIR:-}" ]; then
+    rdir=$(mktemp -d "$REPLICA_DIR/tidemark-resync-replica.XXXXXX")
+fi
 kill_listed() { # TERM every PID in $pidfile still alive, wait (bounded), then KILL
     local p i alive
     [ -f "$pidfile" ] || return 0
@@ -127,7 +149,7 @@ cleanup() {
     kill_listed
     if [ -n "$sshd_pid" ]; then kill -TERM "$sshd_pid" 2>/dev/null || true; fi
     wait 2>/dev/null || true
-    rm -rf "$dir"
+    rm -rf "$dir" "$rdir"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -147,8 +169,19 @@ same() { cmp -s "$1" "$2" && echo true || echo false; }
 machine="$(nproc) cores, $(free -g | awk '/^Mem:/ {print $2}') GiB RAM ($(free -g | awk '/^Mem:/ {print $7}') GiB available at start), kernel $(uname -r), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 fsdev=$(df "$dir" | awk 'NR==2 {print $1}')
 disk="$(df -T "$dir" | awk 'NR==2 {print $2}') on $fsdev ($(lsblk -dno NAME,SIZE,ROTA,MODEL "$fsdev" 2>/dev/null | xargs || echo '?'))"
+rfsdev=$(df "$rdir" | awk 'NR==2 {print $1}')
+if [ "$rdir" = "$dir" ]; then
+    rdisk="same directory as the source"
+else
+    rdisk="$rdir: $(df -T "$rdir" | awk 'NR==2 {print $2}') on $rfsdev"
+fi
+# dd flags for reading a replica: O_DIRECT unless its file system refuses it.
+rdd=iflag=direct
+echo x > "$rdir/.ddprobe"
+dd if="$rdir/.ddprobe" of=/dev/null bs=4096 count=1 iflag=direct status=none 2>/dev/null || rdd=
+rm -f "$rdir/.ddprobe"
 echo "== machine: $machine"
-echo "== disk: $disk, files in $dir"
+echo "== disk: $disk, files in $dir; replicas: $rdisk${rdd:+ (O_DIRECT)}; cases: $want_cases"
 echo "== binary: $build_note; agent pipeline_nice = $pipeline_nice"
 echo "== tools: $(zstd --version | head -1); $(rsync --version | head -1); $(ssh -V 2>&1)"
 
@@ -417,7 +450,7 @@ cluster_up() { # case mode replica
     return 1
 }
 tm_copy() { # case round mode replica-source(none|path): the timed copy; leaves roles running
-    local c=$1 r=$2 mode=$3 from=$4 rep=$dir/tm-replica.img conf=$dir/tm/conf out t0 st
+    local c=$1 r=$2 mode=$3 from=$4 rep=$rdir/tm-replica.img conf=$dir/tm/conf out t0 st
     rm -f "$rep"
     [ "$from" != none ] && cp --sparse=always "$from" "$rep"
     cluster_up "$c" "$mode" "$rep"
@@ -425,6 +458,7 @@ tm_copy() { # case round mode replica-source(none|path): the timed copy; leaves 
     local l; l=$(load)
     t0=$(now)
     start_role agent "$c"
+    apid=$last
     st=0
     out=$(python3 "$dir/wait_done.py" "$conf/agent-state/status.json" "$conf/target-state/status.json" \
         "$conf/spool/status.json" "$t0" "$last" "$wait_limit" "$tpid" "$rpid") || st=$?
@@ -439,10 +473,10 @@ tm_copy() { # case round mode replica-source(none|path): the timed copy; leaves 
 tm_finish() { # case round: stop roles, compare, record
     local c=$1 r=$2 eq
     stop_roles
-    eq=$(same "$src" "$dir/tm-replica.img")
+    eq=$(same "$src" "$rdir/tm-replica.img")
     [ "$eq" = true ] || { echo "!! $c round $r: replica differs from source" >&2; log_tails "$c" >&2; }
     record "$c" "$r" "$(python3 -c "import json,sys; d=json.load(open(sys.argv[1])); d['equal']=sys.argv[2]=='true'; print(json.dumps(d))" "$dir/last.json" "$eq")"
-    rm -rf "$dir/tm" "$dir/tm-replica.img"
+    rm -rf "$dir/tm" "$rdir/tm-replica.img"
 }
 show() { # case round: one line from the last record
     python3 -c "import json,sys; d=[json.loads(l) for l in open(sys.argv[1])][-1]; print('   %-8s round %s: %s' % (d['case'], d['round'], ', '.join('%s=%s' % (k, v) for k, v in d.items() if k not in ('case', 'round', 'status'))))" "$res"
@@ -450,25 +484,42 @@ show() { # case round: one line from the last record
 
 # ---- the cases ---------------------------------------------------------------------
 case_resync() { # round: resync, then verify and the read rates with the roles up
-    local r=$1 t0 t1 out vst l
+    local r=$1
     tm_copy resync "$r" checksum "$base"
-    # verify, roles running, pair equal
+    want verify && case_verify "$r"
+    want dd && case_dd "$r"
+    tm_finish resync "$r"
+    show
+}
+cpu_of() { # pid: CPU seconds (user + system) so far
+    python3 -c "import os,sys; v=open(f'/proc/{sys.argv[1]}/stat').read().rsplit(')',1)[1].split(); print((int(v[11])+int(v[12]))/os.sysconf('SC_CLK_TCK'))" "$1" 2>/dev/null || echo null
+}
+case_verify() { # round: verify, roles running, pair equal
+    local r=$1 t0 t1 out vst l ca cb ta tb
     drop_caches
     l=$(load)
+    ca=$(cpu_of "$apid")
+    ta=$(cpu_of "$tpid")
     t0=$(now)
     vst=0
     out=$(timeout "$wait_limit" "$bin" verify --config "$dir/tm/conf/agent.toml" --disk 0 --json 2> "$dir/verify.err") || vst=$?
     t1=$(now)
+    cb=$(cpu_of "$apid")
+    tb=$(cpu_of "$tpid")
     record verify "$r" "$(python3 -c "
 import json,sys
 t0,t1,size,st,l=float(sys.argv[2]),float(sys.argv[3]),int(sys.argv[4]),int(sys.argv[5]),float(sys.argv[6])
 try: v=json.loads(sys.argv[1])
 except Exception: v={}
 w=t1-t0
-print(json.dumps({'ok': st==0, 'exit': st, 'wall_s': round(w,3), 'mb_s': round(size/w/1e6,1), 'compared_bytes': v.get('compared_bytes'), 'mismatch_ranges': v.get('mismatch_ranges'), 'load': l}))" "$out" "$t0" "$t1" "$size" "$vst" "$l")"
+def d(a, b):
+    return None if 'null' in (a, b) else round(float(b) - float(a), 2)
+print(json.dumps({'ok': st==0, 'exit': st, 'wall_s': round(w,3), 'mb_s': round(size/w/1e6,1), 'compared_bytes': v.get('compared_bytes'), 'mismatch_ranges': v.get('mismatch_ranges'), 'load': l, 'cpu_agent_s': d(sys.argv[7], sys.argv[8]), 'cpu_target_s': d(sys.argv[9], sys.argv[10])}))" "$out" "$t0" "$t1" "$size" "$vst" "$l" "$ca" "$cb" "$ta" "$tb")"
     show
     [ $vst = 0 ] || { echo "!! verify exit $vst: $out $(cat "$dir/verify.err")" >&2; log_tails resync >&2; }
-    # the disk's sequential read rate, same run, roles idle
+}
+case_dd() { # round: the disk's sequential read rate, same run, roles idle
+    local r=$1 t0 t1 l
     drop_caches
     l=$(load)
     t0=$(now)
@@ -481,13 +532,11 @@ print(json.dumps({'ok': st==0, 'exit': st, 'wall_s': round(w,3), 'mb_s': round(s
     timeout "$wait_limit" dd if="$src" of=/dev/null bs=4M iflag=direct status=none &
     local d1=$!
     echo "$d1" >> "$pidfile"
-    timeout "$wait_limit" dd if="$dir/tm-replica.img" of=/dev/null bs=4M iflag=direct status=none
+    timeout "$wait_limit" dd if="$rdir/tm-replica.img" of=/dev/null bs=4M $rdd status=none
     wait "$d1"
     sed -i "/^$d1\$/d" "$pidfile"
     t1=$(now)
     record ddboth "$r" "$(python3 -c "import json,sys; w=float(sys.argv[2])-float(sys.argv[1]); print(json.dumps({'ok': True, 'wall_s': round(w,3), 'mb_s_per_file': round(int(sys.argv[3])/w/1e6,1)}))" "$t0" "$t1" "$size")"
-    show
-    tm_finish resync "$r"
     show
 }
 case_fullcopy() {
@@ -501,7 +550,7 @@ case_initial() {
     show
 }
 case_zstd() {
-    local r=$1 out=$dir/replica-zstd.img t0 t1 t2 l
+    local r=$1 out=$rdir/replica-zstd.img t0 t1 t2 l
     rm -f "$out"
     drop_caches
     l=$(load)
@@ -515,7 +564,7 @@ case_zstd() {
     show
 }
 case_rsync() {
-    local r=$1 out=$dir/replica-rsync.img t0 t1 t2 l stats
+    local r=$1 out=$rdir/replica-rsync.img t0 t1 t2 l stats
     rm -f "$out"
     cp --sparse=always "$base" "$out"
     drop_caches
@@ -535,7 +584,12 @@ print(json.dumps({'ok': True, 'wall_s': round(b-a,3), 'sync_s': round(c-b,3), 'l
     show
 }
 
-cases=(resync fullcopy initial zstd rsync)
+cases=()
+for c in resync fullcopy initial zstd rsync; do
+    if want "$c" || { [ "$c" = resync ] && { want verify || want dd; }; }; then
+        cases+=("$c")
+    fi
+done
 for ((r = 1; r <= rounds; r++)); do
     echo "== round $r/$rounds ($(date -u +%H:%M:%S) UTC)"
     for ((k = 0; k < ${#cases[@]}; k++)); do
@@ -547,14 +601,15 @@ for ((r = 1; r <= rounds; r++)); do
         st=$?
         set -e
         [ $st = 0 ] || echo "!! case $c round $r failed (exit $st)" >&2
-        rm -rf "$dir/tm" "$dir/tm-replica.img" "$dir/replica-zstd.img" "$dir/replica-rsync.img"
+        rm -rf "$dir/tm" "$rdir/tm-replica.img" "$rdir/replica-zstd.img" "$rdir/replica-rsync.img"
     done
 done
 
 # ---- report ------------------------------------------------------------------------
-python3 - "$res" "$rounds" "$commit" "$machine" "$disk" "$build_note" "$pipeline_nice" <<'EOF'
+python3 - "$res" "$rounds" "$commit" "$machine" "$disk" "$build_note" "$pipeline_nice" "$want_cases" "${CASES:-}" "${REPLICA_DIR:-}" "$rdisk" <<'EOF'
 import json, statistics, sys
-res, rounds, commit, machine, disk, build, nice = sys.argv[1], int(sys.argv[2]), *sys.argv[3:]
+res, rounds, commit, machine, disk, build, nice, want, cases_env, repdir_env, rdisk = sys.argv[1], int(sys.argv[2]), *sys.argv[3:]
+want = want.split()
 rows = [json.loads(l) for l in open(res)]
 data = next(r for r in rows if r["case"] == "data")
 by = {}
@@ -573,8 +628,11 @@ def mib(x):
     return "—" if x is None else f"{x / 2**20:.1f}"
 R = range(1, rounds + 1)
 print(f"\n## Resync (issue 5)\n")
-print(f"Command: `{'' if nice == '0' else f'PIPELINE_NICE={nice} '}scripts/bench-resync.sh {rounds}` (agent pipeline_nice = {nice}); commit `{commit}` ({build}).")
-print(f"Machine: {machine}; {disk}.\n")
+env = ('' if nice == '0' else f'PIPELINE_NICE={nice} ') + (f'CASES="{cases_env}" ' if cases_env else '') + (f'REPLICA_DIR={repdir_env} ' if repdir_env else '')
+print(f"Command: `{env}scripts/bench-resync.sh {rounds}` (agent pipeline_nice = {nice}); commit `{commit}` ({build}).")
+print(f"Machine: {machine}; {disk}; replicas: {rdisk}.\n")
+if repdir_env:
+    print("Context run: the replicas are not on the source's disk, so these are not the bars' main figures.\n")
 print(f"Data: {data['size'] / 2**30:g} GiB source, {data['source_allocated'] / 2**20:.0f} MiB allocated "
       f"(30 % of the 1 MiB chunks zeros: half holes, half written zeros; the rest AES-CTR keystream, "
       f"zstd -1 of the whole source {data['source_zstd1'] / 2**20:.0f} MiB); replica = copy with "
@@ -587,11 +645,13 @@ names = ["resync s", "full copy s", "initial s", "zstd\\|ssh s", "rsync s", "ver
 print("Raw figures per round (wall seconds from start to done; a failed or unequal run shows as fail):\n")
 print("| round | " + " | ".join(names) + " |")
 print("|---" * (len(names) + 1) + "|")
+ran = [c for c in ("resync", "fullcopy", "initial", "zstd", "rsync") if c in want or (c == "resync" and ("verify" in want or "dd" in want))]
+ran += [c for c in ("verify",) if c in want] + (["ddread", "ddboth"] if "dd" in want else [])
 for i in R:
     cells = []
     for c, k in cols:
         r = by.get(c, {}).get(i)
-        cells.append("fail" if r is None or not r.get("ok") or r.get("equal") is False else f(r.get(k), 1 if k.startswith("mb") else 2))
+        cells.append("—" if c not in ran else "fail" if r is None or not r.get("ok") or r.get("equal") is False else f(r.get(k), 1 if k.startswith("mb") else 2))
     print(f"| {i} | " + " | ".join(cells) + " |")
 print("| **median** | " + " | ".join(f(med([ok(c, i) and ok(c, i).get(k) for i in R]), 1 if k.startswith("mb") else 2) for c, k in cols) + " |")
 print("\nBytes per round (MiB): tidemark's relay bytes_in (frames), digest replies, wire total; rsync's bytes sent + received:\n")
@@ -615,12 +675,13 @@ for i in R:
     print(f"| {i} | {f(g('resync', i, 'agent_drain_s'))} | {f(g('fullcopy', i, 'agent_drain_s'))} | "
           f"{f(g('initial', i, 'agent_drain_s'))} | {f(g('resync', i, 'start_to_drain_s'))} | "
           f"{f(g('zstd', i, 'sync_s'))} | {f(g('rsync', i, 'sync_s'))} | {loads} |")
-print("\nCPU seconds (user + system) of agent / target / relay, from start to done:\n")
-print("| round | resync | full copy | initial |")
-print("|---|---|---|---|")
+print("\nCPU seconds (user + system) of agent / target / relay, from start to done (verify: agent / target during the verify):\n")
+print("| round | resync | full copy | initial | verify |")
+print("|---|---|---|---|---|")
 for i in R:
     print(f"| {i} | " + " | ".join(" / ".join(f(g(c, i, k), 1) for k in ("cpu_agent_s", "cpu_target_s", "cpu_relay_s"))
-                                   for c in ("resync", "fullcopy", "initial")) + " |")
+                                   for c in ("resync", "fullcopy", "initial"))
+          + " | " + " / ".join(f(g("verify", i, k), 1) for k in ("cpu_agent_s", "cpu_target_s")) + " |")
 def ratio(a, ka, b, kb, i, den_extra=None):
     x, y = g(a, i, ka), g(b, i, kb)
     return x / y if x is not None and y else None
@@ -651,6 +712,6 @@ print("\nContext ratios (not the bars):\n")
 for name, pr in ctx:
     print(f"- {name}: {', '.join(f(x) for x in pr)} (median {f(med(pr))})")
 fails = [(r["case"], r["round"]) for r in rows if r["case"] != "data" and (not r.get("ok") or r.get("equal") is False)]
-missing = [(c, i) for c in ("resync", "verify", "ddread", "fullcopy", "initial", "zstd", "rsync") for i in R if i not in by.get(c, {})]
+missing = [(c, i) for c in ran for i in R if i not in by.get(c, {})]
 print(f"\nEvery replica equal to the source: {'yes' if not fails and not missing else 'no: ' + str(fails + missing)}")
 EOF

@@ -47,6 +47,8 @@ pub const MAX_ZERO_RECORD: u64 = 1 << 30;
 pub const COPY_RECORD: usize = 1024 * 1024;
 
 const STRIPES: usize = 1024;
+/// Alignment of the buffers of direct reads.
+const DIRECT_ALIGN: usize = crate::util::aligned::BLOCK;
 const STRIPE_SHIFT: u32 = 20;
 
 /// Errors of opening or copying a protected disk.
@@ -362,7 +364,9 @@ impl ProtectedDisk {
     /// block of `block_size` bytes and record as M entries only the blocks
     /// whose digest differs from the target's (`target[i]` is the block at
     /// `offset + i × block_size`); clear the step's pending regions. `None`
-    /// when the group stopped draining.
+    /// when the group stopped draining. Blocks wholly in holes of the
+    /// backing file are not read: they equal a target block that reads as
+    /// zeros, and are recorded as zero ranges where the target has data.
     ///
     /// Skipping equal blocks is safe although the target's digests are older
     /// than this read: every write the target applies after its read is in
@@ -387,16 +391,35 @@ impl ProtectedDisk {
         }
         let len = end - offset;
         let _locks = self.stripes.lock(offset, len);
-        self.read_for_copy(offset, len, buf)?;
+        let (holes, at) = self.read_data_blocks(offset, len, block_size, buf)?;
         let mut parts = Vec::new();
         let mut differing = 0u64;
-        for (i, block) in buf.chunks(block_size as usize).enumerate() {
+        for (i, block) in buf[at..at + len as usize]
+            .chunks(block_size as usize)
+            .enumerate()
+        {
+            let at = offset + i as u64 * block_size;
+            if holes[i] {
+                // Not read: reads as zeros, like an Absent or Zero block.
+                if target.get(i).is_some_and(BlockDigest::reads_as_zero) {
+                    continue;
+                }
+                differing += block.len() as u64;
+                let n = block.len() as u64;
+                match parts.last_mut() {
+                    Some(CopyPart::Zero(o, l)) if *o + *l == at && *l + n <= MAX_ZERO_RECORD => {
+                        *l += n
+                    }
+                    _ => parts.push(CopyPart::Zero(at, n)),
+                }
+                continue;
+            }
             let same = target
                 .get(i)
                 .is_some_and(|t| digest_block(key, block).same_data(t));
             if !same {
                 differing += block.len() as u64;
-                split_copy(offset + i as u64 * block_size, block, &mut parts);
+                split_copy(at, block, &mut parts);
             }
         }
         let recorded = self.journal.record_copy(self.id, offset, len, parts)?;
@@ -409,7 +432,8 @@ impl ProtectedDisk {
 
     /// The digests of the blocks of `offset..end` (block-aligned, at most
     /// [`COPY_CHUNK`]), read under the range locks (so no write is half
-    /// done), for an online verify. Records nothing.
+    /// done), for an online verify. Records nothing. Blocks wholly in holes
+    /// of the backing file are [`BlockDigest::Absent`], not read.
     pub fn digest_step(
         &self,
         offset: u64,
@@ -424,12 +448,75 @@ impl ProtectedDisk {
         }
         let len = end - offset;
         let locks = self.stripes.lock(offset, len);
-        self.read_for_copy(offset, len, buf)?;
+        let (holes, at) = self.read_data_blocks(offset, len, block_size, buf)?;
         drop(locks);
-        Ok(buf
+        Ok(buf[at..at + len as usize]
             .chunks(block_size as usize)
-            .map(|b| digest_block(key, b))
+            .zip(holes)
+            .map(|(b, hole)| {
+                if hole {
+                    BlockDigest::Absent
+                } else {
+                    digest_block(key, b)
+                }
+            })
             .collect())
+    }
+
+    /// Read `offset..offset+len` (`offset` a multiple of `block_size`) into
+    /// `buf[at..at + len]`, except the blocks of `block_size` that lie wholly
+    /// in holes of the backing file (`SEEK_DATA`/`SEEK_HOLE`; a block device
+    /// has none): those read as zeros without I/O, and their bytes in `buf`
+    /// are left as they were. Returns, per block, whether it is such a hole,
+    /// and `at`: where in `buf` the range starts, chosen so that the reads
+    /// can bypass the page cache ([`BackingDisk::pread_direct`]). The caller
+    /// holds the range locks, so no write fills a hole in between.
+    fn read_data_blocks(
+        &self,
+        offset: u64,
+        len: u64,
+        block_size: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<(Vec<bool>, usize), ProtectedError> {
+        let bs = block_size.max(1);
+        // A Vec<u8> has no alignment to ask for: take an aligned window of a
+        // slightly longer one.
+        buf.resize(len as usize + DIRECT_ALIGN, 0);
+        let at = match buf.as_ptr().align_offset(DIRECT_ALIGN) {
+            a if a < DIRECT_ALIGN => a,
+            _ => 0,
+        };
+        let buf = &mut buf[at..at + len as usize];
+        let blocks = len.div_ceil(bs) as usize;
+        let mut holes = vec![true; blocks];
+        for (lo, hi) in self.backing.data_ranges(offset, offset + len) {
+            if lo >= hi {
+                continue;
+            }
+            let (b0, b1) = ((lo - offset) / bs, (hi - 1 - offset) / bs + 1);
+            holes[b0 as usize..(b1 as usize).min(blocks)].fill(false);
+        }
+        // Read each run of blocks that hold data with one pread.
+        let mut b = 0usize;
+        while b < blocks {
+            if holes[b] {
+                b += 1;
+                continue;
+            }
+            let run = holes[b..].iter().take_while(|h| !**h).count();
+            let lo = b as u64 * bs;
+            let hi = ((b + run) as u64 * bs).min(len);
+            self.backing
+                .pread_direct(offset + lo, &mut buf[lo as usize..hi as usize])
+                .map_err(|source| ProtectedError::CopyRead {
+                    path: self.path().to_path_buf(),
+                    offset: offset + lo,
+                    len: (hi - lo) as usize,
+                    source,
+                })?;
+            b += run;
+        }
+        Ok((holes, at))
     }
 
     fn read_for_copy(

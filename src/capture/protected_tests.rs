@@ -444,3 +444,160 @@ fn compare_step_records_only_blocks_whose_digest_differs_and_clears_the_step() {
     // The whole step is no longer pending.
     assert_eq!(j.next_pending(0, 0, u64::MAX), None);
 }
+
+/// A sparse source: blocks wholly in holes are not read, compare equal to a
+/// target block that reads as zeros (Absent or Zero) and are recorded as zero
+/// ranges when the target holds data there; blocks with data only in part
+/// (a hole edge inside a block) are read and hashed whole.
+#[test]
+fn compare_and_digest_steps_skip_source_holes() {
+    use crate::resync::{BlockDigest, DigestKey, digest_block};
+    const B: u64 = 64 << 10;
+    const K4: u64 = 4096;
+    let s = setup(4 * MIB);
+    let f = File::options().write(true).open(&s.img).unwrap();
+    let fill = |at: u64, len: u64, seed: u64| {
+        let d: Vec<u8> = (0..len).map(|i| ((i * 7 + seed) % 251) as u8 + 1).collect();
+        f.write_all_at(&d, at).unwrap();
+    };
+    fill(0, 3 * B, 1); // blocks 0..3: data
+    fill(4 * B - K4, K4, 2); // block 3: data only in its last 4 KiB
+    fill(5 * B - K4, 2 * K4, 3); // straddles blocks 4 and 5
+    f.write_all_at(&vec![0u8; B as usize], 12 * B).unwrap(); // block 12: written zeros
+    f.sync_all().unwrap();
+    drop(f);
+    let source = std::fs::read(&s.img).unwrap();
+    let blk = |img: &[u8], i: u64| img[(i * B) as usize..((i + 1) * B) as usize].to_vec();
+
+    // The target: blocks 0..4 equal; 4 other data; 5 zeros (source: data);
+    // 6, 7, 8 data (source: holes); 10 written zeros; 12 data (source:
+    // written zeros); the rest not allocated.
+    let mut target_img = source.clone();
+    let mut put = |i: u64, v: u8| target_img[(i * B) as usize..((i + 1) * B) as usize].fill(v);
+    put(4, 9);
+    put(5, 0);
+    put(6, 5);
+    put(7, 6);
+    put(8, 7);
+    put(12, 8);
+    let key = DigestKey::from_bytes([1; 32]);
+    let target: Vec<BlockDigest> = (0..64)
+        .map(|i| match i {
+            0..=4 | 6..=8 | 12 => digest_block(&key, &blk(&target_img, i)),
+            5 | 10 => BlockDigest::Zero,
+            _ => BlockDigest::Absent,
+        })
+        .collect();
+    assert_eq!(target[5], digest_block(&key, &blk(&target_img, 5)));
+
+    let j = journal(64 << 20, Policy::Block);
+    let (disk, _) = s.open(&j, true);
+    take_all(&j);
+    // A stale buffer: hole blocks must not be taken from it.
+    let mut buf = vec![0xee; 4 * MIB as usize];
+    let holes_known = disk.backing.data_ranges(0, 4 * MIB) != vec![(0, 4 * MIB)];
+
+    let digests = disk.digest_step(0, 4 * MIB, B, &key, &mut buf).unwrap();
+    assert_eq!(digests.len(), 64);
+    for i in 0..64u64 {
+        let d = digests[i as usize];
+        let want = digest_block(&key, &blk(&source, i));
+        assert!(d.same_data(&want), "block {i}: {d:?} vs {want:?}");
+        if matches!(i, 0..=5) {
+            assert_eq!(d, want, "block {i} holds data");
+        } else if holes_known && i != 12 {
+            assert_eq!(d, BlockDigest::Absent, "block {i} is a hole: not read");
+        }
+    }
+    assert_eq!(digests[12], BlockDigest::Zero, "written zeros are read");
+
+    buf.fill(0xee);
+    let step = disk
+        .compare_step(0, 4 * MIB, B, &target, &key, &mut buf)
+        .unwrap()
+        .unwrap();
+    assert_eq!((step.next, step.compared), (4 * MIB, 4 * MIB));
+    assert_eq!(step.differing, 6 * B, "blocks 4, 5, 6, 7, 8 and 12");
+    let entries = take_all(&j);
+    let zeros: Vec<(u64, u64)> = entries
+        .iter()
+        .filter_map(|e| match e.change {
+            Change::Zero(l) => Some((e.offset, l)),
+            _ => None,
+        })
+        .collect();
+    assert!(zeros.contains(&(12 * B, B)), "{zeros:?}");
+    if holes_known {
+        // Adjacent hole blocks become one zero range.
+        assert!(zeros.contains(&(6 * B, 3 * B)), "{zeros:?}");
+    }
+    let written: u64 = entries
+        .iter()
+        .map(|e| match &e.change {
+            Change::Write(d) => d.len() as u64,
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(written, 2 * B, "only blocks 4 and 5 carry data");
+    replay(&entries, &mut target_img);
+    if let Some(i) = target_img.iter().zip(&source).position(|(a, b)| a != b) {
+        panic!("the repaired replica differs from the source at byte {i}");
+    }
+    assert_eq!(j.next_pending(0, 0, u64::MAX), None);
+}
+
+/// A step that does not start at the disk's start, over a disk whose last
+/// block is short and lies in a hole: equal to Absent, and a zero range of
+/// only the bytes that exist when the target holds data there.
+#[test]
+fn compare_step_short_last_block_in_a_hole() {
+    use crate::resync::{BlockDigest, DigestKey, digest_block};
+    const B: u64 = 64 << 10;
+    let size = 2 * MIB + 4096;
+    let s = setup(size);
+    File::options()
+        .write(true)
+        .open(&s.img)
+        .unwrap()
+        .write_all_at(&[3u8; 4096], MIB)
+        .unwrap();
+    let j = journal(64 << 20, Policy::Block);
+    let (disk, _) = s.open(&j, true);
+    take_all(&j);
+    let key = DigestKey::from_bytes([2; 32]);
+    let mut block = vec![0u8; B as usize];
+    block[..4096].fill(3);
+    // Blocks 16..33 of the disk; block 16 (at 1 MiB) has data.
+    let mut target = vec![BlockDigest::Absent; 17];
+    target[0] = digest_block(&key, &block);
+    let mut buf = Vec::new();
+    let step = disk
+        .compare_step(MIB, size, B, &target, &key, &mut buf)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (step.next, step.compared, step.differing),
+        (size, size - MIB, 0)
+    );
+    assert!(
+        take_all(&j)
+            .iter()
+            .all(|e| !matches!(e.change, Change::Write(_) | Change::Zero(_)))
+    );
+    // The target holds data in the short last block.
+    target[16] = digest_block(&key, &[4u8; 4096]);
+    let step = disk
+        .compare_step(MIB, size, B, &target, &key, &mut buf)
+        .unwrap()
+        .unwrap();
+    assert_eq!(step.differing, 4096);
+    let zeros: Vec<(u64, u64)> = take_all(&j)
+        .iter()
+        .filter_map(|e| match e.change {
+            Change::Zero(l) => Some((e.offset, l)),
+            Change::Write(_) => panic!("a hole is sent as zeros"),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(zeros, vec![(2 * MIB, 4096)]);
+}

@@ -233,6 +233,16 @@ pub trait Image: Send + fmt::Debug {
         Ok(())
     }
 
+    /// Ask that [`Image::read_batch`] bypass the page cache (`O_DIRECT`) for
+    /// reads whose offset, length and buffer address are multiples of
+    /// [`crate::util::aligned::BLOCK`], other reads staying buffered. For a
+    /// reader that streams through much of the image once (digests), where
+    /// the page cache only costs a copy and memory. Returns whether it took
+    /// effect; the default (formats without it) does nothing.
+    fn direct_reads(&mut self) -> bool {
+        false
+    }
+
     /// Path the image was opened from.
     fn path(&self) -> &Path;
 

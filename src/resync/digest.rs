@@ -20,6 +20,7 @@ use thiserror::Error;
 use crate::error::{Classify, ErrorKind};
 use crate::frame::DataKey;
 use crate::image::{Image, ImageError};
+use crate::util::aligned::AlignedBuf;
 use crate::util::zero::is_zero;
 
 /// The default block size: 64 KiB (see docs/RESYNC.md, "Choosing the block size").
@@ -324,7 +325,8 @@ pub fn digest_range(
             b0 += take;
         }
     }
-    let mut buf: Vec<u8> = Vec::new();
+    // Aligned, so an image asked for direct reads can read into it.
+    let mut buf = AlignedBuf::new(0);
     for batch in &batches {
         read_and_digest(
             img,
@@ -350,7 +352,7 @@ fn read_and_digest(
     first_block: u64,
     size: u64,
     segs: &[(u64, u64)],
-    buf: &mut Vec<u8>,
+    buf: &mut AlignedBuf,
     out: &mut [BlockDigest],
 ) -> Result<(), DigestError> {
     let bs = u64::from(block_size.bytes());
@@ -365,12 +367,10 @@ fn read_and_digest(
         })
         .collect();
     let total: usize = extents.iter().map(|e| e.1).sum();
-    if buf.len() < total {
-        buf.resize(total, 0);
-    }
+    buf.reserve(total);
     {
         let mut reads: Vec<(u64, &mut [u8])> = Vec::with_capacity(extents.len());
-        let mut rest: &mut [u8] = &mut buf[..total];
+        let mut rest: &mut [u8] = &mut buf.bytes_mut()[..total];
         for &(off, len) in &extents {
             let (head, tail) = std::mem::take(&mut rest).split_at_mut(len);
             reads.push((off, head));
@@ -386,7 +386,7 @@ fn read_and_digest(
     }
     let mut at = 0usize;
     for (&(b, _), &(_, len)) in segs.iter().zip(&extents) {
-        let data = &buf[at..at + len];
+        let data = &buf.bytes()[at..at + len];
         for (i, block) in data.chunks(bs as usize).enumerate() {
             out[b as usize + i] = digest_block(key, block);
         }
