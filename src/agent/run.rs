@@ -590,12 +590,20 @@ async fn run_group(
     let mut acked_floor = p.start.acked_seq;
     let mut frame_floor = p.start.frame_next;
     let mut resync_out = p.resync_out.take();
+    // Set once a chain break marked every disk pending: the next stretch
+    // starts with a REBASE frame whatever the relay's head says.
+    let mut rebased = false;
     let (stretch, early) = loop {
         let head = conn.1.head;
-        let rebase = acked_floor > head.last_seq;
-        if rebase {
-            chain_gap(&p, head, acked_floor).await;
+        let gap = acked_floor > head.last_seq;
+        if gap && !rebased {
+            let found = format!(
+                "the relay holds group {group} only through seq {} (frame {}) but had acknowledged through seq {acked_floor}",
+                head.last_seq, head.frame_no
+            );
+            chain_gap(&p, &found).await;
         }
+        let rebase = gap || rebased;
         let frame_next = frame_floor.max(head.frame_no + 1);
         if head.frame_no >= frame_floor {
             tracing::warn!(group = %group, head = head.frame_no, local = frame_floor, "the relay holds frames beyond this agent's persisted frame numbers; continuing above them");
@@ -632,6 +640,15 @@ async fn run_group(
                 acked_floor = acked_floor.max(lock(&info.acked).last_seq);
                 frame_floor = stretch.next_frame.load(AO::Relaxed);
                 stretch.stop_pipeline().await;
+                // At once, not after the reconnect: the entries of the broken
+                // stretch are freed and capture degrades to dirty bits
+                // instead of filling the journal while the relay is away.
+                let found = format!(
+                    "the relay holds group {group} only up to frame {} but had acknowledged through seq {acked_floor}",
+                    source.head
+                );
+                chain_gap(&p, &found).await;
+                rebased = true;
                 match connect_with_retry(&endpoint, &hello, &info, &mut stop_for_connect).await {
                     Ok(Some(c)) => {
                         conn = c;
@@ -739,10 +756,9 @@ fn acked_checkpoint(info: Arc<GroupInfo>, state: Arc<AgentState>) -> Checkpoint 
 /// so only what differs travels), and its snapshot is persisted before any
 /// frame of the new stretch goes out, so a crash cannot forget it; the first
 /// frame is then marked REBASE (docs/RESYNC.md, "A gap in the chain").
-async fn chain_gap(p: &Prepared, head: ChainPos, acked_seq: u64) {
+async fn chain_gap(p: &Prepared, found: &str) {
     let why = format!(
-        "chain gap: the relay holds group {} only through seq {} (frame {}) but had acknowledged through seq {}; the frames between are lost, so every disk is compared with the replica again",
-        p.cfg.name, head.last_seq, head.frame_no, acked_seq
+        "chain gap: {found}; the frames between are lost, so every disk is compared with the replica again"
     );
     tracing::warn!(group = %p.cfg.name, "{why}");
     let dropped = p.journal.rebase(NoteReason::ChainGap, &why);
