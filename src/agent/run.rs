@@ -616,14 +616,7 @@ async fn run_group(
             frame_next,
             rebase,
             resync_out.take(),
-        )
-        .map_err(|e| match e {
-            StretchError::Pipeline(source) => AgentError::Pipeline {
-                group: group.clone(),
-                source: Box::new(source),
-            },
-            StretchError::Spawn(what) => internal(what),
-        })?;
+        )?;
         let mut task = tokio::spawn(session.run(conn));
         let mut stop_wait = stop.clone();
         let early = tokio::select! {
@@ -791,12 +784,6 @@ struct Stretch {
     seal_failed: Arc<Mutex<Option<String>>>,
 }
 
-/// Why a stretch could not start.
-enum StretchError {
-    Pipeline(PipelineError),
-    Spawn(String),
-}
-
 impl Stretch {
     /// Stop the batcher and seal threads and the bridge (frames still in them
     /// are dropped: the caller either drained the session first or marks
@@ -820,7 +807,7 @@ fn start_stretch(
     frame_next: u64,
     rebase: bool,
     resync_out: Option<mpsc::Receiver<Vec<u8>>>,
-) -> Result<(Stretch, Session), StretchError> {
+) -> Result<(Stretch, Session), AgentError> {
     let group = &p.cfg.name;
     let (seal_tx, seal_rx) = crossbeam_channel::bounded::<SealOutput>(64);
     let reserve_state = p.state.clone();
@@ -844,7 +831,10 @@ fn start_stretch(
         Box::new(move |f| reserve_state.reserve_frames(f)),
         seal_tx,
     )
-    .map_err(StretchError::Pipeline)?;
+    .map_err(|source| AgentError::Pipeline {
+        group: group.clone(),
+        source: Box::new(source),
+    })?;
     let (frames_tx, frames_rx) = mpsc::channel::<OutFrame>(4);
     let next_frame = Arc::new(AtomicU64::new(frame_next));
     let seal_failed: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
@@ -860,7 +850,10 @@ fn start_stretch(
                 crate::util::priority::lower_this_thread(nice);
                 bridge_thread(seal_rx, returner, frames_tx, &info, &next_frame, &failed)
             })
-            .map_err(|e| StretchError::Spawn(format!("cannot start bridge thread: {e}")))?
+            .map_err(|e| AgentError::Internal {
+                group: group.clone(),
+                what: format!("cannot start bridge thread: {e}"),
+            })?
     };
     let (drain_trigger, drain) = shutdown::channel();
     let session = Session {

@@ -148,26 +148,31 @@ impl<T> Gate<T> {
         if link.frame_no <= self.tip.frame_no {
             return Verdict::Duplicate;
         }
-        let behind = link.prev_frame_no < self.tip.frame_no;
-        if behind && !link.rebase {
-            return Verdict::Refused(format!(
-                "frame {} names predecessor {} but the chain already continued with frame {}",
-                link.frame_no, link.prev_frame_no, self.tip.frame_no
-            ));
-        }
-        if behind && link.last_seq <= self.tip.last_seq {
-            return Verdict::Refused(format!(
-                "REBASE frame {} ends at seq {}, not beyond the tip's seq {}",
-                link.frame_no, link.last_seq, self.tip.last_seq
-            ));
-        }
-        if behind || link.prev_frame_no == self.tip.frame_no {
-            if !behind && link.prev_last_seq != self.tip.last_seq {
+        // The rule is `Link::follows` (shared with the apply thread and the
+        // apply-log checker); the rest only explains a refusal.
+        let follows = link.follows(self.tip);
+        if !follows {
+            if link.prev_frame_no == self.tip.frame_no {
                 return Verdict::Refused(format!(
                     "frame {} says its predecessor {} ended at seq {}, but it ended at seq {}",
                     link.frame_no, link.prev_frame_no, link.prev_last_seq, self.tip.last_seq
                 ));
             }
+            if link.prev_frame_no < self.tip.frame_no {
+                return Verdict::Refused(if link.rebase {
+                    format!(
+                        "REBASE frame {} ends at seq {}, not beyond the tip's seq {}",
+                        link.frame_no, link.last_seq, self.tip.last_seq
+                    )
+                } else {
+                    format!(
+                        "frame {} names predecessor {} but the chain already continued with frame {}",
+                        link.frame_no, link.prev_frame_no, self.tip.frame_no
+                    )
+                });
+            }
+        }
+        if follows {
             let mut ready = vec![(link, payload)];
             self.tip = ChainPos {
                 frame_no: link.frame_no,
