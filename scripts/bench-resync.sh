@@ -50,7 +50,10 @@
 # Usage: scripts/bench-resync.sh [rounds]   (default 3)
 # Env: SIZE (4G), BENCH_DIR (/var/tmp), CASES, REPLICA_DIR (see above),
 #      WAIT_LIMIT (s per wait, 1200),
-#      TIDEMARK_BIN (use this binary instead of building one), PIPELINE_NICE
+#      TIDEMARK_BIN (use this binary instead of building one), ROLE_LOG (the
+#      roles' RUST_LOG, default info), KEEP_LOGS (a directory the roles' logs
+#      are copied to at the end; by default they go with BENCH_DIR's temp
+#      dir), PIPELINE_NICE
 #      (the agent's pipeline_nice, default 0: as in `tidemark bench`, every
 #      stage at the same priority as rsync/zstd/ssh, since there is no
 #      workload to yield to; the shipped default 10 lets any other load on a
@@ -149,6 +152,9 @@ cleanup() {
     kill_listed
     if [ -n "$sshd_pid" ]; then kill -TERM "$sshd_pid" 2>/dev/null || true; fi
     wait 2>/dev/null || true
+    if [ -n "${KEEP_LOGS:-}" ]; then
+        mkdir -p "$KEEP_LOGS" && cp "$dir"/*.log "$KEEP_LOGS"/ 2>/dev/null || true
+    fi
     rm -rf "$dir" "$rdir"
 }
 trap cleanup EXIT
@@ -389,7 +395,7 @@ record data 0 "{\"size\": $size, \"source_allocated\": $src_alloc, \"source_zstd
 # unless $3 is "none"), resync mode $1.
 roles_pids=()
 start_role() { # role case: start it, PID in $last
-    RUST_LOG=info "$bin" "$1" --config "$dir/tm/conf/$1.toml" > /dev/null 2>> "$dir/$2-$1.log" &
+    RUST_LOG=${ROLE_LOG:-info} "$bin" "$1" --config "$dir/tm/conf/$1.toml" > /dev/null 2>> "$dir/$2-$1.log" &
     last=$!
     echo "$last" >> "$pidfile"
     roles_pids=("$last" "${roles_pids[@]}")

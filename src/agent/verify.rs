@@ -12,13 +12,14 @@
 
 use std::ops::Range;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use super::status::GroupInfo;
 use crate::capture::drain::{DIGEST_TIMEOUT, WINDOW_BLOCKS};
 use crate::capture::protected::{COPY_CHUNK, ProtectedDisk};
+use crate::capture::readahead::{READ_DEPTH, StepReader};
 use crate::error::{Classify, ErrorKind};
 use crate::frame::NoteReason;
 use crate::frontend::BlockIo;
@@ -243,10 +244,11 @@ pub(crate) fn verify(
 }
 
 /// Compare the blocks of `runs` (sorted) and return the runs that differ.
-/// The target digests window N+1 while this thread reads window N.
+/// The target digests window N+1 while this thread hashes window N, and
+/// reader threads read the steps after step N while this thread hashes it.
 fn compare_runs(
     dc: &DigestClient,
-    d: &ProtectedDisk,
+    d: &Arc<ProtectedDisk>,
     runs: &[Range<u64>],
 ) -> Result<Vec<Range<u64>>, VerifyError> {
     let size = d.size();
@@ -259,17 +261,37 @@ fn compare_runs(
                 .map(move |b| b..(b + WINDOW_BLOCKS).min(r.end))
         })
         .collect();
+    // Every step of every window, in order (blocks), for the reader.
+    let step_blocks = (COPY_CHUNK as u64 / bs).max(1);
+    let steps: Vec<Range<u64>> = windows
+        .iter()
+        .flat_map(|w| {
+            (w.start..w.end)
+                .step_by(step_blocks as usize)
+                .map(move |b| b..(b + step_blocks).min(w.end))
+        })
+        .collect();
+    let mut reader = StepReader::new(&format!("verify-read-{}", d.id()));
+    for s in steps.iter().take(READ_DEPTH) {
+        reader.ask(d, s.start * bs, s.end * bs, bs);
+    }
+    let mut next_step = 0usize;
+    // Where the time goes, for the debug log.
+    let (mut waited_digests, mut waited_reads, mut stepping) =
+        (Duration::ZERO, Duration::ZERO, Duration::ZERO);
     let disk = (d.id(), size);
     let mut ahead = Prefetch::default();
     let mut out: Vec<Range<u64>> = Vec::new();
-    let mut buf = Vec::with_capacity(COPY_CHUNK);
     for (i, w) in windows.iter().enumerate() {
         let count = (w.end - w.start) as u32;
         let ticket = ahead.take(dc, disk, w.start, count, Purpose::Verify);
         if let Some(n) = windows.get(i + 1) {
             ahead.ask(dc, disk, n.start, (n.end - n.start) as u32, Purpose::Verify);
         }
-        let target = match dc.wait(ticket, DIGEST_TIMEOUT) {
+        let t0 = Instant::now();
+        let target = dc.wait(ticket, DIGEST_TIMEOUT);
+        waited_digests += t0.elapsed();
+        let target = match target {
             Ok(t) => t,
             Err(source) => {
                 ahead.cancel(dc);
@@ -282,18 +304,23 @@ fn compare_runs(
             }
         };
         let mut source = Vec::with_capacity(count as usize);
-        let step_blocks = (COPY_CHUNK as u64 / bs).max(1);
-        let mut b = w.start;
-        while b < w.end {
-            let e = (b + step_blocks).min(w.end);
-            let digests = d
-                .digest_step(b * bs, e * bs, bs, dc.digest_key(), &mut buf)
-                .map_err(|e| VerifyError::Read {
-                    disk: d.id(),
-                    why: e.to_string(),
-                })?;
-            source.extend(digests);
-            b = e;
+        while let Some(s) = steps.get(next_step).filter(|s| s.start < w.end) {
+            let (a, e) = (s.start * bs, s.end * bs);
+            let t0 = Instant::now();
+            let mut buf = reader.take(d.id(), a, e, bs);
+            waited_reads += t0.elapsed();
+            for n in steps.iter().skip(next_step + 1).take(READ_DEPTH) {
+                reader.ask(d, n.start * bs, n.end * bs, bs);
+            }
+            let t0 = Instant::now();
+            let digests = d.digest_step(a, e, bs, dc.digest_key(), &mut buf);
+            stepping += t0.elapsed();
+            reader.give_back(buf);
+            source.extend(digests.map_err(|e| VerifyError::Read {
+                disk: d.id(),
+                why: e.to_string(),
+            })?);
+            next_step += 1;
         }
         let runs = diff(w.start, &source, &target.digests).map_err(|e| VerifyError::Read {
             disk: d.id(),
@@ -306,6 +333,16 @@ fn compare_runs(
             }
         }
     }
+    let (asked, used) = reader.counts();
+    tracing::debug!(
+        disk = d.id(),
+        asked,
+        used,
+        ?waited_digests,
+        ?waited_reads,
+        ?stepping,
+        "verify: steps read ahead and used; time waiting for the target's digests, for reads, in steps"
+    );
     Ok(out)
 }
 

@@ -16,6 +16,7 @@ use super::dirtylog::{DirtyLogError, ROLLOVER};
 use super::journal::CaptureJournal;
 use super::modes::Mode;
 use super::protected::{COPY_CHUNK, ProtectedDisk, ProtectedError};
+use super::readahead::{READ_DEPTH, StepReader};
 use crate::frontend::BlockIo;
 use crate::resync::{DigestClient, Prefetch, Purpose};
 use crate::util::rate::TokenBucket;
@@ -235,6 +236,8 @@ fn drain_loop(
     let mut retry_at: Vec<Option<Instant>> = vec![None; disks.len()];
     let mut prefetch: Vec<Prefetch> = (0..disks.len()).map(|_| Prefetch::default()).collect();
     let mut buf = Vec::with_capacity(COPY_CHUNK);
+    // Started at the first checksum resync step.
+    let mut reader: Option<StepReader> = None;
     while !stop.load(AO::Relaxed) {
         if journal.mode() != Mode::Drain || journal.is_closed() {
             std::thread::sleep(Duration::from_millis(20));
@@ -272,7 +275,9 @@ fn drain_loop(
                     control,
                     (off, len),
                     &mut prefetch[i],
-                    &mut buf,
+                    reader.get_or_insert_with(|| {
+                        StepReader::new(&format!("readahead-{}", journal.group()))
+                    }),
                     stop,
                 ),
                 None => disk
@@ -352,18 +357,19 @@ fn window(off: u64, len: u64, bs: u64, size: u64) -> (u64, u64) {
 /// Checksum resync of one window of the pending run at `off`: get the
 /// target's digests (asked for ahead, while the previous window was
 /// compared), ask for the next window's, then compare and copy the differing
-/// blocks step by step. `Ok(Some(next))`: where the copy got to; `Ok(None)`:
-/// the group stopped draining. A step that fails ends the window (the steps
-/// before it are recorded); the failure says where to go on.
+/// blocks step by step, the next steps read by `reader` while one is
+/// hashed. `Ok(Some(next))`: where the copy got to; `Ok(None)`: the group
+/// stopped draining. A step that fails ends the window (the steps before it
+/// are recorded); the failure says where to go on.
 #[allow(clippy::too_many_arguments)]
 fn resync_window(
     journal: &CaptureJournal,
-    disk: &ProtectedDisk,
+    disk: &Arc<ProtectedDisk>,
     dc: &DigestClient,
     control: &DrainControl,
     (off, len): (u64, u64),
     prefetch: &mut Prefetch,
-    buf: &mut Vec<u8>,
+    reader: &mut StepReader,
     stop: &AtomicBool,
 ) -> Result<Option<u64>, CopyFailure> {
     let bs = u64::from(dc.block_size().bytes());
@@ -375,10 +381,15 @@ fn resync_window(
     }
     let count = (b1 - b0) as u32;
     let ticket = prefetch.take(dc, (id, size), b0, count, Purpose::Resync);
+    // The first step of the next window, read ahead while this window's last
+    // step is compared.
+    let mut next_window_step = None;
     if let Some((noff, nlen)) = journal.next_pending(id, b1 * bs, WINDOW_BLOCKS * bs) {
         let (n0, n1) = window(noff, nlen, bs, size);
         if n0 >= b1 && n1 > n0 {
             prefetch.ask(dc, (id, size), n0, (n1 - n0) as u32, Purpose::Resync);
+            let (s0, s1) = (n0 * bs, (n1 * bs).min(size));
+            next_window_step = Some((s0, (s0 + COPY_CHUNK as u64).min(s1)));
         }
     }
     let target = dc
@@ -388,25 +399,45 @@ fn resync_window(
             resume_at: None,
         })?;
     let end = (b1 * bs).min(size);
+    let step_end = |at: u64| (at + COPY_CHUNK as u64).min(end);
+    // The steps from `at` on, for the reader: this window's, then the first
+    // of the next window.
+    let upcoming = |mut at: u64| {
+        let mut v = Vec::with_capacity(READ_DEPTH);
+        while v.len() < READ_DEPTH && at < end {
+            v.push((at, step_end(at)));
+            at = step_end(at);
+        }
+        if v.len() < READ_DEPTH {
+            v.extend(next_window_step);
+        }
+        v
+    };
     let mut at = b0 * bs;
+    for (a, e) in upcoming(at) {
+        reader.ask(disk, a, e, bs);
+    }
     while at < end {
-        let step_end = (at + COPY_CHUNK as u64).min(end);
+        let this_end = step_end(at);
         if !journal.wait_copy_room(COPY_CHUNK, Duration::from_secs(5)) {
             // Still going: the caller comes back to the rest of the run.
             return Ok(Some(at));
         }
         let i0 = (at / bs - b0) as usize;
-        let step = disk
-            .compare_step(
-                at,
-                step_end,
-                bs,
-                &target.digests[i0..],
-                dc.digest_key(),
-                buf,
-            )
-            .map_err(CopyFailure::from)?;
-        let Some(step) = step else {
+        let mut buf = reader.take(id, at, this_end, bs);
+        for (a, e) in upcoming(this_end) {
+            reader.ask(disk, a, e, bs);
+        }
+        let step = disk.compare_step(
+            at,
+            this_end,
+            bs,
+            &target.digests[i0..],
+            dc.digest_key(),
+            &mut buf,
+        );
+        reader.give_back(buf);
+        let Some(step) = step.map_err(CopyFailure::from)? else {
             return Ok(None);
         };
         control.compared_bytes.fetch_add(step.compared, AO::Relaxed);

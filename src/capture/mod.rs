@@ -15,4 +15,6 @@ pub mod drain;
 pub mod journal;
 pub mod modes;
 pub mod protected;
+pub mod readahead;
 pub mod spill;
+mod stripes;

@@ -12,8 +12,8 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering as AO};
-use std::sync::{Arc, Mutex, MutexGuard};
 
 use thiserror::Error;
 
@@ -21,6 +21,7 @@ use super::backing::BackingDisk;
 use super::bitmap::RegionBitmap;
 use super::dirtylog::{DirtyLog, DirtyLogError, Recovered};
 use super::journal::{CaptureError, CaptureJournal, CopyPart, Recorded};
+use super::stripes::Stripes;
 use crate::error::{Classify, ErrorKind};
 use crate::frame::NoteReason;
 use crate::frontend::{BlockIo, IoError, IoErrorKind, Op, check_range};
@@ -37,6 +38,40 @@ pub struct CompareStep {
     pub differing: u64,
 }
 
+/// The buffer of one resync or verify step, possibly filled ahead of its turn
+/// by [`ProtectedDisk::read_ahead`] (see [`crate::capture::readahead`]).
+#[derive(Default)]
+pub struct StepBuf {
+    buf: Vec<u8>,
+    ahead: Option<Ahead>,
+    used_ahead: bool,
+}
+
+impl StepBuf {
+    /// True when the last step that used this buffer took the bytes read
+    /// ahead (rather than reading again).
+    pub fn used_read_ahead(&self) -> bool {
+        self.used_ahead
+    }
+
+    /// True when it holds a step read ahead, not yet used.
+    pub fn is_read_ahead(&self) -> bool {
+        self.ahead.is_some()
+    }
+}
+
+/// What a [`StepBuf`] read ahead: which step, the range's write stamp at the
+/// time, and where the data lies in the buffer.
+struct Ahead {
+    disk: u16,
+    offset: u64,
+    len: u64,
+    block_size: u64,
+    stamp: u64,
+    holes: Vec<bool>,
+    at: usize,
+}
+
 /// Size of the blocks a copy tests for all-zero content.
 pub const COPY_BLOCK: usize = 64 * 1024;
 /// Bytes a copy reads per range-lock hold.
@@ -46,10 +81,8 @@ pub const MAX_ZERO_RECORD: u64 = 1 << 30;
 /// Bytes a data record of a copy holds at most (adjacent non-zero blocks merge).
 pub const COPY_RECORD: usize = 1024 * 1024;
 
-const STRIPES: usize = 1024;
 /// Alignment of the buffers of direct reads.
 const DIRECT_ALIGN: usize = crate::util::aligned::BLOCK;
-const STRIPE_SHIFT: u32 = 20;
 
 /// Errors of opening or copying a protected disk.
 #[derive(Debug, Error)]
@@ -95,35 +128,6 @@ impl Classify for ProtectedError {
             | ProtectedError::CopyRead { .. } => ErrorKind::Io,
             ProtectedError::Capture(e) => e.kind(),
         }
-    }
-}
-
-/// Range locks: a fixed set of mutexes, one per 1 MiB stripe (modulo the set).
-struct Stripes {
-    locks: Box<[Mutex<()>]>,
-}
-
-impl Stripes {
-    fn new() -> Self {
-        Stripes {
-            locks: (0..STRIPES).map(|_| Mutex::new(())).collect(),
-        }
-    }
-
-    /// Lock every stripe `offset..offset+len` touches, in index order.
-    fn lock(&self, offset: u64, len: u64) -> Vec<MutexGuard<'_, ()>> {
-        let first = offset >> STRIPE_SHIFT;
-        let last = (offset + len.max(1) - 1) >> STRIPE_SHIFT;
-        let n = last - first + 1;
-        let take = |i: usize| self.locks[i].lock().unwrap_or_else(|p| p.into_inner());
-        if n >= STRIPES as u64 {
-            return (0..STRIPES).map(take).collect();
-        }
-        let mut idx: Vec<usize> = (first..=last)
-            .map(|s| (s % STRIPES as u64) as usize)
-            .collect();
-        idx.sort_unstable();
-        idx.into_iter().map(take).collect()
     }
 }
 
@@ -247,6 +251,8 @@ impl ProtectedDisk {
             err(source)
         })?;
         let locks = self.stripes.lock(offset, len);
+        // Before the disk changes: a step read ahead of this write is stale.
+        locks.bump();
         if let Err(e) = io(&payload) {
             // Part of the range may have reached the disk: copy it again later.
             let why = format!(
@@ -367,6 +373,9 @@ impl ProtectedDisk {
     /// when the group stopped draining. Blocks wholly in holes of the
     /// backing file are not read: they equal a target block that reads as
     /// zeros, and are recorded as zero ranges where the target has data.
+    /// When `step` holds this very step read ahead ([`read_ahead`](Self::read_ahead))
+    /// and no write touched the range since, those bytes are used instead of
+    /// reading again.
     ///
     /// Skipping equal blocks is safe although the target's digests are older
     /// than this read: every write the target applies after its read is in
@@ -379,10 +388,11 @@ impl ProtectedDisk {
         block_size: u64,
         target: &[BlockDigest],
         key: &DigestKey,
-        buf: &mut Vec<u8>,
+        step: &mut StepBuf,
     ) -> Result<Option<CompareStep>, ProtectedError> {
         let end = end.min(self.backing.size());
         if offset >= end {
+            step.ahead = None;
             return Ok(Some(CompareStep {
                 next: end,
                 compared: 0,
@@ -390,11 +400,11 @@ impl ProtectedDisk {
             }));
         }
         let len = end - offset;
-        let _locks = self.stripes.lock(offset, len);
-        let (holes, at) = self.read_data_blocks(offset, len, block_size, buf)?;
+        let locks = self.stripes.lock(offset, len);
+        let (holes, at) = self.step_data(locks.stamp(), offset, len, block_size, step)?;
         let mut parts = Vec::new();
         let mut differing = 0u64;
-        for (i, block) in buf[at..at + len as usize]
+        for (i, block) in step.buf[at..at + len as usize]
             .chunks(block_size as usize)
             .enumerate()
         {
@@ -423,6 +433,7 @@ impl ProtectedDisk {
             }
         }
         let recorded = self.journal.record_copy(self.id, offset, len, parts)?;
+        drop(locks);
         Ok(recorded.then_some(CompareStep {
             next: end,
             compared: len,
@@ -433,24 +444,26 @@ impl ProtectedDisk {
     /// The digests of the blocks of `offset..end` (block-aligned, at most
     /// [`COPY_CHUNK`]), read under the range locks (so no write is half
     /// done), for an online verify. Records nothing. Blocks wholly in holes
-    /// of the backing file are [`BlockDigest::Absent`], not read.
+    /// of the backing file are [`BlockDigest::Absent`], not read. A valid
+    /// read-ahead in `step` is used as in [`compare_step`](Self::compare_step).
     pub fn digest_step(
         &self,
         offset: u64,
         end: u64,
         block_size: u64,
         key: &DigestKey,
-        buf: &mut Vec<u8>,
+        step: &mut StepBuf,
     ) -> Result<Vec<BlockDigest>, ProtectedError> {
         let end = end.min(self.backing.size());
         if offset >= end {
+            step.ahead = None;
             return Ok(Vec::new());
         }
         let len = end - offset;
         let locks = self.stripes.lock(offset, len);
-        let (holes, at) = self.read_data_blocks(offset, len, block_size, buf)?;
+        let (holes, at) = self.step_data(locks.stamp(), offset, len, block_size, step)?;
         drop(locks);
-        Ok(buf[at..at + len as usize]
+        Ok(step.buf[at..at + len as usize]
             .chunks(block_size as usize)
             .zip(holes)
             .map(|(b, hole)| {
@@ -463,14 +476,73 @@ impl ProtectedDisk {
             .collect())
     }
 
+    /// Read the step `offset..end` (as [`compare_step`](Self::compare_step)
+    /// and [`digest_step`](Self::digest_step) would) into `step` now, outside
+    /// the range locks, so that the I/O overlaps the hashing of the step
+    /// before it. The range's write stamp is taken under the locks first;
+    /// the step uses these bytes only if the stamp is unchanged when its turn
+    /// comes. A failed read leaves `step` empty: the step reads again in its
+    /// turn and reports the error there.
+    pub fn read_ahead(&self, offset: u64, end: u64, block_size: u64, step: &mut StepBuf) {
+        step.ahead = None;
+        step.used_ahead = false;
+        let end = end.min(self.backing.size());
+        if offset >= end {
+            return;
+        }
+        let len = end - offset;
+        let stamp = self.stripes.lock(offset, len).stamp();
+        if let Ok((holes, at)) = self.read_data_blocks(offset, len, block_size, &mut step.buf) {
+            step.ahead = Some(Ahead {
+                disk: self.id,
+                offset,
+                len,
+                block_size,
+                stamp,
+                holes,
+                at,
+            });
+        }
+    }
+
+    /// The data of a step, under its range locks (whose stamp is `stamp`):
+    /// what `step` read ahead if it is this step and unchanged since, else
+    /// read now. Returns the holes and where the range starts in `step.buf`.
+    fn step_data(
+        &self,
+        stamp: u64,
+        offset: u64,
+        len: u64,
+        block_size: u64,
+        step: &mut StepBuf,
+    ) -> Result<(Vec<bool>, usize), ProtectedError> {
+        match step.ahead.take() {
+            Some(a)
+                if a.disk == self.id
+                    && a.offset == offset
+                    && a.len == len
+                    && a.block_size == block_size
+                    && a.stamp == stamp =>
+            {
+                step.used_ahead = true;
+                Ok((a.holes, a.at))
+            }
+            _ => {
+                step.used_ahead = false;
+                self.read_data_blocks(offset, len, block_size, &mut step.buf)
+            }
+        }
+    }
+
     /// Read `offset..offset+len` (`offset` a multiple of `block_size`) into
     /// `buf[at..at + len]`, except the blocks of `block_size` that lie wholly
     /// in holes of the backing file (`SEEK_DATA`/`SEEK_HOLE`; a block device
     /// has none): those read as zeros without I/O, and their bytes in `buf`
     /// are left as they were. Returns, per block, whether it is such a hole,
     /// and `at`: where in `buf` the range starts, chosen so that the reads
-    /// can bypass the page cache ([`BackingDisk::pread_direct`]). The caller
-    /// holds the range locks, so no write fills a hole in between.
+    /// can bypass the page cache ([`BackingDisk::pread_direct`]). Either the
+    /// caller holds the range locks, so no write fills a hole in between, or
+    /// it took the range's stamp before and checks it after.
     fn read_data_blocks(
         &self,
         offset: u64,

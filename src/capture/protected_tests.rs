@@ -422,7 +422,7 @@ fn compare_step_records_only_blocks_whose_digest_differs_and_clears_the_step() {
     target[1] = digest_block(&key, &[9u8; B as usize]);
     target[2] = digest_block(&key, &data[2 * B as usize..3 * B as usize]);
     target[9] = digest_block(&key, &[5u8; B as usize]);
-    let mut buf = Vec::new();
+    let mut buf = StepBuf::default();
     let step = disk
         .compare_step(0, 4 * MIB, B, &target, &key, &mut buf)
         .unwrap()
@@ -494,7 +494,10 @@ fn compare_and_digest_steps_skip_source_holes() {
     let (disk, _) = s.open(&j, true);
     take_all(&j);
     // A stale buffer: hole blocks must not be taken from it.
-    let mut buf = vec![0xee; 4 * MIB as usize];
+    let mut buf = StepBuf {
+        buf: vec![0xee; 4 * MIB as usize],
+        ..StepBuf::default()
+    };
     let holes_known = disk.backing.data_ranges(0, 4 * MIB) != vec![(0, 4 * MIB)];
 
     let digests = disk.digest_step(0, 4 * MIB, B, &key, &mut buf).unwrap();
@@ -511,7 +514,7 @@ fn compare_and_digest_steps_skip_source_holes() {
     }
     assert_eq!(digests[12], BlockDigest::Zero, "written zeros are read");
 
-    buf.fill(0xee);
+    buf.buf.fill(0xee);
     let step = disk
         .compare_step(0, 4 * MIB, B, &target, &key, &mut buf)
         .unwrap()
@@ -570,7 +573,7 @@ fn compare_step_short_last_block_in_a_hole() {
     // Blocks 16..33 of the disk; block 16 (at 1 MiB) has data.
     let mut target = vec![BlockDigest::Absent; 17];
     target[0] = digest_block(&key, &block);
-    let mut buf = Vec::new();
+    let mut buf = StepBuf::default();
     let step = disk
         .compare_step(MIB, size, B, &target, &key, &mut buf)
         .unwrap()
@@ -600,4 +603,150 @@ fn compare_step_short_last_block_in_a_hole() {
         })
         .collect();
     assert_eq!(zeros, vec![(2 * MIB, 4096)]);
+}
+
+/// A step read ahead (outside the range locks) is used only when it is that
+/// very step and no write through the disk touched its range since. Changing
+/// the file behind the disk's back (no write through it) is how the test sees
+/// which bytes a step used: the read-ahead's or a fresh read's.
+#[test]
+fn a_step_read_ahead_is_used_only_while_no_write_touched_its_range() {
+    use crate::resync::{DigestKey, digest_block};
+    const B: u64 = 64 << 10;
+    let s = setup(16 * MIB);
+    let raw = File::options().write(true).open(&s.img).unwrap();
+    raw.write_all_at(&vec![1u8; 8 * MIB as usize], 0).unwrap();
+    let j = journal(64 << 20, Policy::Block);
+    let (disk, _) = s.open(&j, true); // drain mode: compare_step records
+    take_all(&j);
+    let key = DigestKey::from_bytes([3; 32]);
+    let ones = digest_block(&key, &[1u8; B as usize]);
+    let twos = digest_block(&key, &[2u8; B as usize]);
+    let mut buf = StepBuf::default();
+
+    // Read ahead, then the file changes behind the disk: the step takes the
+    // bytes read ahead, not the file's bytes now.
+    disk.read_ahead(0, 4 * MIB, B, &mut buf);
+    assert!(buf.is_read_ahead());
+    raw.write_all_at(&vec![2u8; B as usize], 0).unwrap();
+    let d = disk.digest_step(0, 4 * MIB, B, &key, &mut buf).unwrap();
+    assert!(buf.used_read_ahead() && !buf.is_read_ahead());
+    assert_eq!(d[0], ones);
+    // Used once: the same step again reads the file.
+    let d = disk.digest_step(0, 4 * MIB, B, &key, &mut buf).unwrap();
+    assert!(!buf.used_read_ahead());
+    assert_eq!(d[0], twos);
+
+    // A write through the disk elsewhere (another stripe) leaves it valid.
+    disk.read_ahead(0, 4 * MIB, B, &mut buf);
+    disk.write(10 * MIB, vec![7u8; 4096], false).unwrap();
+    disk.digest_step(0, 4 * MIB, B, &key, &mut buf).unwrap();
+    assert!(buf.used_read_ahead(), "a write in another stripe");
+
+    // A write through the disk into the step: read again, the write seen.
+    disk.read_ahead(0, 4 * MIB, B, &mut buf);
+    disk.write(3 * MIB, vec![7u8; 4096], false).unwrap();
+    let d = disk.digest_step(0, 4 * MIB, B, &key, &mut buf).unwrap();
+    assert!(!buf.used_read_ahead(), "a write inside the step");
+    let mut block = vec![1u8; B as usize];
+    block[..4096].fill(7);
+    assert_eq!(d[48], digest_block(&key, &block));
+
+    // Another step (other start, other length, other block size) does not
+    // take it.
+    for (a, e, bs) in [(MIB, 5 * MIB, B), (0, 2 * MIB, B), (0, 4 * MIB, 2 * B)] {
+        disk.read_ahead(0, 4 * MIB, B, &mut buf);
+        disk.digest_step(a, e, bs, &key, &mut buf).unwrap();
+        assert!(!buf.used_read_ahead(), "step {a}..{e} / {bs}");
+    }
+
+    // A checksum resync step with a write between its read-ahead and its
+    // turn records the written bytes, never the stale ones: replaying the
+    // journal over the replica gives the disk.
+    take_all(&j);
+    let mut replica = vec![0u8; 16 * MIB as usize];
+    replica[..4 * MIB as usize].fill(9);
+    disk.read_ahead(0, 4 * MIB, B, &mut buf);
+    disk.write(2 * MIB, vec![8u8; 8192], false).unwrap();
+    let target = vec![digest_block(&key, &[9u8; B as usize]); 64];
+    let step = disk
+        .compare_step(0, 4 * MIB, B, &target, &key, &mut buf)
+        .unwrap()
+        .unwrap();
+    assert!(!buf.used_read_ahead());
+    assert_eq!(step.differing, 4 * MIB);
+    replay(&take_all(&j), &mut replica);
+    let mut now = vec![0u8; 4 * MIB as usize];
+    File::open(&s.img)
+        .unwrap()
+        .read_exact_at(&mut now, 0)
+        .unwrap();
+    assert!(
+        replica[..4 * MIB as usize] == now[..],
+        "replica equals the disk"
+    );
+}
+
+/// The reader thread hands back the step asked for, read ahead; a step not
+/// asked for (or asked for and then skipped) reads in its turn.
+#[test]
+fn the_step_reader_reads_the_step_asked_for_and_nothing_else() {
+    use crate::capture::readahead::StepReader;
+    use crate::resync::{DigestKey, digest_block};
+    const B: u64 = 64 << 10;
+    let s = setup(16 * MIB);
+    let raw = File::options().write(true).open(&s.img).unwrap();
+    raw.write_all_at(&vec![1u8; 16 * MIB as usize], 0).unwrap();
+    let j = journal(64 << 20, Policy::Block);
+    let (disk, _) = s.open(&j, false);
+    let disk = Arc::new(disk);
+    let key = DigestKey::from_bytes([4; 32]);
+    let mut r = StepReader::new("test-readahead");
+    for i in 0..4u64 {
+        let (a, e) = (i * 4 * MIB, (i + 1) * 4 * MIB);
+        if i == 0 {
+            r.ask(&disk, a, e, B);
+            r.ask(&disk, a, e, B); // the same step again: still one read
+        }
+        let mut buf = r.take(0, a, e, B);
+        if i < 2 {
+            r.ask(&disk, e, e + 4 * MIB, B);
+        }
+        let d = disk.digest_step(a, e, B, &key, &mut buf).unwrap();
+        assert_eq!(d.len(), 64);
+        assert!(
+            d.iter()
+                .all(|x| *x == digest_block(&key, &[1u8; B as usize]))
+        );
+        assert_eq!(buf.used_read_ahead(), i < 3, "step {i}");
+        r.give_back(buf);
+    }
+    // A take of a step not asked for leaves what was read ahead unused.
+    r.ask(&disk, 0, 4 * MIB, B);
+    let mut buf = r.take(0, 4 * MIB, 8 * MIB, B);
+    disk.digest_step(4 * MIB, 8 * MIB, B, &key, &mut buf)
+        .unwrap();
+    assert!(!buf.used_read_ahead());
+    r.give_back(buf);
+    assert_eq!(r.counts(), (4, 3));
+
+    // READ_DEPTH steps in flight at once; a take of the second drops the
+    // first; asking beyond the depth starts nothing.
+    use crate::capture::readahead::READ_DEPTH;
+    for k in 0..=READ_DEPTH as u64 {
+        r.ask(&disk, k * 4 * MIB, (k + 1) * 4 * MIB, B);
+    }
+    assert_eq!(r.counts().0, 4 + READ_DEPTH as u64);
+    let mut buf = r.take(0, 4 * MIB, 8 * MIB, B);
+    disk.digest_step(4 * MIB, 8 * MIB, B, &key, &mut buf)
+        .unwrap();
+    assert!(buf.used_read_ahead());
+    r.give_back(buf);
+    let mut buf = r.take(0, 0, 4 * MIB, B);
+    disk.digest_step(0, 4 * MIB, B, &key, &mut buf).unwrap();
+    assert!(
+        !buf.used_read_ahead(),
+        "dropped by the take of a later step"
+    );
+    r.give_back(buf);
 }

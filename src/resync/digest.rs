@@ -32,6 +32,10 @@ pub const MAX_BLOCK_BYTES: u32 = 1 << 20;
 /// At most this many bytes are read per [`Image::read_batch`] call in
 /// [`digest_range`] (and held in its buffer).
 pub const MAX_READ_BYTES: usize = 4 << 20;
+/// Largest single read of a batch: a batch of 4 MiB is four reads, which an
+/// io_uring image has in flight together (a deeper queue reads faster on the
+/// virtual disks measured, BENCHMARKS.md "Resync").
+pub const READ_PIECE_BYTES: usize = 1 << 20;
 
 /// The BLAKE3 `derive_key` context for [`DigestKey::derive`]. Never change it:
 /// agent and target of different versions must derive the same key.
@@ -228,6 +232,9 @@ pub enum DigestError {
         /// Cause (names the image and the read); boxed, as ImageError is large.
         source: Box<ImageError>,
     },
+    /// The thread that reads ahead could not be started.
+    #[error("cannot start the digest reader thread: {0}")]
+    Thread(std::io::Error),
 }
 
 impl Classify for DigestError {
@@ -237,6 +244,7 @@ impl Classify for DigestError {
             DigestError::DataRanges { source, .. } | DigestError::Read { source, .. } => {
                 source.kind()
             }
+            DigestError::Thread(_) => ErrorKind::Io,
         }
     }
 }
@@ -307,8 +315,10 @@ pub fn digest_range(
     }
 
     // Cut the runs into batches of whole blocks, up to MAX_READ_BYTES each,
-    // then read and digest batch by batch.
+    // of reads up to READ_PIECE_BYTES each (so an io_uring image keeps
+    // several in flight), then read and digest batch by batch.
     let per_batch = (MAX_READ_BYTES as u64 / bs).max(1);
+    let per_piece = (READ_PIECE_BYTES as u64 / bs).max(1);
     let mut batches: Vec<Vec<(u64, u64)>> = Vec::new(); // (relative block, blocks)
     let mut pending_blocks = per_batch;
     for (mut b0, b1) in runs {
@@ -317,7 +327,7 @@ pub fn digest_range(
                 batches.push(Vec::new());
                 pending_blocks = 0;
             }
-            let take = (b1 - b0).min(per_batch - pending_blocks);
+            let take = (b1 - b0).min(per_batch - pending_blocks).min(per_piece);
             if let Some(batch) = batches.last_mut() {
                 batch.push((b0, take));
             }
@@ -325,74 +335,148 @@ pub fn digest_range(
             b0 += take;
         }
     }
-    // Aligned, so an image asked for direct reads can read into it.
-    let mut buf = AlignedBuf::new(0);
-    for batch in &batches {
-        read_and_digest(
-            img,
-            key,
-            block_size,
-            first_block,
-            size,
-            batch,
-            &mut buf,
-            &mut out,
-        )?;
+    let ctx = BatchCtx {
+        key,
+        block_size,
+        first_block,
+        size,
+    };
+    if batches.len() <= 1 {
+        // Aligned, so an image asked for direct reads can read into it.
+        let mut buf = AlignedBuf::new(0);
+        for batch in &batches {
+            read_batch(img, &ctx, batch, &mut buf)?;
+            digest_batch(&ctx, batch, &buf, &mut out);
+        }
+        return Ok(out);
     }
+    read_ahead_and_digest(img, &ctx, &batches, &mut out)?;
     Ok(out)
 }
 
-/// Read the block runs `segs` (relative to `first_block`) with one batch and
-/// store their digests in `out`.
-#[allow(clippy::too_many_arguments)]
-fn read_and_digest(
-    img: &mut dyn Image,
-    key: &DigestKey,
+/// What every batch of one [`digest_range`] shares.
+struct BatchCtx<'a> {
+    key: &'a DigestKey,
     block_size: BlockSize,
     first_block: u64,
     size: u64,
-    segs: &[(u64, u64)],
-    buf: &mut AlignedBuf,
+}
+
+impl BatchCtx<'_> {
+    /// Byte extent of each block run of `segs` (relative to `first_block`);
+    /// the disk's last block may be short.
+    fn extents(&self, segs: &[(u64, u64)]) -> Vec<(u64, usize)> {
+        let bs = u64::from(self.block_size.bytes());
+        segs.iter()
+            .map(|&(b, n)| {
+                let off = (self.first_block + b) * bs;
+                let len = (self.first_block + b + n).saturating_mul(bs).min(self.size) - off;
+                // At most MAX_READ_BYTES in all, so it fits a usize.
+                (off, len as usize)
+            })
+            .collect()
+    }
+}
+
+/// Read the batches on a second thread, up to two ahead, while this thread
+/// digests: the disk and the hash work at the same time, and the reader
+/// starts its next read as soon as one completes (a reader that waited for
+/// the hasher left the disk idle: see `capture::readahead`). Three buffers
+/// circulate between the threads. A read error ends the reading; it is
+/// returned once the batches before it are digested.
+/// Batch buffers of [`read_ahead_and_digest`]: one being digested, up to
+/// two read ahead.
+const BUFFERS: usize = 3;
+
+fn read_ahead_and_digest(
+    img: &mut dyn Image,
+    ctx: &BatchCtx<'_>,
+    batches: &[Vec<(u64, u64)>],
     out: &mut [BlockDigest],
 ) -> Result<(), DigestError> {
-    let bs = u64::from(block_size.bytes());
-    // Byte extent of each segment; the disk's last block may be short.
-    let extents: Vec<(u64, usize)> = segs
-        .iter()
-        .map(|&(b, n)| {
-            let off = (first_block + b) * bs;
-            let len = (first_block + b + n).saturating_mul(bs).min(size) - off;
-            // At most MAX_READ_BYTES in all, so it fits a usize.
-            (off, len as usize)
-        })
-        .collect();
+    std::thread::scope(|s| {
+        // Made inside the scope, so that this thread's ends are dropped (and
+        // a reader blocked on them wakes up) before the scope joins it, also
+        // when this thread leaves early.
+        let (full_tx, full_rx) =
+            crossbeam_channel::bounded::<Result<AlignedBuf, DigestError>>(BUFFERS - 1);
+        let (empty_tx, empty_rx) = crossbeam_channel::bounded::<AlignedBuf>(BUFFERS);
+        for _ in 0..BUFFERS {
+            let _ = empty_tx.send(AlignedBuf::new(0));
+        }
+        let reader = std::thread::Builder::new()
+            .name("digest-read".into())
+            .spawn_scoped(s, move || {
+                for batch in batches {
+                    let Ok(mut buf) = empty_rx.recv() else { return };
+                    let r = read_batch(img, ctx, batch, &mut buf).map(|()| buf);
+                    let failed = r.is_err();
+                    if full_tx.send(r).is_err() || failed {
+                        return;
+                    }
+                }
+            });
+        if let Err(e) = reader {
+            return Err(DigestError::Thread(e));
+        }
+        for batch in batches {
+            let Ok(got) = full_rx.recv() else {
+                // The reader ended without a result: it can only have
+                // panicked; the scope re-raises that.
+                break;
+            };
+            let buf = got?;
+            digest_batch(ctx, batch, &buf, out);
+            let _ = empty_tx.send(buf);
+        }
+        Ok(())
+    })
+}
+
+/// Read the block runs `segs` (relative to `first_block`) into `buf` with one
+/// batch.
+fn read_batch(
+    img: &mut dyn Image,
+    ctx: &BatchCtx<'_>,
+    segs: &[(u64, u64)],
+    buf: &mut AlignedBuf,
+) -> Result<(), DigestError> {
+    let extents = ctx.extents(segs);
     let total: usize = extents.iter().map(|e| e.1).sum();
     buf.reserve(total);
-    {
-        let mut reads: Vec<(u64, &mut [u8])> = Vec::with_capacity(extents.len());
-        let mut rest: &mut [u8] = &mut buf.bytes_mut()[..total];
-        for &(off, len) in &extents {
-            let (head, tail) = std::mem::take(&mut rest).split_at_mut(len);
-            reads.push((off, head));
-            rest = tail;
-        }
-        img.read_batch(&mut reads)
-            .map_err(|source| DigestError::Read {
-                offset: extents.first().map_or(0, |e| e.0),
-                len: total as u64,
-                block: first_block + segs.first().map_or(0, |s| s.0),
-                source: Box::new(source),
-            })?;
+    let mut reads: Vec<(u64, &mut [u8])> = Vec::with_capacity(extents.len());
+    let mut rest: &mut [u8] = &mut buf.bytes_mut()[..total];
+    for &(off, len) in &extents {
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(len);
+        reads.push((off, head));
+        rest = tail;
     }
+    img.read_batch(&mut reads)
+        .map_err(|source| DigestError::Read {
+            offset: extents.first().map_or(0, |e| e.0),
+            len: total as u64,
+            block: ctx.first_block + segs.first().map_or(0, |s| s.0),
+            source: Box::new(source),
+        })
+}
+
+/// Store in `out` the digests of the block runs `segs`, read into `buf` by
+/// [`read_batch`].
+fn digest_batch(
+    ctx: &BatchCtx<'_>,
+    segs: &[(u64, u64)],
+    buf: &AlignedBuf,
+    out: &mut [BlockDigest],
+) {
+    let bs = ctx.block_size.bytes() as usize;
     let mut at = 0usize;
-    for (&(b, _), &(_, len)) in segs.iter().zip(&extents) {
+    for (&(b, _), &(_, len)) in segs.iter().zip(&ctx.extents(segs)) {
         let data = &buf.bytes()[at..at + len];
-        for (i, block) in data.chunks(bs as usize).enumerate() {
-            out[b as usize + i] = digest_block(key, block);
+        for (i, block) in data.chunks(bs).enumerate() {
+            out[b as usize + i] = digest_block(ctx.key, block);
         }
         at += len;
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -415,6 +499,8 @@ mod tests {
         bytes_read: u64,
         batches: u64,
         path: PathBuf,
+        /// Reads of this batch (counted from 1) fail with EIO.
+        fail_batch: Option<u64>,
     }
 
     impl MemImage {
@@ -425,6 +511,7 @@ mod tests {
                 bytes_read: 0,
                 batches: 0,
                 path: PathBuf::from("mem"),
+                fail_batch: None,
             }
         }
     }
@@ -452,6 +539,14 @@ mod tests {
         fn read_batch(&mut self, reads: &mut [(u64, &mut [u8])]) -> Result<(), ImageError> {
             self.batches += 1;
             assert!(reads.iter().map(|r| r.1.len()).sum::<usize>() <= MAX_READ_BYTES);
+            if self.fail_batch == Some(self.batches) {
+                return Err(ImageError::Read {
+                    path: self.path.clone(),
+                    offset: reads[0].0,
+                    len: reads[0].1.len() as u64,
+                    source: std::io::Error::from_raw_os_error(5),
+                });
+            }
             for (o, b) in reads.iter_mut() {
                 self.read_at(*o, b)?;
             }
@@ -614,6 +709,28 @@ mod tests {
                 )]
             );
         }
+    }
+
+    /// Batches are read on a second thread while the one before is digested:
+    /// a read that fails mid-range is the error of the whole range, naming
+    /// its batch, after the batches before it were read.
+    #[test]
+    fn a_read_error_in_a_later_batch_fails_the_range_and_names_the_batch() {
+        let size = 5 * MAX_READ_BYTES;
+        let mut data = vec![0u8; size];
+        Prng::new(4).fill(&mut data);
+        let mut img = MemImage::new(data, vec![(0, size as u64)]);
+        img.fail_batch = Some(3);
+        let bs = BlockSize::DEFAULT;
+        let blocks = bs.blocks_for(size as u64);
+        match digest_range(&mut img, &key(), bs, 0, blocks) {
+            Err(DigestError::Read { offset, block, .. }) => {
+                assert_eq!(offset, 2 * MAX_READ_BYTES as u64);
+                assert_eq!(block, 2 * MAX_READ_BYTES as u64 / u64::from(bs.bytes()));
+            }
+            other => panic!("expected a read error, got {other:?}"),
+        }
+        assert_eq!(img.batches, 3, "no batch is read after the failed one");
     }
 
     #[test]

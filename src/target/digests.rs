@@ -12,6 +12,7 @@
 //! digested").
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -19,7 +20,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::apply::{DiskSpec, Progress};
 use crate::frame::DataKey;
-use crate::image::{Engine, ImageSpec, open_image};
+use crate::image::{Engine, ImageError, ImageSpec, open_image};
 use crate::resync::{
     BlockDigest, DigestChunk, DigestKey, DigestRequest, MsgBody, MsgCipher, Purpose, digest_range,
 };
@@ -51,6 +52,7 @@ pub(crate) fn spawn(
         cipher: MsgCipher::new(key),
         digest_key: DigestKey::derive(key),
         disks,
+        sync_only: AtomicBool::new(false),
     };
     let thread = std::thread::Builder::new()
         .name(format!("digest-{group}"))
@@ -90,6 +92,8 @@ pub(crate) struct Answerer {
     pub digest_key: DigestKey,
     /// The group's replicas.
     pub disks: Vec<DiskSpec>,
+    /// io_uring was found unavailable: read with the sync engine.
+    pub sync_only: AtomicBool,
 }
 
 impl Answerer {
@@ -139,7 +143,7 @@ impl Answerer {
         if r.purpose == Purpose::Verify {
             tracing::debug!(group = %self.group, disk = r.disk, first_block = r.first_block, count = r.count, "verify digests");
         }
-        let digests = digest_replica(&disk_spec(disk), &self.digest_key, r)?;
+        let digests = digest_replica(disk, &self.sync_only, &self.digest_key, r)?;
         DigestChunk::new(
             r.disk,
             r.disk_size,
@@ -152,28 +156,43 @@ impl Answerer {
     }
 }
 
-fn disk_spec(d: &DiskSpec) -> ImageSpec {
+fn disk_spec(d: &DiskSpec, engine: Engine) -> ImageSpec {
     ImageSpec {
         path: d.path.clone(),
         format: d.format,
-        engine: Engine::Sync,
+        engine,
         create_size: None,
         direct_io: false,
     }
 }
 
-/// Digests of the requested blocks of the replica at `spec`: a replica that
-/// does not exist yet is all Absent; blocks past the replica's end are Absent.
+/// Digests of the requested blocks of replica `disk`: a replica that does
+/// not exist yet is all Absent; blocks past the replica's end are Absent.
+/// Read through io_uring (several reads in flight), or the sync engine when
+/// io_uring is unavailable (`sync_only` remembers it).
 fn digest_replica(
-    spec: &ImageSpec,
+    disk: &DiskSpec,
+    sync_only: &AtomicBool,
     key: &DigestKey,
     r: &DigestRequest,
 ) -> Result<Vec<BlockDigest>, String> {
     let n = r.count as usize;
-    if !exists(&spec.path) {
+    if !exists(&disk.path) {
         return Ok(vec![BlockDigest::Absent; n]);
     }
-    let mut img = open_image(spec).map_err(|e| format!("cannot open the replica: {e}"))?;
+    let opened = if sync_only.load(Ordering::Relaxed) {
+        open_image(&disk_spec(disk, Engine::Sync))
+    } else {
+        match open_image(&disk_spec(disk, Engine::Uring)) {
+            Err(ImageError::UringUnavailable { source, .. }) => {
+                tracing::info!(path = %disk.path.display(), "io_uring unavailable ({source}); digests read with the sync engine");
+                sync_only.store(true, Ordering::Relaxed);
+                open_image(&disk_spec(disk, Engine::Sync))
+            }
+            other => other,
+        }
+    };
+    let mut img = opened.map_err(|e| format!("cannot open the replica: {e}"))?;
     // A verify streams through the replica once: bypass the page cache (no
     // copy out of it, no other data evicted), where the image allows. Not
     // during a resync, when the apply thread writes the same replica.
@@ -214,6 +233,7 @@ mod tests {
                 path: dir.join("replica.img"),
                 format: ImageFormat::Raw,
             }],
+            sync_only: AtomicBool::new(false),
         }
     }
 
