@@ -467,6 +467,63 @@ pub trait IoEngine: Send {
     }
 }
 
+/// The `O_DIRECT` read handle of an image that was asked for
+/// [`Image::direct_reads`], shared by the formats that support it.
+#[derive(Debug, Default)]
+pub(crate) struct DirectReads(Option<File>);
+
+impl DirectReads {
+    /// Open the direct handle of `path` (once); whether there is one.
+    pub(crate) fn enable(&mut self, path: &Path) -> bool {
+        if self.0.is_none() {
+            use std::os::unix::fs::OpenOptionsExt;
+            match std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(path)
+            {
+                Ok(f) => self.0 = Some(f),
+                Err(e) => {
+                    tracing::debug!(path = %path.display(), "no direct reads for this image ({e})");
+                }
+            }
+        }
+        self.0.is_some()
+    }
+
+    /// Read `reads` (file offsets) through `engine`: with the direct handle
+    /// when there is one and every read is aligned to
+    /// [`crate::util::aligned::BLOCK`] (offset, length, buffer), else through
+    /// `file`. A file system that refuses direct reads (EINVAL) is read
+    /// buffered from then on.
+    pub(crate) fn read_batch(
+        &mut self,
+        engine: &mut dyn IoEngine,
+        file: &File,
+        path: &Path,
+        reads: &mut [(u64, &mut [u8])],
+    ) -> Result<(), ReadBatchError> {
+        use crate::util::aligned::BLOCK;
+        let aligned = |(o, b): &(u64, &mut [u8])| {
+            o.is_multiple_of(BLOCK as u64)
+                && b.len().is_multiple_of(BLOCK)
+                && (b.as_ptr() as usize).is_multiple_of(BLOCK)
+        };
+        if let Some(direct) = &self.0
+            && reads.iter().all(aligned)
+        {
+            match engine.read_batch(direct, reads) {
+                Err(e) if e.source.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::info!(path = %path.display(), "direct reads refused ({}); reading through the page cache", e.source);
+                    self.0 = None;
+                }
+                other => return other,
+            }
+        }
+        engine.read_batch(file, reads)
+    }
+}
+
 /// Which read of an engine's [`IoEngine::read_batch`] failed, and why.
 #[derive(Debug, thiserror::Error)]
 #[error("read at offset {offset}, len {len} (read {index} of the batch) failed: {source}")]

@@ -10,9 +10,9 @@ use nix::errno::Errno;
 use nix::unistd::{Whence, lseek};
 
 use super::{
-    Engine, EngineError, Image, ImageError, ImageSpec, IoEngine, SyncEngine, URING_ENTRIES,
-    UringEngine, WriteOp, ZeroMode, check_read_batch, check_read_range, check_write_ranges,
-    create_image_file,
+    DirectReads, Engine, EngineError, Image, ImageError, ImageSpec, IoEngine, SyncEngine,
+    URING_ENTRIES, UringEngine, WriteOp, ZeroMode, check_read_batch, check_read_range,
+    check_write_ranges, create_image_file,
 };
 use crate::util::aligned::{AlignedBuf, BLOCK};
 
@@ -26,7 +26,7 @@ pub struct RawImage {
     bounce: AlignedBuf,
     /// A read-only `O_DIRECT` descriptor for aligned batch reads, once
     /// [`Image::direct_reads`] asked for it.
-    direct_read: Option<File>,
+    direct_read: DirectReads,
     size: u64,
     block_device: bool,
     zero_mode: ZeroMode,
@@ -137,7 +137,7 @@ impl RawImage {
             file,
             direct,
             bounce: AlignedBuf::new(BLOCK),
-            direct_read: None,
+            direct_read: DirectReads::default(),
             size,
             block_device,
             zero_mode,
@@ -324,31 +324,8 @@ impl Image for RawImage {
 
     fn read_batch(&mut self, reads: &mut [(u64, &mut [u8])]) -> Result<(), ImageError> {
         check_read_batch(&self.path, self.size, reads)?;
-        let aligned = |(o, b): &(u64, &mut [u8])| {
-            o.is_multiple_of(BLOCK as u64)
-                && b.len().is_multiple_of(BLOCK)
-                && (b.as_ptr() as usize).is_multiple_of(BLOCK)
-        };
-        if let Some(direct) = &self.direct_read
-            && reads.iter().all(aligned)
-        {
-            match self.engine.read_batch(direct, reads) {
-                Err(e) if e.source.raw_os_error() == Some(libc::EINVAL) => {
-                    tracing::info!(path = %self.path.display(), "direct reads refused ({}); reading through the page cache", e.source);
-                    self.direct_read = None;
-                }
-                other => {
-                    return other.map_err(|e| ImageError::Read {
-                        path: self.path.clone(),
-                        offset: e.offset,
-                        len: e.len,
-                        source: e.source,
-                    });
-                }
-            }
-        }
-        self.engine
-            .read_batch(&self.file, reads)
+        self.direct_read
+            .read_batch(self.engine.as_mut(), &self.file, &self.path, reads)
             .map_err(|e| ImageError::Read {
                 path: self.path.clone(),
                 offset: e.offset,
@@ -358,19 +335,7 @@ impl Image for RawImage {
     }
 
     fn direct_reads(&mut self) -> bool {
-        if self.direct_read.is_none() {
-            match OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(&self.path)
-            {
-                Ok(f) => self.direct_read = Some(f),
-                Err(e) => {
-                    tracing::debug!(path = %self.path.display(), "no direct reads for this image ({e})");
-                }
-            }
-        }
-        self.direct_read.is_some()
+        self.direct_read.enable(&self.path)
     }
 
     fn path(&self) -> &Path {

@@ -22,8 +22,8 @@ use super::descriptor::{self, Descriptor, ExtentKind, NO_PARENT};
 use super::header::{self, GD_AT_END, SparseHeader};
 use super::{Directory, NEW_GRAIN_SECTORS, NEW_GTES_PER_GT, SECTOR, VmdkError, vmdk_err};
 use crate::image::{
-    Engine, Image, ImageError, ImageSpec, IoEngine, WriteOp, ZeroMode, check_read_batch,
-    check_read_range, check_write_ranges, create_image_file, new_engine,
+    DirectReads, Engine, Image, ImageError, ImageSpec, IoEngine, WriteOp, ZeroMode,
+    check_read_batch, check_read_range, check_write_ranges, create_image_file, new_engine,
 };
 
 /// Memory for cached grain tables per image: 4 MiB, 2048 tables of 512
@@ -133,6 +133,8 @@ pub struct VmdkSparseImage {
     /// Sector the next new grain goes to.
     next_grain: u64,
     cache: GtCache,
+    /// Grain reads bypass the page cache where aligned (`direct_reads`).
+    direct_read: DirectReads,
 }
 
 impl std::fmt::Debug for VmdkSparseImage {
@@ -383,6 +385,7 @@ impl VmdkSparseImage {
             file_sectors,
             next_grain,
             cache: GtCache::new(cache_tables),
+            direct_read: DirectReads::default(),
         })
     }
 
@@ -939,14 +942,23 @@ impl Image for VmdkSparseImage {
                 p += 1;
             }
         }
-        self.engine
-            .read_batch(&self.file, &mut file_reads)
+        self.direct_read
+            .read_batch(
+                self.engine.as_mut(),
+                &self.file,
+                &self.path,
+                &mut file_reads,
+            )
             .map_err(|e| ImageError::Read {
                 path: self.path.clone(),
                 offset: virt[e.index],
                 len: e.len,
                 source: e.source,
             })
+    }
+
+    fn direct_reads(&mut self) -> bool {
+        self.direct_read.enable(&self.path)
     }
 
     fn path(&self) -> &Path {
