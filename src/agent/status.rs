@@ -65,7 +65,8 @@ pub(crate) struct GroupInfo {
     pub throttles: AtomicU64,
     pub acked: Mutex<ChainPos>,
     pub outbox: Mutex<(usize, usize)>,
-    pub last_error: Mutex<Option<String>>,
+    /// The last error and when it was set (µs since the Unix epoch).
+    pub last_error: Mutex<Option<(String, u64)>>,
     pub disks: Mutex<Vec<DiskStatus>>,
     pub disk_io: Vec<Arc<ProtectedDisk>>,
     /// Counters of each disk's frontends, in the order of its `frontends`.
@@ -113,11 +114,15 @@ impl GroupInfo {
     }
 
     pub fn set_error(&self, e: String) {
-        *lock(&self.last_error) = Some(e);
+        *lock(&self.last_error) = Some((e, crate::util::time::now_us()));
     }
 
     pub fn snapshot(&self) -> AgentGroupStatus {
         let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (last_error, last_error_us) = match &*lock(&self.last_error) {
+            Some((e, at)) => (Some(e.clone()), *at),
+            None => (None, 0),
+        };
         let (outbox_frames, outbox_bytes) = *lock(&self.outbox);
         let workload = lock(&self.workload)
             .is_some()
@@ -152,7 +157,8 @@ impl GroupInfo {
             last_ack_us: r(&self.last_ack_us),
             reconnects: r(&self.reconnects),
             throttles: r(&self.throttles),
-            last_error: lock(&self.last_error).clone(),
+            last_error,
+            last_error_us,
             disks,
             workload,
             resync: ResyncStatus::of(&self.drain),
@@ -193,8 +199,12 @@ pub struct AgentGroupStatus {
     pub reconnects: u64,
     /// Throttle requests from the relay.
     pub throttles: u64,
-    /// The last error, if any.
+    /// The last error, if any. It stays after the cause went away: see
+    /// `last_error_us` for when it happened.
     pub last_error: Option<String>,
+    /// When the last error happened, µs since the Unix epoch (0: never).
+    #[serde(default)]
+    pub last_error_us: u64,
     /// Disks.
     pub disks: Vec<DiskStatus>,
     /// The synthetic workload, when one runs.
@@ -274,4 +284,28 @@ pub struct AgentStatus {
     pub updated_us: u64,
     /// Per group.
     pub groups: Vec<AgentGroupStatus>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capture::journal::Policy;
+
+    #[test]
+    fn the_last_error_is_shown_with_when_it_happened() {
+        let j = CaptureJournal::for_tests("g1", 1 << 20, Policy::Degrade);
+        let info = GroupInfo::new("g1".into(), j, Vec::new(), Vec::new(), Default::default());
+        let s = info.snapshot();
+        assert_eq!((s.last_error, s.last_error_us), (None, 0));
+        let before = crate::util::time::now_us();
+        info.set_error("relay unreachable".into());
+        let s = info.snapshot();
+        assert_eq!(s.last_error.as_deref(), Some("relay unreachable"));
+        assert!(s.last_error_us >= before);
+        // A status file written before the field existed still reads.
+        let mut v = serde_json::to_value(&s).unwrap();
+        v.as_object_mut().unwrap().remove("last_error_us");
+        let old: AgentGroupStatus = serde_json::from_value(v).unwrap();
+        assert_eq!(old.last_error_us, 0);
+    }
 }

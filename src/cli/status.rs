@@ -294,7 +294,11 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
                     }
                 }
                 if let Some(e) = &g.last_error {
-                    println!("    last error: {e}");
+                    if g.last_error_us > 0 {
+                        println!("    last error ({:.0} s ago): {e}", ago_s(g.last_error_us));
+                    } else {
+                        println!("    last error: {e}");
+                    }
                 }
             }
         }
