@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicBool, Ordering as AO};
 use crate::frontend::{BlockIo, IoError, IoErrorKind, Op, check_range};
 use crate::image::ZeroMode;
 use crate::image::sync::{pread_exact, pwrite_all, zero_range};
-use crate::util::aligned::BLOCK;
 
 /// A raw image file or block device opened read-write.
 #[derive(Debug)]
@@ -76,15 +75,13 @@ impl BackingDisk {
 
     /// `pread` exactly `buf.len()` bytes, bypassing the page cache (`O_DIRECT`)
     /// when `offset`, the length and the buffer's address are multiples of
-    /// [`BLOCK`] and the file system allows it; else as [`BackingDisk::pread`].
+    /// [`BLOCK`](crate::util::aligned::BLOCK) and the file system allows it; else as [`BackingDisk::pread`].
     /// For a reader that streams through the disk once (resync, verify):
     /// no copy out of the page cache, no cached data evicted. Coherent with
     /// the buffered writes: the kernel writes back dirty cached pages of the
     /// range before a direct read of it.
     pub fn pread_direct(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let aligned = offset.is_multiple_of(BLOCK as u64)
-            && buf.len().is_multiple_of(BLOCK)
-            && (buf.as_ptr() as usize).is_multiple_of(BLOCK);
+        let aligned = crate::util::aligned::direct_ok(offset, buf);
         if let Some(direct) = &self.direct
             && aligned
             && !self.no_direct.load(AO::Relaxed)
@@ -258,6 +255,7 @@ pub fn device_size(file: &File) -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::util::aligned::BLOCK;
 
     #[test]
     fn block_io_round_trip_and_zeroing() {

@@ -503,14 +503,10 @@ impl DirectReads {
         path: &Path,
         reads: &mut [(u64, &mut [u8])],
     ) -> Result<(), ReadBatchError> {
-        use crate::util::aligned::BLOCK;
-        let aligned = |(o, b): &(u64, &mut [u8])| {
-            o.is_multiple_of(BLOCK as u64)
-                && b.len().is_multiple_of(BLOCK)
-                && (b.as_ptr() as usize).is_multiple_of(BLOCK)
-        };
         if let Some(direct) = &self.0
-            && reads.iter().all(aligned)
+            && reads
+                .iter()
+                .all(|(o, b)| crate::util::aligned::direct_ok(*o, b))
         {
             match engine.read_batch(direct, reads) {
                 Err(e) if e.source.raw_os_error() == Some(libc::EINVAL) => {

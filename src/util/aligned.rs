@@ -67,6 +67,14 @@ impl AlignedBuf {
     }
 }
 
+/// True when a read of `buf` at file `offset` may use `O_DIRECT`: offset,
+/// length and buffer address all multiples of [`BLOCK`].
+pub fn direct_ok(offset: u64, buf: &[u8]) -> bool {
+    offset.is_multiple_of(BLOCK as u64)
+        && buf.len().is_multiple_of(BLOCK)
+        && (buf.as_ptr() as usize).is_multiple_of(BLOCK)
+}
+
 /// `x` rounded down to a block boundary.
 pub fn floor(x: u64) -> u64 {
     x & !(BLOCK_U64 - 1)
