@@ -224,6 +224,69 @@ fn e2e_resync_under_a_concurrent_writer_ends_equal_with_the_range_in_the_catalog
 }
 
 #[test]
+fn e2e_a_grown_disk_is_reported_then_at_restart_the_replica_grows_and_only_the_new_space_is_compared()
+ {
+    let old = 64 * MIB;
+    let new = 160 * MIB;
+    let mut c = Cluster::new(old);
+    c.prefill(3, 4 * MIB);
+    c.start_relay();
+    c.start_target();
+    // A few writes after the initial copy close its inconsistent range.
+    c.start_agent(&["--workload-bytes", "1M", "--workload-seed", "5"]);
+    let last = c.wait_workload_done(Duration::from_secs(240));
+    c.wait_applied(last, Duration::from_secs(240));
+    c.wait_caught_up(Duration::from_secs(240));
+    // Grow the source while the agent runs, with data in the new space: the
+    // agent says so in its status and goes on protecting the old size.
+    let f = std::fs::File::options()
+        .write(true)
+        .open(&c.source)
+        .unwrap();
+    f.set_len(new).unwrap();
+    let mut data = vec![0u8; MIB as usize];
+    tidemark::util::datagen::fill(&mut data, 0, &mut Prng::new(77));
+    f.write_all_at(&data, 100 * MIB).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let d = common::wait_until(
+        Duration::from_secs(30),
+        "the agent to see the growth",
+        || {
+            c.agent_status()
+                .map(|s| s.groups[0].disks[0].clone())
+                .filter(|d| d.grown_to.is_some())
+        },
+    );
+    assert_eq!((d.size, d.grown_to), (old, Some(new)));
+    // It takes effect at the next start.
+    c.stop_all();
+    c.start_relay();
+    c.start_target();
+    c.start_agent(&[]);
+    c.wait_caught_up(Duration::from_secs(240));
+    let s = resync_status(&c);
+    assert_eq!(
+        s.compared_bytes,
+        new - old,
+        "only the new space is compared: {s:?}"
+    );
+    assert_eq!(s.differing_bytes, MIB, "{s:?}");
+    let json = c.target_cmd(&["points", "--json"]);
+    c.stop_all();
+    c.assert_replica_equals_source();
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(
+        v["inconsistent"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["reason"].as_str().unwrap_or("").contains("disk-grown")),
+        "the catalog names the reason: {json}"
+    );
+}
+
+#[test]
 fn e2e_each_role_killed_mid_resync_it_resumes_and_ends_equal() {
     let size = 256 * MIB;
     let mut c = Cluster::new(size);

@@ -234,6 +234,7 @@ fn prepare(cfg: &AgentGroup, setup: &CaptureSetup) -> Result<Prepared, AgentErro
             start_pending_bytes: report.pending_bytes,
             capture: Default::default(),
             activity_log: (0, 0),
+            grown_to: None,
         });
         disks.push(Arc::new(disk));
     }

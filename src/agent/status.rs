@@ -48,6 +48,10 @@ pub struct DiskStatus {
     pub capture: DiskCaptureStats,
     /// Extents in the activity log (write intent), and log writes since start.
     pub activity_log: (u64, u64),
+    /// The backing disk's size now, when it grew while the agent runs: the
+    /// new space is exported and protected from the agent's next start on.
+    #[serde(default)]
+    pub grown_to: Option<u64>,
 }
 
 /// Live state of one group, shared by its session, bridge and writer.
@@ -78,6 +82,8 @@ pub(crate) struct GroupInfo {
     pub drain: Arc<crate::capture::drain::DrainControl>,
     /// The last scheduled verify of each disk.
     pub verifies: Mutex<Vec<super::verify::ScheduledVerify>>,
+    /// Disks whose growth while running was already logged.
+    grown_logged: Mutex<Vec<u16>>,
 }
 
 impl GroupInfo {
@@ -110,6 +116,7 @@ impl GroupInfo {
             workload_progress: Arc::new(Mutex::new(WorkloadReport::default())),
             drain,
             verifies: Mutex::new(Vec::new()),
+            grown_logged: Mutex::new(Vec::new()),
         }
     }
 
@@ -135,6 +142,14 @@ impl GroupInfo {
             }
             if let Some(io) = self.disk_io.iter().find(|io| io.id() == d.id) {
                 d.activity_log = io.activity_log_stats();
+                d.grown_to = io.backing_size_now().filter(|&now| now > d.size);
+                if let Some(now) = d.grown_to {
+                    let mut logged = lock(&self.grown_logged);
+                    if !logged.contains(&d.id) {
+                        logged.push(d.id);
+                        tracing::warn!(group = %self.name, disk = d.id, path = %d.path.display(), from = d.size, to = now, "the disk grew while the agent runs: restart the agent to export and protect the new space (it then compares only the new space)");
+                    }
+                }
             }
             let probes = lock(&self.probes);
             let mine = probes.iter().filter(|(id, _)| *id == d.id);

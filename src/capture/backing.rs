@@ -63,9 +63,15 @@ impl BackingDisk {
         &self.file
     }
 
-    /// Size in bytes.
+    /// Size in bytes (when it was opened).
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// The file's or device's size now, which is more than [`size`](Self::size)
+    /// when it was grown while open.
+    pub fn current_size(&self) -> io::Result<u64> {
+        device_size(&self.file)
     }
 
     /// `pread` exactly `buf.len()` bytes.

@@ -82,6 +82,41 @@ pub struct Recovered {
     /// Set when a file was unreadable or did not match the disk: then the whole
     /// disk is marked, and this says why.
     pub fallback: Option<String>,
+    /// The disk's size when the log was written, when the disk has grown since:
+    /// `dirty` then holds the old log's regions mapped to the new geometry plus
+    /// every region from the old end on.
+    pub grown_from: Option<u64>,
+}
+
+/// The layout a log is written in, which follows from the disk's size: region
+/// size, activity-log extent size and count, and the size of one log slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Geometry {
+    disk_size: u64,
+    gran: Granularity,
+    extent_shift: u32,
+    n_extents: u64,
+    slot_size: u64,
+}
+
+impl Geometry {
+    fn for_disk(disk_size: u64) -> Geometry {
+        let gran = Granularity::for_disk(disk_size);
+        let extent_shift = MIN_EXTENT_SHIFT.max(gran.shift + EXTENT_REGIONS_SHIFT);
+        let n_extents = disk_size.div_ceil(1 << extent_shift).max(1);
+        let slot_size = (HEADER as u64 + n_extents.div_ceil(8)).next_multiple_of(4096);
+        Geometry {
+            disk_size,
+            gran,
+            extent_shift,
+            n_extents,
+            slot_size,
+        }
+    }
+
+    fn regions(&self) -> u64 {
+        self.gran.regions(self.disk_size)
+    }
 }
 
 struct AlState {
@@ -129,10 +164,13 @@ impl DirtyLog {
         disk_size: u64,
     ) -> Result<(DirtyLog, Recovered), DirtyLogError> {
         fs::create_dir_all(dir).map_err(io_err(dir, "create directory"))?;
-        let gran = Granularity::for_disk(disk_size);
-        let extent_shift = MIN_EXTENT_SHIFT.max(gran.shift + EXTENT_REGIONS_SHIFT);
-        let n_extents = disk_size.div_ceil(1 << extent_shift).max(1);
-        let slot_size = (HEADER as u64 + n_extents.div_ceil(8)).next_multiple_of(4096);
+        let Geometry {
+            gran,
+            extent_shift,
+            n_extents,
+            slot_size,
+            ..
+        } = Geometry::for_disk(disk_size);
         let snap_path = dir.join(format!("{group}.disk{disk}.dirty"));
         let al_path = dir.join(format!("{group}.disk{disk}.al"));
         let al_file = OpenOptions::new()
@@ -183,6 +221,16 @@ impl DirtyLog {
         1 << self.extent_shift
     }
 
+    fn geometry(&self) -> Geometry {
+        Geometry {
+            disk_size: self.disk_size,
+            gran: self.gran,
+            extent_shift: self.extent_shift,
+            n_extents: self.n_extents,
+            slot_size: self.slot_size,
+        }
+    }
+
     fn full(&self) -> RegionBitmap {
         let mut b = RegionBitmap::new(self.regions());
         b.set_range(0, self.regions());
@@ -199,44 +247,57 @@ impl DirtyLog {
                     was_clean: false,
                     al_extents: 0,
                     fallback: None,
+                    grown_from: None,
                 });
             }
             Err(e) => return Err(io_err(&self.snap_path, "read")(e)),
         };
-        let (mut dirty, was_clean) = match self.parse_snapshot(&bytes) {
+        let fallback = |why: String| Recovered {
+            dirty: self.full(),
+            found: true,
+            was_clean: false,
+            al_extents: 0,
+            fallback: Some(why),
+            grown_from: None,
+        };
+        // The geometry the log was written in: this disk's, or a smaller
+        // disk's when the disk has grown since (a shrunk disk falls back).
+        let old = match written_size(&bytes) {
+            Some(size) if size < self.disk_size && size > 0 => Geometry::for_disk(size),
+            _ => self.geometry(),
+        };
+        let (mut dirty, was_clean) = match Self::parse_snapshot(&old, &bytes) {
             Ok(v) => v,
             Err(why) => {
-                return Ok(Recovered {
-                    dirty: self.full(),
-                    found: true,
-                    was_clean: false,
-                    al_extents: 0,
-                    fallback: Some(format!("{}: {why}", self.snap_path.display())),
-                });
+                let why = if old.disk_size != self.disk_size {
+                    format!("written when the disk had {} bytes: {why}", old.disk_size)
+                } else {
+                    why
+                };
+                return Ok(fallback(format!("{}: {why}", self.snap_path.display())));
             }
         };
         let mut al_extents = 0;
         if !was_clean {
-            match self.read_al() {
+            match Self::read_al(&self.al_file, &old) {
                 Ok(Some(ext)) => {
-                    let per = 1u64 << (self.extent_shift - self.gran.shift);
+                    let per = 1u64 << (old.extent_shift - old.gran.shift);
                     for (e, _) in ext.iter().enumerate().filter(|(_, x)| **x) {
                         let start = e as u64 * per;
-                        dirty.set_range(start, start + per);
+                        dirty.set_range(start, (start + per).min(old.regions()));
                         al_extents += 1;
                     }
                 }
                 Ok(None) => {}
                 Err(why) => {
-                    return Ok(Recovered {
-                        dirty: self.full(),
-                        found: true,
-                        was_clean: false,
-                        al_extents: 0,
-                        fallback: Some(format!("{}: {why}", self.al_path.display())),
-                    });
+                    return Ok(fallback(format!("{}: {why}", self.al_path.display())));
                 }
             }
+        }
+        let mut grown_from = None;
+        if old.disk_size != self.disk_size {
+            dirty = self.regrid(&old, &dirty);
+            grown_from = Some(old.disk_size);
         }
         Ok(Recovered {
             dirty,
@@ -244,11 +305,34 @@ impl DirtyLog {
             was_clean,
             al_extents,
             fallback: None,
+            grown_from,
         })
     }
 
+    /// Map the regions of a log written for the smaller disk `old` onto this
+    /// disk's regions (every byte they cover stays covered), and add every
+    /// region from the old end on: the grown space is compared in full.
+    fn regrid(&self, old: &Geometry, bits: &RegionBitmap) -> RegionBitmap {
+        let mut out = RegionBitmap::new(self.regions());
+        let mut from = 0;
+        while let Some((start, end)) = bits.next_run(from, u64::MAX) {
+            let offset = start << old.gran.shift;
+            let stop = (end << old.gran.shift).min(old.disk_size);
+            if stop > offset {
+                let (a, b) = self.gran.span(offset, stop - offset);
+                out.set_range(a, b);
+            }
+            from = end;
+        }
+        let (a, b) = self
+            .gran
+            .span(old.disk_size, self.disk_size - old.disk_size);
+        out.set_range(a, b);
+        out
+    }
+
     /// Parse a snapshot file: its bitmap and clean flag, or why it is unusable.
-    fn parse_snapshot(&self, b: &[u8]) -> Result<(RegionBitmap, bool), String> {
+    fn parse_snapshot(g: &Geometry, b: &[u8]) -> Result<(RegionBitmap, bool), String> {
         if b.len() < HEADER {
             return Err(format!("{} bytes, shorter than the header", b.len()));
         }
@@ -266,21 +350,21 @@ impl DirtyLog {
         }
         let flags = u32_at(h, 12);
         let size = u64_at(h, 16);
-        if size != self.disk_size {
+        if size != g.disk_size {
             return Err(format!(
                 "written for a disk of {size} bytes, the disk now has {}",
-                self.disk_size
+                g.disk_size
             ));
         }
         let shift = u32_at(h, 24);
-        if shift != self.gran.shift {
+        if shift != g.gran.shift {
             return Err(format!(
                 "granularity 2^{shift}, expected 2^{}",
-                self.gran.shift
+                g.gran.shift
             ));
         }
         let pages = u32_at(h, 28) as usize;
-        let max_pages = self.regions().div_ceil(PAGE_BITS) as usize;
+        let max_pages = g.regions().div_ceil(PAGE_BITS) as usize;
         if pages > max_pages {
             return Err(format!("{pages} pages, at most {max_pages} possible"));
         }
@@ -291,7 +375,7 @@ impl DirtyLog {
                 HEADER + pages * PAGE_RECORD
             ));
         }
-        let mut bm = RegionBitmap::new(self.regions());
+        let mut bm = RegionBitmap::new(g.regions());
         let mut last: Option<u32> = None;
         for (i, rec) in b[HEADER..].chunks_exact(PAGE_RECORD).enumerate() {
             let index = u32_at(rec, 0);
@@ -317,12 +401,12 @@ impl DirtyLog {
     /// The newest valid activity-log slot as one flag per extent; `None` when the
     /// file holds no valid slot (a new file). A slot written for other geometry
     /// is an error.
-    fn read_al(&self) -> Result<Option<Vec<bool>>, String> {
+    fn read_al(file: &File, g: &Geometry) -> Result<Option<Vec<bool>>, String> {
         let mut best: Option<(u64, Vec<bool>)> = None;
         for slot in 0..2u64 {
-            let mut buf = vec![0u8; self.slot_size as usize];
-            let n = read_up_to(&self.al_file, &mut buf, slot * self.slot_size)
-                .map_err(|e| format!("read: {e}"))?;
+            let mut buf = vec![0u8; g.slot_size as usize];
+            let n =
+                read_up_to(file, &mut buf, slot * g.slot_size).map_err(|e| format!("read: {e}"))?;
             if n < HEADER || &buf[0..8] != AL_MAGIC {
                 continue;
             }
@@ -341,7 +425,7 @@ impl DirtyLog {
                 u64_at(&buf, 24),
                 u64_at(&buf, 32),
             );
-            if shift != self.extent_shift || n_ext != self.n_extents || size != self.disk_size {
+            if shift != g.extent_shift || n_ext != g.n_extents || size != g.disk_size {
                 return Err(format!(
                     "slot {slot} was written for other geometry (extent 2^{shift}, {n_ext} extents, disk {size} bytes)"
                 ));
@@ -362,8 +446,17 @@ impl DirtyLog {
 
     /// Start serving: persist `dirty` (the regions to resync) as an unclean
     /// snapshot and an empty activity log.
+    ///
+    /// The log file is emptied first: the previous run's slots (of another
+    /// geometry when the disk has grown, or of higher generations) would
+    /// otherwise outlive this run's first slot. The snapshot already covers
+    /// everything they held, and no write is served before this returns, so
+    /// a crash with the file empty loses nothing.
     pub fn mark_open(&self, dirty: &RegionBitmap) -> Result<(), DirtyLogError> {
         self.write_snapshot(dirty, false)?;
+        self.al_file
+            .set_len(0)
+            .map_err(io_err(&self.al_path, "truncate"))?;
         let mut st = self.lock_al();
         let generation = st.next_gen;
         st.next_gen += 1;
@@ -547,6 +640,12 @@ impl DirtyLog {
     }
 }
 
+/// The disk size a snapshot's header names, if it has a header with the
+/// snapshot's magic (its checksum is checked when it is parsed).
+fn written_size(b: &[u8]) -> Option<u64> {
+    (b.len() >= HEADER && &b[0..8] == SNAP_MAGIC).then(|| u64_at(b, 16))
+}
+
 fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
@@ -666,11 +765,59 @@ mod tests {
         assert_eq!(r.dirty.count(), l.regions());
         let why = r.fallback.unwrap();
         assert!(why.contains("checksum mismatch"), "{why}");
-        // Other geometry: the disk grew.
+        // Other geometry: the disk shrank.
         l.mark_open(&bits).unwrap();
         drop(l);
-        let (_l, r) = open(d.path(), 128 * MIB);
+        let (_l, r) = open(d.path(), 32 * MIB);
         assert!(r.fallback.unwrap().contains("disk now has"));
+    }
+
+    #[test]
+    fn a_grown_disk_keeps_the_old_dirty_regions_and_adds_the_new_space() {
+        for clean in [true, false] {
+            let d = tempfile::tempdir().unwrap();
+            // 64 MiB has 4 KiB regions; 1 TiB has coarser ones.
+            let old = 64 * MIB;
+            let (l, _) = open(d.path(), old);
+            let g4k = l.granularity();
+            let mut bits = RegionBitmap::new(l.regions());
+            bits.set_range(3, 4); // 12..16 KiB
+            l.mark_open(&bits).unwrap();
+            l.ensure(40 * MIB + 5, 1).unwrap(); // activity-log extent 10 (40..44 MiB)
+            if clean {
+                l.close_clean(&bits).unwrap();
+            }
+            drop(l);
+            let new = 1 << 40;
+            let (l, r) = open(d.path(), new);
+            assert!(r.fallback.is_none(), "{:?}", r.fallback);
+            assert_eq!(r.grown_from, Some(old));
+            assert_eq!(r.was_clean, clean);
+            let g = l.granularity();
+            assert!(g.shift > g4k.shift, "the grown disk has coarser regions");
+            let covered = |offset: u64| r.dirty.get(offset >> g.shift);
+            assert!(covered(12 * 1024), "the old dirty region stays marked");
+            assert_eq!(
+                covered(41 * MIB),
+                !clean,
+                "the activity log counts after a crash only"
+            );
+            assert!(!covered(60 * MIB - 1), "clean space stays clean");
+            for at in [old, old + 1, 1 << 30, new - 1] {
+                assert!(covered(at), "the new space at {at} is compared");
+            }
+            // The tail is all of it: everything from the old end on.
+            let tail = g.regions(new) - (old >> g.shift);
+            assert!(r.dirty.count() >= tail);
+            let extent = if clean { 0 } else { (4 * MIB) >> g.shift };
+            assert_eq!(r.dirty.count(), tail + 1 + extent);
+            // And the log now persists in the new geometry.
+            l.mark_open(&r.dirty).unwrap();
+            drop(l);
+            let (_l, r2) = open(d.path(), new);
+            assert_eq!(r2.grown_from, None);
+            assert_eq!(r2.dirty.count(), r.dirty.count());
+        }
     }
 
     #[test]

@@ -1138,7 +1138,9 @@ impl CaptureJournal {
                 break;
             }
             let l = s.data_len();
-            if end > start && bytes + l > max_bytes {
+            // A slot without payload (a zero range, a disk size) never ends a
+            // batch by bytes: a disk-grown Note's DiskSize stays in its frame.
+            if end > start && l > 0 && bytes + l > max_bytes {
                 break;
             }
             bytes += l;

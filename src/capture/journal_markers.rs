@@ -81,7 +81,7 @@ impl CaptureJournal {
     /// transition's reason `why`. With no disk pending, one note for the first
     /// disk, so every entry into drain mode is explained in the stream.
     pub(super) fn push_notes(&self, g: &mut MutexGuard<'_, Inner>, why: &str, only: Option<u16>) {
-        let mut notes: Vec<(u16, NoteReason, String)> = g
+        let mut notes: Vec<(u16, u64, NoteReason, String)> = g
             .disks
             .iter()
             .filter(|d| only.is_none_or(|id| id == d.id) && !d.pending.is_empty())
@@ -95,16 +95,16 @@ impl CaptureJournal {
                 } else {
                     format!("{why} (cause: {cause})")
                 };
-                (d.id, reason, text)
+                (d.id, d.size, reason, text)
             })
             .collect();
         if notes.is_empty()
             && only.is_none()
             && let Some(first) = g.disks.iter().map(|d| d.id).min()
         {
-            notes.push((first, NoteReason::BitmapCatchUp, why.to_string()));
+            notes.push((first, 0, NoteReason::BitmapCatchUp, why.to_string()));
         }
-        for (disk, reason, text) in notes {
+        for (disk, size, reason, text) in notes {
             let seq = match g.assign_seq(&self.reserver) {
                 Ok(s) => s,
                 Err(e) => {
@@ -125,6 +125,24 @@ impl CaptureJournal {
                     text: Arc::from(text),
                 }),
             });
+            if reason == NoteReason::DiskGrown {
+                // The disk's new size right behind its note: adjacent M
+                // slots without data, so they always go in one frame, which
+                // is what lets the target grow an existing replica (a
+                // DiskSize above the replica's size without this note in its
+                // frame is a replica too small, refused).
+                let Ok(seq) = g.assign_seq(&self.reserver) else {
+                    return;
+                };
+                g.push(Slot {
+                    seq,
+                    disk,
+                    offset: 0,
+                    time_us: now_us(),
+                    ordering: Ordering::M,
+                    held: Held::Change(Change::DiskSize(size)),
+                });
+            }
         }
     }
 }

@@ -454,6 +454,47 @@ fn a_note_for_each_disk_that_starts_copying() {
 }
 
 #[test]
+fn a_grown_disk_has_its_new_size_in_the_frame_of_its_note() {
+    let j = journal(MIB as usize);
+    let mut p = RegionBitmap::new(512);
+    p.set_range(256, 512);
+    j.add_disk(1, 2 * MIB, p, NoteReason::DiskGrown, "grew from 1 MiB");
+    // Batches of one byte: the note alone exceeds it, its DiskSize still joins.
+    let mut batches = Vec::new();
+    loop {
+        let b = j.take_batch(1, Duration::ZERO, Duration::ZERO);
+        if b.is_empty() {
+            break;
+        }
+        batches.push(b);
+    }
+    let with_note: Vec<&Vec<Entry>> = batches
+        .iter()
+        .filter(|b| {
+            b.iter().any(|e| {
+                matches!(
+                    &e.change,
+                    Change::Note {
+                        reason: NoteReason::DiskGrown,
+                        ..
+                    }
+                )
+            })
+        })
+        .collect();
+    assert_eq!(with_note.len(), 1, "{batches:?}");
+    let b = with_note[0];
+    let at = b
+        .iter()
+        .position(|e| matches!(&e.change, Change::Note { .. }))
+        .unwrap();
+    assert!(
+        matches!(b.get(at + 1).map(|e| (&e.change, e.disk)), Some((Change::DiskSize(s), 1)) if *s == 2 * MIB),
+        "the new size follows its note in the same batch: {b:?}"
+    );
+}
+
+#[test]
 fn unacknowledged_regions_leave_the_dirty_set_after_two_acks() {
     let j = journal(MIB as usize);
     let s1 = seq(j.record_write(0, 0, vec![1; 4096]).unwrap());

@@ -218,6 +218,13 @@ impl ProtectedDisk {
         &self.journal
     }
 
+    /// The backing disk's size now, when it can be read: above
+    /// [`BlockIo::size`] once the disk was grown while this agent runs (the
+    /// new space is protected from the agent's next start on).
+    pub fn backing_size_now(&self) -> Option<u64> {
+        self.backing.current_size().ok()
+    }
+
     /// Activity-log extents held and log writes since start.
     pub fn activity_log_stats(&self) -> (u64, u64) {
         self.log.al_stats()
@@ -680,6 +687,19 @@ fn start_regions(
             NoteReason::InitialCopy,
             "initial copy skipped (initial_copy = false)".into(),
         );
+    }
+    if let Some(old) = rec.grown_from {
+        let n = bytes(&rec.dirty);
+        let why = format!(
+            "the disk grew from {old} to {size} bytes while the agent was stopped: the replica grows first; comparing the {} new bytes and what the {} dirty log held ({n} bytes in all)",
+            size - old,
+            if rec.was_clean {
+                "orderly stop's"
+            } else {
+                "unclean stop's"
+            }
+        );
+        return (rec.dirty, NoteReason::DiskGrown, why);
     }
     if rec.was_clean {
         let n = bytes(&rec.dirty);

@@ -244,6 +244,12 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
                         human(d.capture.copied_bytes)
                     );
                     println!("      at start: {}", d.start_reason);
+                    if let Some(now) = d.grown_to {
+                        println!(
+                            "      grew to {} while the agent runs: restart the agent to export and protect the new space",
+                            human(now)
+                        );
+                    }
                 }
                 let r = &g.resync;
                 println!(

@@ -27,11 +27,14 @@ pub enum FormatVersion {
     /// docs/FORMAT.md "Frame v3") and Note reason 6 (`chain-gap`). A sealer
     /// writes version 3 only for a frame that needs it.
     V3 = 3,
+    /// Version 4: version 3 plus Note reason 7 (`disk-grown`, docs/FORMAT.md
+    /// "Frame v4"). A sealer writes version 4 only for a frame with that Note.
+    V4 = 4,
 }
 
 impl FormatVersion {
     /// The newest version this build reads (and writes, for frames that need it).
-    pub const LATEST: FormatVersion = FormatVersion::V3;
+    pub const LATEST: FormatVersion = FormatVersion::V4;
 
     /// The version for a wire value, if known.
     pub fn from_u16(v: u16) -> Option<FormatVersion> {
@@ -39,6 +42,7 @@ impl FormatVersion {
             1 => Some(FormatVersion::V1),
             2 => Some(FormatVersion::V2),
             3 => Some(FormatVersion::V3),
+            4 => Some(FormatVersion::V4),
             _ => None,
         }
     }
@@ -836,7 +840,7 @@ mod tests {
         let good = frame_of(&sample());
         let cases: &[(usize, &[u8], &str)] = &[
             (off::MAGIC, b"TMFX", "magic"),
-            (off::VERSION, &[4, 0], "version 4"),
+            (off::VERSION, &[5, 0], "version 5"),
             (off::VERSION, &[0, 0], "version 0"),
             (off::HEADER_LEN, &[129, 0], "header_len"),
             (off::FLAGS, &[0x09, 0], "flags"),

@@ -61,6 +61,10 @@ pub enum NoteReason {
     /// 6 (version 3): the relay lost frames it had acknowledged, so the chain
     /// has a gap redelivery cannot close; every disk is compared again.
     ChainGap = 6,
+    /// 7 (version 4): the disk grew while the agent was stopped; the replica
+    /// is grown first, the new space and what the old dirty log held are
+    /// compared.
+    DiskGrown = 7,
 }
 
 impl NoteReason {
@@ -73,6 +77,7 @@ impl NoteReason {
             4 => Some(NoteReason::BackingWriteFailure),
             5 => Some(NoteReason::OperatorResync),
             6 => Some(NoteReason::ChainGap),
+            7 => Some(NoteReason::DiskGrown),
             _ => None,
         }
     }
@@ -86,6 +91,7 @@ impl NoteReason {
             NoteReason::BackingWriteFailure => "backing-write-failure",
             NoteReason::OperatorResync => "operator-resync",
             NoteReason::ChainGap => "chain-gap",
+            NoteReason::DiskGrown => "disk-grown",
         }
     }
 
@@ -93,6 +99,7 @@ impl NoteReason {
     pub fn min_version(self) -> FormatVersion {
         match self {
             NoteReason::ChainGap => FormatVersion::V3,
+            NoteReason::DiskGrown => FormatVersion::V4,
             _ => FormatVersion::V2,
         }
     }
@@ -197,18 +204,18 @@ mod tests {
 
     #[test]
     fn note_reasons_round_trip() {
-        for v in 1..=6u64 {
+        for v in 1..=7u64 {
             let r = NoteReason::from_u64(v).unwrap();
             assert_eq!(r as u64, v);
             assert!(!r.to_string().is_empty());
-            let need = if v == 6 {
-                FormatVersion::V3
-            } else {
-                FormatVersion::V2
+            let need = match v {
+                6 => FormatVersion::V3,
+                7 => FormatVersion::V4,
+                _ => FormatVersion::V2,
             };
             assert_eq!(r.min_version(), need);
         }
-        for v in [0u64, 7, u64::MAX] {
+        for v in [0u64, 8, u64::MAX] {
             assert!(NoteReason::from_u64(v).is_none());
         }
     }

@@ -413,10 +413,10 @@ fn v2_refusals_at_open() {
             vec![],
         ),
         (
-            "unknown note reason code 7",
-            3,
+            "unknown note reason code 8",
+            4,
             true,
-            vec![rec(11, 5, 7, 0, 0)],
+            vec![rec(11, 5, 8, 0, 0)],
             vec![],
         ),
         (
@@ -1242,6 +1242,72 @@ fn version_3_is_written_only_when_needed_and_required_when_used() {
     let e = opener().open(&forge(&h, &plain)).unwrap_err();
     assert!(e.to_string().contains("requires frame version 3"), "{e}");
 }
+
+/// A v4 golden frame: an M frame with a disk-grown Note and the disk's new
+/// size.
+fn golden_grown() -> SealedFrame {
+    let mut s = Sealer::new(&key(), 1, 3).unwrap();
+    let mut m = meta(200_002, 41);
+    m.kind = FrameKind::Merge;
+    s.seal(
+        &m,
+        &[
+            RecordRef::disk_size(1_000_003, 0, 8 << 30, T0 + 52),
+            RecordRef::note(1_000_004, 0, T0 + 53, NoteReason::DiskGrown, "disk grew"),
+        ],
+    )
+    .unwrap()
+}
+
+#[test]
+fn golden_v4_disk_grown_frame() {
+    let f = golden_grown();
+    assert_eq!(f.header.version, FormatVersion::V4);
+    assert_eq!(&f.bytes[4..6], &[4, 0]);
+    assert_eq!(hex(&f.bytes), GOLDEN_GROWN);
+    let o = opener().open(&f.bytes).unwrap();
+    let notes: Vec<_> = o.notes().collect();
+    assert_eq!(notes.len(), 1);
+    assert_eq!(notes[0].reason, NoteReason::DiskGrown);
+    assert_eq!(notes[0].text, "disk grew");
+    // The same Note in a forged (authenticated) version 3 frame is refused:
+    // the reason code needs version 4.
+    let note = RecordRef::note(1, 0, T0, NoteReason::DiskGrown, "x");
+    let mut plain = note.header.encode().to_vec();
+    plain.extend_from_slice(b"x");
+    let h = FrameHeader {
+        version: FormatVersion::V3,
+        kind: FrameKind::Merge,
+        heartbeat: false,
+        rebase: false,
+        codec: Codec::Raw,
+        key_epoch: 1,
+        group: group(),
+        frame_no: 14,
+        prev_frame_no: 13,
+        first_seq: 1,
+        last_seq: 1,
+        prev_last_seq: 0,
+        time_first_us: T0,
+        time_last_us: T0,
+        record_count: 1,
+        plain_len: plain.len() as u32,
+        stored_len: plain.len() as u32,
+    };
+    let e = opener().open(&forge(&h, &plain)).unwrap_err();
+    assert!(e.to_string().contains("requires frame version 4"), "{e}");
+}
+
+/// zstd output pinned like GOLDEN_ZSTD (bundled zstd 1.5.7).
+const GOLDEN_GROWN: &str = concat!(
+    "544d465204008000020001000100000064622d30310000000000000000000000",
+    "00000000000000000000000000000000420d030000000000410d030000000000",
+    "43420f000000000044420f0000000000290000000000000034401e18240a0600",
+    "35401e18240a060002000000490000003d000000000000000000000000000000",
+    "6c7ffab709ea21eb591abf71bdd73474daa726abb2e48a0414658cd7c4000923",
+    "b1b9bc46c7e16e57c78074d2c2f255566bdaeb6d786675b85a235117b797b73d",
+    "561526cb4efc9a462ac47dc009",
+);
 
 const GOLDEN_REBASE_HEADER: &str = concat!(
     "544d4652030080000a0001000100000064622d30310000000000000000000000",

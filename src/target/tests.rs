@@ -56,7 +56,7 @@ fn write_and_zero_bytes(frames: &[Vec<Rec>]) -> (u64, u64) {
         match r {
             Rec::Write(_, _, d) => w += d.len() as u64,
             Rec::Zero(_, _, l) => z += u64::from(*l),
-            Rec::Size(..) => {}
+            Rec::Size(..) | Rec::Note(..) => {}
         }
     }
     (w, z)
@@ -463,6 +463,39 @@ async fn a_replica_smaller_than_the_source_disk_is_refused_and_untouched() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_grows_only_with_a_disk_grown_note_in_the_frame_of_the_new_size() {
+    let site = Site::new(&["g1"]).await;
+    let replica = site.replica("g1", 0);
+    let mut c = site.chain("g1");
+    let first = c.w(&[Rec::Size(0, 64 * KIB), Rec::Write(0, 0, data(1, 4096))]);
+    // The disk grew: its note and new size in one M frame, then data in the
+    // new space, then a W frame.
+    let grown = c.frame(
+        FrameKind::Merge,
+        &[
+            Rec::Note(0, crate::frame::NoteReason::DiskGrown),
+            Rec::Size(0, MIB),
+            Rec::Write(0, 512 * KIB, data(2, 8192)),
+        ],
+    );
+    let w = c.w(&[Rec::Write(0, MIB - 4096, data(3, 4096))]);
+    // A larger size without the note: a replica too small, refused.
+    let bad = c.w_unmodelled(&[Rec::Size(0, 2 * MIB), Rec::Write(0, 0, vec![9; 512])]);
+    let t = site.start();
+    let mut conn = site.relay.accept().await;
+    conn.welcome(ChainPos::default()).await;
+    conn.send_all(&[first, grown, w]).await;
+    conn.wait_ack(c.tip.frame_no - 1).await;
+    conn.send(&bad.bytes).await;
+    let (_, frame_no, msg) = conn.wait_error().await;
+    assert_eq!(frame_no, bad.header.frame_no, "{msg}");
+    assert!(msg.contains("smaller") && msg.contains("2097152"), "{msg}");
+    t.stop().await.unwrap();
+    assert_replica(&replica, &c.model[&0]);
+    assert_eq!(std::fs::metadata(&replica).unwrap().len(), MIB);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_out_of_range_is_refused_before_any_byte_of_its_frame() {
     let mut site = Site::new(&["g1"]).await;
     let replica1 = site.add_disk("g1", 1);
@@ -805,7 +838,7 @@ async fn the_redo_journal_is_replayed_at_start_without_the_relay() {
                 Rec::Zero(_, off, len) => {
                     touched[off as usize..off as usize + len as usize].fill(true)
                 }
-                Rec::Size(..) => {}
+                Rec::Size(..) | Rec::Note(..) => {}
             }
         }
     }

@@ -334,6 +334,8 @@ pub enum Rec {
     Zero(u16, u64, u32),
     /// Disk size announcement.
     Size(u16, u64),
+    /// A Note with this reason (M frames only).
+    Note(u16, crate::frame::NoteReason),
 }
 
 /// Builds a chain of sealed frames and models the replicas they produce.
@@ -405,6 +407,7 @@ impl Chain {
                     Rec::Write(d, off, data) => RecordRef::write(seq, *d, *off, t, data),
                     Rec::Zero(d, off, len) => RecordRef::zero(seq, *d, *off, *len, t),
                     Rec::Size(d, size) => RecordRef::disk_size(seq, *d, *size, t),
+                    Rec::Note(d, reason) => RecordRef::note(seq, *d, t, *reason, "test note"),
                 }
             })
             .collect();
@@ -442,6 +445,7 @@ impl Chain {
                         let m = self.model.entry(*d).or_default();
                         m[*off as usize..*off as usize + *len as usize].fill(0);
                     }
+                    Rec::Note(..) => {}
                 }
             }
         }

@@ -8,7 +8,7 @@ use super::super::redo::{RedoFailed, io_no_space, no_space_errno, spool_no_space
 use super::super::retention::Position;
 use super::super::status::Paused;
 use super::{Applier, ApplyError, PAUSE_RETRY, REPLAY_CHUNK, open_replica};
-use crate::frame::{FrameKind, OpenedFrame, Opener, RecordKind};
+use crate::frame::{FrameKind, NoteReason, OpenedFrame, Opener, RecordKind};
 use crate::image::{ImageError, OpKind, WriteOp};
 use crate::spool::SpoolError;
 use crate::util::time::now_us;
@@ -126,7 +126,8 @@ impl Applier {
                 applied_last_seq: self.applied.last_seq,
             });
         }
-        let create = self.plan(f)?;
+        let Plan { create, grow } = self.plan(f)?;
+        self.grow_replicas(f, &grow)?;
         loop {
             match self.log.apply(h) {
                 Ok(()) => break,
@@ -181,6 +182,45 @@ impl Applier {
                     .map_err(|e| img_err(&self.group, e))?,
             ));
             slot.image = Some(img);
+        }
+        Ok(())
+    }
+
+    /// Grow the replicas whose source disk grew (a DiskSize record above the
+    /// replica's size), before anything of the frame is logged or written.
+    /// Growing is idempotent (a frame applied again after a crash finds the
+    /// replica grown) and adds only zeros past the old end. A replica that
+    /// cannot grow refuses the frame with [`ApplyError::TooSmall`].
+    fn grow_replicas(&mut self, f: &OpenedFrame, grow: &[Option<u64>]) -> Result<(), ApplyError> {
+        for (si, size) in grow.iter().enumerate() {
+            let Some(disk_size) = *size else { continue };
+            let slot = &mut self.slots[si];
+            let Some(img) = slot.image.as_mut() else {
+                continue;
+            };
+            let from = img.size();
+            match img.grow_to(disk_size) {
+                Ok(()) => {
+                    tracing::info!(group = %self.group, disk = slot.id, path = %slot.path.display(), from, to = disk_size, "replica grown: the source disk grew");
+                }
+                Err(ImageError::NotGrowable { .. } | ImageError::FixedCapacity { .. }) => {
+                    return Err(ApplyError::TooSmall {
+                        group: self.group.clone(),
+                        frame_no: f.header.frame_no,
+                        disk: slot.id,
+                        path: slot.path.clone(),
+                        size: from,
+                        disk_size,
+                    });
+                }
+                Err(source) => {
+                    return Err(ApplyError::Image {
+                        group: self.group.clone(),
+                        frame_no: f.header.frame_no,
+                        source: Box::new(source),
+                    });
+                }
+            }
         }
         Ok(())
     }
@@ -397,10 +437,21 @@ impl Applier {
 
     /// Check every record against the configured disks and replica sizes;
     /// open existing replicas a DiskSize record names. Returns, per slot, the
-    /// size to create a missing replica with.
-    fn plan(&mut self, f: &OpenedFrame) -> Result<Vec<Option<u64>>, ApplyError> {
+    /// size to create a missing replica with, and the size to grow an existing
+    /// one to (the source disk grew).
+    fn plan(&mut self, f: &OpenedFrame) -> Result<Plan, ApplyError> {
         let frame_no = f.header.frame_no;
         let mut create: Vec<Option<u64>> = vec![None; self.slots.len()];
+        let mut grow: Vec<Option<u64>> = vec![None; self.slots.len()];
+        // Disks this frame says grew (a disk-grown Note, which the agent puts
+        // in the frame of the new DiskSize): only their replicas may grow. A
+        // DiskSize above the replica's size without it is a replica too small
+        // from the start, an operator's mistake, refused.
+        let grown: Vec<u16> = f
+            .notes()
+            .filter(|n| n.reason == NoteReason::DiskGrown)
+            .map(|n| n.disk)
+            .collect();
         for (index, (r, _)) in f.iter().enumerate() {
             let Some(si) = self.slot_of(r.disk) else {
                 return Err(ApplyError::UnknownDisk {
@@ -445,14 +496,20 @@ impl Applier {
                     }
                     if let Some(img) = &slot.image {
                         if img.size() < disk_size {
-                            return Err(ApplyError::TooSmall {
-                                group: self.group.clone(),
-                                frame_no,
-                                disk: r.disk,
-                                path: slot.path.clone(),
-                                size: img.size(),
-                                disk_size,
-                            });
+                            if !grown.contains(&r.disk) {
+                                return Err(ApplyError::TooSmall {
+                                    group: self.group.clone(),
+                                    frame_no,
+                                    disk: r.disk,
+                                    path: slot.path.clone(),
+                                    size: img.size(),
+                                    disk_size,
+                                });
+                            }
+                            // Grown before any record of the frame is
+                            // applied; a replica that cannot grow (a block
+                            // device, a VMDK) refuses the frame then.
+                            grow[si] = Some(grow[si].map_or(disk_size, |g| g.max(disk_size)));
                         }
                     } else if let Some(c) = create[si] {
                         create[si] = Some(c.max(disk_size));
@@ -461,7 +518,7 @@ impl Applier {
                 RecordKind::Write | RecordKind::Zero => {
                     let slot = &self.slots[si];
                     let size = match (&slot.image, create[si]) {
-                        (Some(img), _) => img.size(),
+                        (Some(img), _) => img.size().max(grow[si].unwrap_or(0)),
                         (None, Some(c)) => c,
                         (None, None) => {
                             return Err(ApplyError::NoImage {
@@ -494,6 +551,14 @@ impl Applier {
                 }
             }
         }
-        Ok(create)
+        Ok(Plan { create, grow })
     }
+}
+
+/// What `Applier::plan` found a frame needs before its records apply.
+struct Plan {
+    /// Per slot: create the missing replica with this size.
+    create: Vec<Option<u64>>,
+    /// Per slot: grow the open replica to this size.
+    grow: Vec<Option<u64>>,
 }
