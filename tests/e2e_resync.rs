@@ -565,6 +565,73 @@ fn e2e_a_relay_that_lost_acknowledged_frames_is_a_chain_gap_resynced_by_checksum
 
 /// Blocks (64 KiB) of `a` and `b` that differ, as byte offsets (a short or
 /// missing file reads as zeros past its end).
+/// A target that lost its own state (watermark, redo, catalog) after the
+/// relay trimmed the frames it had acknowledged: no relay can supply them.
+/// The relay says so and names the re-seed; `tidemark relay reset-group`
+/// (refused while the relay runs) drops the group's spool, and the agent's
+/// chain-gap path compares every disk by checksum. The replica, which still
+/// holds everything, ends equal with nothing but digests on the wire.
+#[test]
+fn e2e_a_target_that_lost_its_state_is_reseeded_by_resetting_the_group_at_the_relay() {
+    let size = 64 * MIB;
+    let mut c = Cluster::new(size);
+    c.prefill(3, 4 * MIB);
+    c.start_relay();
+    c.start_target();
+    c.start_agent(&["--workload-bytes", "4M", "--workload-seed", "8"]);
+    let last = c.wait_workload_done(Duration::from_secs(240));
+    c.wait_applied(last, Duration::from_secs(240));
+    c.wait_caught_up(Duration::from_secs(240));
+    c.stop_all();
+    // The target's state is lost; its replica survives.
+    std::fs::remove_dir_all(c.target_state_dir()).unwrap();
+    c.start_relay();
+    c.start_target();
+    c.start_agent(&[]);
+    let err = common::wait_until(
+        Duration::from_secs(60),
+        "the relay to name the re-seed",
+        || {
+            c.relay_status()?
+                .groups
+                .first()?
+                .last_target_error
+                .clone()
+                .filter(|e| e.contains("reset-group"))
+        },
+    );
+    assert!(err.contains("continuing the target's frame 0"), "{err}");
+    let reset = |c: &Cluster| {
+        tools::run(
+            Command::new(exe())
+                .args(["relay", "reset-group", "--config"])
+                .arg(c.path("relay.toml"))
+                .args(["--group", "g1"]),
+            Duration::from_secs(60),
+        )
+    };
+    let out = reset(&c);
+    assert!(!out.status.success(), "refused while the relay runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("locked"), "{stderr}");
+    c.relay.as_mut().unwrap().stop(Duration::from_secs(40));
+    let out = reset(&c);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.start_relay();
+    c.wait_consistent(Duration::from_secs(240));
+    let s = resync_status(&c);
+    assert!(s.compared_bytes >= size, "every disk compared: {s:?}");
+    assert_eq!(s.differing_bytes, 0, "the replica held everything: {s:?}");
+    let logs = c.logs();
+    assert!(logs.contains("chain gap"), "{logs}");
+    c.stop_all();
+    c.assert_replica_equals_source();
+}
+
 fn differing_blocks(a: &std::path::Path, b: &std::path::Path, size: u64) -> Vec<u64> {
     let open = |p: &std::path::Path| {
         std::fs::File::open(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))

@@ -416,17 +416,33 @@ pub(crate) async fn run_target(
             .map_err(|e| SessionError::Task(e.to_string()))?;
             match r {
                 Ok(frames) => {
-                    if frames.is_empty() {
+                    // The frame after the target's tip is gone: trimmed when an
+                    // earlier state of this target acknowledged it (the target
+                    // lost its state, or was restored from an older copy), or
+                    // lost with the spool. (A REBASE frame names a predecessor
+                    // *below* the cursor; that one continues the target.)
+                    let missing = match frames.first() {
+                        None => Some(head_now),
+                        Some(f) if f.prev_frame_no > after => Some(f.prev_frame_no),
+                        Some(_) => None,
+                    };
+                    if let Some(upto) = missing
+                        && empty_at != Some(head_now)
+                    {
                         tracing::error!(
                             group = %hub.name, after, head = head_now,
-                            "the spool holds no frame after {after} although its head is {head_now}: frames are missing; the target cannot continue until the group is resynced"
+                            "the spool holds no frame continuing the target's tip (frame {after}; frames up to {upto} are gone): the target cannot continue; if the target lost its state, re-seed it: stop the relay, run `tidemark relay reset-group --group {}`, start it again (docs/RESYNC.md)",
+                            hub.name
                         );
                         set(
                             &hub.last_target_error,
                             format!(
-                                "relay spool has no frames between {after} and its head {head_now}"
+                                "relay spool has no frames continuing the target's frame {after} (gone up to {upto}, head {head_now}); re-seed with `tidemark relay reset-group --group {}`",
+                                hub.name
                             ),
                         );
+                    }
+                    if frames.is_empty() {
                         empty_at = Some(head_now);
                     }
                     batch.extend(frames.into_iter().map(|f: SpooledFrame| CachedFrame {

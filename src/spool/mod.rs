@@ -25,6 +25,7 @@ mod dio;
 mod index;
 pub mod record;
 mod recovery;
+mod reset;
 mod segment;
 mod state;
 mod writer;
@@ -52,6 +53,7 @@ use crate::error::{Classify, ErrorKind};
 use index::SpoolIndex;
 use record::{FormatVersion, MAX_PAYLOAD, validate_group};
 pub use recovery::{GroupRecovery, Problem, ProblemKind, RecoveryReport, TornTail};
+pub use reset::{GroupReset, reset_group};
 use writer::Cmd;
 
 /// Default segment size before rotation: 64 MiB (few files, cheap whole-file trims).
@@ -215,6 +217,14 @@ pub enum SpoolError {
         /// What failed.
         what: String,
     },
+    /// A reset named a group the spool directory does not hold.
+    #[error("spool: {} holds no group {group:?}", dir.display())]
+    UnknownGroup {
+        /// The group named.
+        group: String,
+        /// Spool directory.
+        dir: PathBuf,
+    },
     /// A group name is not 1..=32 bytes of `[a-z0-9-]`.
     #[error("spool: invalid group name {name:?}: {reason}")]
     InvalidGroup {
@@ -358,6 +368,7 @@ impl Classify for SpoolError {
             SpoolError::QueueFull { .. } => ErrorKind::Throttled,
             SpoolError::Shutdown => ErrorKind::Shutdown,
             SpoolError::UnsupportedVersion { .. }
+            | SpoolError::UnknownGroup { .. }
             | SpoolError::BadOption { .. }
             | SpoolError::Locked { .. } => ErrorKind::Config,
         }
