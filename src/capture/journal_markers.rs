@@ -114,34 +114,32 @@ impl CaptureJournal {
             };
             let text = truncate_utf8(&text, NOTE_TEXT_MAX);
             tracing::info!(group = %self.cfg.group, disk, seq, reason = %reason, "note: {text}");
-            g.push(Slot {
+            let marker = |seq, change| Slot {
                 seq,
                 disk,
                 offset: 0,
                 time_us: now_us(),
                 ordering: Ordering::M,
-                held: Held::Change(Change::Note {
+                held: Held::Change(change),
+            };
+            g.push(marker(
+                seq,
+                Change::Note {
                     reason,
                     text: Arc::from(text),
-                }),
-            });
+                },
+            ));
             if reason == NoteReason::DiskGrown {
-                // The disk's new size right behind its note: adjacent M
-                // slots without data, so they always go in one frame, which
-                // is what lets the target grow an existing replica (a
-                // DiskSize above the replica's size without this note in its
-                // frame is a replica too small, refused).
+                // The disk's new size right behind its note. A DiskSize
+                // carries no payload and a batch never ends on such a slot,
+                // so it always joins its note's frame: that is what lets the
+                // target grow an existing replica (a DiskSize above the
+                // replica's size without this note in its frame is a replica
+                // too small, refused).
                 let Ok(seq) = g.assign_seq(&self.reserver) else {
                     return;
                 };
-                g.push(Slot {
-                    seq,
-                    disk,
-                    offset: 0,
-                    time_us: now_us(),
-                    ordering: Ordering::M,
-                    held: Held::Change(Change::DiskSize(size)),
-                });
+                g.push(marker(seq, Change::DiskSize(size)));
             }
         }
     }

@@ -1217,11 +1217,20 @@ fn version_3_is_written_only_when_needed_and_required_when_used() {
     assert!(e.to_string().contains("REBASE frame must be M"), "{e}");
     // A forged (authenticated) version 2 frame with a chain-gap Note is
     // refused when opened: the reason code needs version 3.
-    let note = RecordRef::note(1, 0, T0, NoteReason::ChainGap, "x");
+    let e = opener()
+        .open(&forged_note(FormatVersion::V2, NoteReason::ChainGap))
+        .unwrap_err();
+    assert!(e.to_string().contains("requires frame version 3"), "{e}");
+}
+
+/// An authenticated M frame of `version` holding one Note with `reason`,
+/// built by hand (a sealer would pick the version the reason needs).
+fn forged_note(version: FormatVersion, reason: NoteReason) -> Vec<u8> {
+    let note = RecordRef::note(1, 0, T0, reason, "x");
     let mut plain = note.header.encode().to_vec();
     plain.extend_from_slice(b"x");
     let h = FrameHeader {
-        version: FormatVersion::V2,
+        version,
         kind: FrameKind::Merge,
         heartbeat: false,
         rebase: false,
@@ -1239,8 +1248,7 @@ fn version_3_is_written_only_when_needed_and_required_when_used() {
         plain_len: plain.len() as u32,
         stored_len: plain.len() as u32,
     };
-    let e = opener().open(&forge(&h, &plain)).unwrap_err();
-    assert!(e.to_string().contains("requires frame version 3"), "{e}");
+    forge(&h, &plain)
 }
 
 /// A v4 golden frame: an M frame with a disk-grown Note and the disk's new
@@ -1272,29 +1280,9 @@ fn golden_v4_disk_grown_frame() {
     assert_eq!(notes[0].text, "disk grew");
     // The same Note in a forged (authenticated) version 3 frame is refused:
     // the reason code needs version 4.
-    let note = RecordRef::note(1, 0, T0, NoteReason::DiskGrown, "x");
-    let mut plain = note.header.encode().to_vec();
-    plain.extend_from_slice(b"x");
-    let h = FrameHeader {
-        version: FormatVersion::V3,
-        kind: FrameKind::Merge,
-        heartbeat: false,
-        rebase: false,
-        codec: Codec::Raw,
-        key_epoch: 1,
-        group: group(),
-        frame_no: 14,
-        prev_frame_no: 13,
-        first_seq: 1,
-        last_seq: 1,
-        prev_last_seq: 0,
-        time_first_us: T0,
-        time_last_us: T0,
-        record_count: 1,
-        plain_len: plain.len() as u32,
-        stored_len: plain.len() as u32,
-    };
-    let e = opener().open(&forge(&h, &plain)).unwrap_err();
+    let e = opener()
+        .open(&forged_note(FormatVersion::V3, NoteReason::DiskGrown))
+        .unwrap_err();
     assert!(e.to_string().contains("requires frame version 4"), "{e}");
 }
 
