@@ -563,8 +563,6 @@ fn e2e_a_relay_that_lost_acknowledged_frames_is_a_chain_gap_resynced_by_checksum
         .unwrap_or_else(|e| panic!("apply log {}: {e}", applylog.display()));
 }
 
-/// Blocks (64 KiB) of `a` and `b` that differ, as byte offsets (a short or
-/// missing file reads as zeros past its end).
 /// A target that lost its own state (watermark, redo, catalog) after the
 /// relay trimmed the frames it had acknowledged: no relay can supply them.
 /// The relay says so and names the re-seed; `tidemark relay reset-group`
@@ -632,6 +630,8 @@ fn e2e_a_target_that_lost_its_state_is_reseeded_by_resetting_the_group_at_the_re
     c.assert_replica_equals_source();
 }
 
+/// Blocks (64 KiB) of `a` and `b` that differ, as byte offsets (a short or
+/// missing file reads as zeros past its end).
 fn differing_blocks(a: &std::path::Path, b: &std::path::Path, size: u64) -> Vec<u64> {
     let open = |p: &std::path::Path| {
         std::fs::File::open(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))

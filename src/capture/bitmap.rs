@@ -76,6 +76,17 @@ impl RegionBitmap {
         }
     }
 
+    /// Lengthen to `len` bits (never shorter); the new bits are clear.
+    pub fn grow(&mut self, len: u64) {
+        if len <= self.len {
+            return;
+        }
+        let n = len.div_ceil(PAGE_BITS) as usize;
+        self.pages.resize(n, None);
+        self.counts.resize(n, 0);
+        self.len = len;
+    }
+
     /// Number of bits.
     pub fn len(&self) -> u64 {
         self.len
@@ -313,6 +324,19 @@ mod tests {
         assert_eq!(b.clear_range(0, 100_000), 250);
         assert!(b.is_empty());
         assert_eq!(b.pages().count(), 0, "empty pages are freed");
+    }
+
+    #[test]
+    fn growing_keeps_the_bits_and_adds_clear_ones() {
+        let mut b = RegionBitmap::new(100);
+        b.set_range(90, 100);
+        b.grow(50);
+        assert_eq!(b.len(), 100, "never shorter");
+        b.grow(100_000);
+        assert_eq!((b.len(), b.count()), (100_000, 10));
+        assert!(b.get(99) && !b.get(100) && !b.get(99_999));
+        assert_eq!(b.set_range(99_000, 100_000), 1000);
+        assert_eq!(b.next_run(0, u64::MAX), Some((90, 100)));
     }
 
     #[test]

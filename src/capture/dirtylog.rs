@@ -41,7 +41,10 @@ pub const EXTENT_REGIONS_SHIFT: u32 = 10;
 
 const SNAP_MAGIC: &[u8; 8] = b"TIDEBM01";
 const AL_MAGIC: &[u8; 8] = b"TIDEAL01";
-const VERSION: u32 = 1;
+/// Activity-log slot format version.
+const AL_VERSION: u32 = 1;
+/// Snapshot format version: 2 adds `grown_from` (header bytes 48..56).
+const SNAP_VERSION: u32 = 2;
 const HEADER: usize = 64;
 const PAGE_BYTES: usize = PAGE_WORDS * 8;
 const PAGE_RECORD: usize = 8 + PAGE_BYTES;
@@ -143,6 +146,10 @@ pub struct DirtyLog {
     gate: RwLock<()>,
     al: Mutex<AlState>,
     al_cv: Condvar,
+    /// The disk's size before it grew, while the target has not been told
+    /// (its disk-grown Note and DiskSize not yet acknowledged by the relay):
+    /// persisted in every snapshot, so a restart announces the growth again.
+    grown_from: Mutex<Option<u64>>,
 }
 
 fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> DirtyLogError + 'a {
@@ -190,6 +197,7 @@ impl DirtyLog {
             n_extents,
             slot_size,
             gate: RwLock::new(()),
+            grown_from: Mutex::new(None),
             al: Mutex::new(AlState {
                 epoch: 1,
                 retain_from: 1,
@@ -203,7 +211,19 @@ impl DirtyLog {
             al_cv: Condvar::new(),
         };
         let rec = log.recover()?;
+        log.set_grown_from(rec.grown_from);
         Ok((log, rec))
+    }
+
+    /// The size before a growth the target has not yet been told of.
+    pub fn grown_from(&self) -> Option<u64> {
+        *self.grown_from.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Set (or clear, once the relay acknowledged the announcement) the size
+    /// before a growth; written with the next snapshot.
+    pub fn set_grown_from(&self, from: Option<u64>) {
+        *self.grown_from.lock().unwrap_or_else(|p| p.into_inner()) = from;
     }
 
     /// The region size of this disk's bitmaps.
@@ -266,7 +286,7 @@ impl DirtyLog {
             Some(size) if size < self.disk_size && size > 0 => Geometry::for_disk(size),
             _ => self.geometry(),
         };
-        let (mut dirty, was_clean) = match Self::parse_snapshot(&old, &bytes) {
+        let (mut dirty, was_clean, unannounced) = match Self::parse_snapshot(&old, &bytes) {
             Ok(v) => v,
             Err(why) => {
                 let why = if old.disk_size != self.disk_size {
@@ -284,7 +304,7 @@ impl DirtyLog {
                     let per = 1u64 << (old.extent_shift - old.gran.shift);
                     for (e, _) in ext.iter().enumerate().filter(|(_, x)| **x) {
                         let start = e as u64 * per;
-                        dirty.set_range(start, (start + per).min(old.regions()));
+                        dirty.set_range(start, start + per);
                         al_extents += 1;
                     }
                 }
@@ -294,10 +314,12 @@ impl DirtyLog {
                 }
             }
         }
-        let mut grown_from = None;
+        // A growth found now, or one an earlier run found and could not yet
+        // announce (the smaller of the two sizes: the target has that one).
+        let mut grown_from = unannounced;
         if old.disk_size != self.disk_size {
             dirty = self.regrid(&old, &dirty);
-            grown_from = Some(old.disk_size);
+            grown_from = Some(unannounced.unwrap_or(old.disk_size));
         }
         Ok(Recovered {
             dirty,
@@ -332,7 +354,7 @@ impl DirtyLog {
     }
 
     /// Parse a snapshot file: its bitmap and clean flag, or why it is unusable.
-    fn parse_snapshot(g: &Geometry, b: &[u8]) -> Result<(RegionBitmap, bool), String> {
+    fn parse_snapshot(g: &Geometry, b: &[u8]) -> Result<(RegionBitmap, bool, Option<u64>), String> {
         if b.len() < HEADER {
             return Err(format!("{} bytes, shorter than the header", b.len()));
         }
@@ -345,7 +367,7 @@ impl DirtyLog {
             return Err("header checksum mismatch".into());
         }
         let version = u32_at(h, 8);
-        if version != VERSION {
+        if !(1..=SNAP_VERSION).contains(&version) {
             return Err(format!("unknown version {version}"));
         }
         let flags = u32_at(h, 12);
@@ -395,7 +417,14 @@ impl DirtyLog {
                 return Err(format!("page record {i}: page {index} beyond the disk"));
             }
         }
-        Ok((bm, flags & FLAG_CLEAN != 0))
+        // Version 2: the size before a growth not yet announced (0: none).
+        let grown = if version >= 2 { u64_at(h, 48) } else { 0 };
+        if grown != 0 && grown >= size {
+            return Err(format!(
+                "grown from {grown} bytes, not below the disk's {size}"
+            ));
+        }
+        Ok((bm, flags & FLAG_CLEAN != 0, (grown != 0).then_some(grown)))
     }
 
     /// The newest valid activity-log slot as one flag per extent; `None` when the
@@ -542,7 +571,7 @@ impl DirtyLog {
     fn write_al_slot(&self, generation: u64, content: &[u8]) -> io::Result<()> {
         let mut buf = vec![0u8; HEADER + content.len()];
         buf[0..8].copy_from_slice(AL_MAGIC);
-        buf[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        buf[8..12].copy_from_slice(&AL_VERSION.to_le_bytes());
         buf[12..16].copy_from_slice(&self.extent_shift.to_le_bytes());
         buf[16..24].copy_from_slice(&self.n_extents.to_le_bytes());
         buf[24..32].copy_from_slice(&generation.to_le_bytes());
@@ -586,13 +615,14 @@ impl DirtyLog {
         let pages: Vec<_> = bits.pages().collect();
         let mut buf = Vec::with_capacity(HEADER + pages.len() * PAGE_RECORD);
         buf.extend_from_slice(SNAP_MAGIC);
-        buf.extend_from_slice(&VERSION.to_le_bytes());
+        buf.extend_from_slice(&SNAP_VERSION.to_le_bytes());
         buf.extend_from_slice(&(if clean { FLAG_CLEAN } else { 0 }).to_le_bytes());
         buf.extend_from_slice(&self.disk_size.to_le_bytes());
         buf.extend_from_slice(&self.gran.shift.to_le_bytes());
         buf.extend_from_slice(&(pages.len() as u32).to_le_bytes());
         buf.extend_from_slice(&bits.count().to_le_bytes());
         buf.extend_from_slice(&crate::util::time::now_us().to_le_bytes());
+        buf.extend_from_slice(&self.grown_from().unwrap_or(0).to_le_bytes());
         buf.resize(60, 0);
         let crc = crc32c::crc32c(&buf);
         buf.extend_from_slice(&crc.to_le_bytes());
@@ -811,12 +841,20 @@ mod tests {
             assert!(r.dirty.count() >= tail);
             let extent = if clean { 0 } else { (4 * MIB) >> g.shift };
             assert_eq!(r.dirty.count(), tail + 1 + extent);
-            // And the log now persists in the new geometry.
+            // The log now persists in the new geometry, with the growth
+            // still to announce ...
             l.mark_open(&r.dirty).unwrap();
             drop(l);
-            let (_l, r2) = open(d.path(), new);
-            assert_eq!(r2.grown_from, None);
+            let (l, r2) = open(d.path(), new);
+            assert_eq!(r2.grown_from, Some(old));
             assert_eq!(r2.dirty.count(), r.dirty.count());
+            // ... until the announcement was acknowledged.
+            l.set_grown_from(None);
+            l.mark_open(&r2.dirty).unwrap();
+            drop(l);
+            let (_l, r3) = open(d.path(), new);
+            assert_eq!(r3.grown_from, None);
+            assert_eq!(r3.dirty.count(), r.dirty.count());
         }
     }
 

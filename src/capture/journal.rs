@@ -287,6 +287,13 @@ struct DiskDirty {
     /// were last empty): the reason of the Note recorded when they start
     /// being copied.
     cause: Option<(NoteReason, String)>,
+    /// A growth the target has not been told of: its size before, and the
+    /// seq of the DiskSize that announces it once recorded. Cleared when the
+    /// relay acknowledges that seq.
+    growth: Option<(u64, Option<u64>)>,
+    /// The size before the growth found at start (this run), to announce it
+    /// again after a chain gap (the announcement may be among the lost frames).
+    grew_from: Option<u64>,
 }
 
 impl DiskDirty {
@@ -658,6 +665,21 @@ impl CaptureJournal {
         cause: NoteReason,
         reason: &str,
     ) {
+        self.add_grown_disk(id, size, pending, cause, reason, None);
+    }
+
+    /// [`add_disk`](Self::add_disk) for a disk that grew from `grown_from`
+    /// bytes without the target having been told: its disk-grown Note and new
+    /// DiskSize go with the Note that starts its copy.
+    pub fn add_grown_disk(
+        &self,
+        id: u16,
+        size: u64,
+        pending: RegionBitmap,
+        cause: NoteReason,
+        reason: &str,
+        grown_from: Option<u64>,
+    ) {
         let gran = Granularity::for_disk(size);
         let regions = gran.regions(size);
         let mut g = self.lock();
@@ -672,6 +694,8 @@ impl CaptureJournal {
             prev: RegionBitmap::new(regions),
             copied_bytes: 0,
             cause: has_pending.then(|| (cause, reason.to_string())),
+            growth: grown_from.map(|f| (f, None)),
+            grew_from: grown_from,
         });
         if has_pending {
             let why = format!("disk {id}: {reason}");
@@ -906,6 +930,12 @@ impl CaptureJournal {
             let regions = d.pending.len();
             d.pending.set_range(0, regions);
             d.cause = Some((cause, why.to_string()));
+            // The announcement of a growth may be among the lost frames.
+            if d.growth.is_none()
+                && let Some(from) = d.grew_from
+            {
+                d.growth = Some((from, None));
+            }
         }
         g.dirty_marks += 1;
         // Entries already in frames too: those frames belong to the chain
@@ -915,6 +945,11 @@ impl CaptureJournal {
         let dropped = g.drop_unbatched(&self.cfg.group, why);
         if g.mode.mode.write_ordered() {
             g.change_mode(&self.cfg.group, Mode::Bitmap, why.to_string());
+        } else if g.mode.mode == Mode::Drain {
+            // Already copying: no mode change will record the notes, so the
+            // new stretch starts with them now (the chain gap, and a growth
+            // whose announcement may have been lost).
+            self.push_notes(&mut g, why, None);
         }
         drop(g);
         self.space.notify_all();
@@ -1234,6 +1269,13 @@ impl CaptureJournal {
                 g.unbatched_tags = g.unbatched_tags.saturating_sub(usize::from(s.is_tag()));
             }
         }
+        for d in &mut g.disks {
+            if d.growth
+                .is_some_and(|(_, at)| at.is_some_and(|at| at <= seq))
+            {
+                d.growth = None;
+            }
+        }
         if seq >= g.rot_seq {
             for d in &mut g.disks {
                 std::mem::swap(&mut d.prev, &mut d.cur);
@@ -1263,6 +1305,13 @@ impl CaptureJournal {
         b.union_with(&d.cur);
         b.union_with(&d.prev);
         Some(b)
+    }
+
+    /// The size `disk` had before a growth the relay has not yet acknowledged
+    /// the announcement of (what the dirty log persists as `grown_from`).
+    pub fn unannounced_growth(&self, disk: u16) -> Option<u64> {
+        let mut g = self.lock();
+        g.disk(disk).ok()?.growth.map(|(from, _)| from)
     }
 
     /// At an orderly stop: what must still be resynced at the next start (the

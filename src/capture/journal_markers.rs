@@ -81,7 +81,7 @@ impl CaptureJournal {
     /// transition's reason `why`. With no disk pending, one note for the first
     /// disk, so every entry into drain mode is explained in the stream.
     pub(super) fn push_notes(&self, g: &mut MutexGuard<'_, Inner>, why: &str, only: Option<u16>) {
-        let mut notes: Vec<(u16, u64, NoteReason, String)> = g
+        let mut notes: Vec<(u16, u64, bool, NoteReason, String)> = g
             .disks
             .iter()
             .filter(|d| only.is_none_or(|id| id == d.id) && !d.pending.is_empty())
@@ -95,16 +95,16 @@ impl CaptureJournal {
                 } else {
                     format!("{why} (cause: {cause})")
                 };
-                (d.id, d.size, reason, text)
+                (d.id, d.size, d.growth.is_some(), reason, text)
             })
             .collect();
         if notes.is_empty()
             && only.is_none()
             && let Some(first) = g.disks.iter().map(|d| d.id).min()
         {
-            notes.push((first, 0, NoteReason::BitmapCatchUp, why.to_string()));
+            notes.push((first, 0, false, NoteReason::BitmapCatchUp, why.to_string()));
         }
-        for (disk, size, reason, text) in notes {
+        for (disk, size, grown, reason, text) in notes {
             let seq = match g.assign_seq(&self.reserver) {
                 Ok(s) => s,
                 Err(e) => {
@@ -129,7 +129,20 @@ impl CaptureJournal {
                     text: Arc::from(text),
                 },
             ));
-            if reason == NoteReason::DiskGrown {
+            if grown {
+                if reason != NoteReason::DiskGrown {
+                    let Ok(seq) = g.assign_seq(&self.reserver) else {
+                        tracing::warn!(group = %self.cfg.group, disk, "disk-grown note not recorded");
+                        return;
+                    };
+                    g.push(marker(
+                        seq,
+                        Change::Note {
+                            reason: NoteReason::DiskGrown,
+                            text: Arc::from("the disk grew: its new size follows"),
+                        },
+                    ));
+                }
                 // The disk's new size right behind its note. A DiskSize
                 // carries no payload and a batch never ends on such a slot,
                 // so it always joins its note's frame: that is what lets the
@@ -137,9 +150,13 @@ impl CaptureJournal {
                 // replica's size without this note in its frame is a replica
                 // too small, refused).
                 let Ok(seq) = g.assign_seq(&self.reserver) else {
+                    tracing::warn!(group = %self.cfg.group, disk, "the grown disk's size not recorded");
                     return;
                 };
                 g.push(marker(seq, Change::DiskSize(size)));
+                if let Ok(d) = g.disk(disk) {
+                    d.growth = d.growth.map(|(from, _)| (from, Some(seq)));
+                }
             }
         }
     }

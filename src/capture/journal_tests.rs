@@ -458,7 +458,14 @@ fn a_grown_disk_has_its_new_size_in_the_frame_of_its_note() {
     let j = journal(MIB as usize);
     let mut p = RegionBitmap::new(512);
     p.set_range(256, 512);
-    j.add_disk(1, 2 * MIB, p, NoteReason::DiskGrown, "grew from 1 MiB");
+    j.add_grown_disk(
+        1,
+        2 * MIB,
+        p,
+        NoteReason::DiskGrown,
+        "grew from 1 MiB",
+        Some(MIB),
+    );
     // Batches of one byte: the note alone exceeds it, its DiskSize still joins.
     let mut batches = Vec::new();
     loop {
@@ -492,6 +499,31 @@ fn a_grown_disk_has_its_new_size_in_the_frame_of_its_note() {
         matches!(b.get(at + 1).map(|e| (&e.change, e.disk)), Some((Change::DiskSize(s), 1)) if *s == 2 * MIB),
         "the new size follows its note in the same batch: {b:?}"
     );
+}
+
+#[test]
+fn a_chain_gap_announces_this_run_s_growth_again() {
+    let j = journal(MIB as usize);
+    let mut p = RegionBitmap::new(512);
+    p.set_range(256, 512);
+    j.add_grown_disk(1, 2 * MIB, p, NoteReason::DiskGrown, "grew", Some(MIB));
+    let first = take_all(&j);
+    j.trim_through(first.last().unwrap().seq);
+    assert_eq!(j.unannounced_growth(1), None, "acknowledged");
+    // The relay lost those frames: the announcement goes out again with the
+    // chain-gap note.
+    j.rebase(NoteReason::ChainGap, "relay lost frames");
+    assert_eq!(j.unannounced_growth(1), Some(MIB));
+    let again: Vec<String> = take_all(&j)
+        .iter()
+        .filter(|e| e.disk == 1)
+        .filter_map(|e| match &e.change {
+            Change::Note { reason, .. } => Some(reason.to_string()),
+            Change::DiskSize(s) => Some(format!("size {s}")),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(again, ["chain-gap", "disk-grown", "size 2097152"]);
 }
 
 #[test]

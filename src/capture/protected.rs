@@ -182,11 +182,12 @@ impl ProtectedDisk {
             source,
         };
         let (log, rec) = DirtyLog::open(state_dir, journal.group(), id, size).map_err(dl)?;
+        let grown_from = rec.grown_from;
         let (pending, cause, reason) = start_regions(&log, rec, initial_copy, size);
         log.mark_open(&pending).map_err(dl)?;
         let shift = log.granularity().shift;
         let pending_bytes = (pending.count() << shift).min(size);
-        journal.add_disk(id, size, pending, cause, &reason);
+        journal.add_grown_disk(id, size, pending, cause, &reason, grown_from);
         Ok((
             ProtectedDisk {
                 id,
@@ -626,8 +627,10 @@ impl ProtectedDisk {
     ) -> Result<(), DirtyLogError> {
         let freeze = self.log.freeze();
         let bits = self.journal.dirty_regions(self.id);
+        let grown_from = self.journal.unannounced_growth(self.id);
         drop(freeze);
         if let Some(bits) = bits {
+            self.log.set_grown_from(grown_from);
             checkpoint()?;
             self.log.write_snapshot(&bits, false)?;
             self.log.retire()?;
@@ -650,6 +653,8 @@ impl ProtectedDisk {
             .journal
             .final_dirty_regions(self.id)
             .unwrap_or_else(|| RegionBitmap::new(self.log.regions()));
+        self.log
+            .set_grown_from(self.journal.unannounced_growth(self.id));
         self.log.close_clean(&bits)?;
         Ok((bits.count() << self.log.granularity().shift).min(self.backing.size()))
     }

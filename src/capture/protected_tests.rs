@@ -750,3 +750,63 @@ fn the_step_reader_reads_the_step_asked_for_and_nothing_else() {
     );
     r.give_back(buf);
 }
+
+/// Notes and DiskSizes of `entries`, in order.
+fn markers(entries: &[Entry]) -> Vec<String> {
+    entries
+        .iter()
+        .filter_map(|e| match &e.change {
+            Change::Note { reason, .. } => Some(reason.to_string()),
+            Change::DiskSize(s) => Some(format!("size {s}")),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_growth_is_announced_again_until_the_relay_acknowledged_its_announcement() {
+    let s = setup(MIB);
+    // Run 1: first start, everything acknowledged, orderly stop.
+    let j = journal(64 << 20, Policy::Block);
+    let (disk, _) = s.open(&j, false);
+    disk.shut();
+    disk.close_clean().unwrap();
+    drop(disk);
+    // The disk grows. Run 2 announces it, but stops before the relay
+    // acknowledged anything.
+    File::options()
+        .write(true)
+        .open(&s.img)
+        .unwrap()
+        .set_len(2 * MIB)
+        .unwrap();
+    let j = journal(64 << 20, Policy::Block);
+    let (disk, rep) = s.open(&j, false);
+    assert!(rep.reason.contains("grew"), "{}", rep.reason);
+    assert_eq!(j.unannounced_growth(0), Some(MIB));
+    let first = take_all(&j);
+    assert_eq!(
+        markers(&first),
+        ["disk-grown".to_string(), format!("size {}", 2 * MIB)]
+    );
+    disk.shut();
+    disk.close_clean().unwrap();
+    drop(disk);
+    // Run 3: announced again, although the log now has the new size.
+    let j = journal(64 << 20, Policy::Block);
+    let (disk, rep) = s.open(&j, false);
+    assert!(rep.reason.contains("grew from 1048576"), "{}", rep.reason);
+    let entries = take_all(&j);
+    assert_eq!(markers(&entries)[..2], markers(&first)[..]);
+    // The relay acknowledges it: the next snapshot no longer carries it.
+    j.trim_through(entries.last().unwrap().seq);
+    assert_eq!(j.unannounced_growth(0), None);
+    drain_all(&disk);
+    disk.shut();
+    disk.close_clean().unwrap();
+    drop(disk);
+    let j = journal(64 << 20, Policy::Block);
+    let (_disk, rep) = s.open(&j, false);
+    assert!(!rep.reason.contains("grew"), "{}", rep.reason);
+    assert!(markers(&take_all(&j)).iter().all(|m| m != "disk-grown"));
+}

@@ -1251,8 +1251,8 @@ fn forged_note(version: FormatVersion, reason: NoteReason) -> Vec<u8> {
     forge(&h, &plain)
 }
 
-/// A v4 golden frame: an M frame with a disk-grown Note and the disk's new
-/// size.
+/// A v4 golden frame: an M frame with a disk-grown Note and, right behind
+/// it, the disk's new size.
 fn golden_grown() -> SealedFrame {
     let mut s = Sealer::new(&key(), 1, 3).unwrap();
     let mut m = meta(200_002, 41);
@@ -1260,8 +1260,8 @@ fn golden_grown() -> SealedFrame {
     s.seal(
         &m,
         &[
-            RecordRef::disk_size(1_000_003, 0, 8 << 30, T0 + 52),
-            RecordRef::note(1_000_004, 0, T0 + 53, NoteReason::DiskGrown, "disk grew"),
+            RecordRef::note(1_000_003, 0, T0 + 52, NoteReason::DiskGrown, "disk grew"),
+            RecordRef::disk_size(1_000_004, 0, 8 << 30, T0 + 53),
         ],
     )
     .unwrap()
@@ -1291,10 +1291,10 @@ const GOLDEN_GROWN: &str = concat!(
     "544d465204008000020001000100000064622d30310000000000000000000000",
     "00000000000000000000000000000000420d030000000000410d030000000000",
     "43420f000000000044420f0000000000290000000000000034401e18240a0600",
-    "35401e18240a060002000000490000003d000000000000000000000000000000",
-    "6c7ffab709ea21eb591abf71bdd73474daa726abb2e48a0414658cd7c4000923",
-    "b1b9bc46c7e16e57c78074d2c2f255566bdaeb6d786675b85a235117b797b73d",
-    "561526cb4efc9a462ac47dc009",
+    "35401e18240a060002000000490000003f000000000000000000000000000000",
+    "6c7ffab709ea31eb591abf71bdd73471da936681eade98261e6a8cd1c4000c23",
+    "b18c8040c7e16e57c78074d2c2f254564bd2eb4dabb12b9757b5c3d73e280e77",
+    "396908340a11f360155a4f9bbf0555",
 );
 
 const GOLDEN_REBASE_HEADER: &str = concat!(

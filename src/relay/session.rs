@@ -330,6 +330,9 @@ impl Drop for ResetOnDrop<'_> {
     }
 }
 
+/// How the relay's status says that its spool cannot continue the target.
+const NO_CONTINUATION: &str = "relay spool has no frames continuing the target's";
+
 /// Serve a target: trim what it has applied, welcome it, forward the rest.
 pub(crate) async fn run_target(
     shared: &Arc<Shared>,
@@ -426,9 +429,7 @@ pub(crate) async fn run_target(
                         Some(f) if f.prev_frame_no > after => Some(f.prev_frame_no),
                         Some(_) => None,
                     };
-                    if let Some(upto) = missing
-                        && empty_at != Some(head_now)
-                    {
+                    if let Some(upto) = missing {
                         tracing::error!(
                             group = %hub.name, after, head = head_now,
                             "the spool holds no frame continuing the target's tip (frame {after}; frames up to {upto} are gone): the target cannot continue; if the target lost its state, re-seed it: stop the relay, run `tidemark relay reset-group --group {}`, start it again (docs/RESYNC.md)",
@@ -437,7 +438,7 @@ pub(crate) async fn run_target(
                         set(
                             &hub.last_target_error,
                             format!(
-                                "relay spool has no frames continuing the target's frame {after} (gone up to {upto}, head {head_now}); re-seed with `tidemark relay reset-group --group {}`",
+                                "{NO_CONTINUATION} frame {after} (gone up to {upto}, head {head_now}); re-seed with `tidemark relay reset-group --group {}`",
                                 hub.name
                             ),
                         );
@@ -488,6 +489,15 @@ pub(crate) async fn run_target(
                     }
                     if frame_no > acked {
                         acked = frame_no;
+                        // The target moves again: a re-seed advice is stale.
+                        let mut e = hub
+                            .last_target_error
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner());
+                        if e.as_deref().is_some_and(|m| m.starts_with(NO_CONTINUATION)) {
+                            *e = None;
+                        }
+                        drop(e);
                         hub.counters.target_acked.fetch_max(frame_no, Ordering::Relaxed);
                         let head_no = *hub.head.borrow();
                         trim_tx.send_replace(frame_no.min(head_no));

@@ -38,10 +38,20 @@ pub struct GroupReset {
 /// group the spool does not hold. Blocking.
 pub fn reset_group(dir: &Path, group: &str) -> Result<GroupReset, SpoolError> {
     check_group(group)?;
+    let gdir = dir.join(group);
+    let unknown = || SpoolError::UnknownGroup {
+        group: group.to_string(),
+        dir: dir.to_path_buf(),
+    };
+    if !dir.is_dir() {
+        return Err(unknown());
+    }
     let lock_path = dir.join(LOCK_FILE);
     let lock_file = OpenOptions::new()
         .read(true)
         .write(true)
+        .create(true)
+        .truncate(false)
         .open(&lock_path)
         .map_err(io_err("open", &lock_path))?;
     let _lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|_| {
@@ -49,12 +59,17 @@ pub fn reset_group(dir: &Path, group: &str) -> Result<GroupReset, SpoolError> {
             dir: dir.to_path_buf(),
         }
     })?;
-    let gdir = dir.join(group);
-    if !gdir.is_dir() {
-        return Err(SpoolError::UnknownGroup {
-            group: group.to_string(),
-            dir: dir.to_path_buf(),
-        });
+    // A plain directory only: a symlink in its place is not what a relay
+    // wrote, and removing it would remove nothing of the spool.
+    match fs::symlink_metadata(&gdir) {
+        Ok(m) if m.file_type().is_dir() => {}
+        Ok(_) => {
+            return Err(io_err("reset", &gdir)(std::io::Error::other(
+                "not a plain directory (a symlink or a file); left alone",
+            )));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(unknown()),
+        Err(e) => return Err(io_err("stat", &gdir)(e)),
     }
     let st = read_state(&gdir).ok().flatten();
     let mut files = 0;
@@ -64,7 +79,16 @@ pub fn reset_group(dir: &Path, group: &str) -> Result<GroupReset, SpoolError> {
         files += 1;
         bytes += e.metadata().map_or(0, |m| m.len());
     }
-    fs::remove_dir_all(&gdir).map_err(io_err("remove", &gdir))?;
+    // Rename first, so the group is gone in one step (a name no group can
+    // have: a relay reports it as an unknown entry and leaves it alone), then
+    // delete. A leftover of an earlier reset goes first.
+    let trash = dir.join(format!(".reset-{group}"));
+    if trash.exists() {
+        fs::remove_dir_all(&trash).map_err(io_err("remove", &trash))?;
+    }
+    fs::rename(&gdir, &trash).map_err(io_err("rename", &gdir))?;
+    state::fsync_dir(dir)?;
+    fs::remove_dir_all(&trash).map_err(io_err("remove", &trash))?;
     state::fsync_dir(dir)?;
     tracing::warn!(group, dir = %gdir.display(), files, bytes, "group's spool removed (re-seed): the agent will compare every disk");
     Ok(GroupReset {
@@ -99,6 +123,11 @@ mod tests {
         assert!(e.to_string().contains("nope"), "{e}");
         let e = reset_group(d.path(), "../g1").unwrap_err();
         assert!(matches!(e, SpoolError::InvalidGroup { .. }), "{e}");
+        // A symlink in a group's place is left alone.
+        std::os::unix::fs::symlink(d.path().join("g2"), d.path().join("g3")).unwrap();
+        let e = reset_group(d.path(), "g3").unwrap_err();
+        assert!(e.to_string().contains("not a plain directory"), "{e}");
+        std::fs::remove_file(d.path().join("g3")).unwrap();
         let r = reset_group(d.path(), "g1").unwrap();
         assert_eq!((r.head_frame_no, r.trimmed_through), (Some(3), Some(2)));
         assert!(r.files >= 2 && r.bytes > 0, "{r:?}");

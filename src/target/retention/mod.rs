@@ -730,9 +730,14 @@ impl Retention {
             cur.rebuilt.retain(|(d, ..)| *d != disk);
             cur.preserved.insert(disk, bm);
         }
-        let Some(bm) = cur.preserved.get(&disk) else {
+        let Some(bm) = cur.preserved.get_mut(&disk) else {
             return Ok(());
         };
+        if bm.len() < blocks {
+            // The replica grew during the epoch (its source disk grew).
+            bm.grow(blocks);
+        }
+        let bm = &*bm;
         let runs = unpreserved_runs(bm, blocks, ranges);
         if runs.is_empty() {
             return Ok(());
