@@ -859,6 +859,52 @@ mod tests {
     }
 
     #[test]
+    fn golden_snapshot_v2_header() {
+        let d = tempfile::tempdir().unwrap();
+        let (l, _) = open(d.path(), 64 * MIB);
+        let mut bits = RegionBitmap::new(l.regions());
+        bits.set_range(3, 5);
+        l.set_grown_from(Some(32 * MIB));
+        l.write_snapshot(&bits, true).unwrap();
+        let b = fs::read(d.path().join("g1.disk0.dirty")).unwrap();
+        // Bytes 40..48 (the time written) vary; the rest is pinned.
+        let mut h = b[..HEADER].to_vec();
+        h[40..48].fill(0);
+        h[60..64].fill(0);
+        assert_eq!(
+            hex(&h),
+            concat!(
+                "54494445424d3031020000000100000000000004000000000c00000001000000",
+                "0200000000000000000000000000000000000002000000000000000000000000",
+            )
+        );
+        assert_eq!(u32_at(&b, 60), crc32c::crc32c(&b[..60]));
+        assert_eq!(b.len(), HEADER + PAGE_RECORD);
+        // A version 1 header (no grown_from) still reads.
+        let mut v1 = b.clone();
+        v1[8..12].copy_from_slice(&1u32.to_le_bytes());
+        v1[48..56].fill(0);
+        let crc = crc32c::crc32c(&v1[..60]);
+        v1[60..64].copy_from_slice(&crc.to_le_bytes());
+        let g = Geometry::for_disk(64 * MIB);
+        let (bm, clean, grown) = DirtyLog::parse_snapshot(&g, &v1).unwrap();
+        assert_eq!((bm.count(), clean, grown), (2, true, None));
+        let (_, _, grown) = DirtyLog::parse_snapshot(&g, &b).unwrap();
+        assert_eq!(grown, Some(32 * MIB));
+        // A grown_from at or above the disk size is refused.
+        let mut bad = b.clone();
+        bad[48..56].copy_from_slice(&(64 * MIB).to_le_bytes());
+        let crc = crc32c::crc32c(&bad[..60]);
+        bad[60..64].copy_from_slice(&crc.to_le_bytes());
+        let e = DirtyLog::parse_snapshot(&g, &bad).unwrap_err();
+        assert!(e.contains("not below"), "{e}");
+    }
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    #[test]
     fn a_torn_log_slot_leaves_the_previous_one() {
         let d = tempfile::tempdir().unwrap();
         let (l, _) = open(d.path(), 64 * MIB);
