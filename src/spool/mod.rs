@@ -383,6 +383,22 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Spo
     }
 }
 
+/// Take the spool directory's lock (its `LOCK` file, created if missing):
+/// one process at a time opens or changes a spool.
+fn lock_dir(dir: &Path) -> Result<Flock<File>, SpoolError> {
+    let lock_path = dir.join(LOCK_FILE);
+    let lock_file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .map_err(io_err("open", &lock_path))?;
+    Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|_| SpoolError::Locked {
+        dir: dir.to_path_buf(),
+    })
+}
+
 fn check_group(name: &str) -> Result<(), SpoolError> {
     validate_group(name).map_err(|reason| SpoolError::InvalidGroup {
         name: name.chars().take(64).collect(),
@@ -497,16 +513,7 @@ impl Spool {
         if !existed && let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
             state::fsync_dir(parent)?;
         }
-        let lock_path = dir.join(LOCK_FILE);
-        let lock_file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .map_err(io_err("open", &lock_path))?;
-        let lock_guard = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock)
-            .map_err(|_| SpoolError::Locked { dir: dir.clone() })?;
+        let lock_guard = lock_dir(&dir)?;
 
         let direct = choose_io(&opts);
         let rec = recovery::recover(&dir, direct)?;

@@ -10,13 +10,11 @@
 //! accepts. What the dropped frames held is on the source disks, so nothing is
 //! lost; only the differences travel.
 
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::path::{Path, PathBuf};
 
-use nix::fcntl::{Flock, FlockArg};
-
 use super::state::{self, read_state};
-use super::{LOCK_FILE, SpoolError, check_group, io_err};
+use super::{SpoolError, check_group, io_err, lock_dir};
 
 /// What [`reset_group`] dropped.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -46,19 +44,7 @@ pub fn reset_group(dir: &Path, group: &str) -> Result<GroupReset, SpoolError> {
     if !dir.is_dir() {
         return Err(unknown());
     }
-    let lock_path = dir.join(LOCK_FILE);
-    let lock_file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&lock_path)
-        .map_err(io_err("open", &lock_path))?;
-    let _lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|_| {
-        SpoolError::Locked {
-            dir: dir.to_path_buf(),
-        }
-    })?;
+    let _lock = lock_dir(dir)?;
     // A plain directory only: a symlink in its place is not what a relay
     // wrote, and removing it would remove nothing of the spool.
     match fs::symlink_metadata(&gdir) {
