@@ -496,6 +496,35 @@ async fn a_replica_grows_only_with_a_disk_grown_note_in_the_frame_of_the_new_siz
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vmdk_replica_cannot_grow_and_refuses_the_grown_frame_untouched() {
+    let mut site = Site::new(&["g1"]).await;
+    site.cfg.groups[0].disks[0].format = crate::config::ReplicaFormat::Vmdk;
+    let replica = site.replica("g1", 0);
+    let mut c = site.chain("g1");
+    let first = c.w(&[Rec::Size(0, MIB), Rec::Write(0, 0, data(1, 4096))]);
+    let grown = c.frame(
+        FrameKind::Merge,
+        &[
+            Rec::Note(0, crate::frame::NoteReason::DiskGrown),
+            Rec::Size(0, 2 * MIB),
+            Rec::Write(0, MIB + 4096, data(2, 4096)),
+        ],
+    );
+    let t = site.start();
+    let mut conn = site.relay.accept().await;
+    conn.welcome(ChainPos::default()).await;
+    conn.send(&first.bytes).await;
+    conn.wait_ack(first.header.frame_no).await;
+    let before = std::fs::read(&replica).unwrap();
+    conn.send(&grown.bytes).await;
+    let (_, frame_no, msg) = conn.wait_error().await;
+    assert_eq!(frame_no, grown.header.frame_no, "{msg}");
+    assert!(msg.contains("smaller") && msg.contains("2097152"), "{msg}");
+    t.stop().await.unwrap();
+    assert_eq!(std::fs::read(&replica).unwrap(), before, "no byte changed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_out_of_range_is_refused_before_any_byte_of_its_frame() {
     let mut site = Site::new(&["g1"]).await;
     let replica1 = site.add_disk("g1", 1);
