@@ -534,22 +534,20 @@ print(json.dumps({'ok': st==0, 'exit': st, 'wall_s': round(w,3), 'mb_s': round(s
     show
     [ $vst = 0 ] || { echo "!! verify exit $vst: $out $(cat "$dir/verify.err")" >&2; log_tails resync >&2; }
 }
+dd_rate() { # case round file: one direct sequential read of file, as MB/s of SIZE
+    local t0 t1 l
+    drop_caches
+    l=$(load)
+    t0=$(now)
+    timeout "$wait_limit" dd if="$3" of=/dev/null bs=4M iflag=direct status=none
+    t1=$(now)
+    record "$1" "$2" "$(python3 -c "import json,sys; w=float(sys.argv[2])-float(sys.argv[1]); print(json.dumps({'ok': True, 'wall_s': round(w,3), 'mb_s': round(int(sys.argv[3])/w/1e6,1), 'load': float(sys.argv[4])}))" "$t0" "$t1" "$size" "$l")"
+    show
+}
 case_dd() { # round: the disk's sequential read rate, same run, roles idle
-    local r=$1 t0 t1 l
-    drop_caches
-    l=$(load)
-    t0=$(now)
-    timeout "$wait_limit" dd if="$dense" of=/dev/null bs=4M iflag=direct status=none
-    t1=$(now)
-    record dddense "$r" "$(python3 -c "import json,sys; w=float(sys.argv[2])-float(sys.argv[1]); print(json.dumps({'ok': True, 'wall_s': round(w,3), 'mb_s': round(int(sys.argv[3])/w/1e6,1), 'load': float(sys.argv[4])}))" "$t0" "$t1" "$size" "$l")"
-    show
-    drop_caches
-    l=$(load)
-    t0=$(now)
-    timeout "$wait_limit" dd if="$src" of=/dev/null bs=4M iflag=direct status=none
-    t1=$(now)
-    record ddread "$r" "$(python3 -c "import json,sys; w=float(sys.argv[2])-float(sys.argv[1]); print(json.dumps({'ok': True, 'wall_s': round(w,3), 'mb_s': round(int(sys.argv[3])/w/1e6,1), 'load': float(sys.argv[4])}))" "$t0" "$t1" "$size" "$l")"
-    show
+    local r=$1 t0 t1
+    dd_rate dddense "$r" "$dense"
+    dd_rate ddread "$r" "$src"
     drop_caches
     t0=$(now)
     timeout "$wait_limit" dd if="$src" of=/dev/null bs=4M iflag=direct status=none &

@@ -397,6 +397,8 @@ pub(crate) async fn run_target(
     // The head at which a read found nothing after the cursor (frames the spool
     // reported lost): read again only once the head moves.
     let mut empty_at: Option<u64> = None;
+    // This session put the re-seed advice in the status (cleared on progress).
+    let mut advised = false;
     let result = loop {
         let head_now = *head_rx.borrow_and_update();
         if batch.is_empty()
@@ -430,6 +432,7 @@ pub(crate) async fn run_target(
                         Some(_) => None,
                     };
                     if let Some(upto) = missing {
+                        advised = true;
                         tracing::error!(
                             group = %hub.name, after, head = head_now,
                             "the spool holds no frame continuing the target's tip (frame {after}; frames up to {upto} are gone): the target cannot continue; if the target lost its state, re-seed it: stop the relay, run `tidemark relay reset-group --group {}`, start it again (docs/RESYNC.md)",
@@ -490,14 +493,15 @@ pub(crate) async fn run_target(
                     if frame_no > acked {
                         acked = frame_no;
                         // The target moves again: a re-seed advice is stale.
-                        let mut e = hub
-                            .last_target_error
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner());
-                        if e.as_deref().is_some_and(|m| m.starts_with(NO_CONTINUATION)) {
-                            *e = None;
+                        if std::mem::take(&mut advised) {
+                            let mut e = hub
+                                .last_target_error
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner());
+                            if e.as_deref().is_some_and(|m| m.starts_with(NO_CONTINUATION)) {
+                                *e = None;
+                            }
                         }
-                        drop(e);
                         hub.counters.target_acked.fetch_max(frame_no, Ordering::Relaxed);
                         let head_no = *hub.head.borrow();
                         trim_tx.send_replace(frame_no.min(head_no));

@@ -37,7 +37,7 @@ mod tests;
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry as MapEntry;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,7 +45,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Sender, TrySendError};
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 use thiserror::Error;
 use tokio::sync::oneshot;
 
@@ -67,7 +67,7 @@ pub const MIN_SEGMENT_BYTES: u64 = 4096;
 /// Largest accepted `segment_bytes` (record offsets are kept as 32 bits).
 pub const MAX_SEGMENT_BYTES: u64 = 1 << 30;
 /// Name of the lock file in the spool directory (one process per spool).
-pub const LOCK_FILE: &str = "LOCK";
+pub const LOCK_FILE: &str = crate::util::lockfile::LOCK_FILE;
 
 /// Where the spool lives and how it batches.
 #[derive(Debug, Clone)]
@@ -383,19 +383,12 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Spo
     }
 }
 
-/// Take the spool directory's lock (its `LOCK` file, created if missing):
+/// Take the spool directory's lock (`util::lockfile`: its `LOCK` file):
 /// one process at a time opens or changes a spool.
 fn lock_dir(dir: &Path) -> Result<Flock<File>, SpoolError> {
-    let lock_path = dir.join(LOCK_FILE);
-    let lock_file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&lock_path)
-        .map_err(io_err("open", &lock_path))?;
-    Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|_| SpoolError::Locked {
-        dir: dir.to_path_buf(),
+    crate::util::lockfile::lock_dir(dir).map_err(|e| match e {
+        crate::util::lockfile::LockError::Locked { dir } => SpoolError::Locked { dir },
+        crate::util::lockfile::LockError::Io { path, source } => io_err("lock", &path)(source),
     })
 }
 
