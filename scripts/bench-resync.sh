@@ -307,7 +307,7 @@ while True:
     if now - t0 > limit:
         fail(1, f"not done within {limit} s")
     time.sleep(0.05)
-# Counters are written every 250 ms: read them once more after that.
+# Counters are written every 100 ms: read them once more after that.
 time.sleep(0.6)
 a, t, r = rd(agent_st), rd(target_st), rd(relay_st)
 g = a["groups"][0]

@@ -345,7 +345,7 @@ fn mount_ro(image: &Path, dir: &Path) -> (LoopDev, Mounted) {
 }
 
 /// Wait until the agent's status file holds a snapshot taken after `mark`.
-/// One task rewrites it every 250 ms (snapshot, write, wait): a file modified
+/// One task rewrites it every 100 ms (snapshot, write, wait): a file modified
 /// after `mark` may hold a snapshot taken just before it, the next one cannot.
 /// (Without this, `Cluster::wait_caught_up` right after the last writes can
 /// return on a snapshot from before them, with an older seq.)

@@ -104,7 +104,7 @@ fn e2e_agent_sending_for_a_group_it_does_not_own_is_refused() {
     let line = last_line(&a.log_text());
     assert!(line.starts_with("tidemark: "), "{line}");
     assert!(line.contains("not authorized for group g1"), "{line}");
-    // The relay counted the refusal (its status is rewritten every 250 ms).
+    // The relay counted the refusal (its status is rewritten every 100 ms).
     wait_until(
         Duration::from_secs(10),
         "the relay to count the refusal",

@@ -20,7 +20,7 @@ const MIB: u64 = 1 << 20;
 const LONG: Duration = Duration::from_secs(180);
 
 /// Assert that `seq` is below the running agent's next seq (waiting for a
-/// status written after the tag: it is refreshed every 250 ms).
+/// status written after the tag: it is refreshed every 100 ms).
 fn assert_below_next_seq(c: &mut Cluster, seq: u64) {
     let next = wait_until(Duration::from_secs(10), "the agent's status", || {
         let s = c.agent_status()?;

@@ -34,12 +34,10 @@ use crate::transport::client::{Hello, RelayEndpoint};
 use crate::transport::tls::{self, TlsError};
 use crate::util::lockfile::{self, LockError};
 use crate::util::shutdown::{self, Shutdown};
-use crate::util::statusfile::{self, STATUS_FILE};
+use crate::util::statusfile::{self, STATUS_FILE, STATUS_INTERVAL};
 
 /// How long an orderly stop waits for the relay to acknowledge what is queued.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-/// How often the status snapshot is rewritten.
-pub const STATUS_INTERVAL: Duration = Duration::from_millis(250);
 /// Seal threads per group.
 pub const SEAL_WORKERS: usize = 2;
 

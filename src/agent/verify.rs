@@ -23,7 +23,7 @@ use crate::capture::readahead::{READ_DEPTH, StepReader};
 use crate::error::{Classify, ErrorKind};
 use crate::frame::NoteReason;
 use crate::frontend::BlockIo;
-use crate::resync::{DigestClient, FetchError, Prefetch, Purpose, diff};
+use crate::resync::{DigestClient, FetchError, PREFETCH_DEPTH, Prefetch, Purpose, diff};
 
 /// Extra compares of the blocks that differed, before they are reported.
 pub const RECHECK_ROUNDS: usize = 2;
@@ -285,7 +285,7 @@ fn compare_runs(
     for (i, w) in windows.iter().enumerate() {
         let count = (w.end - w.start) as u32;
         let ticket = ahead.take(dc, disk, w.start, count, Purpose::Verify);
-        if let Some(n) = windows.get(i + 1) {
+        for n in windows.iter().skip(i + 1).take(PREFETCH_DEPTH) {
             ahead.ask(dc, disk, n.start, (n.end - n.start) as u32, Purpose::Verify);
         }
         let t0 = Instant::now();

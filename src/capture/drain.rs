@@ -18,7 +18,7 @@ use super::modes::Mode;
 use super::protected::{COPY_CHUNK, ProtectedDisk, ProtectedError};
 use super::readahead::{READ_DEPTH, StepReader};
 use crate::frontend::BlockIo;
-use crate::resync::{DigestClient, Prefetch, Purpose};
+use crate::resync::{DigestClient, PREFETCH_DEPTH, Prefetch, Purpose};
 use crate::util::rate::TokenBucket;
 
 /// Most blocks asked for in one digest request (64 MiB at 64 KiB blocks):
@@ -381,16 +381,24 @@ fn resync_window(
     }
     let count = (b1 - b0) as u32;
     let ticket = prefetch.take(dc, (id, size), b0, count, Purpose::Resync);
-    // The first step of the next window, read ahead while this window's last
-    // step is compared.
+    // The next windows' digests, asked for ahead; the first step of the next
+    // window, read ahead while this window's last step is compared.
     let mut next_window_step = None;
-    if let Some((noff, nlen)) = journal.next_pending(id, b1 * bs, WINDOW_BLOCKS * bs) {
+    let mut from = b1;
+    for k in 0..PREFETCH_DEPTH {
+        let Some((noff, nlen)) = journal.next_pending(id, from * bs, WINDOW_BLOCKS * bs) else {
+            break;
+        };
         let (n0, n1) = window(noff, nlen, bs, size);
-        if n0 >= b1 && n1 > n0 {
-            prefetch.ask(dc, (id, size), n0, (n1 - n0) as u32, Purpose::Resync);
+        if n0 < from || n1 <= n0 {
+            break;
+        }
+        prefetch.ask(dc, (id, size), n0, (n1 - n0) as u32, Purpose::Resync);
+        if k == 0 {
             let (s0, s1) = (n0 * bs, (n1 * bs).min(size));
             next_window_step = Some((s0, (s0 + COPY_CHUNK as u64).min(s1)));
         }
+        from = n1;
     }
     let target = dc
         .wait_or_stop(ticket, DIGEST_TIMEOUT, stop)

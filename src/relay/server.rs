@@ -27,7 +27,7 @@ use crate::transport::conn::{Outgoing, spawn_reader, spawn_writer};
 use crate::transport::tls::{self, Role, TlsError};
 use crate::transport::wire::{Message, PROTOCOL_VERSION, PeerRole, WireError, WireErrorKind};
 use crate::util::shutdown::Shutdown;
-use crate::util::statusfile::{self, STATUS_FILE};
+use crate::util::statusfile::{self, STATUS_FILE, STATUS_INTERVAL};
 
 /// Longest time a TLS handshake plus hello may take.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -36,8 +36,6 @@ pub const MAX_CONNECTIONS: usize = 256;
 /// Bytes of frames held in memory while their spool append is pending, across
 /// all agent sessions (the relay's peak RSS bar is 256 MiB).
 pub const APPEND_MEMORY: usize = 64 << 20;
-/// How often the status snapshot is rewritten.
-pub const STATUS_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Why the relay could not start or had to stop.
 #[derive(Debug, thiserror::Error)]

@@ -9,7 +9,7 @@
 //! [`DigestClient::new`]) and feeds replies back ([`DigestClient::on_message`],
 //! [`DigestClient::on_unreachable`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -81,18 +81,29 @@ impl Ticket {
     pub fn request(&self) -> &DigestRequest {
         &self.req
     }
+
+    /// What identifies the request for [`Prefetch`].
+    fn key(&self) -> (u16, u64, u64, u32, Purpose) {
+        let r = &self.req;
+        (r.disk, r.disk_size, r.first_block, r.count, r.purpose)
+    }
 }
 
-/// One digest request asked for ahead of its use, so the target reads window
-/// N+1 while the agent reads window N (the checksum resync's drainer and
-/// online verify both work this way).
+/// Digest requests asked for ahead of their use, oldest first, so the
+/// target reads the next windows while the agent reads the current one (the
+/// checksum resync's drainer and online verify both work this way). Two
+/// ahead keep the target busy while the agent finishes a window: with one,
+/// whichever side was faster waited for the other at every window.
 #[derive(Debug, Default)]
-pub struct Prefetch(Option<Ticket>);
+pub struct Prefetch(VecDeque<Ticket>);
+
+/// Windows a [`Prefetch`] asks for ahead of the one in use.
+pub const PREFETCH_DEPTH: usize = 2;
 
 impl Prefetch {
-    /// The ticket for blocks `first_block .. +count` of `disk`: the one asked
-    /// for ahead when it is that request, else a new request (the other one
-    /// is cancelled).
+    /// The ticket for blocks `first_block .. +count` of `disk`: the oldest
+    /// one asked for ahead when it is that request, else a new request (all
+    /// asked ahead are then cancelled: the windows changed).
     pub fn take(
         &mut self,
         dc: &DigestClient,
@@ -101,20 +112,19 @@ impl Prefetch {
         count: u32,
         purpose: Purpose,
     ) -> Ticket {
-        if let Some(t) = self.0.take() {
-            let r = t.request();
-            if (r.disk, r.disk_size, r.first_block, r.count, r.purpose)
-                == (disk, disk_size, first_block, count, purpose)
-            {
-                return t;
-            }
-            dc.cancel(t);
+        let want = (disk, disk_size, first_block, count, purpose);
+        if self.0.front().is_some_and(|t| t.key() == want)
+            && let Some(t) = self.0.pop_front()
+        {
+            return t;
         }
+        self.cancel(dc);
         dc.request(disk, disk_size, first_block, count, purpose)
     }
 
-    /// Ask ahead for blocks `first_block .. +count` of `disk` (cancelling
-    /// what was asked ahead before).
+    /// Ask ahead for blocks `first_block .. +count` of `disk`, unless that
+    /// request is already asked for. At most [`PREFETCH_DEPTH`] are held: a
+    /// request past that is not made.
     pub fn ask(
         &mut self,
         dc: &DigestClient,
@@ -123,13 +133,17 @@ impl Prefetch {
         count: u32,
         purpose: Purpose,
     ) {
-        self.cancel(dc);
-        self.0 = Some(dc.request(disk, disk_size, first_block, count, purpose));
+        let want = (disk, disk_size, first_block, count, purpose);
+        if self.0.len() >= PREFETCH_DEPTH || self.0.iter().any(|t| t.key() == want) {
+            return;
+        }
+        self.0
+            .push_back(dc.request(disk, disk_size, first_block, count, purpose));
     }
 
-    /// Give up on what was asked ahead.
+    /// Give up on everything asked ahead.
     pub fn cancel(&mut self, dc: &DigestClient) {
-        if let Some(t) = self.0.take() {
+        for t in self.0.drain(..) {
             dc.cancel(t);
         }
     }
@@ -403,6 +417,54 @@ mod tests {
         ahead.ask(&c, (0, 1 << 20), 8, 2, Purpose::Resync);
         ahead.cancel(&c);
         assert_eq!(c.waiting().len(), 2);
+        while rx.try_recv().is_ok() {}
+    }
+
+    #[test]
+    fn two_windows_are_asked_ahead_and_taken_in_order() {
+        let (c, mut rx, _target) = client();
+        let disk = (0, 1 << 30);
+        let mut ahead = Prefetch::default();
+        ahead.ask(&c, disk, 0, 4, Purpose::Resync);
+        ahead.ask(&c, disk, 4, 4, Purpose::Resync);
+        // Asked again: no new request. Past the depth: not made.
+        ahead.ask(&c, disk, 4, 4, Purpose::Resync);
+        ahead.ask(&c, disk, 8, 4, Purpose::Resync);
+        assert_eq!(
+            c.stats.requests.load(Ordering::Relaxed),
+            PREFETCH_DEPTH as u64
+        );
+        let t0 = ahead.take(&c, disk, 0, 4, Purpose::Resync);
+        ahead.ask(&c, disk, 8, 4, Purpose::Resync);
+        let t1 = ahead.take(&c, disk, 4, 4, Purpose::Resync);
+        let t2 = ahead.take(&c, disk, 8, 4, Purpose::Resync);
+        assert_eq!(
+            [
+                t0.request().first_block,
+                t1.request().first_block,
+                t2.request().first_block
+            ],
+            [0, 4, 8]
+        );
+        assert_eq!(
+            c.stats.requests.load(Ordering::Relaxed),
+            3,
+            "each window asked once"
+        );
+        // A window that is not the oldest asked ahead: everything asked ahead
+        // is cancelled and the window asked for afresh.
+        ahead.ask(&c, disk, 12, 4, Purpose::Resync);
+        ahead.ask(&c, disk, 16, 4, Purpose::Resync);
+        let t4 = ahead.take(&c, disk, 16, 4, Purpose::Resync);
+        assert_eq!(c.stats.requests.load(Ordering::Relaxed), 6);
+        let waiting: Vec<u64> = c.waiting().values().map(|(r, _)| r.first_block).collect();
+        assert_eq!(
+            waiting.len(),
+            4,
+            "t0, t1, t2, t4 wait; 12 and the first 16 are cancelled: {waiting:?}"
+        );
+        assert!(!waiting.contains(&12));
+        drop(t4);
         while rx.try_recv().is_ok() {}
     }
 

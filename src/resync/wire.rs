@@ -155,8 +155,9 @@ impl Classify for WireError {
     }
 }
 
-/// The digests of `count` consecutive blocks of one disk: one unit of a
-/// resync or verify ([`super::ResyncProgress`] chunk `chunk_index`).
+/// The digests of `count` consecutive blocks of one disk: the answer to one
+/// digest request of a resync or verify (`chunk_index` carries the request's
+/// id).
 /// Built only through [`DigestChunk::new`] or [`DigestChunk::decode`], so it
 /// always encodes to a message that decodes.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -42,7 +42,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use nix::fcntl::Flock;
 use tokio::sync::watch;
@@ -56,7 +55,7 @@ use crate::transport::client::{ConnectError, RelayEndpoint};
 use crate::transport::tls::{self, TlsError};
 use crate::util::lockfile::{self, LockError};
 use crate::util::shutdown::{self, Shutdown};
-use crate::util::statusfile::{STATUS_FILE, write_json};
+use crate::util::statusfile::{STATUS_FILE, STATUS_INTERVAL, write_json};
 use crate::util::time::now_us;
 
 pub use apply::ApplyError;
@@ -66,7 +65,7 @@ pub use status::{GapStatus, GroupStatus, TargetStatus, WatermarkStatus};
 use apply::{ApplySetup, DiskSpec, Progress};
 use budget::Budget;
 use session::GroupSession;
-use status::{STATUS_INTERVAL_MS, SharedStatus};
+use status::SharedStatus;
 use watermark::{Watermark, WatermarkError};
 
 /// Name of the lock file in the state directory (one target per state dir).
@@ -611,14 +610,14 @@ fn snapshot(name: &str, groups: &[(SharedStatus, Arc<Budget>)]) -> TargetStatus 
     }
 }
 
-/// Write the status file every [`STATUS_INTERVAL_MS`] until `stop` fires.
+/// Write the status file every [`STATUS_INTERVAL`] until `stop` fires.
 async fn status_writer(
     path: PathBuf,
     name: String,
     groups: Vec<(SharedStatus, Arc<Budget>)>,
     mut stop: Shutdown,
 ) {
-    let mut tick = tokio::time::interval(Duration::from_millis(STATUS_INTERVAL_MS));
+    let mut tick = tokio::time::interval(STATUS_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

@@ -1,5 +1,6 @@
 //! The target's status snapshot (`state_dir/status.json`), written every
-//! ~250 ms and at shutdown. The bench and tests deserialize [`TargetStatus`] to
+//! [`STATUS_INTERVAL`](crate::util::statusfile::STATUS_INTERVAL) and at
+//! shutdown. The bench and tests deserialize [`TargetStatus`] to
 //! wait for the watermark and read lag and byte counts; the fields are
 //! described in docs/TARGET.md ("Status file").
 
@@ -8,9 +9,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 
 use crate::util::hist::Summary;
-
-/// Interval between two status writes, in milliseconds.
-pub const STATUS_INTERVAL_MS: u64 = 250;
 
 /// The whole `status.json` of a target.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
