@@ -92,8 +92,9 @@ impl Ticket {
 /// Digest requests asked for ahead of their use, oldest first, so the
 /// target reads the next windows while the agent reads the current one (the
 /// checksum resync's drainer and online verify both work this way). Two
-/// ahead keep the target busy while the agent finishes a window: with one,
-/// whichever side was faster waited for the other at every window.
+/// ahead keep the target busy when a round trip through the relay is longer
+/// than its time for one window (a WAN link); with one, the target then
+/// waited at every window.
 #[derive(Debug, Default)]
 pub struct Prefetch(VecDeque<Ticket>);
 
