@@ -191,7 +191,10 @@ fn e2e_resync_under_a_concurrent_writer_ends_equal_with_the_range_in_the_catalog
     assert!(ok, "{out}");
     let last = c.wait_workload_done(Duration::from_secs(240));
     c.wait_applied(last, Duration::from_secs(240));
-    c.wait_caught_up(Duration::from_secs(240));
+    // Consistent: the W frame after the copy closed the resync range (the
+    // agent's journal can be empty and the target at its last seq before
+    // that frame is applied).
+    c.wait_consistent(Duration::from_secs(240));
     let s = resync_status(&c);
     // A damaged block the writer rewrote before the compare reached it was
     // repaired by that write (applied at the target first): not sent again.
@@ -357,7 +360,9 @@ fn e2e_failover_then_failback_sends_only_the_delta_and_the_original_ends_equal()
     c.start_agent(&["--workload-bytes", "8M", "--workload-seed", "4"]);
     let last = c.wait_workload_done(Duration::from_secs(120));
     c.wait_applied(last, Duration::from_secs(120));
-    c.wait_caught_up(Duration::from_secs(120));
+    // `latest` names a point only once the W frame after the initial copy
+    // is applied.
+    c.wait_consistent(Duration::from_secs(120));
     // Disaster: the protected machine is gone. Fail over at the last point.
     c.agent.as_mut().unwrap().kill9();
     c.target_cmd(&["recover", "--point", "latest", "--promote"]);
