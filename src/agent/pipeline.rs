@@ -157,7 +157,12 @@ impl Pipeline {
                         // recorded before it ends) is already in the journal,
                         // so an empty batch means all of them are in frames.
                         let ordered = journal.mode().write_ordered();
-                        let wait = if ordered {
+                        let wait = if ordered && after_m && next_frame > frame_next {
+                            // A drain just ended: the W frame that makes the
+                            // replica consistent goes now (the journal wakes
+                            // this thread when the drain ends).
+                            Duration::ZERO
+                        } else if ordered {
                             cfg.heartbeat.saturating_sub(last_frame.elapsed())
                         } else {
                             Duration::MAX

@@ -1061,6 +1061,10 @@ impl CaptureJournal {
             Mode::Data,
             format!("every dirty region copied ({copied} bytes since start): write-ordered again"),
         );
+        drop(g);
+        // The batcher, waiting for entries, sends the W frame that makes the
+        // replica consistent again now rather than at its next wake-up.
+        self.avail.notify_all();
         true
     }
 
