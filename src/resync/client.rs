@@ -81,12 +81,6 @@ impl Ticket {
     pub fn request(&self) -> &DigestRequest {
         &self.req
     }
-
-    /// What identifies the request for [`Prefetch`].
-    fn key(&self) -> (u16, u64, u64, u32, Purpose) {
-        let r = &self.req;
-        (r.disk, r.disk_size, r.first_block, r.count, r.purpose)
-    }
 }
 
 /// Digest requests asked for ahead of their use, oldest first, so the
@@ -113,8 +107,8 @@ impl Prefetch {
         count: u32,
         purpose: Purpose,
     ) -> Ticket {
-        let want = (disk, disk_size, first_block, count, purpose);
-        if self.0.front().is_some_and(|t| t.key() == want)
+        let want = dc.request_for(disk, disk_size, first_block, count, purpose);
+        if self.0.front().is_some_and(|t| t.req == want)
             && let Some(t) = self.0.pop_front()
         {
             return t;
@@ -134,8 +128,8 @@ impl Prefetch {
         count: u32,
         purpose: Purpose,
     ) {
-        let want = (disk, disk_size, first_block, count, purpose);
-        if self.0.len() >= PREFETCH_DEPTH || self.0.iter().any(|t| t.key() == want) {
+        let want = dc.request_for(disk, disk_size, first_block, count, purpose);
+        if self.0.len() >= PREFETCH_DEPTH || self.0.iter().any(|t| t.req == want) {
             return;
         }
         self.0
@@ -222,6 +216,25 @@ impl DigestClient {
         self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The request [`request`](Self::request) sends for these blocks.
+    fn request_for(
+        &self,
+        disk: u16,
+        disk_size: u64,
+        first_block: u64,
+        count: u32,
+        purpose: Purpose,
+    ) -> DigestRequest {
+        DigestRequest {
+            disk,
+            disk_size,
+            block_size: self.block_size,
+            first_block,
+            count,
+            purpose,
+        }
+    }
+
     /// Ask for the digests of blocks `first_block .. +count` of `disk` (its
     /// size `disk_size` here). Never blocks; a request that cannot be queued
     /// fails its ticket at once.
@@ -233,14 +246,7 @@ impl DigestClient {
         count: u32,
         purpose: Purpose,
     ) -> Ticket {
-        let req = DigestRequest {
-            disk,
-            disk_size,
-            block_size: self.block_size,
-            first_block,
-            count,
-            purpose,
-        };
+        let req = self.request_for(disk, disk_size, first_block, count, purpose);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = crossbeam_channel::bounded(1);
         let ticket = Ticket { id, req, rx };
