@@ -14,6 +14,11 @@
 #      own pages are dropped from the page cache (posix_fadvise DONTNEED on that
 #      file only), so every case starts from the same cache state; the -warm
 #      and -fresh context cases are described at `cases=` below.
+#      Each apply case also records the disk operations it caused (the block
+#      device's counters under BENCH_DIR), and fio-mixed (random 4 KiB reads
+#      and writes at once, depth 32, direct) measures what the disk serves
+#      when both share it: with retention, every before-image is such a read,
+#      so the table ends with the ceiling those two figures put on vmdk-ret.
 #   3. `tidemark target recover --point latest` of a RECOVER_SIZE (4G) raw
 #      replica with data in half of its 64 KiB blocks, vs `qemu-img convert -f
 #      raw -O raw` of the replica (bar: qemu time / recover time >= 0.7). Each
@@ -59,6 +64,13 @@ evict() { python3 -c "import os,sys
 for p in sys.argv[1:]:
     fd = os.open(p, os.O_RDONLY); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED); os.close(fd)" "$@"; }
 now() { date +%s.%N; }
+# The block device under BENCH_DIR (its /sys/class/block stat: read and write
+# operations), or nothing when the file system is not on one (tmpfs, overlay).
+dev_stat=/sys/class/block/$(basename "$(df --output=source "$dir" | tail -1)")/stat
+[ -r "$dev_stat" ] || dev_stat=
+disk_ops() { # -> "reads writes" so far, or "0 0"
+    if [ -n "$dev_stat" ]; then awk '{print $1, $5}' "$dev_stat"; else echo "0 0"; fi
+}
 record() { # case round json-from-stdin
     python3 -c "import json,sys; d=json.loads(sys.stdin.read().strip().splitlines()[-1]); d['case']=sys.argv[1]; d['round']=int(sys.argv[2]); print(json.dumps(d))" "$1" "$2" >> "$res"
 }
@@ -85,6 +97,13 @@ run_case() { # case round
         fio "${fio_common[@]}" --direct=1 > "$dir/fio.json"
         python3 -c "import json,sys; j=json.load(open(sys.argv[1]))['jobs'][0]; w=j['write']; print(json.dumps({'iops': w['total_ios']/(j['job_runtime']/1000), 'fio_iops': w['iops'], 'writes': w['total_ios'], 'secs': j['job_runtime']/1000}))" "$dir/fio.json" | record "$c" "$r"
         ;;
+    fio-mixed)
+        # Context: what the disk serves when random 4 KiB reads and writes
+        # share it, as the before-image reads and the replica's writes do.
+        evict "$fio_file"
+        fio "${fio_common[@]}" --rw=randrw --direct=1 > "$dir/fio.json"
+        python3 -c "import json,sys; j=json.load(open(sys.argv[1]))['jobs'][0]; n=j['read']['total_ios']+j['write']['total_ios']; print(json.dumps({'iops': n/(j['job_runtime']/1000), 'writes': n, 'secs': j['job_runtime']/1000}))" "$dir/fio.json" | record "$c" "$r"
+        ;;
     fio-buffered)
         evict "$fio_file"
         fio "${fio_common[@]}" --direct=0 --fdatasync=8192 > "$dir/fio.json"
@@ -105,7 +124,11 @@ run_case() { # case round
         "$tb" prepare "${args[@]}" > "$dir/prepare.json"
         settle
         case $c in *-warm) ;; *) evict "$d"/replica.* ;; esac
-        "$tb" apply --dir "$d" | record "$c" "$r"
+        local before after
+        before=$(disk_ops)
+        "$tb" apply --dir "$d" > "$dir/apply.json"
+        after=$(disk_ops)
+        python3 -c "import json,sys; d=json.loads(open(sys.argv[1]).read().strip().splitlines()[-1]); b=list(map(int,sys.argv[2].split())); a=list(map(int,sys.argv[3].split())); d['disk_reads']=a[0]-b[0]; d['disk_writes']=a[1]-b[1]; print(json.dumps(d))" "$dir/apply.json" "$before" "$after" | record "$c" "$r"
         rm -rf "$d"
         ;;
     esac
@@ -118,7 +141,7 @@ run_case() { # case round
 # writes leave large folios there, which slow down 4 KiB buffered writes on
 # ext4); -fresh: a new sparse replica, no fill (context: VMDK grains allocated
 # by the workload).
-cases=(fio-direct raw vmdk vmdk-ret fio-buffered raw-ret raw-warm vmdk-ret-warm raw-fresh vmdk-fresh)
+cases=(fio-direct raw vmdk vmdk-ret fio-buffered raw-ret raw-warm vmdk-ret-warm raw-fresh vmdk-fresh fio-mixed)
 for r in $(seq 1 "$rounds"); do
     n=${#cases[@]}
     order=()
@@ -236,6 +259,22 @@ for c in ('raw', 'vmdk', 'vmdk-ret', 'raw-ret', 'raw-warm', 'vmdk-ret-warm', 'ra
         print(f"{c}: verified {all(d['verified'] for d in v)}, open (decrypt+zstd, done on the apply thread in a replay) "
               f"{statistics.median(d['open_secs'] / d['secs'] for d in v) * 100:.0f} % of the apply time, "
               f"retention journal {statistics.median(d['retention_mib'] for d in v):.0f} MiB, peak RSS {max(d['peak_rss_mib'] for d in v):.0f} MiB")
+# The disk's operations per apply case, and what they predict for retention:
+# at the disk's mixed read+write rate (fio-mixed), how long vmdk-ret's
+# operations take, against raw's measured time.
+if any(d.get('disk_reads') is not None for d in ds):
+    for c in ('raw', 'vmdk', 'vmdk-ret', 'raw-ret'):
+        v = [d for d in ds if d['case'] == c and 'disk_reads' in d]
+        if v:
+            print(f"{c}: disk operations (median) {statistics.median(d['disk_reads'] for d in v):.0f} reads, {statistics.median(d['disk_writes'] for d in v):.0f} writes")
+    mixed = med('fio-mixed', 'iops')
+    ret = [d for d in ds if d['case'] == 'vmdk-ret' and 'disk_reads' in d]
+    if ret and mixed == mixed:
+        ops = statistics.median(d['disk_reads'] + d['disk_writes'] for d in ret)
+        t = ops / mixed
+        print(f"disk's mixed random 4 KiB read+write rate (fio randrw, depth 32, direct): {mixed:.0f} IOPS; "
+              f"vmdk-ret's {ops:.0f} operations at that rate take {t:.2f} s, raw apply took {med('raw', 'secs'):.2f} s: "
+              f"a ceiling near {med('raw', 'secs') / t:.2f} for vmdk-ret / raw on this disk")
 for d in ds:
     if d['case'] == 'recover-outputs':
         print(f"recover outputs allocated: tidemark {d['tidemark_alloc_mib']:.0f} MiB, qemu-img {d['qemu_alloc_mib']:.0f} MiB")
