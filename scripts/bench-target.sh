@@ -14,8 +14,9 @@
 #      own pages are dropped from the page cache (posix_fadvise DONTNEED on that
 #      file only), so every case starts from the same cache state; the -warm
 #      and -fresh context cases are described at `cases=` below.
-#      Each apply case also records the disk operations it caused (the block
-#      device's counters under BENCH_DIR), and fio-mixed (random 4 KiB reads
+#      Each apply case also records the disk operations during it (the
+#      counters of the block device under BENCH_DIR, so anything else using
+#      that device counts too), and fio-mixed (random 4 KiB reads
 #      and writes at once, depth 32, direct) measures what the disk serves
 #      when both share it: with retention, every before-image is such a read,
 #      so the table ends with the ceiling those two figures put on vmdk-ret.
@@ -68,8 +69,8 @@ now() { date +%s.%N; }
 # operations), or nothing when the file system is not on one (tmpfs, overlay).
 dev_stat=/sys/class/block/$(basename "$(df --output=source "$dir" | tail -1)")/stat
 [ -r "$dev_stat" ] || dev_stat=
-disk_ops() { # -> "reads writes" so far, or "0 0"
-    if [ -n "$dev_stat" ]; then awk '{print $1, $5}' "$dev_stat"; else echo "0 0"; fi
+disk_ops() { # -> "reads writes" so far (the whole device's), or nothing
+    if [ -n "$dev_stat" ]; then awk '{print $1, $5}' "$dev_stat"; fi
 }
 record() { # case round json-from-stdin
     python3 -c "import json,sys; d=json.loads(sys.stdin.read().strip().splitlines()[-1]); d['case']=sys.argv[1]; d['round']=int(sys.argv[2]); print(json.dumps(d))" "$1" "$2" >> "$res"
@@ -128,7 +129,12 @@ run_case() { # case round
         before=$(disk_ops)
         "$tb" apply --dir "$d" > "$dir/apply.json"
         after=$(disk_ops)
-        python3 -c "import json,sys; d=json.loads(open(sys.argv[1]).read().strip().splitlines()[-1]); b=list(map(int,sys.argv[2].split())); a=list(map(int,sys.argv[3].split())); d['disk_reads']=a[0]-b[0]; d['disk_writes']=a[1]-b[1]; print(json.dumps(d))" "$dir/apply.json" "$before" "$after" | record "$c" "$r"
+        python3 -c "import json,sys
+d = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
+if sys.argv[2] and sys.argv[3]:
+    b, a = list(map(int, sys.argv[2].split())), list(map(int, sys.argv[3].split()))
+    d['disk_reads'], d['disk_writes'] = a[0] - b[0], a[1] - b[1]
+print(json.dumps(d))" "$dir/apply.json" "$before" "$after" | record "$c" "$r"
         rm -rf "$d"
         ;;
     esac
@@ -269,8 +275,8 @@ if any(d.get('disk_reads') is not None for d in ds):
             print(f"{c}: disk operations (median) {statistics.median(d['disk_reads'] for d in v):.0f} reads, {statistics.median(d['disk_writes'] for d in v):.0f} writes")
     mixed = med('fio-mixed', 'iops')
     ret = [d for d in ds if d['case'] == 'vmdk-ret' and 'disk_reads' in d]
-    if ret and mixed == mixed:
-        ops = statistics.median(d['disk_reads'] + d['disk_writes'] for d in ret)
+    ops = statistics.median(d['disk_reads'] + d['disk_writes'] for d in ret) if ret else 0
+    if ops > 0 and mixed > 0:
         t = ops / mixed
         print(f"disk's mixed random 4 KiB read+write rate (fio randrw, depth 32, direct): {mixed:.0f} IOPS; "
               f"vmdk-ret's {ops:.0f} operations at that rate take {t:.2f} s, raw apply took {med('raw', 'secs'):.2f} s: "
