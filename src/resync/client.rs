@@ -114,7 +114,7 @@ impl Prefetch {
             return t;
         }
         self.cancel(dc);
-        dc.request(disk, disk_size, first_block, count, purpose)
+        dc.send(want)
     }
 
     /// Ask ahead for blocks `first_block .. +count` of `disk`, unless that
@@ -132,8 +132,7 @@ impl Prefetch {
         if self.0.len() >= PREFETCH_DEPTH || self.0.iter().any(|t| t.req == want) {
             return;
         }
-        self.0
-            .push_back(dc.request(disk, disk_size, first_block, count, purpose));
+        self.0.push_back(dc.send(want));
     }
 
     /// Give up on everything asked ahead.
@@ -246,7 +245,12 @@ impl DigestClient {
         count: u32,
         purpose: Purpose,
     ) -> Ticket {
-        let req = self.request_for(disk, disk_size, first_block, count, purpose);
+        self.send(self.request_for(disk, disk_size, first_block, count, purpose))
+    }
+
+    /// Send `req` (built by [`request_for`](Self::request_for)), as
+    /// [`request`](Self::request) does.
+    fn send(&self, req: DigestRequest) -> Ticket {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = crossbeam_channel::bounded(1);
         let ticket = Ticket { id, req, rx };
