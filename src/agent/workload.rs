@@ -175,6 +175,14 @@ pub fn write_data(spec: &WorkloadSpec, index: u64, buf: &mut [u8]) {
     datagen::fill(buf, spec.compressibility, &mut rng);
 }
 
+/// The same bytes as [`write_data`], in a new buffer of `len` bytes built by
+/// appending (`datagen::generate`): the writer loop uses it, so no pass zeroes
+/// memory that is overwritten at once.
+pub fn write_bytes(spec: &WorkloadSpec, index: u64, len: usize) -> Vec<u8> {
+    let mut rng = Prng::new(write_seed(spec.seed, index, 1));
+    datagen::generate(len, spec.compressibility, &mut rng)
+}
+
 /// The workload log: one line per acknowledged write, `seq disk offset len
 /// index` (seq `-` when capture kept only the write's region), and one per
 /// recorded tag, `seq tag name`. Flushed at least every 100 ms, after each
@@ -275,8 +283,7 @@ pub fn run(
         let Some(disk) = disks.iter().find(|d| d.id() == id) else {
             break Err(WorkloadError::Spec(format!("no disk {id}")));
         };
-        let mut data = vec![0u8; len];
-        write_data(spec, index, &mut data);
+        let data = write_bytes(spec, index, len);
         match disk.write(offset, data, false) {
             Ok(r) => {
                 let seq = match r {

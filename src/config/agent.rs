@@ -67,7 +67,8 @@ pub struct AgentSection {
     /// Nice value of the replication threads (seal, batch, bridge, drain),
     /// 0..=19: the frontends serving the workload get the CPU first, and
     /// capture degrades rather than the workload slowing down (0: same
-    /// priority as the workload).
+    /// priority as the workload). Only ever lowers: a thread whose nice value
+    /// is already higher (an agent started under `nice`) keeps it.
     #[serde(default = "d10")]
     pub pipeline_nice: u64,
     /// `tidemark agent tag`: a program run before the file systems are
