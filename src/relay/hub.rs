@@ -55,6 +55,20 @@ type Route = Option<(u64, mpsc::Sender<Outgoing>)>;
 /// How long a resync message may wait for room in the peer's writer queue.
 pub const ROUTE_WAIT: Duration = Duration::from_secs(5);
 
+/// Resync requests of a group remembered while their target session has not
+/// answered them; beyond this many, a request's agent waits for its own
+/// timeout if the session ends.
+pub const MAX_UNANSWERED: usize = 4096;
+
+/// A resync request handed to a target session and not answered yet.
+#[derive(Debug)]
+struct Unanswered {
+    /// The target session (route number) that has it.
+    route: u64,
+    /// The writer queue of the agent session that asked.
+    agent: mpsc::Sender<Outgoing>,
+}
+
 /// Why a resync message could not be handed on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {
@@ -124,6 +138,10 @@ pub struct GroupHub {
     /// Where resync messages for each role's current session go.
     agent_route: Mutex<Route>,
     target_route: Mutex<Route>,
+    /// Requests handed to a target session and not answered, by request id:
+    /// when that session ends, their agent is told at once (rather than
+    /// waiting out its timeout for an answer that cannot come).
+    unanswered: Mutex<HashMap<u64, Unanswered>>,
     cache: Mutex<HotCache>,
     /// Bytes cached by all groups together.
     cache_used: Arc<AtomicUsize>,
@@ -153,22 +171,100 @@ impl GroupHub {
     }
 
     /// Forget the route of session `id` of `role` (a newer session's stays).
+    /// When a target session ends, every agent whose request it had not
+    /// answered gets a `ResyncUnreachable` for it now.
     pub fn clear_route(&self, role: PeerRole, id: u64) {
-        let mut r = lock(self.route(role));
-        if r.as_ref().is_some_and(|(i, _)| *i == id) {
-            *r = None;
+        {
+            let mut r = lock(self.route(role));
+            if r.as_ref().is_some_and(|(i, _)| *i == id) {
+                *r = None;
+            }
         }
+        if role != PeerRole::Target {
+            return;
+        }
+        let lost: Vec<(u64, Unanswered)> = {
+            let mut u = lock(&self.unanswered);
+            let ids: Vec<u64> = u
+                .iter()
+                .filter(|(_, v)| v.route == id)
+                .map(|(k, _)| *k)
+                .collect();
+            ids.into_iter()
+                .filter_map(|k| u.remove(&k).map(|v| (k, v)))
+                .collect()
+        };
+        for (request_id, u) in lost {
+            // Never blocks (this runs when a session ends); an agent whose
+            // queue is full, or that is gone, falls back to its timeout.
+            let _ = u.agent.try_send(Outgoing::Msg(Message::ResyncUnreachable {
+                request_id,
+                message: format!(
+                    "the target of group {} disconnected before it answered",
+                    self.name
+                ),
+            }));
+        }
+    }
+
+    /// Hand an agent's resync request (`request_id`, from its clear header) to
+    /// the group's target session, and remember it until that session answers
+    /// ([`GroupHub::answered`]) or ends ([`GroupHub::clear_route`]).
+    pub async fn route_request(
+        &self,
+        request_id: u64,
+        bytes: Vec<u8>,
+        agent: mpsc::Sender<Outgoing>,
+    ) -> Result<(), RouteError> {
+        let r = self
+            .send_resync(PeerRole::Target, bytes, Some((request_id, agent)))
+            .await;
+        if r.is_err() {
+            self.answered(request_id);
+        }
+        r
+    }
+
+    /// The target answered request `request_id` (or it failed on the way).
+    pub fn answered(&self, request_id: u64) {
+        lock(&self.unanswered).remove(&request_id);
     }
 
     /// Hand a sealed resync message to the current session of `to`, waiting
     /// at most [`ROUTE_WAIT`] for room in its writer queue. The relay keeps no
     /// copy: a lost message is asked for again by the agent.
     pub async fn route_resync(&self, to: PeerRole, bytes: Vec<u8>) -> Result<(), RouteError> {
+        self.send_resync(to, bytes, None).await
+    }
+
+    /// [`GroupHub::route_resync`], remembering `request` (request id, the
+    /// asking agent's queue) against the session the message goes to.
+    async fn send_resync(
+        &self,
+        to: PeerRole,
+        bytes: Vec<u8>,
+        request: Option<(u64, mpsc::Sender<Outgoing>)>,
+    ) -> Result<(), RouteError> {
         let role = match to {
             PeerRole::Agent => "agent",
             PeerRole::Target => "target",
         };
-        let tx = lock(self.route(to)).as_ref().map(|(_, tx)| tx.clone());
+        let tx = {
+            let r = lock(self.route(to));
+            if let (Some((route, _)), Some((request_id, agent))) = (r.as_ref(), request) {
+                let mut u = lock(&self.unanswered);
+                if u.len() < MAX_UNANSWERED {
+                    u.insert(
+                        request_id,
+                        Unanswered {
+                            route: *route,
+                            agent,
+                        },
+                    );
+                }
+            }
+            r.as_ref().map(|(_, tx)| tx.clone())
+        };
         let Some(tx) = tx else {
             return Err(RouteError::NotConnected {
                 role,
@@ -340,6 +436,7 @@ impl Hub {
                     target: Mutex::new(None),
                     agent_route: Mutex::new(None),
                     target_route: Mutex::new(None),
+                    unanswered: Mutex::new(HashMap::new()),
                     cache: Mutex::new(HotCache::default()),
                     cache_used: self.cache_used.clone(),
                     cache_max: self.cache_max,
@@ -485,6 +582,50 @@ mod tests {
         g.cache_put(cf(9, 7, 50));
         assert!(g.cache_after(4, 1000, 10).is_none());
         assert_eq!(g.cache_after(7, 1000, 10).unwrap()[0].frame_no, 9);
+    }
+
+    #[tokio::test]
+    async fn a_target_that_leaves_fails_its_unanswered_requests_at_once() {
+        let hub = Hub::default();
+        let g = hub.group("g1", 0);
+        let (agent_tx, mut agent_rx) = mpsc::channel(8);
+        // No target: refused at once, nothing remembered.
+        assert!(matches!(
+            g.route_request(1, vec![1], agent_tx.clone()).await,
+            Err(RouteError::NotConnected { .. })
+        ));
+        assert!(lock(&g.unanswered).is_empty());
+        let (t1, mut t1_rx) = mpsc::channel(8);
+        g.set_route(PeerRole::Target, 7, t1);
+        g.route_request(2, vec![2], agent_tx.clone()).await.unwrap();
+        g.route_request(3, vec![3], agent_tx.clone()).await.unwrap();
+        for want in [2u8, 3] {
+            match t1_rx.recv().await {
+                Some(Outgoing::Msg(Message::Resync(b))) => assert_eq!(b, vec![want]),
+                other => panic!("{other:?}"),
+            }
+        }
+        // Request 3 is answered; then the session ends with 2 unanswered.
+        g.answered(3);
+        // A session that is not the current one ending changes nothing.
+        g.clear_route(PeerRole::Target, 6);
+        assert!(agent_rx.try_recv().is_err());
+        g.clear_route(PeerRole::Target, 7);
+        match agent_rx.try_recv() {
+            Ok(Outgoing::Msg(Message::ResyncUnreachable {
+                request_id,
+                message,
+            })) => {
+                assert_eq!(request_id, 2);
+                assert!(
+                    message.contains("g1") && message.contains("disconnected"),
+                    "{message}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(agent_rx.try_recv().is_err(), "only the unanswered one");
+        assert!(lock(&g.unanswered).is_empty());
     }
 
     #[test]

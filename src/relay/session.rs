@@ -595,7 +595,7 @@ fn forward_request(
     tokio::spawn(async move {
         let result = match permit {
             Ok(_permit) => hub
-                .route_resync(PeerRole::Target, bytes)
+                .route_request(header.request_id, bytes, tx.clone())
                 .await
                 .map_err(|e| e.to_string()),
             Err(_) => Err(format!(
@@ -628,6 +628,7 @@ fn forward_reply(hub: &Arc<GroupHub>, slots: &Arc<tokio::sync::Semaphore>, bytes
             return;
         }
     };
+    hub.answered(header.request_id);
     let Ok(permit) = slots.clone().try_acquire_owned() else {
         tracing::warn!(group = %hub.name, request_id = header.request_id, "too many resync replies in flight; dropped");
         return;

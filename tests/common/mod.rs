@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod faulty;
+pub mod forgetful;
 pub mod tools;
 
 use std::fs::{self, File};
