@@ -82,44 +82,69 @@ fn forgetful_file_system_keeps_what_was_synced() {
     assert_eq!(fs::read(fs.path("d/unsynced")).unwrap(), lost);
 }
 
-/// The relay loses power three times in the middle of a run (killed, then its spool's
-/// file system cut back to what was synced, with a random part of the rest);
-/// it restarts on what survived. Every write the agent made still reaches the
-/// replica, in order.
-#[test]
-fn e2e_relay_power_cut_three_times_mid_run_loses_no_acknowledged_frame() {
-    // Syncs take 15 ms, as on a slow disk, so appends are often written and
-    // not yet durable when the power goes.
-    let power = Forgetful::mount(0x5eed, Duration::from_millis(15));
+/// Start the three roles (the victim's files on `power`, placed by `place`),
+/// run a workload of `bytes` at 32 MB/s, cut the victim's power three times
+/// while it runs (power off, kill, power on, restart), and check that the
+/// replica ends equal to the source.
+fn three_cuts(
+    victim: &str,
+    power: &Forgetful,
+    bytes: &str,
+    seed: &str,
+    place: impl FnOnce(&mut Cluster),
+) -> Cluster {
     let mut c = Cluster::new(128 * MIB);
     c.prefill(9, 16 * MIB);
-    let path = c.path("relay.toml");
-    let mut cfg = RelayConfig::load(&path).unwrap();
-    cfg.relay.spool_dir = power.path("spool");
-    fs::write(&path, cfg.to_toml_string().unwrap()).unwrap();
+    place(&mut c);
     c.start_relay();
     c.start_target();
-    // ~5 s of writes, so the cuts land mid-run.
     c.start_agent(&[
         "--workload-bytes",
-        "160M",
+        bytes,
         "--workload-seed",
-        "31",
+        seed,
         "--workload-rate-mb-s",
         "32",
     ]);
     for pause in [1200u64, 900, 1500] {
         std::thread::sleep(Duration::from_millis(pause));
         let st = power.power_off();
-        c.relay.as_mut().unwrap().kill9();
+        match victim {
+            "relay" => c.relay.as_mut().unwrap().kill9(),
+            "target" => c.target.as_mut().unwrap().kill9(),
+            _ => unreachable!(),
+        }
         power.power_on();
-        eprintln!("power cut at the relay: {st:?}");
-        c.start_relay();
+        eprintln!("power cut at the {victim}: {st:?}");
+        match victim {
+            "relay" => c.start_relay(),
+            _ => c.start_target(),
+        }
     }
     let last = c.wait_workload_done(Duration::from_secs(240));
     c.wait_applied(last, Duration::from_secs(240));
     c.stop_all();
     c.assert_replica_equals_source();
+    eprintln!("after the cuts: {:?}", power.stats());
+    c
+}
+
+/// The relay loses power three times in the middle of a run (its spool's file
+/// system cut back to what was synced, with a random part of the rest, then
+/// the relay killed); it restarts on what survived. Every write the agent made
+/// still reaches the replica, in order.
+#[test]
+fn e2e_relay_power_cut_three_times_mid_run_loses_no_acknowledged_frame() {
+    // Syncs take 15 ms, as on a slow disk, so appends are often written and
+    // not yet durable when the power goes.
+    let power = Forgetful::mount(0x5eed, Duration::from_millis(15));
+    // ~5 s of writes, so the cuts land mid-run.
+    let c = three_cuts("relay", &power, "160M", "31", |c| {
+        let path = c.path("relay.toml");
+        let mut cfg = RelayConfig::load(&path).unwrap();
+        cfg.relay.spool_dir = power.path("spool");
+        fs::write(&path, cfg.to_toml_string().unwrap()).unwrap();
+    });
     let a = c.agent_status().unwrap();
     // (The agent may sleep through a short-lived relay in its reconnect
     // backoff, so not every cut costs it a reconnect.)
@@ -128,45 +153,22 @@ fn e2e_relay_power_cut_three_times_mid_run_loses_no_acknowledged_frame() {
         "the agent reconnected after the cuts: {:?}",
         a.groups[0]
     );
-    eprintln!("after the cuts: {:?}", power.stats());
 }
 
-/// The target loses power three times in the middle of a run: its replica,
-/// redo journal, watermark and catalog all live on the forgetful file system.
-/// After each restart it must find a consistent state on its own (redo replay
-/// from what survived) and go on; the relay still holds every frame the target
-/// had not acknowledged, so in the end the replica equals the source.
+/// The target loses power three times in the middle of a run (the initial
+/// copy, then the workload): its replica, redo journal, watermark and catalog
+/// all live on the forgetful file system. After each restart it must find a
+/// consistent state on its own (redo replay from what survived) and go on; the
+/// relay still holds every frame the target had not acknowledged, so in the
+/// end the replica equals the source.
 #[test]
 fn e2e_target_power_cut_three_times_mid_run_converges() {
     let power = Forgetful::mount(0xc0ffee, Duration::from_millis(15));
-    let mut c = Cluster::new(128 * MIB);
-    c.prefill(10, 16 * MIB);
-    c.replica = power.path("replica.img");
-    let path = c.path("target.toml");
-    let mut cfg = TargetConfig::load(&path).unwrap();
-    cfg.target.state_dir = power.path("target-state");
-    fs::write(&path, cfg.to_toml_string().unwrap()).unwrap();
-    c.start_relay();
-    c.start_target();
-    c.start_agent(&[
-        "--workload-bytes",
-        "96M",
-        "--workload-seed",
-        "32",
-        "--workload-rate-mb-s",
-        "32",
-    ]);
-    for pause in [1200u64, 900, 1500] {
-        std::thread::sleep(Duration::from_millis(pause));
-        let st = power.power_off();
-        c.target.as_mut().unwrap().kill9();
-        power.power_on();
-        eprintln!("power cut at the target: {st:?}");
-        c.start_target();
-    }
-    let last = c.wait_workload_done(Duration::from_secs(240));
-    c.wait_applied(last, Duration::from_secs(240));
-    c.stop_all();
-    c.assert_replica_equals_source();
-    eprintln!("after the cuts: {:?}", power.stats());
+    three_cuts("target", &power, "96M", "32", |c| {
+        c.replica = power.path("replica.img");
+        let path = c.path("target.toml");
+        let mut cfg = TargetConfig::load(&path).unwrap();
+        cfg.target.state_dir = power.path("target-state");
+        fs::write(&path, cfg.to_toml_string().unwrap()).unwrap();
+    });
 }

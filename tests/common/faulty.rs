@@ -17,7 +17,6 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -246,8 +245,8 @@ pub struct FaultyDisk {
     pub image: PathBuf,
     mountpoint: PathBuf,
     fault: Arc<Fault>,
-    unmounter: Option<fuser::SessionUnmounter>,
-    done: mpsc::Receiver<()>,
+    // Unmounted when dropped, before the directory below is removed.
+    served: super::fusemount::Served,
     // Holds the image and the mountpoint; removed after the unmount.
     _dir: tempfile::TempDir,
 }
@@ -298,42 +297,13 @@ impl FaultyDisk {
             gid: nix::unistd::getegid().as_raw(),
             at: SystemTime::now(),
         };
-        let mut config = fuser::Config::default();
-        config.mount_options = vec![
-            fuser::MountOption::FSName("tidemark-faulty".into()),
-            fuser::MountOption::DefaultPermissions,
-            fuser::MountOption::NoSuid,
-            fuser::MountOption::NoDev,
-            fuser::MountOption::NoExec,
-        ];
-        config.acl = fuser::SessionACL::Owner;
-        config.n_threads = Some(2);
-        config.clone_fd = true;
-        let mut session = fuser::Session::new(fs, &mountpoint, &config).unwrap_or_else(|e| {
-            panic!(
-                "mounting the faulty disk over FUSE at {}: {e} (needs /dev/fuse and root, \
-                 or fusermount3 from fuse3)",
-                mountpoint.display()
-            )
-        });
-        let unmounter = session.unmount_callable();
-        let (tx, done) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("faulty-fuse".into())
-            .spawn(move || {
-                if let Err(e) = session.run() {
-                    eprintln!("faulty disk: FUSE session failed: {e}");
-                }
-                let _ = tx.send(());
-            })
-            .unwrap();
+        let served = super::fusemount::serve(fs, &mountpoint, "tidemark-faulty", "faulty disk");
         FaultyDisk {
             file: mountpoint.join(NAME),
             image: img,
             mountpoint,
             fault,
-            unmounter: Some(unmounter),
-            done,
+            served,
             _dir: dir,
         }
     }
@@ -356,28 +326,5 @@ impl FaultyDisk {
     /// The range reads again from now on.
     pub fn heal(&self) {
         self.fault.on.store(false, Ordering::SeqCst);
-    }
-}
-
-impl Drop for FaultyDisk {
-    fn drop(&mut self) {
-        let Some(mut u) = self.unmounter.take() else {
-            return;
-        };
-        match u.unmount() {
-            Ok(()) => {
-                // The session ends once the kernel drops the mount (bounded).
-                let _ = self.done.recv_timeout(Duration::from_secs(10));
-            }
-            Err(e) => {
-                // Still open somewhere: detach; the kernel ends the session
-                // when the last user closes the file.
-                eprintln!(
-                    "faulty disk: unmounting {}: {e}; detaching lazily",
-                    self.mountpoint.display()
-                );
-                let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
-            }
-        }
     }
 }

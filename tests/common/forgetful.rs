@@ -27,7 +27,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -594,8 +593,8 @@ pub struct Forgetful {
     /// Where it is mounted.
     pub root: PathBuf,
     state: Arc<Mutex<State>>,
-    unmounter: Option<fuser::SessionUnmounter>,
-    done: mpsc::Receiver<()>,
+    // Unmounted when dropped, before the directory below is removed.
+    served: super::fusemount::Served,
     _dir: tempfile::TempDir,
 }
 
@@ -603,7 +602,6 @@ impl Forgetful {
     /// Mount an empty forgetful file system; `seed` drives which unsynced
     /// pages a cut keeps; every file sync takes `sync_delay`.
     pub fn mount(seed: u64, sync_delay: Duration) -> Forgetful {
-        super::faulty::require_fuse();
         let dir = tempfile::Builder::new()
             .prefix("tidemark-forgetful-")
             .tempdir()
@@ -634,40 +632,12 @@ impl Forgetful {
             gid: nix::unistd::getegid().as_raw(),
             at: SystemTime::now(),
         };
-        let mut config = fuser::Config::default();
-        config.mount_options = vec![
-            fuser::MountOption::FSName("tidemark-forgetful".into()),
-            fuser::MountOption::DefaultPermissions,
-            fuser::MountOption::NoSuid,
-            fuser::MountOption::NoDev,
-            fuser::MountOption::NoExec,
-        ];
-        config.acl = fuser::SessionACL::Owner;
-        config.n_threads = Some(2);
-        config.clone_fd = true;
-        let mut session = fuser::Session::new(fs, &root, &config).unwrap_or_else(|e| {
-            panic!(
-                "mounting the forgetful file system over FUSE at {}: {e} (needs /dev/fuse and \
-                 root, or fusermount3 from fuse3)",
-                root.display()
-            )
-        });
-        let unmounter = session.unmount_callable();
-        let (tx, done) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("forgetful-fuse".into())
-            .spawn(move || {
-                if let Err(e) = session.run() {
-                    eprintln!("forgetful file system: FUSE session failed: {e}");
-                }
-                let _ = tx.send(());
-            })
-            .unwrap();
+        let served =
+            super::fusemount::serve(fs, &root, "tidemark-forgetful", "forgetful file system");
         Forgetful {
             root,
             state,
-            unmounter: Some(unmounter),
-            done,
+            served,
             _dir: dir,
         }
     }
@@ -696,26 +666,5 @@ impl Forgetful {
     /// What the cuts so far did.
     pub fn stats(&self) -> CutStats {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).stats
-    }
-}
-
-impl Drop for Forgetful {
-    fn drop(&mut self) {
-        let Some(mut u) = self.unmounter.take() else {
-            return;
-        };
-        match u.unmount() {
-            // The session ends once the kernel drops the mount (bounded).
-            Ok(()) => {
-                let _ = self.done.recv_timeout(Duration::from_secs(10));
-            }
-            Err(e) => {
-                eprintln!(
-                    "forgetful file system: unmounting {}: {e}; detaching lazily",
-                    self.root.display()
-                );
-                let _ = nix::mount::umount2(&self.root, nix::mount::MntFlags::MNT_DETACH);
-            }
-        }
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod faulty;
 pub mod forgetful;
+pub mod fusemount;
 pub mod tools;
 
 use std::fs::{self, File};
