@@ -17,12 +17,18 @@ use tidemark::config::{RelayConfig, TargetConfig};
 
 const MIB: u64 = 1 << 20;
 
+fn sync_dir(p: &std::path::Path) {
+    fs::File::open(p).unwrap().sync_all().unwrap();
+}
+
 /// The harness itself: synced data survives a cut, unsynced data does not all
-/// survive, and metadata does.
+/// survive, names survive once their directory is synced, and nothing changes
+/// while the power is off.
 #[test]
 fn forgetful_file_system_keeps_what_was_synced() {
     let fs = Forgetful::mount(7, Duration::ZERO);
     fs::create_dir(fs.path("d")).unwrap();
+    sync_dir(&fs.root);
     let synced: Vec<u8> = (0..64 * 4096u32).map(|i| (i % 251) as u8).collect();
     let mut f = fs::File::create(fs.path("d/synced")).unwrap();
     f.write_all(&synced).unwrap();
@@ -34,7 +40,18 @@ fn forgetful_file_system_keeps_what_was_synced() {
     g.write_all(&[0xAB; 64 * 4096]).unwrap();
     drop(g);
     fs::write(fs.path("d/a.tmp"), b"renamed").unwrap();
+    fs::File::open(fs.path("d/a.tmp"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    sync_dir(&fs.path("d"));
+    // After the directory's sync: a rename and a new file it does not cover.
     fs::rename(fs.path("d/a.tmp"), fs.path("d/a")).unwrap();
+    fs::write(fs.path("d/late-name"), b"x").unwrap();
+    fs::File::open(fs.path("d/late-name"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
 
     let before = fs.stats();
     let st = fs.power_off();
@@ -45,6 +62,10 @@ fn forgetful_file_system_keeps_what_was_synced() {
     assert!(
         st.pages_lost > 0 || st.bytes_cut > 0,
         "a cut lost nothing of 128 unsynced pages: {st:?}"
+    );
+    assert_eq!(
+        st.names_lost, 3,
+        "the rename (two names) and the new file: {st:?}"
     );
 
     let mut got = Vec::new();
@@ -66,19 +87,17 @@ fn forgetful_file_system_keeps_what_was_synced() {
         vec![0xAB; 64 * 4096],
         "an unsynced file came through whole"
     );
-    // Renamed, never synced: the name is there (metadata), the bytes may not be.
-    assert!(!fs.path("d/a.tmp").exists());
-    let a = fs::read(fs.path("d/a")).unwrap();
-    assert!(a.len() <= 7, "{a:?}");
-    assert!(
-        a == b"renamed"[..a.len()] || a.iter().all(|&b| b == 0),
-        "{a:?}"
-    );
+    // The rename was not synced: the old name is back, with its synced bytes;
+    // the new file's name is gone although its data was synced.
+    assert!(!fs.path("d/a").exists());
+    assert_eq!(fs::read(fs.path("d/a.tmp")).unwrap(), b"renamed");
+    assert!(!fs.path("d/late-name").exists());
     // After the cut everything is synced: a second cut changes nothing.
     let again = fs.power_off();
     fs.power_on();
     assert_eq!(again.pages_lost, st.pages_lost);
     assert_eq!(again.bytes_cut, st.bytes_cut);
+    assert_eq!(again.names_lost, st.names_lost);
     assert_eq!(fs::read(fs.path("d/unsynced")).unwrap(), lost);
 }
 

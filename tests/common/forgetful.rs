@@ -15,9 +15,12 @@
 //! fails with EIO (a sync in progress at the cut included), so nothing a
 //! process does after the instant of the cut reaches the disk.
 //!
-//! The model's limit, on purpose: metadata (create, mkdir, rename, unlink,
-//! truncate) is durable at once, as a journaling file system orders it ahead of
-//! the data of any later sync.
+//! Names follow POSIX's strict reading: an entry created, renamed or removed
+//! in a directory is durable only once that directory is `fsync`ed; a cut
+//! puts every directory back to its entries at its last fsync (a file that no
+//! durable name reaches is gone, an unlinked one whose removal was not synced
+//! is back). The model's limit, on purpose: a file's size change by truncate
+//! or extension is durable at once.
 //!
 //! Files are opened with direct I/O (`FOPEN_DIRECT_IO`) and entries and
 //! attributes are never cached by the kernel: every read and write reaches this
@@ -78,12 +81,17 @@ pub struct CutStats {
     pub pages_lost: u64,
     /// Bytes of file length lost (a file cut back towards its synced length).
     pub bytes_cut: u64,
+    /// Directory entries created, renamed or removed since their directory's
+    /// last fsync, and undone by a cut.
+    pub names_lost: u64,
 }
 
 struct State {
     /// Power is off: every change fails with EIO and nothing is synced.
     off: bool,
     nodes: HashMap<u64, Node>,
+    /// Each directory's entries as of its last `fsync`: what a cut leaves.
+    durable_names: HashMap<u64, BTreeMap<OsString, u64>>,
     next_ino: u64,
     rng: Prng,
     stats: CutStats,
@@ -112,10 +120,15 @@ impl State {
     }
 
     fn drop_if_unused(&mut self, ino: u64) {
-        if self
-            .nodes
-            .get(&ino)
-            .is_some_and(|n| n.links == 0 && n.opens == 0)
+        let durably_named = self
+            .durable_names
+            .values()
+            .any(|d| d.values().any(|&i| i == ino));
+        if !durably_named
+            && self
+                .nodes
+                .get(&ino)
+                .is_some_and(|n| n.links == 0 && n.opens == 0)
         {
             self.nodes.remove(&ino);
         }
@@ -139,6 +152,45 @@ impl State {
     }
 
     fn cut(&mut self) {
+        // Names: every directory back to its entries at its last fsync.
+        let mut names_lost = 0;
+        for (ino, n) in self.nodes.iter_mut() {
+            if let Kind::Dir(d) = &mut n.kind {
+                let durable = self.durable_names.get(ino).cloned().unwrap_or_default();
+                names_lost += d.iter().filter(|(k, v)| durable.get(*k) != Some(v)).count()
+                    + durable.keys().filter(|k| !d.contains_key(*k)).count();
+                *d = durable;
+            }
+        }
+        self.stats.names_lost += names_lost as u64;
+        // Whatever no name reaches any more is gone; link counts follow.
+        let mut reachable = BTreeSet::from([INodeNo::ROOT.0]);
+        let mut todo = vec![INodeNo::ROOT.0];
+        while let Some(ino) = todo.pop() {
+            if let Some(Node {
+                kind: Kind::Dir(d), ..
+            }) = self.nodes.get(&ino)
+            {
+                for &child in d.values() {
+                    if reachable.insert(child) {
+                        todo.push(child);
+                    }
+                }
+            }
+        }
+        self.nodes.retain(|ino, _| reachable.contains(ino));
+        let mut links: HashMap<u64, u32> = HashMap::new();
+        for n in self.nodes.values() {
+            if let Kind::Dir(d) = &n.kind {
+                for &child in d.values() {
+                    *links.entry(child).or_default() += 1;
+                }
+            }
+        }
+        for (ino, n) in self.nodes.iter_mut() {
+            n.links = links.get(ino).copied().unwrap_or(1);
+            n.opens = 0;
+        }
         let State {
             nodes, rng, stats, ..
         } = self;
@@ -531,13 +583,24 @@ impl Filesystem for ForgetfulFs {
     fn fsyncdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        // Metadata is durable at once in this model.
-        reply.ok();
+        std::thread::sleep(self.sync_delay);
+        let mut st = self.lock();
+        if let Err(e) = st.powered() {
+            return reply.error(e);
+        }
+        match st.dir(ino.0) {
+            Ok(d) => {
+                let d = d.clone();
+                st.durable_names.insert(ino.0, d);
+                reply.ok()
+            }
+            Err(e) => reply.error(e),
+        }
     }
 
     fn readdir(
@@ -624,6 +687,7 @@ impl Forgetful {
             rng: Prng::new(seed),
             stats: CutStats::default(),
             off: false,
+            durable_names: HashMap::new(),
         }));
         let fs = ForgetfulFs {
             state: state.clone(),
