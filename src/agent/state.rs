@@ -67,7 +67,7 @@ pub struct AgentState {
 impl AgentState {
     /// Open (or create) `<dir>/<group>.state` and mark it as running.
     pub fn open(dir: &Path, group: &str) -> std::io::Result<(AgentState, StartPoint)> {
-        fs::create_dir_all(dir)?;
+        crate::util::durable::create_dir_durable(dir)?;
         let path = dir.join(format!("{group}.state"));
         let file: StateFile = match fs::read(&path) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| {

@@ -170,7 +170,7 @@ impl DirtyLog {
         disk: u16,
         disk_size: u64,
     ) -> Result<(DirtyLog, Recovered), DirtyLogError> {
-        fs::create_dir_all(dir).map_err(io_err(dir, "create directory"))?;
+        crate::util::durable::create_dir_durable(dir).map_err(io_err(dir, "create directory"))?;
         let Geometry {
             gran,
             extent_shift,

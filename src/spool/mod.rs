@@ -501,11 +501,7 @@ impl Spool {
     pub fn open(opts: SpoolOptions) -> Result<(Spool, RecoveryReport), SpoolError> {
         opts.validate()?;
         let dir = opts.dir.clone();
-        let existed = dir.is_dir();
-        fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
-        if !existed && let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-            state::fsync_dir(parent)?;
-        }
+        crate::util::durable::create_dir_durable(&dir).map_err(io_err("create directory", &dir))?;
         let lock_guard = lock_dir(&dir)?;
 
         let direct = choose_io(&opts);

@@ -125,9 +125,7 @@ fn io_err(op: &'static str, path: &Path, source: std::io::Error) -> SpoolError {
 
 /// fsync a directory, so that entries created, renamed or removed in it are durable.
 pub fn fsync_dir(dir: &Path) -> Result<(), SpoolError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_err("fsync directory", dir, e))
+    crate::util::durable::fsync_dir(dir).map_err(|e| io_err("fsync directory", dir, e))
 }
 
 /// Atomically replace the state file of the group directory `gdir`.

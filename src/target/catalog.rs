@@ -153,7 +153,14 @@ impl Catalog {
     pub fn open(state_dir: &Path) -> Result<(Catalog, Option<String>), CatalogError> {
         let path = state_dir.join(CATALOG_FILE);
         match Self::open_rw(&path) {
-            Ok(c) => Ok((c, None)),
+            Ok(c) => {
+                // The file's name (and its WAL's) durable in the directory: a
+                // catalog just created must not vanish at a power cut.
+                if let Err(e) = crate::util::durable::fsync_dir(state_dir) {
+                    tracing::warn!("fsync of {}: {e}", state_dir.display());
+                }
+                Ok((c, None))
+            }
             Err(e) if e.kind() == ErrorKind::Corrupt => {
                 let aside =
                     path.with_extension(format!("db.damaged-{}", crate::util::time::now_us()));

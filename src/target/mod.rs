@@ -393,7 +393,7 @@ fn prepare_group(cfg: &TargetConfig, g: &TargetGroup) -> Result<Prepared, Target
         });
     }
     let gdir = dir.join(&g.name);
-    std::fs::create_dir_all(&gdir).map_err(|e| state_io(&gdir, e))?;
+    crate::util::durable::create_dir_durable(&gdir).map_err(|e| state_io(&gdir, e))?;
     let watermark =
         Watermark::open(&gdir.join(WATERMARK_FILE)).map_err(|source| TargetError::Watermark {
             group: g.name.clone(),

@@ -285,7 +285,7 @@ impl PointView {
         let g = group_cfg(cfg, group)?;
         let (want, row) = resolve(cfg, group, spec)?;
         let gdir = cfg.target.state_dir.join(group);
-        std::fs::create_dir_all(&gdir).map_err(io_at(&gdir))?;
+        crate::util::durable::create_dir_durable(&gdir).map_err(io_at(&gdir))?;
         let pin = Pin::create(&gdir, want, promote).map_err(io_at(&gdir))?;
         // No target running: run the group's start-up here (replay of the redo
         // journal, then the pin is answered). A target that starts later sees

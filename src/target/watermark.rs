@@ -5,10 +5,19 @@
 //! the slot being written, so the other slot still holds the previous watermark.
 //! Reading takes the valid slot with the highest generation.
 //!
-//! Slot (little-endian): magic `b"TMWM"` (4), version u16 = 1, reserved u16 = 0,
+//! Slot (little-endian): magic `b"TMWM"` (4), version u16, flags u16,
 //! generation u64, frame_no u64, last_seq u64, time_us u64 (source capture time
 //! of the last applied record), reserved 20 bytes = 0, crc32c u32 over bytes
 //! 0..60.
+//!
+//! Slot version 2 carries in `flags` bit 0 whether the replica is consistent at
+//! this position (the last frame applied is not M data); the other bits are
+//! zero. Version 1 (flags zero) does not say, and is still read: the target
+//! then falls back to its apply log. Every store writes version 2, except the
+//! zero watermark of a new file (version 1: frame 0 is consistent by rule).
+//! The flag must be durable with the position it describes: a power cut that
+//! keeps the watermark but takes the (never synced) apply log's tail would
+//! otherwise leave the target unable to say whether its replica is consistent.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -59,12 +68,23 @@ pub struct Mark {
     pub pos: ChainPos,
     /// Capture time of the last applied record, µs.
     pub time_us: u64,
+    /// Whether the replica is consistent at `pos` (its last frame is not M
+    /// data); `None` when the slot predates the flag (version 1).
+    pub consistent: Option<bool>,
 }
+
+/// `flags` bit of a version-2 slot: the replica is consistent at the position.
+const FLAG_CONSISTENT: u16 = 1;
 
 fn encode_slot(generation: u64, m: &Mark) -> [u8; SLOT] {
     let mut b = [0u8; SLOT];
     b[0..4].copy_from_slice(&MAGIC);
-    b[4..6].copy_from_slice(&1u16.to_le_bytes());
+    let (version, flags) = match m.consistent {
+        None => (1u16, 0u16),
+        Some(c) => (2, if c { FLAG_CONSISTENT } else { 0 }),
+    };
+    b[4..6].copy_from_slice(&version.to_le_bytes());
+    b[6..8].copy_from_slice(&flags.to_le_bytes());
     b[8..16].copy_from_slice(&generation.to_le_bytes());
     b[16..24].copy_from_slice(&m.pos.frame_no.to_le_bytes());
     b[24..32].copy_from_slice(&m.pos.last_seq.to_le_bytes());
@@ -87,10 +107,15 @@ fn decode_slot(b: &[u8]) -> Result<(u64, Mark), String> {
         return Err("checksum mismatch".into());
     }
     let version = u16::from_le_bytes([b[4], b[5]]);
-    if version != 1 {
-        return Err(format!("unsupported version {version}"));
-    }
-    if b[6..8] != [0, 0] || b[40..60].iter().any(|&x| x != 0) {
+    let flags = u16::from_le_bytes([b[6], b[7]]);
+    let consistent = match version {
+        1 if flags == 0 => None,
+        1 => return Err(format!("version 1 slot with flags {flags:#x} (must be 0)")),
+        2 if flags & !FLAG_CONSISTENT == 0 => Some(flags & FLAG_CONSISTENT != 0),
+        2 => return Err(format!("unknown flags {flags:#x}")),
+        v => return Err(format!("unsupported version {v}")),
+    };
+    if b[40..60].iter().any(|&x| x != 0) {
         return Err("reserved bytes not zero".into());
     }
     Ok((
@@ -101,6 +126,7 @@ fn decode_slot(b: &[u8]) -> Result<(u64, Mark), String> {
                 last_seq: u64_at(24),
             },
             time_us: u64_at(32),
+            consistent,
         },
     ))
 }
@@ -209,6 +235,47 @@ mod tests {
                 last_seq: f * 10,
             },
             time_us: f * 100,
+            consistent: None,
+        }
+    }
+
+    #[test]
+    fn golden_slot_bytes_v2_with_the_consistency_flag() {
+        for (c, flag) in [(true, 1u8), (false, 0)] {
+            let m = Mark {
+                consistent: Some(c),
+                ..mark(2)
+            };
+            let b = encode_slot(1, &m);
+            let mut want = [0u8; 64];
+            want[..8].copy_from_slice(&[b'T', b'M', b'W', b'M', 2, 0, flag, 0]);
+            want[8] = 1;
+            want[16] = 2;
+            want[24] = 20;
+            want[32] = 200;
+            let crc = crc32c::crc32c(&want[..60]);
+            want[60..].copy_from_slice(&crc.to_le_bytes());
+            assert_eq!(b, want);
+            assert_eq!(decode_slot(&b).unwrap(), (1, m));
+        }
+        // Unknown flags, flags in a version-1 slot, a version 3: refused.
+        for (at, v) in [(6usize, 2u8), (6, 1), (4, 3)] {
+            let mut b = encode_slot(
+                1,
+                &Mark {
+                    consistent: Some(false),
+                    ..mark(2)
+                },
+            );
+            if at == 6 && v == 1 {
+                b[4] = 1;
+                b[6] = 1;
+            } else {
+                b[at] = v;
+            }
+            let crc = crc32c::crc32c(&b[..60]);
+            b[60..].copy_from_slice(&crc.to_le_bytes());
+            assert!(decode_slot(&b).is_err(), "{:?}", &b[4..8]);
         }
     }
 

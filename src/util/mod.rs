@@ -4,6 +4,7 @@
 
 pub mod aligned;
 pub mod datagen;
+pub mod durable;
 pub mod exclusive;
 pub mod fsfreeze;
 pub mod hist;

@@ -68,6 +68,9 @@ struct Node {
     links: u32,
     /// Open handles; an unlinked file lives until the last one is released.
     opens: u32,
+    /// The kernel's references from lookups (until it forgets them): the
+    /// kernel may open an inode it looked up after its name was replaced.
+    lookups: u64,
 }
 
 /// What a power cut did, summed over all cuts.
@@ -128,7 +131,7 @@ impl State {
             && self
                 .nodes
                 .get(&ino)
-                .is_some_and(|n| n.links == 0 && n.opens == 0)
+                .is_some_and(|n| n.links == 0 && n.opens == 0 && n.lookups == 0)
         {
             self.nodes.remove(&ino);
         }
@@ -283,6 +286,7 @@ impl ForgetfulFs {
                 perm,
                 links: 1,
                 opens,
+                lookups: 1,
             },
         );
         st.dir(parent)?.insert(name.to_owned(), ino);
@@ -291,15 +295,40 @@ impl ForgetfulFs {
 }
 
 impl Filesystem for ForgetfulFs {
+    fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
+        // Shared mmap of direct-I/O files: SQLite maps its WAL index (`-shm`).
+        config
+            .add_capabilities(fuser::InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP)
+            .map_err(|_| {
+                std::io::Error::other(
+                    "this kernel cannot mmap FUSE files opened for direct I/O \
+                     (FUSE_DIRECT_IO_ALLOW_MMAP, Linux 6.6 or later): SQLite's WAL index needs it",
+                )
+            })
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let mut st = self.lock();
         let found = st
             .dir(parent.0)
             .and_then(|d| d.get(name).copied().ok_or(Errno::ENOENT));
         match found {
-            Ok(ino) => reply.entry(&TTL, &self.attr(&st, ino).unwrap(), Generation(0)),
+            Ok(ino) => {
+                if let Some(n) = st.nodes.get_mut(&ino) {
+                    n.lookups += 1;
+                }
+                reply.entry(&TTL, &self.attr(&st, ino).unwrap(), Generation(0))
+            }
             Err(e) => reply.error(e),
         }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        let mut st = self.lock();
+        if let Some(n) = st.nodes.get_mut(&ino.0) {
+            n.lookups = n.lookups.saturating_sub(nlookup);
+        }
+        st.drop_if_unused(ino.0);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -679,6 +708,7 @@ impl Forgetful {
                 perm: 0o755,
                 links: 1,
                 opens: 0,
+                lookups: 1,
             },
         );
         let state = Arc::new(Mutex::new(State {

@@ -156,7 +156,7 @@ impl Applier {
             let Some(size) = *size else { continue };
             let slot = &mut self.slots[si];
             if let Some(dir) = slot.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(|source| {
+                crate::util::durable::create_dir_durable(dir).map_err(|source| {
                     img_err(
                         &self.group,
                         ImageError::Create {

@@ -307,9 +307,14 @@ pub(super) fn claimed_sync_handle(img: &dyn Image, path: &Path) -> Result<File, 
 impl Applier {
     fn start(s: ApplySetup) -> Result<Applier, TargetError> {
         let mark = s.watermark.get();
+        // The watermark says whether its position is consistent; a slot
+        // written before it carried that (version 1) leaves it to the apply
+        // log, which a power cut may have cut short.
         let consistent = mark.pos.frame_no == 0
-            || applylog::last_kind_of(&s.log_path, mark.pos.frame_no)
-                .is_some_and(|k| !matches!(k, 'M' | 'R'));
+            || mark.consistent.unwrap_or_else(|| {
+                applylog::last_kind_of(&s.log_path, mark.pos.frame_no)
+                    .is_some_and(|k| !matches!(k, 'M' | 'R'))
+            });
         let state_io = |path: &Path, source| TargetError::StateIo {
             path: path.to_path_buf(),
             source,
@@ -659,6 +664,7 @@ impl Applier {
             mark: Mark {
                 pos: self.applied,
                 time_us: self.applied_time_us,
+                consistent: Some(self.applied_consistent),
             },
             consistent: self.applied_consistent,
             pending: std::mem::take(&mut self.pending),

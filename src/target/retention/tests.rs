@@ -190,6 +190,33 @@ fn a_torn_tail_is_cut_at_open_and_reads_as_the_end_meanwhile() {
 }
 
 #[test]
+fn a_tail_record_whose_data_never_reached_the_disk_is_cut_at_open() {
+    // A power cut during an unsynced append: the record's header and full
+    // length are on disk, its data is zeros. It is not a before-image.
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("retention");
+    let (mut w, _) = Writer::open(&dir, "g1").unwrap();
+    w.append_point(&point(1, 5, None)).unwrap();
+    w.append_image(1, 0, 0, &vec![9u8; 8192]).unwrap();
+    w.sync().unwrap();
+    let end = w.end();
+    drop(w);
+    let seg = dir.join(journal::segment_name(1));
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
+        f.write_all(&encode_image_header(1, 0, 8192, 4096, Some(&[1u8; 4096])))
+            .unwrap();
+        f.write_all(&[0u8; 4096]).unwrap();
+    }
+    let (w, opened) = Writer::open(&dir, "g1").unwrap();
+    let (_, at, cut) = opened.torn.expect("the record is cut as a torn tail");
+    assert_eq!((at, cut), (end.pos, 48 + 4096));
+    assert_eq!(w.end(), end);
+    assert!(opened.problems.is_empty(), "{:?}", opened.problems);
+}
+
+#[test]
 fn corruption_in_an_older_segment_drops_the_points_before_it() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path().join("retention");

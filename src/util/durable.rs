@@ -1,0 +1,69 @@
+//! Directories whose names survive a power cut.
+//!
+//! A new directory entry (a file or directory created, renamed or removed) is
+//! durable only once the directory holding it is fsync'd: a file can be
+//! fdatasync'd and still be lost with its name. `create_dir_all` syncs nothing,
+//! so a state directory it made could vanish, with everything below it, at the
+//! next power cut (the power-loss tests in `tests/e2e_powerloss.rs` and
+//! `tests/e2e_crash.rs` model exactly that).
+
+use std::fs::{self, File};
+use std::io;
+use std::path::Path;
+
+/// fsync the directory `dir`, so that entries created, renamed or removed in it
+/// are durable.
+pub fn fsync_dir(dir: &Path) -> io::Result<()> {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    File::open(dir)?.sync_all()
+}
+
+/// Create `dir` and any missing parents, like `fs::create_dir_all`, and make
+/// each directory it created durable by fsyncing the directory that holds it.
+/// Directories that already exist are left as they are.
+pub fn create_dir_durable(dir: &Path) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut at = Some(dir);
+    while let Some(p) = at.filter(|p| !p.as_os_str().is_empty() && !p.is_dir()) {
+        missing.push(p);
+        at = p.parent();
+    }
+    for d in missing.into_iter().rev() {
+        match fs::create_dir(d) {
+            Ok(()) => {}
+            // Made meanwhile by someone else: its maker syncs its name.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => continue,
+            Err(e) => return Err(e),
+        }
+        fsync_dir(d.parent().unwrap_or(Path::new("")))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn creates_the_missing_chain_and_leaves_what_exists() {
+        let t = tempfile::tempdir().unwrap();
+        let deep = t.path().join("a/b/c");
+        create_dir_durable(&deep).unwrap();
+        assert!(deep.is_dir());
+        create_dir_durable(&deep).unwrap();
+        fs::write(t.path().join("a/file"), b"x").unwrap();
+        let e = create_dir_durable(&t.path().join("a/file/d")).unwrap_err();
+        assert!(
+            matches!(
+                e.kind(),
+                io::ErrorKind::NotADirectory | io::ErrorKind::AlreadyExists
+            ),
+            "{e}"
+        );
+        fsync_dir(Path::new("")).unwrap();
+    }
+}
