@@ -294,6 +294,28 @@ impl ForgetfulFs {
     }
 }
 
+fn reply_to(reply: ReplyEmpty, r: Result<(), Errno>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(e),
+    }
+}
+
+impl ForgetfulFs {
+    /// A sync: the device's time first (a power cut while it sleeps finds the
+    /// data unsynced, and the sync then fails), then `make_durable` with the
+    /// power on.
+    fn sync(
+        &self,
+        make_durable: impl FnOnce(&mut State) -> Result<(), Errno>,
+    ) -> Result<(), Errno> {
+        std::thread::sleep(self.sync_delay);
+        let mut st = self.lock();
+        st.powered()?;
+        make_durable(&mut st)
+    }
+}
+
 impl Filesystem for ForgetfulFs {
     fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
         // Shared mmap of direct-I/O files: SQLite maps its WAL index (`-shm`).
@@ -429,18 +451,18 @@ impl Filesystem for ForgetfulFs {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let mut st = self.lock();
-        match st.powered().and_then(|()| st.unlink(parent.0, name, false)) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        reply_to(
+            reply,
+            st.powered().and_then(|()| st.unlink(parent.0, name, false)),
+        )
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let mut st = self.lock();
-        match st.powered().and_then(|()| st.unlink(parent.0, name, true)) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        reply_to(
+            reply,
+            st.powered().and_then(|()| st.unlink(parent.0, name, true)),
+        )
     }
 
     fn rename(
@@ -472,10 +494,7 @@ impl Filesystem for ForgetfulFs {
             st.dir(newparent.0)?.insert(newname.to_owned(), ino);
             Ok(())
         })();
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        reply_to(reply, r)
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -585,15 +604,10 @@ impl Filesystem for ForgetfulFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        // The device's time. A power cut while a sync sleeps here finds the
-        // data unsynced, and the sync then fails.
-        std::thread::sleep(self.sync_delay);
-        let mut st = self.lock();
-        if let Err(e) = st.powered() {
-            return reply.error(e);
-        }
-        match st.file(ino.0) {
-            Ok(f) => {
+        reply_to(
+            reply,
+            self.sync(|st| {
+                let f = st.file(ino.0)?;
                 f.durable.resize(f.data.len(), 0);
                 for &page in &f.dirty {
                     let start = (page * PAGE) as usize;
@@ -603,10 +617,9 @@ impl Filesystem for ForgetfulFs {
                     }
                 }
                 f.dirty.clear();
-                reply.ok()
-            }
-            Err(e) => reply.error(e),
-        }
+                Ok(())
+            }),
+        )
     }
 
     fn fsyncdir(
@@ -617,19 +630,14 @@ impl Filesystem for ForgetfulFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        std::thread::sleep(self.sync_delay);
-        let mut st = self.lock();
-        if let Err(e) = st.powered() {
-            return reply.error(e);
-        }
-        match st.dir(ino.0) {
-            Ok(d) => {
-                let d = d.clone();
+        reply_to(
+            reply,
+            self.sync(|st| {
+                let d = st.dir(ino.0)?.clone();
                 st.durable_names.insert(ino.0, d);
-                reply.ok()
-            }
-            Err(e) => reply.error(e),
-        }
+                Ok(())
+            }),
+        )
     }
 
     fn readdir(
