@@ -378,7 +378,38 @@ fn crash_loop(kills: usize, sweep: usize, power: Option<&Forgetful>) {
         pts[0],
         pts[pts.len() - 1]
     );
-    let st = c.target_status().unwrap();
+    if let Some(st) = c.target.as_mut().and_then(|t| t.exited()) {
+        let log = c.target.as_ref().map(|t| t.log_text()).unwrap_or_default();
+        panic!("the target exited ({st}):\n{}", tail(&log));
+    }
+    // The status file is replaced every ~100 ms; allow a moment for a read
+    // that races a replacement, and say why if it never parses.
+    let mut st = None;
+    for _ in 0..250 {
+        st = c.target_status();
+        if st.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let st = st.unwrap_or_else(|| {
+        let sp = c
+            .target_state_dir()
+            .join(tidemark::util::statusfile::STATUS_FILE);
+        let why = match std::fs::read(&sp) {
+            Err(e) => e.to_string(),
+            Ok(b) => format!(
+                "{} bytes: {:?}",
+                b.len(),
+                String::from_utf8_lossy(&b[..b.len().min(200)])
+            ),
+        };
+        panic!(
+            "the target's status {} is unreadable ({why}):\n{}",
+            sp.display(),
+            c.logs()
+        )
+    });
     assert_eq!(st.groups[0].chain_violations, 0);
     c.stop_all();
     if let Some(p) = power {

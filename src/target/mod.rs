@@ -354,11 +354,17 @@ struct Prepared {
     policy: retention::policy::Policy,
 }
 
+/// How long a starting target waits for its state directory's lock.
+pub const STATE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Blocking start-up: state directory and its lock, per-group directories,
 /// watermarks, keys and redo journals.
 fn prepare(cfg: &TargetConfig) -> Result<(Flock<File>, Vec<Prepared>), TargetError> {
     let dir = &cfg.target.state_dir;
-    let lock = lockfile::lock_dir(dir).map_err(|e| match e {
+    // An offline `recover` holds the lock while it replays the redo journal
+    // (seconds at most): a target started meanwhile waits for it rather than
+    // exiting. Another running target still holds it after the wait.
+    let lock = lockfile::lock_dir_waiting(dir, STATE_LOCK_WAIT).map_err(|e| match e {
         LockError::Io { path, source } => TargetError::StateIo { path, source },
         LockError::Locked { dir } => TargetError::Locked { dir },
     })?;

@@ -60,6 +60,29 @@ pub fn lock_dir(dir: &Path) -> Result<Flock<File>, LockError> {
     })
 }
 
+/// [`lock_dir`], waiting up to `limit` while another process holds the lock
+/// (polling every 50 ms): for a process that may start while a short-lived
+/// one (an offline `recover`) works in the directory.
+pub fn lock_dir_waiting(dir: &Path, limit: std::time::Duration) -> Result<Flock<File>, LockError> {
+    let until = std::time::Instant::now() + limit;
+    let mut said = false;
+    loop {
+        match lock_dir(dir) {
+            Err(LockError::Locked { .. }) if std::time::Instant::now() < until => {
+                if !said {
+                    tracing::info!(
+                        dir = %dir.display(),
+                        "waiting up to {limit:?} for the directory's lock (another process holds it)"
+                    );
+                    said = true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            r => return r,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,5 +95,19 @@ mod tests {
         assert!(e.to_string().contains("in use by another process"), "{e}");
         drop(a);
         lock_dir(d.path()).unwrap();
+    }
+
+    #[test]
+    fn a_waiting_lock_is_taken_once_released_or_refused_after_its_limit() {
+        let d = tempfile::tempdir().unwrap();
+        let a = lock_dir(d.path()).unwrap();
+        let e = lock_dir_waiting(d.path(), std::time::Duration::from_millis(120)).unwrap_err();
+        assert!(matches!(e, LockError::Locked { .. }), "{e}");
+        let p = d.path().to_path_buf();
+        let t =
+            std::thread::spawn(move || lock_dir_waiting(&p, std::time::Duration::from_secs(30)));
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        drop(a);
+        t.join().unwrap().unwrap();
     }
 }
