@@ -355,7 +355,7 @@ struct Prepared {
 }
 
 /// How long a starting target waits for its state directory's lock.
-pub const STATE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+pub const STATE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Blocking start-up: state directory and its lock, per-group directories,
 /// watermarks, keys and redo journals.
