@@ -122,10 +122,7 @@ impl AgentState {
             out.sync_all()?;
         }
         fs::rename(&tmp, &self.path)?;
-        if let Some(d) = self.path.parent() {
-            File::open(d)?.sync_all()?;
-        }
-        Ok(())
+        crate::util::durable::sync_parent_dir(&self.path)
     }
 
     /// Durably reserve seqs from `from`; returns the new exclusive bound.

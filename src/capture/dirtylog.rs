@@ -644,12 +644,7 @@ impl DirtyLog {
             f.sync_all().map_err(io_err(&tmp, "fsync"))?;
         }
         fs::rename(&tmp, p).map_err(io_err(p, "rename"))?;
-        if let Some(d) = p.parent() {
-            File::open(d)
-                .and_then(|f| f.sync_all())
-                .map_err(io_err(d, "fsync directory"))?;
-        }
-        Ok(())
+        crate::util::durable::sync_parent_dir(p).map_err(io_err(p, "fsync the directory of"))
     }
 
     /// Orderly stop: `bits` (what is still not vouched for) as a clean snapshot;

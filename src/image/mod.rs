@@ -359,14 +359,7 @@ pub(crate) fn create_image_file(
     Ok(file)
 }
 
-/// fsync the directory holding `path`, so a new entry in it is durable.
-pub(crate) fn sync_parent_dir(path: &Path) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    File::open(dir)?.sync_all()
-}
+pub(crate) use crate::util::durable::sync_parent_dir;
 
 /// `Ok` when every op of `ops` lies inside an image of `size` bytes, else
 /// [`ImageError::OutOfRange`] naming the first one that does not (checked

@@ -163,9 +163,7 @@ impl Watermark {
                 current: Mark::default(),
             };
             w.store(Mark::default())?;
-            if let Some(dir) = path.parent() {
-                File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
-            }
+            crate::util::durable::sync_parent_dir(path).map_err(io)?;
             return Ok(w);
         }
         let mut buf = vec![0u8; 2 * SLOT];
@@ -239,6 +237,20 @@ mod tests {
         }
     }
 
+    /// The slot `encode_slot(1, &mark(2))` must give, with `version` and
+    /// `flags`, checksum included.
+    fn golden(version: u8, flags: u8) -> [u8; SLOT] {
+        let mut want = [0u8; SLOT];
+        want[..8].copy_from_slice(&[b'T', b'M', b'W', b'M', version, 0, flags, 0]);
+        want[8] = 1;
+        want[16] = 2;
+        want[24] = 20;
+        want[32] = 200;
+        let crc = crc32c::crc32c(&want[..60]);
+        want[60..].copy_from_slice(&crc.to_le_bytes());
+        want
+    }
+
     #[test]
     fn golden_slot_bytes_v2_with_the_consistency_flag() {
         for (c, flag) in [(true, 1u8), (false, 0)] {
@@ -247,50 +259,20 @@ mod tests {
                 ..mark(2)
             };
             let b = encode_slot(1, &m);
-            let mut want = [0u8; 64];
-            want[..8].copy_from_slice(&[b'T', b'M', b'W', b'M', 2, 0, flag, 0]);
-            want[8] = 1;
-            want[16] = 2;
-            want[24] = 20;
-            want[32] = 200;
-            let crc = crc32c::crc32c(&want[..60]);
-            want[60..].copy_from_slice(&crc.to_le_bytes());
-            assert_eq!(b, want);
+            assert_eq!(b, golden(2, flag));
             assert_eq!(decode_slot(&b).unwrap(), (1, m));
         }
         // Unknown flags, flags in a version-1 slot, a version 3: refused.
-        for (at, v) in [(6usize, 2u8), (6, 1), (4, 3)] {
-            let mut b = encode_slot(
-                1,
-                &Mark {
-                    consistent: Some(false),
-                    ..mark(2)
-                },
-            );
-            if at == 6 && v == 1 {
-                b[4] = 1;
-                b[6] = 1;
-            } else {
-                b[at] = v;
-            }
-            let crc = crc32c::crc32c(&b[..60]);
-            b[60..].copy_from_slice(&crc.to_le_bytes());
-            assert!(decode_slot(&b).is_err(), "{:?}", &b[4..8]);
+        for (version, flags) in [(2u8, 2u8), (1, 1), (3, 0)] {
+            let b = golden(version, flags);
+            assert!(decode_slot(&b).is_err(), "version {version} flags {flags}");
         }
     }
 
     #[test]
     fn golden_slot_bytes() {
         let b = encode_slot(1, &mark(2));
-        let mut want = [0u8; 64];
-        want[..8].copy_from_slice(&[b'T', b'M', b'W', b'M', 1, 0, 0, 0]);
-        want[8] = 1;
-        want[16] = 2;
-        want[24] = 20;
-        want[32] = 200;
-        let crc = crc32c::crc32c(&want[..60]);
-        want[60..].copy_from_slice(&crc.to_le_bytes());
-        assert_eq!(b, want);
+        assert_eq!(b, golden(1, 0));
         assert_eq!(decode_slot(&b).unwrap(), (1, mark(2)));
     }
 

@@ -22,6 +22,11 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// fsync the directory holding `path`, so a new entry in it is durable.
+pub fn sync_parent_dir(path: &Path) -> io::Result<()> {
+    fsync_dir(path.parent().unwrap_or(Path::new("")))
+}
+
 /// Create `dir` and any missing parents, like `fs::create_dir_all`, and make
 /// each directory it created durable by fsyncing the directory that holds it.
 /// Directories that already exist are left as they are.

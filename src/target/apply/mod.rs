@@ -179,7 +179,7 @@ impl PromotedMarker {
             f.sync_all()?;
         }
         std::fs::rename(&tmp, &path)?;
-        File::open(group_dir)?.sync_all()
+        crate::util::durable::fsync_dir(group_dir)
     }
 
     /// One line for logs and status.

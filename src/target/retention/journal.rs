@@ -1176,9 +1176,7 @@ fn create_segment(dir: &Path, seg: u64, group: &str) -> Result<File, JournalErro
     f.write_all(&encode_segment_header(seg, group))
         .map_err(io_err("write", &path))?;
     f.sync_all().map_err(io_err("fsync", &path))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync directory", dir))?;
+    crate::util::durable::fsync_dir(dir).map_err(io_err("fsync directory", dir))?;
     f.seek(SeekFrom::End(0)).map_err(io_err("seek", &path))?;
     Ok(f)
 }
