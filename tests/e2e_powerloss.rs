@@ -101,6 +101,59 @@ fn forgetful_file_system_keeps_what_was_synced() {
     assert_eq!(fs::read(fs.path("d/unsynced")).unwrap(), lost);
 }
 
+/// Truncates: undone or kept as a whole by a cut until the file is synced, and
+/// bytes past a synced truncate never come back.
+#[test]
+fn forgetful_file_system_truncates_are_durable_only_once_synced() {
+    const P: usize = 4096;
+    let fs = Forgetful::mount(11, Duration::ZERO);
+    let path = fs.path("t");
+    let (mut undone, mut kept) = (0, 0);
+    for round in 0..24 {
+        let old = vec![0xA0 + (round % 16) as u8; 16 * P];
+        let mut f = fs::File::create(&path).unwrap();
+        sync_dir(&fs.root);
+        f.write_all(&old).unwrap();
+        f.sync_all().unwrap();
+        // Cut to 4 pages, then write pages 4 and 5 anew; nothing synced.
+        f.set_len(4 * P as u64).unwrap();
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(4 * P as u64)).unwrap();
+        f.write_all(&[0xBB; 2 * P]).unwrap();
+        drop(f);
+        let st = fs.power_off();
+        fs.power_on();
+        let got = fs::read(&path).unwrap();
+        assert_eq!(&got[..4 * P], &old[..4 * P], "round {round}: synced prefix");
+        if got.len() >= 16 * P {
+            // The truncate was undone: the old content past page 6 is back.
+            undone += 1;
+            assert_eq!(&got[6 * P..16 * P], &old[6 * P..], "round {round}");
+            assert!(got[4 * P..6 * P].iter().all(|&b| b == 0xBB || b == old[0]));
+        } else {
+            kept += 1;
+            assert!(got.len() <= 6 * P, "round {round}: {} bytes", got.len());
+            assert!(
+                got[4 * P..].iter().all(|&b| b == 0xBB || b == 0),
+                "round {round}"
+            );
+        }
+        assert_eq!(st.truncates_undone + st.truncates_kept, round + 1);
+    }
+    assert!(undone > 0 && kept > 0, "undone {undone}, kept {kept}");
+
+    // Synced truncate, then an extension with zeros, synced: no old byte returns.
+    let mut f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all(&[0xCC; 8 * P]).unwrap();
+    f.sync_all().unwrap();
+    f.set_len(0).unwrap();
+    f.set_len(8 * P as u64).unwrap();
+    f.sync_data().unwrap();
+    drop(f);
+    fs.power_off();
+    fs.power_on();
+    assert_eq!(fs::read(&path).unwrap(), vec![0; 8 * P]);
+}
+
 /// Start the three roles (the victim's files on `power`, placed by `place`),
 /// run a workload of `bytes` at 32 MB/s, cut the victim's power three times
 /// while it runs (power off, kill, power on, restart), and check that the

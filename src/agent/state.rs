@@ -11,8 +11,7 @@
 //! Stored as a small JSON document, replaced atomically (write temporary file,
 //! fsync, rename, fsync directory).
 
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
@@ -115,14 +114,9 @@ impl AgentState {
     }
 
     fn persist(&self, f: &StateFile) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec_pretty(f).map_err(std::io::Error::other)?;
         let tmp = self.path.with_extension("state.tmp");
-        {
-            let mut out = File::create(&tmp)?;
-            out.write_all(&serde_json::to_vec_pretty(f).map_err(std::io::Error::other)?)?;
-            out.sync_all()?;
-        }
-        fs::rename(&tmp, &self.path)?;
-        crate::util::durable::sync_parent_dir(&self.path)
+        crate::util::durable::replace_file(&self.path, &tmp, &bytes)
     }
 
     /// Durably reserve seqs from `from`; returns the new exclusive bound.

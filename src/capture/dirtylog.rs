@@ -21,7 +21,7 @@
 //! and the crash argument are in docs/CAPTURE.md.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -638,13 +638,7 @@ impl DirtyLog {
         }
         let tmp = self.snap_path.with_extension("dirty.tmp");
         let p = &self.snap_path;
-        {
-            let mut f = File::create(&tmp).map_err(io_err(&tmp, "create"))?;
-            f.write_all(&buf).map_err(io_err(&tmp, "write"))?;
-            f.sync_all().map_err(io_err(&tmp, "fsync"))?;
-        }
-        fs::rename(&tmp, p).map_err(io_err(p, "rename"))?;
-        crate::util::durable::sync_parent_dir(p).map_err(io_err(p, "fsync the directory of"))
+        crate::util::durable::replace_file(p, &tmp, &buf).map_err(io_err(p, "replace"))
     }
 
     /// Orderly stop: `bits` (what is still not vouched for) as a clean snapshot;

@@ -4,8 +4,7 @@
 //! Written atomically: `state.tmp` is written and fsync'd, renamed over `state`,
 //! then the group directory is fsync'd.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use super::SpoolError;
@@ -130,20 +129,9 @@ pub fn fsync_dir(dir: &Path) -> Result<(), SpoolError> {
 
 /// Atomically replace the state file of the group directory `gdir`.
 pub fn write_state(gdir: &Path, st: &GroupState) -> Result<(), SpoolError> {
-    let tmp = gdir.join(STATE_TMP);
     let dst = gdir.join(STATE_FILE);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(|e| io_err("create", &tmp, e))?;
-    f.write_all(&st.encode())
-        .map_err(|e| io_err("write", &tmp, e))?;
-    f.sync_all().map_err(|e| io_err("fsync", &tmp, e))?;
-    drop(f);
-    fs::rename(&tmp, &dst).map_err(|e| io_err("rename state file into", &dst, e))?;
-    fsync_dir(gdir)
+    crate::util::durable::replace_file(&dst, &gdir.join(STATE_TMP), &st.encode())
+        .map_err(|e| io_err("replace the state file", &dst, e))
 }
 
 /// Why an existing state file could not be used.
@@ -185,6 +173,7 @@ pub fn state_path(gdir: &Path) -> PathBuf {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::fs;
 
     const GOLDEN_STATE_CRC: u32 = 0xf529_0a9b;
 

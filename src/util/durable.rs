@@ -8,7 +8,7 @@
 //! `tests/e2e_crash.rs` model exactly that).
 
 use std::fs::{self, File};
-use std::io;
+use std::io::{self, Write};
 use std::path::Path;
 
 /// fsync the directory `dir`, so that entries created, renamed or removed in it
@@ -25,6 +25,19 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
 /// fsync the directory holding `path`, so a new entry in it is durable.
 pub fn sync_parent_dir(path: &Path) -> io::Result<()> {
     fsync_dir(path.parent().unwrap_or(Path::new("")))
+}
+
+/// Replace the file at `path` with `bytes` so that a power cut leaves either the
+/// old file or the new one, whole: write `tmp` (same directory), fsync it,
+/// rename it over `path`, fsync the directory.
+pub fn replace_file(path: &Path, tmp: &Path, bytes: &[u8]) -> io::Result<()> {
+    {
+        let mut f = File::create(tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(tmp, path)?;
+    sync_parent_dir(path)
 }
 
 /// Create `dir` and any missing parents, like `fs::create_dir_all`, and make
@@ -70,5 +83,22 @@ mod tests {
             "{e}"
         );
         fsync_dir(Path::new("")).unwrap();
+    }
+
+    #[test]
+    fn replace_file_swaps_the_whole_content() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("state");
+        let tmp = t.path().join("state.tmp");
+        replace_file(&p, &tmp, b"first, longer").unwrap();
+        replace_file(&p, &tmp, b"second").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"second");
+        assert!(!tmp.exists());
+        let e = replace_file(
+            &t.path().join("no/such"),
+            &t.path().join("no/such.tmp"),
+            b"x",
+        );
+        assert_eq!(e.unwrap_err().kind(), io::ErrorKind::NotFound);
     }
 }

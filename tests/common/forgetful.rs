@@ -19,8 +19,14 @@
 //! in a directory is durable only once that directory is `fsync`ed; a cut
 //! puts every directory back to its entries at its last fsync (a file that no
 //! durable name reaches is gone, an unlinked one whose removal was not synced
-//! is back). The model's limit, on purpose: a file's size change by truncate
-//! or extension is durable at once.
+//! is back).
+//!
+//! A truncate is durable only once the file is synced: a cut either undoes
+//! every truncate since the last sync (the file is back at its synced length
+//! and content, plus whichever later pages were kept) or keeps them all (the
+//! file starts from its synced content cut at the shortest length it was
+//! truncated to), chosen at random, as a journaling file system commits a
+//! truncate as one transaction that may or may not have reached the disk.
 //!
 //! Files are opened with direct I/O (`FOPEN_DIRECT_IO`) and entries and
 //! attributes are never cached by the kernel: every read and write reaches this
@@ -59,6 +65,8 @@ struct FileData {
     durable: Vec<u8>,
     /// Pages written since the last sync.
     dirty: BTreeSet<u64>,
+    /// The shortest length a truncate set since the last sync, if one did.
+    shrunk_to: Option<u64>,
 }
 
 struct Node {
@@ -84,6 +92,10 @@ pub struct CutStats {
     pub pages_lost: u64,
     /// Bytes of file length lost (a file cut back towards its synced length).
     pub bytes_cut: u64,
+    /// Files truncated since their last sync whose truncates a cut undid.
+    pub truncates_undone: u64,
+    /// Files truncated since their last sync whose truncates a cut kept.
+    pub truncates_kept: u64,
     /// Directory entries created, renamed or removed since their directory's
     /// last fsync, and undone by a cut.
     pub names_lost: u64,
@@ -200,22 +212,31 @@ impl State {
         stats.cuts += 1;
         for n in nodes.values_mut() {
             let Kind::File(f) = &mut n.kind else { continue };
-            let (cur, synced) = (f.data.len() as u64, f.durable.len() as u64);
-            let len = if cur > synced {
-                synced + rng.below(cur - synced + 1)
-            } else {
-                cur
-            };
-            stats.bytes_cut += cur - len;
             let mut keep = std::mem::take(&mut f.durable);
+            // The truncates since the last sync reached the disk, or none did.
+            match f.shrunk_to.take() {
+                Some(to) if rng.below(2) == 1 => {
+                    keep.truncate(to as usize);
+                    stats.truncates_kept += 1;
+                }
+                Some(_) => stats.truncates_undone += 1,
+                None => {}
+            }
+            let (cur, base) = (f.data.len() as u64, keep.len() as u64);
+            let len = if cur > base {
+                base + rng.below(cur - base + 1)
+            } else {
+                base
+            };
+            stats.bytes_cut += cur.saturating_sub(len);
             keep.resize(len as usize, 0);
             for &page in &f.dirty {
                 let start = page * PAGE;
-                if start >= len {
+                if start >= len.min(cur) {
                     continue;
                 }
                 if rng.below(2) == 1 {
-                    let end = (start + PAGE).min(len) as usize;
+                    let end = (start + PAGE).min(len).min(cur) as usize;
                     keep[start as usize..end].copy_from_slice(&f.data[start as usize..end]);
                     stats.pages_kept += 1;
                 } else {
@@ -388,11 +409,13 @@ impl Filesystem for ForgetfulFs {
             if size > MAX_FILE {
                 return reply.error(Errno::EFBIG);
             }
-            // A truncate or extension is metadata: durable at once.
+            // Durable at the next sync (see `cut` for what a cut leaves).
             match st.file(ino.0) {
                 Ok(f) => {
+                    if size < f.data.len() as u64 {
+                        f.shrunk_to = Some(f.shrunk_to.map_or(size, |s| s.min(size)));
+                    }
                     f.data.resize(size as usize, 0);
-                    f.durable.resize(size as usize, 0);
                     f.dirty.retain(|&p| p * PAGE < size);
                 }
                 Err(e) => return reply.error(e),
@@ -608,6 +631,10 @@ impl Filesystem for ForgetfulFs {
             reply,
             self.sync(|st| {
                 let f = st.file(ino.0)?;
+                // Bytes past a truncate are zeros or were written (dirty) since.
+                if let Some(to) = f.shrunk_to.take() {
+                    f.durable.truncate(to as usize);
+                }
                 f.durable.resize(f.data.len(), 0);
                 for &page in &f.dirty {
                     let start = (page * PAGE) as usize;

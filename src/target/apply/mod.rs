@@ -173,13 +173,7 @@ impl PromotedMarker {
         let path = group_dir.join(PROMOTED_FILE);
         let tmp = group_dir.join(format!("{PROMOTED_FILE}.tmp"));
         let bytes = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
-        {
-            let mut f = File::create(&tmp)?;
-            std::io::Write::write_all(&mut f, &bytes)?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, &path)?;
-        crate::util::durable::fsync_dir(group_dir)
+        crate::util::durable::replace_file(&path, &tmp, &bytes)
     }
 
     /// One line for logs and status.
