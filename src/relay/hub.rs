@@ -57,7 +57,8 @@ pub const ROUTE_WAIT: Duration = Duration::from_secs(5);
 
 /// Resync requests of a group remembered while their target session has not
 /// answered them; beyond this many, a request's agent waits for its own
-/// timeout if the session ends.
+/// timeout if the session ends. (An agent keeps one digest request in flight
+/// per disk it verifies or drains, so only a misbehaving agent comes near it.)
 pub const MAX_UNANSWERED: usize = 4096;
 
 /// A resync request handed to a target session and not answered yet.
@@ -195,15 +196,24 @@ impl GroupHub {
                 .collect()
         };
         for (request_id, u) in lost {
-            // Never blocks (this runs when a session ends); an agent whose
-            // queue is full, or that is gone, falls back to its timeout.
-            let _ = u.agent.try_send(Outgoing::Msg(Message::ResyncUnreachable {
+            let msg = Outgoing::Msg(Message::ResyncUnreachable {
                 request_id,
                 message: format!(
                     "the target of group {} disconnected before it answered",
                     self.name
                 ),
-            }));
+            });
+            // Never blocks (this runs when a session ends): a full queue gets
+            // the message from a task that waits up to ROUTE_WAIT for room; an
+            // agent that is gone, or a queue still full then, falls back to
+            // the agent's own timeout.
+            if let Err(mpsc::error::TrySendError::Full(msg)) = u.agent.try_send(msg) {
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move {
+                        let _ = tokio::time::timeout(ROUTE_WAIT, u.agent.send(msg)).await;
+                    });
+                }
+            }
         }
     }
 
@@ -626,6 +636,36 @@ mod tests {
         }
         assert!(agent_rx.try_recv().is_err(), "only the unanswered one");
         assert!(lock(&g.unanswered).is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_agent_whose_queue_is_full_still_gets_told() {
+        let hub = Hub::default();
+        let g = hub.group("g1", 0);
+        let (agent_tx, mut agent_rx) = mpsc::channel(1);
+        let (t1, _t1_rx) = mpsc::channel(8);
+        g.set_route(PeerRole::Target, 7, t1);
+        g.route_request(5, vec![5], agent_tx.clone()).await.unwrap();
+        // The agent's writer queue is full when the target's session ends.
+        agent_tx
+            .try_send(Outgoing::Msg(Message::Resync(vec![0])))
+            .unwrap();
+        g.clear_route(PeerRole::Target, 7);
+        assert!(matches!(
+            agent_rx.recv().await,
+            Some(Outgoing::Msg(Message::Resync(_)))
+        ));
+        let got = tokio::time::timeout(Duration::from_secs(5), agent_rx.recv()).await;
+        assert!(
+            matches!(
+                got,
+                Ok(Some(Outgoing::Msg(Message::ResyncUnreachable {
+                    request_id: 5,
+                    ..
+                })))
+            ),
+            "{got:?}"
+        );
     }
 
     #[test]

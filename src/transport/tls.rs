@@ -174,6 +174,19 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// Server side (the relay): requires a client certificate signed by the CA.
 pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut cfg = mutual_server(files, "server", &[&rustls::version::TLS13])?;
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// A server config that requires a client certificate signed by the CA of
+/// `files`, presents its own, offers `versions`, and never resumes a session
+/// (every connection presents and verifies a full certificate).
+fn mutual_server(
+    files: &TlsFiles,
+    what: &'static str,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Result<ServerConfig, TlsError> {
     let roots = Arc::new(load_roots(&files.ca)?);
     let chain = load_chain(&files.cert)?;
     let key = load_key(&files.key)?;
@@ -184,20 +197,16 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
             path: files.ca.clone(),
             msg: e.to_string(),
         })?;
-    let build = |source| TlsError::Build {
-        what: "server",
-        source,
-    };
+    let build = |source| TlsError::Build { what, source };
     let mut cfg = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
+        .with_protocol_versions(versions)
         .map_err(build)?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         .map_err(build)?;
-    cfg.alpn_protocols = vec![ALPN.to_vec()];
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     cfg.send_tls13_tickets = 0;
-    Ok(Arc::new(cfg))
+    Ok(cfg)
 }
 
 /// Client side (agent, target): trusts only the CA and presents our certificate.
@@ -416,28 +425,7 @@ impl PeerCert {
 /// Session resumption stays disabled, so every connection presents and
 /// verifies a full certificate.
 pub fn nbd_server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
-    let roots = Arc::new(load_roots(&files.ca)?);
-    let chain = load_chain(&files.cert)?;
-    let key = load_key(&files.key)?;
-    let provider = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
-        .build()
-        .map_err(|e| TlsError::Verifier {
-            path: files.ca.clone(),
-            msg: e.to_string(),
-        })?;
-    let build = |source| TlsError::Build {
-        what: "NBD server",
-        source,
-    };
-    let mut cfg = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(build)?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .map_err(build)?;
-    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    cfg.send_tls13_tickets = 0;
+    let cfg = mutual_server(files, "NBD server", rustls::DEFAULT_VERSIONS)?;
     Ok(Arc::new(cfg))
 }
 
