@@ -207,12 +207,12 @@ impl GroupHub {
             // the message from a task that waits up to ROUTE_WAIT for room; an
             // agent that is gone, or a queue still full then, falls back to
             // the agent's own timeout.
-            if let Err(mpsc::error::TrySendError::Full(msg)) = u.agent.try_send(msg) {
-                if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                    rt.spawn(async move {
-                        let _ = tokio::time::timeout(ROUTE_WAIT, u.agent.send(msg)).await;
-                    });
-                }
+            if let Err(mpsc::error::TrySendError::Full(msg)) = u.agent.try_send(msg)
+                && let Ok(rt) = tokio::runtime::Handle::try_current()
+            {
+                rt.spawn(async move {
+                    let _ = tokio::time::timeout(ROUTE_WAIT, u.agent.send(msg)).await;
+                });
             }
         }
     }
