@@ -15,6 +15,13 @@
 //!   region inside an extent of the log. Extents touched in the current or the
 //!   previous rollover period stay in the log; writes to them cost nothing more.
 //!   Group commit: concurrent writers share one log write.
+//! - An extent also stays in the log until a **sync of the backing disk** that
+//!   began after its last write has completed ([`DirtyLog::note_backing_synced`]):
+//!   a write the relay holds but the protected machine's own disk lost in a power
+//!   cut would otherwise leave the replica with data the source no longer has,
+//!   in a region no restart resyncs. The application's flushes provide those
+//!   syncs; the rollover adds one when none came for
+//!   [`BACKING_SYNC_EPOCHS`] rollovers.
 //!
 //! After a crash the regions to resync are the snapshot's bits plus every extent
 //! of the log; after an orderly stop, only the snapshot's bits. The byte formats
@@ -34,6 +41,11 @@ use crate::error::{Classify, ErrorKind};
 
 /// Default period between snapshot rollovers.
 pub const ROLLOVER: Duration = Duration::from_secs(2);
+/// Rollovers without a sync of the backing disk after which the rollover syncs
+/// it itself, so idle extents can leave the activity log: 15 (30 s at the
+/// default period, the age at which Linux writes dirty pages back anyway,
+/// `vm.dirty_expire_centisecs`).
+pub const BACKING_SYNC_EPOCHS: u32 = 15;
 /// Smallest activity-log extent (log2 bytes): 4 MiB.
 pub const MIN_EXTENT_SHIFT: u32 = 22;
 /// Regions per extent at least (log2): extents are never finer than 1024 regions.
@@ -125,6 +137,8 @@ impl Geometry {
 struct AlState {
     epoch: u32,
     retain_from: u32,
+    /// Every write of an epoch below this one is durable on the backing disk.
+    synced_below: u32,
     tags: Vec<u32>,
     need_gen: Vec<u64>,
     next_gen: u64,
@@ -201,6 +215,7 @@ impl DirtyLog {
             al: Mutex::new(AlState {
                 epoch: 1,
                 retain_from: 1,
+                synced_below: 1,
                 tags: vec![0; n_extents as usize],
                 need_gen: vec![0; n_extents as usize],
                 next_gen: 1,
@@ -600,12 +615,36 @@ impl DirtyLog {
         g
     }
 
+    /// The current epoch. Read it *before* syncing the backing disk, and pass it
+    /// to [`note_backing_synced`](Self::note_backing_synced) once the sync is done.
+    pub fn epoch(&self) -> u32 {
+        self.lock_al().epoch
+    }
+
+    /// A sync of the backing disk that began while `epoch` was current has
+    /// completed: every write of an earlier epoch is durable there (a write
+    /// holds the gate from its intent until after its backing I/O, and an epoch
+    /// begins under the exclusive gate).
+    pub fn note_backing_synced(&self, epoch: u32) {
+        let mut st = self.lock_al();
+        st.synced_below = st.synced_below.max(epoch);
+    }
+
+    /// No sync of the backing disk for [`BACKING_SYNC_EPOCHS`] epochs: the
+    /// rollover should sync it, or no extent can leave the log.
+    pub fn backing_sync_due(&self) -> bool {
+        let st = self.lock_al();
+        st.epoch.saturating_sub(st.synced_below) >= BACKING_SYNC_EPOCHS
+    }
+
     /// Rollover, step 3 (after the snapshot taken under [`freeze`](Self::freeze)
     /// is durable): drop from the log the extents not touched in this or the
-    /// previous epoch, and write it.
+    /// previous epoch and whose writes are durable on the backing disk, and
+    /// write it.
     pub fn retire(&self) -> Result<(), DirtyLogError> {
         let mut st = self.lock_al();
-        st.retain_from = st.epoch.saturating_sub(1).max(1);
+        let from = st.epoch.saturating_sub(1).min(st.synced_below).max(1);
+        st.retain_from = st.retain_from.max(from);
         let generation = st.next_gen;
         self.wait_durable(st, generation)
     }
@@ -755,9 +794,20 @@ mod tests {
             l.write_snapshot(&empty, false).unwrap();
             l.retire().unwrap();
         }
+        assert_eq!(
+            l.al_stats().0,
+            1,
+            "its write is not known durable on the disk"
+        );
+        let e = l.epoch();
+        l.note_backing_synced(e);
+        drop(l.freeze());
+        l.write_snapshot(&empty, false).unwrap();
+        l.retire().unwrap();
         assert_eq!(l.al_stats().0, 0);
         // A write after one rollover stays hot without a log write.
         l.ensure(4 * MIB, 1).unwrap();
+        l.note_backing_synced(l.epoch() + 1);
         drop(l.freeze());
         l.write_snapshot(&empty, false).unwrap();
         l.retire().unwrap();
@@ -765,6 +815,52 @@ mod tests {
         l.ensure(4 * MIB + 1, 1).unwrap();
         assert_eq!(l.al_stats().1, writes);
         assert_eq!(l.al_stats().0, 1);
+    }
+
+    #[test]
+    fn an_extent_stays_until_a_backing_sync_begun_after_its_write() {
+        let d = tempfile::tempdir().unwrap();
+        let (l, _) = open(d.path(), 64 * MIB);
+        let empty = RegionBitmap::new(l.regions());
+        l.mark_open(&empty).unwrap();
+        let roll = || {
+            drop(l.freeze());
+            l.write_snapshot(&empty, false).unwrap();
+            l.retire().unwrap();
+        };
+        l.ensure(0, 1).unwrap(); // epoch 1
+        roll();
+        // A sync that began in epoch 2 covers epoch 1's write, not later ones.
+        let began = l.epoch();
+        l.ensure(4 * MIB, 1).unwrap(); // epoch 2
+        l.note_backing_synced(began);
+        // An older sync noted late never moves it back.
+        l.note_backing_synced(1);
+        assert!(!l.backing_sync_due());
+        roll();
+        roll();
+        roll();
+        assert_eq!(
+            l.al_stats().0,
+            1,
+            "only the extent written after the sync began stays"
+        );
+        let (_l2, r) = {
+            drop(l);
+            open(d.path(), 64 * MIB)
+        };
+        assert_eq!(r.al_extents, 1);
+        assert!(r.dirty.get((4 * MIB / 4096) as usize as u64));
+        // With no sync at all, one is due after BACKING_SYNC_EPOCHS rollovers.
+        let d = tempfile::tempdir().unwrap();
+        let (l, _) = open(d.path(), 64 * MIB);
+        l.mark_open(&empty).unwrap();
+        for _ in 0..BACKING_SYNC_EPOCHS - 1 {
+            drop(l.freeze());
+        }
+        assert!(!l.backing_sync_due());
+        drop(l.freeze());
+        assert!(l.backing_sync_due());
     }
 
     #[test]

@@ -181,6 +181,14 @@ impl ProtectedDisk {
             path: path.to_path_buf(),
             source,
         };
+        // What a previous run (or anything before protection began) left in
+        // the page cache must be on the disk before it is copied from: a copy
+        // the replica holds of data the source then loses in a power cut would
+        // be in no region a restart resyncs.
+        backing.sync().map_err(|e| ProtectedError::Open {
+            path: path.to_path_buf(),
+            source: io::Error::new(e.kind(), format!("fdatasync before protecting it: {e}")),
+        })?;
         let (log, rec) = DirtyLog::open(state_dir, journal.group(), id, size).map_err(dl)?;
         let grown_from = rec.grown_from;
         let (pending, cause, reason) = start_regions(&log, rec, initial_copy, size);
@@ -286,7 +294,7 @@ impl ProtectedDisk {
         drop(locks);
         drop(gate);
         if fua {
-            self.backing.sync().map_err(err)?;
+            self.sync_backing().map_err(err)?;
         }
         Ok(recorded)
     }
@@ -625,6 +633,10 @@ impl ProtectedDisk {
         &self,
         checkpoint: &dyn Fn() -> Result<(), DirtyLogError>,
     ) -> Result<(), DirtyLogError> {
+        if self.log.backing_sync_due() {
+            self.sync_backing()
+                .map_err(|source| self.backing_sync_error(source))?;
+        }
         let freeze = self.log.freeze();
         let bits = self.journal.dirty_regions(self.id);
         let grown_from = self.journal.unannounced_growth(self.id);
@@ -646,9 +658,30 @@ impl ProtectedDisk {
         self.shut.store(true, AO::Release);
     }
 
-    /// Orderly stop (after [`shut`](Self::shut)): persist what still needs a copy at the next
-    /// start as a clean snapshot. Returns its bytes.
+    /// `fdatasync` the backing disk, and tell the dirty log which writes that
+    /// made durable (the extents they touched may then leave the activity log).
+    fn sync_backing(&self) -> io::Result<()> {
+        let epoch = self.log.epoch();
+        self.backing.sync()?;
+        self.log.note_backing_synced(epoch);
+        Ok(())
+    }
+
+    fn backing_sync_error(&self, source: io::Error) -> DirtyLogError {
+        DirtyLogError::Io {
+            path: self.path().to_path_buf(),
+            op: "fdatasync the backing disk of",
+            source,
+        }
+    }
+
+    /// Orderly stop (after [`shut`](Self::shut)): make every write durable on
+    /// the backing disk (a clean snapshot leaves the activity log unread at the
+    /// next start), then persist what still needs a copy at the next start as
+    /// a clean snapshot. Returns its bytes.
     pub fn close_clean(&self) -> Result<u64, DirtyLogError> {
+        self.sync_backing()
+            .map_err(|source| self.backing_sync_error(source))?;
         let bits = self
             .journal
             .final_dirty_regions(self.id)
@@ -816,8 +849,7 @@ impl BlockIo for ProtectedDisk {
     }
 
     fn flush(&self) -> Result<(), IoError> {
-        self.backing
-            .sync()
+        self.sync_backing()
             .map_err(|e| IoError::new(Op::Flush, 0, 0, IoErrorKind::Backing(e)))
     }
 

@@ -1,4 +1,5 @@
 use super::*;
+use crate::capture::dirtylog::BACKING_SYNC_EPOCHS;
 use crate::capture::journal::{Change, Entry, Policy};
 use crate::capture::modes::Mode;
 use std::fs::File;
@@ -187,12 +188,34 @@ fn rollover_keeps_unacknowledged_regions_in_the_snapshot() {
         for _ in 0..3 {
             disk.rollover(&|| Ok(())).unwrap();
         }
+        // Not known durable on the backing disk: the extent stays in the log.
+        assert_eq!(disk.activity_log_stats().0, 1);
+        disk.flush().unwrap();
+        for _ in 0..2 {
+            disk.rollover(&|| Ok(())).unwrap();
+        }
         // The extent left the activity log, but the region is not acknowledged.
         assert_eq!(disk.activity_log_stats().0, 0);
     }
     let j = journal(64 << 20, Policy::Block);
     let (_disk, rep) = s.open(&j, false);
     assert_eq!(rep.pending_bytes, 4096);
+}
+
+#[test]
+fn without_flushes_the_rollover_syncs_the_backing_disk_itself() {
+    let s = setup(64 * MIB);
+    let j = journal(64 << 20, Policy::Block);
+    let (disk, _) = s.open(&j, false);
+    disk.write(0, vec![1; 4096], false).unwrap();
+    // No flush ever: the extent stays until the rollover's own sync, due after
+    // BACKING_SYNC_EPOCHS rollovers.
+    for _ in 0..BACKING_SYNC_EPOCHS {
+        disk.rollover(&|| Ok(())).unwrap();
+    }
+    assert_eq!(disk.activity_log_stats().0, 1);
+    disk.rollover(&|| Ok(())).unwrap();
+    assert_eq!(disk.activity_log_stats().0, 0);
 }
 
 #[test]

@@ -276,7 +276,8 @@ fn recover(a: RecoverArgs) -> anyhow::Result<()> {
         bail!("group {group} has no disk {}", a.disk.unwrap_or(0));
     }
     if a.disk.is_none() {
-        std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+        tidemark::util::durable::create_dir_durable(&out)
+            .with_context(|| format!("creating {}", out.display()))?;
     }
     let mut outputs = Vec::new();
     for (id, _) in disks {

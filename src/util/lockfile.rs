@@ -38,9 +38,10 @@ impl crate::error::Classify for LockError {
     }
 }
 
-/// Create `dir` if needed and take its lock.
+/// Create `dir` if needed (durably: everything a role keeps lives below it, and
+/// a name not yet synced would take all of it in a power cut) and take its lock.
 pub fn lock_dir(dir: &Path) -> Result<Flock<File>, LockError> {
-    std::fs::create_dir_all(dir).map_err(|source| LockError::Io {
+    crate::util::durable::create_dir_durable(dir).map_err(|source| LockError::Io {
         path: dir.to_path_buf(),
         source,
     })?;

@@ -55,6 +55,8 @@ const MAX_FILE: u64 = 1 << 30;
 enum Kind {
     Dir(BTreeMap<OsString, u64>),
     File(FileData),
+    /// A Unix socket's name (the socket itself lives in the kernel).
+    Socket,
 }
 
 #[derive(Default)]
@@ -122,6 +124,7 @@ impl State {
         match self.nodes.get_mut(&ino).map(|n| &mut n.kind) {
             Some(Kind::File(f)) => Ok(f),
             Some(Kind::Dir(_)) => Err(Errno::EISDIR),
+            Some(Kind::Socket) => Err(Errno::ENXIO),
             None => Err(Errno::ENOENT),
         }
     }
@@ -129,7 +132,7 @@ impl State {
     fn dir(&mut self, ino: u64) -> Result<&mut BTreeMap<OsString, u64>, Errno> {
         match self.nodes.get_mut(&ino).map(|n| &mut n.kind) {
             Some(Kind::Dir(d)) => Ok(d),
-            Some(Kind::File(_)) => Err(Errno::ENOTDIR),
+            Some(Kind::File(_) | Kind::Socket) => Err(Errno::ENOTDIR),
             None => Err(Errno::ENOENT),
         }
     }
@@ -155,7 +158,7 @@ impl State {
         match (&self.nodes[&ino].kind, dir) {
             (Kind::Dir(d), true) if !d.is_empty() => return Err(Errno::ENOTEMPTY),
             (Kind::Dir(_), false) => return Err(Errno::EISDIR),
-            (Kind::File(_), true) => return Err(Errno::ENOTDIR),
+            (Kind::File(_) | Kind::Socket, true) => return Err(Errno::ENOTDIR),
             _ => {}
         }
         self.dir(parent)?.remove(name);
@@ -270,6 +273,7 @@ impl ForgetfulFs {
         let (kind, size) = match &n.kind {
             Kind::Dir(_) => (FileType::Directory, 0),
             Kind::File(f) => (FileType::RegularFile, f.data.len() as u64),
+            Kind::Socket => (FileType::Socket, 0),
         };
         Some(FileAttr {
             ino: INodeNo(ino),
@@ -445,6 +449,28 @@ impl Filesystem for ForgetfulFs {
                 // A directory is not held open: `make` counted no handle.
                 reply.entry(&TTL, &a, Generation(0))
             }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    /// Only sockets (a process that binds a Unix socket here, such as the
+    /// agent's control socket); other special files are refused.
+    fn mknod(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        if mode & libc::S_IFMT != libc::S_IFSOCK {
+            return reply.error(Errno::EPERM);
+        }
+        let perm = (mode & !umask & 0o7777) as u16;
+        match self.make(parent.0, name, Kind::Socket, perm) {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
             Err(e) => reply.error(e),
         }
     }
@@ -688,6 +714,7 @@ impl Filesystem for ForgetfulFs {
             let kind = match st.nodes[&i].kind {
                 Kind::Dir(_) => FileType::Directory,
                 Kind::File(_) => FileType::RegularFile,
+                Kind::Socket => FileType::Socket,
             };
             all.push((i, kind, name));
         }
