@@ -414,6 +414,52 @@ fn e2e_failover_then_failback_sends_only_the_delta_and_the_original_ends_equal()
     assert!(same, "the original disk does not equal the promoted one");
 }
 
+/// The agent's state directory is lost (or restored from an older copy) while
+/// the relay holds the group's chain: the agent finds frames and seqs it never
+/// numbered at the relay's head. Its disks may hold anything relative to the
+/// replica, so it compares every disk by checksum, continues the chain above
+/// the relay's head with fresh seqs, and the replica ends equal to the source.
+#[test]
+fn e2e_an_agent_whose_state_was_lost_compares_every_disk_and_continues_above_the_relay() {
+    let size = 64 * MIB;
+    let mut c = Cluster::new(size);
+    c.prefill(5, 4 * MIB);
+    c.start_relay();
+    c.start_target();
+    c.start_agent(&["--workload-bytes", "8M", "--workload-seed", "51"]);
+    let before = c.wait_workload_done(Duration::from_secs(120));
+    c.wait_applied(before, Duration::from_secs(120));
+    c.agent.as_mut().unwrap().stop(Duration::from_secs(40));
+    // The state directory is gone; the disk changed meanwhile (restored from
+    // a backup, say).
+    let state = tidemark::config::AgentConfig::load(&c.path("agent.toml"))
+        .unwrap()
+        .agent
+        .state_dir;
+    std::fs::remove_dir_all(&state).unwrap();
+    let changed = damage(&c.source, (10..1000).step_by(41), 52);
+    c.start_agent(&["--workload-bytes", "4M", "--workload-seed", "53"]);
+    let last = c.wait_workload_done(Duration::from_secs(120));
+    assert!(
+        last > before,
+        "new seqs above the relay's: {last} <= {before}"
+    );
+    c.wait_caught_up(Duration::from_secs(240));
+    let s = resync_status(&c);
+    assert!(s.compared_bytes >= size, "every disk was compared: {s:?}");
+    assert!(
+        s.differing_bytes >= changed * BLOCK,
+        "the changed blocks were found: {s:?}"
+    );
+    let logs = c.logs();
+    assert!(
+        logs.contains("beyond anything this agent numbered"),
+        "{logs}"
+    );
+    c.stop_all();
+    c.assert_replica_equals_source();
+}
+
 /// The relay lost frames it had acknowledged (its spool went with its disk)
 /// while the target had not applied them: a gap redelivery cannot close. The
 /// agent finds the relay behind the seq it acknowledged, compares every disk

@@ -595,18 +595,27 @@ async fn run_group(
     let (stretch, early) = loop {
         let head = conn.1.head;
         let gap = acked_floor > head.last_seq;
-        if gap && !rebased {
+        // Frames or seqs this agent never numbered (both come from blocks
+        // reserved durably before use): its state is not the one that wrote
+        // the group's chain, so neither is, for certain, its disks' content.
+        let next_seq = p.journal.next_seq();
+        let foreign = head.frame_no >= frame_floor || head.last_seq >= next_seq;
+        if foreign {
+            let found = format!(
+                "the relay holds group {group} through seq {} (frame {}), beyond anything this agent numbered (next seq {next_seq}, next frame {frame_floor}): its state directory was lost or restored from an older copy, or another agent wrote this group",
+                head.last_seq, head.frame_no
+            );
+            let why = format!("{found}; every disk is compared with the replica again");
+            chain_gap(&p, &why, head.last_seq + 1).await;
+        } else if gap && !rebased {
             let found = format!(
                 "the relay holds group {group} only through seq {} (frame {}) but had acknowledged through seq {acked_floor}",
                 head.last_seq, head.frame_no
             );
-            chain_gap(&p, &found).await;
+            chain_gap(&p, &lost_frames(&found), 0).await;
         }
-        let rebase = gap || rebased;
+        let rebase = gap || foreign || rebased;
         let frame_next = frame_floor.max(head.frame_no + 1);
-        if head.frame_no >= frame_floor {
-            tracing::warn!(group = %group, head = head.frame_no, local = frame_floor, "the relay holds frames beyond this agent's persisted frame numbers; continuing above them");
-        }
         *lock(&info.acked) = head;
         let (mut stretch, session) = start_stretch(
             &p,
@@ -639,7 +648,7 @@ async fn run_group(
                     "the relay holds group {group} only up to frame {} but had acknowledged through seq {acked_floor}",
                     source.head
                 );
-                chain_gap(&p, &found).await;
+                chain_gap(&p, &lost_frames(&found), 0).await;
                 rebased = true;
                 match connect_with_retry(&endpoint, &hello, &info, &mut stop_for_connect).await {
                     Ok(Some(c)) => {
@@ -742,18 +751,33 @@ fn acked_checkpoint(info: Arc<GroupInfo>, state: Arc<AgentState>) -> Checkpoint 
     })
 }
 
-/// The relay holds the group only up to `head`, below the seq it had
-/// acknowledged before: frames it acknowledged are lost and redelivery cannot
-/// close the gap. Every disk becomes pending in full (compared by checksum,
-/// so only what differs travels), and its snapshot is persisted before any
-/// frame of the new stretch goes out, so a crash cannot forget it; the first
-/// frame is then marked REBASE (docs/RESYNC.md, "A gap in the chain").
-async fn chain_gap(p: &Prepared, found: &str) {
-    let why = format!(
-        "chain gap: {found}; the frames between are lost, so every disk is compared with the replica again"
-    );
+/// Why a chain gap is one: the relay lost frames it had acknowledged.
+fn lost_frames(found: &str) -> String {
+    format!(
+        "{found}; the frames between are lost, so every disk is compared with the replica again"
+    )
+}
+
+/// The relay's chain does not continue this agent's: it lost frames it had
+/// acknowledged (the relay holds the group only up to a head below the seq it
+/// had acknowledged), or it holds frames this agent never numbered. Redelivery
+/// cannot close that. Every disk becomes pending in full (compared by
+/// checksum, so only what differs travels), and its snapshot is persisted
+/// before any frame of the new stretch goes out, so a crash cannot forget it;
+/// the first frame is then marked REBASE (docs/RESYNC.md, "A gap in the
+/// chain").
+///
+/// `seq_floor`: the first seq the new stretch may use (0: no floor).
+async fn chain_gap(p: &Prepared, what: &str, seq_floor: u64) {
+    let why = format!("chain gap: {what}");
     tracing::warn!(group = %p.cfg.name, "{why}");
-    let dropped = p.journal.rebase(NoteReason::ChainGap, &why);
+    let dropped = match p.journal.rebase(NoteReason::ChainGap, &why, seq_floor) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::error!(group = %p.cfg.name, "cannot number the new stretch's records above seq {seq_floor} (its frames will be refused until a restart): {e}");
+            0
+        }
+    };
     let (journal, disks) = (p.journal.clone(), p.disks.clone());
     let _ = tokio::task::spawn_blocking(move || {
         for d in &disks {

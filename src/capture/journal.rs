@@ -924,7 +924,18 @@ impl CaptureJournal {
     /// pipeline that took them),
     /// and capture leaves write-ordered mode, so no W frame goes out before
     /// every disk was compared again. Returns the entries dropped.
-    pub fn rebase(&self, cause: NoteReason, why: &str) -> u64 {
+    ///
+    /// With `seq_floor` above the next seq (the relay holds seqs this journal
+    /// never assigned: the agent's state was lost or restored from an older
+    /// copy), seqs continue from `seq_floor`, and what is kept (notes and disk
+    /// sizes, which carry no data) is numbered again above it, in order. Fails
+    /// only if those seqs cannot be reserved.
+    pub fn rebase(
+        &self,
+        cause: NoteReason,
+        why: &str,
+        seq_floor: u64,
+    ) -> Result<u64, CaptureError> {
         let mut g = self.lock();
         for d in &mut g.disks {
             let regions = d.pending.len();
@@ -943,6 +954,26 @@ impl CaptureJournal {
         g.unbatched = 0;
         g.recount_unbatched();
         let dropped = g.drop_unbatched(&self.cfg.group, why);
+        let renumbered = if g.next_seq < seq_floor {
+            g.next_seq = seq_floor;
+            // Every slot left has a seq below the floor (none was assigned
+            // above it yet), so numbering them again in order keeps the order.
+            (0..g.slots.len()).try_for_each(|i| {
+                let old = g.slots[i].seq;
+                let seq = g.assign_seq(&self.reserver)?;
+                g.slots[i].seq = seq;
+                for d in &mut g.disks {
+                    if let Some((from, Some(s))) = d.growth
+                        && s == old
+                    {
+                        d.growth = Some((from, Some(seq)));
+                    }
+                }
+                Ok(())
+            })
+        } else {
+            Ok(())
+        };
         if g.mode.mode.write_ordered() {
             g.change_mode(&self.cfg.group, Mode::Bitmap, why.to_string());
         } else if g.mode.mode == Mode::Drain {
@@ -954,7 +985,7 @@ impl CaptureJournal {
         drop(g);
         self.space.notify_all();
         self.avail.notify_all();
-        dropped
+        renumbered.map(|()| dropped)
     }
 
     /// The next run of pending regions of `disk` at or after byte `from`, at most

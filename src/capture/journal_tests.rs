@@ -182,6 +182,38 @@ fn reservation_is_called_before_seqs_are_used() {
 }
 
 #[test]
+fn a_rebase_above_a_seq_floor_numbers_what_it_keeps_again_in_order() {
+    let froms = Arc::new(Mutex::new(Vec::new()));
+    let f2 = froms.clone();
+    let j = CaptureJournal::in_memory(
+        1 << 20,
+        1,
+        Box::new(move |from| {
+            f2.lock().unwrap().push(from);
+            Ok(from + 100)
+        }),
+    );
+    j.add_disk(0, MIB, RegionBitmap::new(256), NoteReason::InitialCopy, "");
+    assert_eq!(j.record_disk_size(0, MIB).unwrap(), 1);
+    assert_eq!(seq(j.record_zero(0, 0, 1).unwrap()), 2);
+    // The relay holds seqs up to 791 that this journal never assigned.
+    j.rebase(NoteReason::ChainGap, "foreign head", 792).unwrap();
+    let kept: Vec<(u64, bool)> = take_all(&j)
+        .iter()
+        .map(|e| (e.seq, matches!(e.change, Change::DiskSize(_))))
+        .collect();
+    assert!(!kept.is_empty(), "{kept:?}");
+    assert_eq!(kept[0], (792, true), "the disk size, numbered again first");
+    assert!(kept.windows(2).all(|w| w[0].0 < w[1].0), "{kept:?}");
+    assert!(kept.iter().all(|&(s, _)| s >= 792), "{kept:?}");
+    // A floor below the next seq changes no seq.
+    j.rebase(NoteReason::ChainGap, "again", 5).unwrap();
+    let again: Vec<u64> = take_all(&j).iter().map(|e| e.seq).collect();
+    assert_eq!(again, [792]);
+    assert_eq!(froms.lock().unwrap()[..2], [1, 792]);
+}
+
+#[test]
 fn degrade_goes_memory_then_spill_then_bitmap_and_never_waits() {
     let dir = tempfile::tempdir().unwrap();
     let w = 4096 + ENTRY_OVERHEAD;
@@ -512,7 +544,8 @@ fn a_chain_gap_announces_this_run_s_growth_again() {
     assert_eq!(j.unannounced_growth(1), None, "acknowledged");
     // The relay lost those frames: the announcement goes out again with the
     // chain-gap note.
-    j.rebase(NoteReason::ChainGap, "relay lost frames");
+    j.rebase(NoteReason::ChainGap, "relay lost frames", 0)
+        .unwrap();
     assert_eq!(j.unannounced_growth(1), Some(MIB));
     let again: Vec<String> = take_all(&j)
         .iter()
@@ -591,7 +624,9 @@ fn a_rebase_drops_every_unacknowledged_entry_and_makes_every_disk_pending() {
     j.trim_through(2);
     assert_eq!(j.stats().entries, 4);
     assert_eq!(j.mode(), Mode::Data);
-    let dropped = j.rebase(NoteReason::ChainGap, "chain gap: test");
+    let dropped = j
+        .rebase(NoteReason::ChainGap, "chain gap: test", 0)
+        .unwrap();
     assert_eq!(dropped, 4);
     let st = j.stats();
     assert_eq!((st.entries, st.bytes), (0, 0));
