@@ -592,13 +592,21 @@ async fn run_group(
     // Set once a chain break marked every disk pending: the next stretch
     // starts with a REBASE frame whatever the relay's head says.
     let mut rebased = false;
+    let mut first_pass = true;
     let (stretch, early) = loop {
         let head = conn.1.head;
         let gap = acked_floor > head.last_seq;
         // Frames or seqs this agent never numbered (both come from blocks
         // reserved durably before use): its state is not the one that wrote
         // the group's chain, so neither is, for certain, its disks' content.
-        let next_seq = p.journal.next_seq();
+        // On the first pass every seq from the start's is this run's and none
+        // was sent yet; later, only frame numbers tell (this run sent seqs).
+        let next_seq = if first_pass {
+            p.start.seq_next
+        } else {
+            u64::MAX
+        };
+        first_pass = false;
         let foreign = head.frame_no >= frame_floor || head.last_seq >= next_seq;
         if foreign {
             let found = format!(
@@ -606,13 +614,13 @@ async fn run_group(
                 head.last_seq, head.frame_no
             );
             let why = format!("{found}; every disk is compared with the replica again");
-            chain_gap(&p, &why, head.last_seq + 1).await;
+            chain_gap(&p, &why, head.last_seq + 1).await?;
         } else if gap && !rebased {
             let found = format!(
                 "the relay holds group {group} only through seq {} (frame {}) but had acknowledged through seq {acked_floor}",
                 head.last_seq, head.frame_no
             );
-            chain_gap(&p, &lost_frames(&found), 0).await;
+            chain_gap(&p, &lost_frames(&found), 0).await?;
         }
         let rebase = gap || foreign || rebased;
         let frame_next = frame_floor.max(head.frame_no + 1);
@@ -648,7 +656,7 @@ async fn run_group(
                     "the relay holds group {group} only up to frame {} but had acknowledged through seq {acked_floor}",
                     source.head
                 );
-                chain_gap(&p, &lost_frames(&found), 0).await;
+                chain_gap(&p, &lost_frames(&found), 0).await?;
                 rebased = true;
                 match connect_with_retry(&endpoint, &hello, &info, &mut stop_for_connect).await {
                     Ok(Some(c)) => {
@@ -768,26 +776,42 @@ fn lost_frames(found: &str) -> String {
 /// chain").
 ///
 /// `seq_floor`: the first seq the new stretch may use (0: no floor).
-async fn chain_gap(p: &Prepared, what: &str, seq_floor: u64) {
+///
+/// Fails (and the group stops, to find the gap again at its next start) when
+/// the seqs above `seq_floor` cannot be reserved or a disk's dirty log cannot
+/// be persisted: no frame may go out before the full compare is durable.
+async fn chain_gap(p: &Prepared, what: &str, seq_floor: u64) -> Result<(), AgentError> {
+    let group = p.cfg.name.to_string();
     let why = format!("chain gap: {what}");
-    tracing::warn!(group = %p.cfg.name, "{why}");
-    let dropped = match p.journal.rebase(NoteReason::ChainGap, &why, seq_floor) {
-        Ok(n) => n,
-        Err(e) => {
-            tracing::error!(group = %p.cfg.name, "cannot number the new stretch's records above seq {seq_floor} (its frames will be refused until a restart): {e}");
-            0
-        }
-    };
-    let (journal, disks) = (p.journal.clone(), p.disks.clone());
-    let _ = tokio::task::spawn_blocking(move || {
-        for d in &disks {
-            if let Err(e) = d.rollover(&|| Ok(())) {
-                tracing::error!(group = journal.group(), disk = d.id(), "cannot persist the dirty log after a chain gap (the activity log and the recorded acknowledgement still bring the resync back at the next start): {e}");
-            }
-        }
+    tracing::warn!(group = %group, "{why}");
+    let dropped = p
+        .journal
+        .rebase(NoteReason::ChainGap, &why, seq_floor)
+        .map_err(|source| AgentError::Capture {
+            group: group.clone(),
+            source,
+        })?;
+    let disks = p.disks.clone();
+    let persisted = tokio::task::spawn_blocking(move || {
+        disks.iter().try_for_each(|d| {
+            d.rollover(&|| Ok(()))
+                .map_err(|source| ProtectedError::DirtyLog {
+                    path: d.path().to_path_buf(),
+                    source,
+                })
+        })
     })
-    .await;
-    tracing::info!(group = %p.cfg.name, dropped_entries = dropped, "every disk is pending; the next frame starts a new stretch of the chain");
+    .await
+    .map_err(|e| AgentError::Internal {
+        group: group.clone(),
+        what: format!("dirty-log task failed: {e}"),
+    })?;
+    persisted.map_err(|source| AgentError::Source {
+        group: group.clone(),
+        source,
+    })?;
+    tracing::info!(group = %group, dropped_entries = dropped, "every disk is pending; the next frame starts a new stretch of the chain");
+    Ok(())
 }
 
 /// The session task of a stretch: its result and the resync channel back.

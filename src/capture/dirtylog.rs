@@ -139,6 +139,11 @@ struct AlState {
     retain_from: u32,
     /// Every write of an epoch below this one is durable on the backing disk.
     synced_below: u32,
+    /// A sync of the backing disk failed: Linux reports a writeback error
+    /// once and marks the pages clean, so a later successful sync proves
+    /// nothing about writes before it. No extent leaves the log for the rest
+    /// of the run; the next start resyncs them all.
+    sync_failed: bool,
     tags: Vec<u32>,
     need_gen: Vec<u64>,
     next_gen: u64,
@@ -216,6 +221,7 @@ impl DirtyLog {
                 epoch: 1,
                 retain_from: 1,
                 synced_below: 1,
+                sync_failed: false,
                 tags: vec![0; n_extents as usize],
                 need_gen: vec![0; n_extents as usize],
                 next_gen: 1,
@@ -630,6 +636,12 @@ impl DirtyLog {
         st.synced_below = st.synced_below.max(epoch);
     }
 
+    /// A sync of the backing disk failed: from now on no extent leaves the log
+    /// (see `sync_failed`).
+    pub fn note_backing_sync_failed(&self) {
+        self.lock_al().sync_failed = true;
+    }
+
     /// No sync of the backing disk for [`BACKING_SYNC_EPOCHS`] epochs: the
     /// rollover should sync it, or no extent can leave the log.
     pub fn backing_sync_due(&self) -> bool {
@@ -643,6 +655,9 @@ impl DirtyLog {
     /// write it.
     pub fn retire(&self) -> Result<(), DirtyLogError> {
         let mut st = self.lock_al();
+        if st.sync_failed {
+            return Ok(());
+        }
         let from = st.epoch.saturating_sub(1).min(st.synced_below).max(1);
         st.retain_from = st.retain_from.max(from);
         let generation = st.next_gen;
@@ -851,6 +866,19 @@ mod tests {
         };
         assert_eq!(r.al_extents, 1);
         assert!(r.dirty.get((4 * MIB / 4096) as usize as u64));
+        // After a failed sync nothing leaves the log, whatever syncs later.
+        let d = tempfile::tempdir().unwrap();
+        let (l, _) = open(d.path(), 64 * MIB);
+        l.mark_open(&empty).unwrap();
+        l.ensure(0, 1).unwrap();
+        l.note_backing_sync_failed();
+        for _ in 0..3 {
+            l.note_backing_synced(l.epoch());
+            drop(l.freeze());
+            l.write_snapshot(&empty, false).unwrap();
+            l.retire().unwrap();
+        }
+        assert_eq!(l.al_stats().0, 1, "kept after a failed sync");
         // With no sync at all, one is due after BACKING_SYNC_EPOCHS rollovers.
         let d = tempfile::tempdir().unwrap();
         let (l, _) = open(d.path(), 64 * MIB);

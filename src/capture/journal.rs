@@ -925,11 +925,13 @@ impl CaptureJournal {
     /// and capture leaves write-ordered mode, so no W frame goes out before
     /// every disk was compared again. Returns the entries dropped.
     ///
-    /// With `seq_floor` above the next seq (the relay holds seqs this journal
-    /// never assigned: the agent's state was lost or restored from an older
-    /// copy), seqs continue from `seq_floor`, and what is kept (notes and disk
-    /// sizes, which carry no data) is numbered again above it, in order. Fails
-    /// only if those seqs cannot be reserved.
+    /// With a `seq_floor` (the relay holds seqs up to `seq_floor - 1` this
+    /// journal may not reuse: the agent's state was lost or restored from an
+    /// older copy), seqs continue from at least `seq_floor`, and when anything
+    /// kept (notes and disk sizes, which carry no data) has a seq below it, all
+    /// that is kept is numbered again above every seq handed out so far, in
+    /// order. Fails only if those seqs cannot be reserved (the journal must
+    /// not be used then: some kept slots may be numbered and some not).
     pub fn rebase(
         &self,
         cause: NoteReason,
@@ -954,10 +956,10 @@ impl CaptureJournal {
         g.unbatched = 0;
         g.recount_unbatched();
         let dropped = g.drop_unbatched(&self.cfg.group, why);
-        let renumbered = if g.next_seq < seq_floor {
-            g.next_seq = seq_floor;
-            // Every slot left has a seq below the floor (none was assigned
-            // above it yet), so numbering them again in order keeps the order.
+        g.next_seq = g.next_seq.max(seq_floor);
+        let renumbered = if g.slots.iter().any(|s| s.seq < seq_floor) {
+            // From the next seq, above every one handed out: numbering all
+            // that is kept again, in order, keeps the order.
             (0..g.slots.len()).try_for_each(|i| {
                 let old = g.slots[i].seq;
                 let seq = g.assign_seq(&self.reserver)?;

@@ -211,6 +211,17 @@ fn a_rebase_above_a_seq_floor_numbers_what_it_keeps_again_in_order() {
     let again: Vec<u64> = take_all(&j).iter().map(|e| e.seq).collect();
     assert_eq!(again, [792]);
     assert_eq!(froms.lock().unwrap()[..2], [1, 792]);
+    // Kept slots below a floor that the next seq already passed (writes
+    // captured before the relay's head was known) are numbered above all.
+    let j2 = CaptureJournal::in_memory(1 << 20, 1, Box::new(|from| Ok(from + 1000)));
+    j2.add_disk(0, MIB, RegionBitmap::new(256), NoteReason::InitialCopy, "");
+    assert_eq!(j2.record_disk_size(0, MIB).unwrap(), 1);
+    for _ in 0..20 {
+        j2.record_zero(0, 0, 1).unwrap();
+    }
+    j2.rebase(NoteReason::ChainGap, "foreign head", 10).unwrap();
+    let kept: Vec<u64> = take_all(&j2).iter().map(|e| e.seq).collect();
+    assert_eq!(kept, [22], "the disk size, above the 21 seqs handed out");
 }
 
 #[test]

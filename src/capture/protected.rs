@@ -149,6 +149,11 @@ pub struct ProtectedDisk {
     stripes: Stripes,
     /// Set by [`ProtectedDisk::shut`]: every later write is refused.
     shut: AtomicBool,
+    /// Held through a rollover or the clean close: two of them at once (the
+    /// roller thread's and a chain gap's) would share the snapshot's
+    /// temporary file, and the one that took its bits first could rename them
+    /// into place last.
+    rollover_lock: std::sync::Mutex<()>,
 }
 
 impl ProtectedDisk {
@@ -204,6 +209,7 @@ impl ProtectedDisk {
                 log,
                 stripes: Stripes::new(),
                 shut: AtomicBool::new(false),
+                rollover_lock: std::sync::Mutex::new(()),
             },
             OpenReport {
                 pending_bytes,
@@ -633,6 +639,7 @@ impl ProtectedDisk {
         &self,
         checkpoint: &dyn Fn() -> Result<(), DirtyLogError>,
     ) -> Result<(), DirtyLogError> {
+        let _one = self.rollover_lock.lock().unwrap_or_else(|p| p.into_inner());
         if self.log.backing_sync_due() {
             self.sync_backing()
                 .map_err(|source| self.backing_sync_error(source))?;
@@ -662,7 +669,11 @@ impl ProtectedDisk {
     /// made durable (the extents they touched may then leave the activity log).
     fn sync_backing(&self) -> io::Result<()> {
         let epoch = self.log.epoch();
-        self.backing.sync()?;
+        if let Err(e) = self.backing.sync() {
+            tracing::error!(disk = self.id, path = %self.path().display(), "fdatasync of the backing disk failed ({e}): every extent stays in the activity log until the next start, which resyncs them");
+            self.log.note_backing_sync_failed();
+            return Err(e);
+        }
         self.log.note_backing_synced(epoch);
         Ok(())
     }
@@ -680,6 +691,7 @@ impl ProtectedDisk {
     /// next start), then persist what still needs a copy at the next start as
     /// a clean snapshot. Returns its bytes.
     pub fn close_clean(&self) -> Result<u64, DirtyLogError> {
+        let _one = self.rollover_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.sync_backing()
             .map_err(|source| self.backing_sync_error(source))?;
         let bits = self

@@ -42,7 +42,10 @@ pub fn replace_file(path: &Path, tmp: &Path, bytes: &[u8]) -> io::Result<()> {
 
 /// Create `dir` and any missing parents, like `fs::create_dir_all`, and make
 /// each directory it created durable by fsyncing the directory that holds it.
-/// Directories that already exist are left as they are.
+/// The directory holding `dir` is fsync'd even when `dir` already existed (a
+/// run that died between creating it and that fsync, or an older version that
+/// used `create_dir_all`, may have left its name unsynced); other existing
+/// directories are left as they are.
 pub fn create_dir_durable(dir: &Path) -> io::Result<()> {
     let mut missing = Vec::new();
     let mut at = Some(dir);
@@ -50,6 +53,7 @@ pub fn create_dir_durable(dir: &Path) -> io::Result<()> {
         missing.push(p);
         at = p.parent();
     }
+    let created_leaf = missing.first() == Some(&dir);
     for d in missing.into_iter().rev() {
         match fs::create_dir(d) {
             Ok(()) => {}
@@ -58,6 +62,9 @@ pub fn create_dir_durable(dir: &Path) -> io::Result<()> {
             Err(e) => return Err(e),
         }
         fsync_dir(d.parent().unwrap_or(Path::new("")))?;
+    }
+    if dir.is_dir() && !created_leaf {
+        fsync_dir(dir.parent().unwrap_or(Path::new("")))?;
     }
     Ok(())
 }
