@@ -167,14 +167,7 @@ fn e2e_agent_restarts_clean_continues_and_after_a_crash_resyncs_dirty_regions() 
         .unwrap();
     assert!(w.first_seq > seq_before, "{} <= {seq_before}", w.first_seq);
     c.wait_applied(last, Duration::from_secs(120));
-    let a = c.agent_status().unwrap();
-    let d = &a.groups[0].disks[0];
-    assert!(
-        d.start_reason.contains("did not stop in order") && d.start_pending_bytes > 0,
-        "the crash forced a resync: {} ({} bytes)",
-        d.start_reason,
-        d.start_pending_bytes
-    );
+    c.assert_unclean_start_resynced("crash");
     c.stop_all();
     c.assert_replica_equals_source();
     check_apply_log(&c);

@@ -288,14 +288,7 @@ fn e2e_agent_power_cut_replica_follows_what_the_source_disk_kept() {
     // log cannot vouch for.
     c.start_agent(&[]);
     c.wait_caught_up(Duration::from_secs(120));
-    let a = c.agent_status().unwrap();
-    let d = &a.groups[0].disks[0];
-    assert!(
-        d.start_reason.contains("did not stop in order") && d.start_pending_bytes > 0,
-        "the cut forced a resync: {} ({} bytes)",
-        d.start_reason,
-        d.start_pending_bytes
-    );
+    c.assert_unclean_start_resynced("cut");
     c.stop_all();
     c.assert_replica_equals_source();
 }

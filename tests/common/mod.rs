@@ -464,6 +464,19 @@ impl Cluster {
         }
     }
 
+    /// The running agent's disk 0 started after an unclean stop (`what`: the
+    /// kill or cut that made it one) with regions to resync.
+    pub fn assert_unclean_start_resynced(&self, what: &str) {
+        let a = self.agent_status().unwrap();
+        let d = &a.groups[0].disks[0];
+        assert!(
+            d.start_reason.contains("did not stop in order") && d.start_pending_bytes > 0,
+            "the {what} forced a resync: {} ({} bytes)",
+            d.start_reason,
+            d.start_pending_bytes
+        );
+    }
+
     pub fn assert_replica_equals_source(&self) {
         let same = tidemark::bench::run::compare_files(&self.source, &self.replica).unwrap();
         assert!(same, "replica differs from source\n{}", self.logs());
