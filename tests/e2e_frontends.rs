@@ -277,7 +277,7 @@ fn e2e_fio_with_the_relay_down_degrades_capture_and_catches_up() {
     let mut job = fio(
         &c,
         &tcp,
-        &["--size=256M", "--runtime=30", "--time_based", "--rate=40m"],
+        &["--size=256M", "--runtime=20", "--time_based", "--rate=40m"],
         "fio.log",
     );
     std::thread::sleep(Duration::from_secs(8));
