@@ -697,8 +697,11 @@ impl DirtyLog {
 
     /// Orderly stop: `bits` (what is still not vouched for) as a clean snapshot;
     /// the activity log is no longer needed.
+    /// After a failed sync of the backing disk the snapshot is written
+    /// unclean, so the next start resyncs the activity log's extents too.
     pub fn close_clean(&self, bits: &RegionBitmap) -> Result<(), DirtyLogError> {
-        self.write_snapshot(bits, true)
+        let clean = !self.lock_al().sync_failed;
+        self.write_snapshot(bits, clean)
     }
 
     /// Extents currently in the activity log, and log writes since open.
@@ -879,6 +882,12 @@ mod tests {
             l.retire().unwrap();
         }
         assert_eq!(l.al_stats().0, 1, "kept after a failed sync");
+        // And an orderly stop does not vouch for them.
+        l.close_clean(&empty).unwrap();
+        drop(l);
+        let (_l, r) = open(d.path(), 64 * MIB);
+        assert!(!r.was_clean, "a stop after a failed sync is not clean");
+        assert_eq!(r.al_extents, 1);
         // With no sync at all, one is due after BACKING_SYNC_EPOCHS rollovers.
         let d = tempfile::tempdir().unwrap();
         let (l, _) = open(d.path(), 64 * MIB);
