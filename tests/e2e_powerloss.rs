@@ -256,16 +256,7 @@ fn e2e_target_power_cut_three_times_mid_run_converges() {
 #[test]
 fn e2e_agent_power_cut_replica_follows_what_the_source_disk_kept() {
     let power = Forgetful::mount(0xa9e47, Duration::from_millis(5));
-    let mut c = Cluster::new(64 * MIB);
-    c.source = power.path("source.img");
-    let f = fs::File::create(&c.source).unwrap();
-    f.set_len(64 * MIB).unwrap();
-    f.sync_all().unwrap();
-    drop(f);
-    sync_dir(&power.root);
-    c.start_relay();
-    c.configure_agent(|cfg| cfg.agent.state_dir = power.path("agent-state"));
-    c.start_target();
+    let mut c = agent_on(&power);
     // 8 MB/s over 64 MiB, one 4 MiB extent every half second: the first ones
     // are idle for more than two rollovers (2 s each) when the power goes.
     c.start_agent(&[
@@ -279,10 +270,7 @@ fn e2e_agent_power_cut_replica_follows_what_the_source_disk_kept() {
         "8",
     ]);
     std::thread::sleep(Duration::from_millis(6500));
-    let st = power.power_off();
-    c.agent.as_mut().unwrap().kill9();
-    power.power_on();
-    eprintln!("power cut at the agent: {st:?}");
+    let st = cut_agent(&mut c, &power);
     assert!(st.pages_lost > 0, "the cut lost no unsynced page: {st:?}");
     // Restart without a workload: the unclean start resyncs what the dirty
     // log cannot vouch for.
@@ -291,4 +279,70 @@ fn e2e_agent_power_cut_replica_follows_what_the_source_disk_kept() {
     c.assert_unclean_start_resynced("cut");
     c.stop_all();
     c.assert_replica_equals_source();
+}
+
+/// Agent power cuts: `TIDEMARK_AGENT_CUTS`, default 4.
+fn agent_cut_count() -> u64 {
+    std::env::var("TIDEMARK_AGENT_CUTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4)
+}
+
+/// The protected machine loses power again and again, at random instants,
+/// under sequential and random workloads (each restart runs the next one, so
+/// some cuts land in the resync of the previous cut): the replica still ends
+/// equal to what the source disk kept.
+#[test]
+fn e2e_agent_power_cut_at_random_instants_replica_follows_the_source() {
+    let power = Forgetful::mount(0x5ca1ab1e, Duration::from_millis(5));
+    let mut c = agent_on(&power);
+    let mut rng = tidemark::util::prng::Prng::new(0xa11ce);
+    let cuts = agent_cut_count();
+    for i in 0..cuts {
+        let pattern = if i % 2 == 0 { "sequential" } else { "random" };
+        let seed = (100 + i).to_string();
+        c.start_agent(&[
+            "--workload-bytes",
+            "48M",
+            "--workload-pattern",
+            pattern,
+            "--workload-seed",
+            &seed,
+            "--workload-rate-mb-s",
+            "12",
+        ]);
+        std::thread::sleep(Duration::from_millis(1500 + rng.below(3000)));
+        let st = cut_agent(&mut c, &power);
+        eprintln!("cut {} of {cuts} ({pattern}): {st:?}", i + 1);
+    }
+    c.start_agent(&[]);
+    c.wait_caught_up(Duration::from_secs(240));
+    c.stop_all();
+    c.assert_replica_equals_source();
+}
+
+/// A cluster whose source disk (64 MiB, empty, synced) and agent state live
+/// on `power`; relay and target started.
+fn agent_on(power: &Forgetful) -> Cluster {
+    let mut c = Cluster::new(64 * MIB);
+    c.source = power.path("source.img");
+    let f = fs::File::create(&c.source).unwrap();
+    f.set_len(64 * MIB).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    sync_dir(&power.root);
+    c.start_relay();
+    c.configure_agent(|cfg| cfg.agent.state_dir = power.path("agent-state"));
+    c.start_target();
+    c
+}
+
+/// Cut the power of the agent's machine: power off, kill the agent, power on.
+fn cut_agent(c: &mut Cluster, power: &Forgetful) -> common::forgetful::CutStats {
+    let st = power.power_off();
+    c.agent.as_mut().unwrap().kill9();
+    power.power_on();
+    eprintln!("power cut at the agent: {st:?}");
+    st
 }
