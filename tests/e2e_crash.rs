@@ -193,10 +193,7 @@ fn assert_same(got: &Path, want: &[u8], what: &str) {
 }
 
 fn kill_count() -> usize {
-    std::env::var("TIDEMARK_CRASH_KILLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(50)
+    common::env_count("TIDEMARK_CRASH_KILLS", 50)
 }
 
 /// Points the final sweep of the crash loop recovers at most (plus the newest):
@@ -219,10 +216,7 @@ fn e2e_target_killed_at_random_instants_every_point_stays_exact() {
 
 /// Power cuts the power-loss loop makes: `TIDEMARK_POWER_CUTS`, default 12.
 fn power_cut_count() -> usize {
-    std::env::var("TIDEMARK_POWER_CUTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(12)
+    common::env_count("TIDEMARK_POWER_CUTS", 12)
 }
 
 /// The same loop with the target's replica, redo and retention journals,

@@ -281,14 +281,6 @@ fn e2e_agent_power_cut_replica_follows_what_the_source_disk_kept() {
     c.assert_replica_equals_source();
 }
 
-/// Agent power cuts: `TIDEMARK_AGENT_CUTS`, default 4.
-fn agent_cut_count() -> u64 {
-    std::env::var("TIDEMARK_AGENT_CUTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4)
-}
-
 /// The protected machine loses power again and again, at random instants,
 /// under sequential and random workloads (each restart runs the next one, so
 /// some cuts land in the resync of the previous cut): the replica still ends
@@ -298,7 +290,8 @@ fn e2e_agent_power_cut_at_random_instants_replica_follows_the_source() {
     let power = Forgetful::mount(0x5ca1ab1e, Duration::from_millis(5));
     let mut c = agent_on(&power);
     let mut rng = tidemark::util::prng::Prng::new(0xa11ce);
-    let cuts = agent_cut_count();
+    // Agent power cuts: `TIDEMARK_AGENT_CUTS`, default 4.
+    let cuts = common::env_count("TIDEMARK_AGENT_CUTS", 4) as u64;
     for i in 0..cuts {
         let pattern = if i % 2 == 0 { "sequential" } else { "random" };
         let seed = (100 + i).to_string();

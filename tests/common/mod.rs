@@ -483,6 +483,15 @@ impl Cluster {
     }
 }
 
+/// A count a longer run can raise: the environment variable `name`, else
+/// `default`.
+pub fn env_count(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// The last 40 lines of a log.
 pub fn tail(s: &str) -> String {
     let lines: Vec<&str> = s.lines().collect();
