@@ -208,7 +208,15 @@ pub struct PinTable {
     /// Active pins: id → the oldest epoch it needs (None until granted).
     active: HashMap<String, Option<u64>>,
     last_poll: Option<Instant>,
+    /// Unreadable pins already answered, and when they were first seen.
+    unreadable: HashMap<String, Instant>,
 }
+
+/// How long an unreadable pin stays after its error answer before it is
+/// removed. A reader writes its pin whole (temporary file and rename), so an
+/// unreadable one is torn by a power cut (its writer died with it) or was not
+/// written by tidemark; either way nobody keeps it up to date.
+pub const UNREADABLE_PIN_KEEP: Duration = Duration::from_secs(60);
 
 /// A pin the target has not answered yet.
 #[derive(Debug, Clone)]
@@ -229,6 +237,7 @@ impl PinTable {
             dir: group_dir.join(PINS_DIR),
             active: HashMap::new(),
             last_poll: None,
+            unreadable: HashMap::new(),
         }
     }
 
@@ -256,18 +265,33 @@ impl PinTable {
             let id = id.to_string();
             let path = e.path();
             let file: PinFile = match read_json(&path) {
-                Ok(Some(f)) => f,
+                Ok(Some(f)) => {
+                    self.unreadable.remove(&id);
+                    f
+                }
                 Ok(None) => continue,
                 Err(err) => {
-                    tracing::warn!(pin = %path.display(), "unreadable pin: {err}");
-                    let _ = self.write_ack(
-                        &id,
-                        &AckFile {
-                            granted: None,
-                            error: Some(format!("unreadable pin: {err}")),
-                            stopped: false,
-                        },
-                    );
+                    // Answered once; removed once it has had time to be read.
+                    match self.unreadable.get(&id) {
+                        None => {
+                            tracing::warn!(pin = %path.display(), "unreadable pin (answered with an error, removed in {} s): {err}", UNREADABLE_PIN_KEEP.as_secs());
+                            let _ = self.write_ack(
+                                &id,
+                                &AckFile {
+                                    granted: None,
+                                    error: Some(format!("unreadable pin: {err}")),
+                                    stopped: false,
+                                },
+                            );
+                            self.unreadable.insert(id, Instant::now());
+                        }
+                        Some(t) if t.elapsed() >= UNREADABLE_PIN_KEEP => {
+                            let _ = fs::remove_file(&path);
+                            let _ = fs::remove_file(self.dir.join(format!("{id}.ack")));
+                            self.unreadable.remove(&id);
+                        }
+                        Some(_) => {}
+                    }
                     continue;
                 }
             };
@@ -286,6 +310,10 @@ impl PinTable {
             }
         }
         self.active.retain(|id, _| seen.contains(id));
+        // Forget unreadable pins whose file is gone (removed here or by hand).
+        let dir = &self.dir;
+        self.unreadable
+            .retain(|id, _| dir.join(format!("{id}.pin")).exists());
         new
     }
 
@@ -393,5 +421,16 @@ mod tests {
         );
         let ack: AckFile = read_json(&dir.join("y.ack")).unwrap().unwrap();
         assert!(ack.error.unwrap().contains("unreadable pin"));
+        // Answered once, not at every poll; removed after UNREADABLE_PIN_KEEP.
+        fs::remove_file(dir.join("y.ack")).unwrap();
+        assert!(t.poll().is_empty());
+        assert!(!dir.join("y.ack").exists(), "answered only once");
+        assert!(dir.join("y.pin").exists());
+        // As if first seen UNREADABLE_PIN_KEEP ago.
+        let long_ago = Instant::now().checked_sub(UNREADABLE_PIN_KEEP).unwrap();
+        t.unreadable.insert("y".into(), long_ago);
+        assert!(t.poll().is_empty());
+        assert!(!dir.join("y.pin").exists(), "removed after the keep time");
+        assert!(t.unreadable.is_empty());
     }
 }
