@@ -197,21 +197,18 @@ fn kill_count() -> usize {
 }
 
 /// Points the final sweep of the crash loop recovers at most (plus the newest):
-/// `TIDEMARK_CRASH_SWEEP` (0: every point; each costs a `recover`), default 40.
-fn sweep_points() -> usize {
-    match std::env::var("TIDEMARK_CRASH_SWEEP")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-    {
-        Some(0) => usize::MAX,
-        Some(n) => n,
-        None => 40,
+/// `TIDEMARK_CRASH_SWEEP` (0: every point; each costs a `recover`), else
+/// `default`.
+fn sweep_points(default: usize) -> usize {
+    match common::env_count("TIDEMARK_CRASH_SWEEP", default) {
+        0 => usize::MAX,
+        n => n,
     }
 }
 
 #[test]
 fn e2e_target_killed_at_random_instants_every_point_stays_exact() {
-    crash_loop(kill_count(), sweep_points(), None);
+    crash_loop(kill_count(), sweep_points(40), None);
 }
 
 /// Power cuts the power-loss loop makes: `TIDEMARK_POWER_CUTS`, default 12.
@@ -227,13 +224,8 @@ fn power_cut_count() -> usize {
 #[test]
 fn e2e_target_power_cut_at_random_instants_every_point_stays_exact() {
     let power = Forgetful::mount(0xfeed, Duration::from_millis(5));
-    // Each recover reads through FUSE here: a shorter final sweep unless
-    // TIDEMARK_CRASH_SWEEP says otherwise.
-    let sweep = match std::env::var_os("TIDEMARK_CRASH_SWEEP") {
-        Some(_) => sweep_points(),
-        None => 15,
-    };
-    crash_loop(power_cut_count(), sweep, Some(&power));
+    // Each recover reads through FUSE here: a shorter final sweep by default.
+    crash_loop(power_cut_count(), sweep_points(15), Some(&power));
 }
 
 /// Kill the target `kills` times at random instants while it applies (with

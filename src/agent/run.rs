@@ -601,16 +601,16 @@ async fn run_group(
         // the group's chain, so neither is, for certain, its disks' content.
         // On the first pass every seq from the start's is this run's and none
         // was sent yet; later, only frame numbers tell (this run sent seqs).
-        let next_seq = if first_pass {
-            p.start.seq_next
-        } else {
-            u64::MAX
-        };
+        let first_seq = first_pass.then_some(p.start.seq_next);
         first_pass = false;
-        let foreign = head.frame_no >= frame_floor || head.last_seq >= next_seq;
+        let foreign = head.frame_no >= frame_floor || first_seq.is_some_and(|s| head.last_seq >= s);
         if foreign {
+            let ours = match first_seq {
+                Some(s) => format!("this run's first seq {s}, next frame {frame_floor}"),
+                None => format!("next frame {frame_floor}"),
+            };
             let found = format!(
-                "the relay holds group {group} through seq {} (frame {}), beyond anything this agent numbered (next seq {next_seq}, next frame {frame_floor}): its state directory was lost or restored from an older copy, or another agent wrote this group",
+                "the relay holds group {group} through seq {} (frame {}), beyond anything this agent numbered ({ours}): its state directory was lost or restored from an older copy, or another agent wrote this group",
                 head.last_seq, head.frame_no
             );
             let why = format!("{found}; every disk is compared with the replica again");

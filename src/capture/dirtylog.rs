@@ -697,6 +697,7 @@ impl DirtyLog {
 
     /// Orderly stop: `bits` (what is still not vouched for) as a clean snapshot;
     /// the activity log is no longer needed.
+    ///
     /// After a failed sync of the backing disk the snapshot is written
     /// unclean, so the next start resyncs the activity log's extents too.
     pub fn close_clean(&self, bits: &RegionBitmap) -> Result<(), DirtyLogError> {

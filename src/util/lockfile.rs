@@ -41,12 +41,20 @@ impl crate::error::Classify for LockError {
 /// Create `dir` if needed (durably: everything a role keeps lives below it, and
 /// a name not yet synced would take all of it in a power cut) and take its lock.
 pub fn lock_dir(dir: &Path) -> Result<Flock<File>, LockError> {
+    lock_dir_waiting(dir, std::time::Duration::ZERO)
+}
+
+/// [`lock_dir`], waiting up to `limit` while another process holds the lock
+/// (polling every 50 ms): for a process that may start while a short-lived
+/// one (an offline `recover`) works in the directory. The directory and the
+/// lock file are made once; only the lock is tried again.
+pub fn lock_dir_waiting(dir: &Path, limit: std::time::Duration) -> Result<Flock<File>, LockError> {
     crate::util::durable::create_dir_durable(dir).map_err(|source| LockError::Io {
         path: dir.to_path_buf(),
         source,
     })?;
     let path = dir.join(LOCK_FILE);
-    let f = OpenOptions::new()
+    let mut f = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
@@ -56,20 +64,12 @@ pub fn lock_dir(dir: &Path) -> Result<Flock<File>, LockError> {
             path: path.clone(),
             source,
         })?;
-    Flock::lock(f, FlockArg::LockExclusiveNonblock).map_err(|_| LockError::Locked {
-        dir: dir.to_path_buf(),
-    })
-}
-
-/// [`lock_dir`], waiting up to `limit` while another process holds the lock
-/// (polling every 50 ms): for a process that may start while a short-lived
-/// one (an offline `recover`) works in the directory.
-pub fn lock_dir_waiting(dir: &Path, limit: std::time::Duration) -> Result<Flock<File>, LockError> {
     let until = std::time::Instant::now() + limit;
     let mut said = false;
     loop {
-        match lock_dir(dir) {
-            Err(LockError::Locked { .. }) if std::time::Instant::now() < until => {
+        match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((back, _)) if std::time::Instant::now() < until => {
                 if !said {
                     tracing::info!(
                         dir = %dir.display(),
@@ -77,9 +77,14 @@ pub fn lock_dir_waiting(dir: &Path, limit: std::time::Duration) -> Result<Flock<
                     );
                     said = true;
                 }
+                f = back;
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
-            r => return r,
+            Err(_) => {
+                return Err(LockError::Locked {
+                    dir: dir.to_path_buf(),
+                });
+            }
         }
     }
 }

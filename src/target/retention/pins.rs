@@ -252,6 +252,7 @@ impl PinTable {
     pub fn poll(&mut self) -> Vec<NewPin> {
         self.last_poll = Some(Instant::now());
         let mut seen = Vec::new();
+        let mut unreadable_seen = Vec::new();
         let mut new = Vec::new();
         let Ok(rd) = fs::read_dir(&self.dir) else {
             self.active.clear();
@@ -265,13 +266,11 @@ impl PinTable {
             let id = id.to_string();
             let path = e.path();
             let file: PinFile = match read_json(&path) {
-                Ok(Some(f)) => {
-                    self.unreadable.remove(&id);
-                    f
-                }
+                Ok(Some(f)) => f,
                 Ok(None) => continue,
                 Err(err) => {
                     // Answered once; removed once it has had time to be read.
+                    unreadable_seen.push(id.clone());
                     match self.unreadable.get(&id) {
                         None => {
                             tracing::warn!(pin = %path.display(), "unreadable pin (answered with an error, removed in {} s): {err}", UNREADABLE_PIN_KEEP.as_secs());
@@ -310,10 +309,9 @@ impl PinTable {
             }
         }
         self.active.retain(|id, _| seen.contains(id));
-        // Forget unreadable pins whose file is gone (removed here or by hand).
-        let dir = &self.dir;
-        self.unreadable
-            .retain(|id, _| dir.join(format!("{id}.pin")).exists());
+        // Forget unreadable pins whose file is gone (removed here or by hand)
+        // or readable again.
+        self.unreadable.retain(|id, _| unreadable_seen.contains(id));
         new
     }
 
