@@ -7,10 +7,11 @@ cd "$(dirname "$0")/.."
 need_pkgs=()
 # Tools the tests and benchmark scripts use (qemu-img, qemu-io, qemu-nbd ship
 # preinstalled): real NBD clients, FUSE, fio, a filesystem and its checker,
-# libvmdk's vmdkinfo (a second VMDK reader beside qemu-img).
+# libvmdk's vmdkinfo (a second VMDK reader beside qemu-img), ip for network
+# namespaces.
 for tool in e2fsck:e2fsprogs mkfs.ext4:e2fsprogs nbdinfo:libnbd-bin nbdcopy:libnbd-bin \
         vmdkinfo:libvmdk-utils vmdkmount:libvmdk-utils qemu-io:qemu-utils \
-        nbdfuse:libnbd-bin fusermount3:fuse3 fio:fio losetup:mount qemu-img:qemu-utils; do
+        nbdfuse:libnbd-bin fusermount3:fuse3 fio:fio losetup:mount qemu-img:qemu-utils ip:iproute2; do
     bin=${tool%%:*}; pkg=${tool##*:}
     command -v "$bin" >/dev/null 2>&1 || need_pkgs+=("$pkg")
 done

@@ -389,6 +389,7 @@ fn role_configs(
             spill_budget_mib: 1024,
             spill_dir: None,
             bitmap_after_ms: 300_000,
+            relay_silence_ms: 60_000,
             capture_policy: Default::default(),
             dirty_flush_ms: 2000,
             pipeline_nice: 10,

@@ -146,6 +146,11 @@ impl Outbox {
         self.next_send < self.frames.len()
     }
 
+    /// Frames put on the wire (on this connection) and not yet acknowledged.
+    pub fn in_flight(&self) -> usize {
+        self.next_send
+    }
+
     /// Frames held.
     pub fn len(&self) -> usize {
         self.frames.len()
@@ -188,9 +193,12 @@ mod tests {
             o.push(f(n));
         }
         assert!(!o.has_room(100));
+        assert_eq!(o.in_flight(), 0);
         assert_eq!(o.next_to_send().unwrap().frame_no, 1);
         assert_eq!(o.next_to_send().unwrap().frame_no, 2);
+        assert_eq!(o.in_flight(), 2);
         assert_eq!(o.on_ack(1, 10), Some(10));
+        assert_eq!(o.in_flight(), 1, "frame 2 is still unanswered");
         assert_eq!(o.next_to_send().unwrap().frame_no, 3);
         assert!(o.next_to_send().is_none());
         assert_eq!(o.on_ack(1, 10), None, "stale ack ignored");
@@ -214,6 +222,7 @@ mod tests {
             })
             .unwrap();
         assert_eq!(trimmed, Some(20));
+        assert_eq!(o.in_flight(), 0, "nothing is on the new connection yet");
         let resent: Vec<u64> = std::iter::from_fn(|| o.next_to_send())
             .map(|f| f.frame_no)
             .collect();

@@ -150,6 +150,8 @@ struct Prepared {
     info: Arc<GroupInfo>,
     dirty_flush: Duration,
     pipeline_nice: i32,
+    /// Longest silence of the relay while frames wait for its ack.
+    relay_silence: Duration,
     /// Sealed digest requests for the session (checksum resync).
     resync_out: Option<mpsc::Receiver<Vec<u8>>>,
 }
@@ -164,6 +166,7 @@ struct CaptureSetup {
     policy: crate::capture::journal::Policy,
     dirty_flush: Duration,
     pipeline_nice: i32,
+    relay_silence: Duration,
 }
 
 fn prepare(cfg: &AgentGroup, setup: &CaptureSetup) -> Result<Prepared, AgentError> {
@@ -277,6 +280,7 @@ fn prepare(cfg: &AgentGroup, setup: &CaptureSetup) -> Result<Prepared, AgentErro
         info,
         dirty_flush: setup.dirty_flush,
         pipeline_nice: setup.pipeline_nice,
+        relay_silence: setup.relay_silence,
         resync_out,
     })
 }
@@ -305,6 +309,7 @@ pub async fn run(
         policy: cfg.agent.capture_policy,
         dirty_flush: Duration::from_millis(cfg.agent.dirty_flush_ms),
         pipeline_nice: cfg.agent.pipeline_nice as i32,
+        relay_silence: Duration::from_millis(cfg.agent.relay_silence_ms),
     });
     let mut prepared = Vec::new();
     for g in &cfg.groups {
@@ -917,6 +922,7 @@ fn start_stretch(
         max_bytes: p.cfg.window_bytes() as usize,
         drain,
         drain_timeout: DRAIN_TIMEOUT,
+        silence_limit: p.relay_silence,
         resync_out,
     };
     Ok((

@@ -96,6 +96,13 @@ pub(crate) struct Session {
     /// Fires when the journal is closed and the session should drain.
     pub drain: Shutdown,
     pub drain_timeout: Duration,
+    /// Longest the relay may stay silent while sent frames wait for its ack
+    /// (`agent.relay_silence_ms`); then the connection counts as lost. The
+    /// relay answers every frame once it is durable (or refuses it, or
+    /// throttles), and idle heartbeats keep frames in flight, so such a
+    /// silence means its host or process is gone or hung: TCP alone would
+    /// retransmit for about 15 minutes with the status saying "connected".
+    pub silence_limit: Duration,
     /// Sealed digest requests to carry to the relay (checksum resync).
     pub resync_out: Option<mpsc::Receiver<Vec<u8>>>,
 }
@@ -244,6 +251,9 @@ impl Session {
         let (tx, writer) = spawn_writer(w, 2);
         let mut frames_closed = false;
         let mut paused: Option<Instant> = None;
+        // When the relay last said anything, or when the first frame that is
+        // still unanswered was sent, whichever is later.
+        let mut heard = Instant::now();
         let mut drain = self.drain.clone();
         let end = loop {
             if draining.is_some() && frames_closed && self.outbox.is_empty() {
@@ -253,9 +263,10 @@ impl Session {
             let can_take = !frames_closed
                 && self.outbox.len() < self.max_frames
                 && self.outbox.bytes() < self.max_bytes;
+            let answer_due = (self.outbox.in_flight() > 0).then(|| heard + self.silence_limit);
             tokio::select! {
                 biased;
-                m = rx.recv() => match m {
+                m = rx.recv() => { heard = Instant::now(); match m {
                     Some(Ok(Message::Ack { frame_no, last_seq })) => {
                         let before = self.outbox.len();
                         let trimmed = self.outbox.on_ack(frame_no, last_seq);
@@ -290,14 +301,21 @@ impl Session {
                     ))),
                     Some(Err(WireError::Closed)) | None => break Ok(ConnEnd::Lost("closed by the relay".into())),
                     Some(Err(e)) => break Ok(ConnEnd::Lost(e.to_string())),
-                },
+                }},
                 _ = drain.wait(), if draining.is_none() => {
                     *draining = Some(Instant::now() + self.drain_timeout);
                 }
                 _ = sleep_until_opt(*draining) => break Ok(ConnEnd::DrainTimeout),
                 _ = sleep_until_opt(paused) => paused = None,
+                _ = sleep_until_opt(answer_due) => break Ok(ConnEnd::Lost(format!(
+                    "no answer from the relay for {} s while {} frames waited for its ack",
+                    self.silence_limit.as_secs(), self.outbox.in_flight()
+                ))),
                 p = tx.reserve(), if can_send => {
                     let Ok(p) = p else { break Ok(ConnEnd::Lost("connection writer stopped".into())) };
+                    if self.outbox.in_flight() == 0 {
+                        heard = Instant::now();
+                    }
                     if let Some(f) = self.outbox.next_to_send() {
                         p.send(Outgoing::Frame(f.bytes));
                     }

@@ -288,6 +288,9 @@ impl RetentionConfig {
     }
 }
 
+fn d60000() -> u64 {
+    60_000
+}
 fn d1000() -> u64 {
     1000
 }

@@ -325,7 +325,7 @@ async fn handle_connection(
     tcp: TcpStream,
     peer: SocketAddr,
 ) {
-    let _ = tcp.set_nodelay(true);
+    crate::transport::tcp::configure(&tcp);
     let tls = match tokio::time::timeout(HELLO_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {

@@ -195,7 +195,7 @@ async fn open_inner(ep: &RelayEndpoint, hello: &Hello) -> Result<(Stream, Welcom
             addr: addr.clone(),
             source,
         })?;
-    let _ = tcp.set_nodelay(true);
+    super::tcp::configure(&tcp);
     let sn = tls::server_name(&ep.server_name).map_err(|source| ConnectError::Tls {
         addr: addr.clone(),
         source,

@@ -104,6 +104,8 @@ pub struct Cluster {
     pub relay: Option<Proc>,
     pub target: Option<Proc>,
     pub agent: Option<Proc>,
+    /// The network namespace the relay runs in (its own "host"), if any.
+    pub relay_netns: Option<String>,
     starts: u32,
 }
 
@@ -193,6 +195,7 @@ impl Cluster {
             relay: None,
             target: None,
             agent: None,
+            relay_netns: None,
             starts: 0,
         }
     }
@@ -226,7 +229,15 @@ impl Cluster {
         self.starts += 1;
         let log = self.dir.path().join(format!("{role}.{}.log", self.starts));
         let f = File::create(&log).unwrap();
-        let child = Command::new(exe())
+        let mut cmd = match (&self.relay_netns, role) {
+            (Some(ns), "relay") => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, exe()]);
+                c
+            }
+            _ => Command::new(exe()),
+        };
+        let child = cmd
             .arg(role)
             .arg("--config")
             .arg(config)
@@ -276,6 +287,16 @@ impl Cluster {
             cfg.groups[0].disks[0].path = self.source.clone();
             fs::write(&path, cfg.to_toml_string().unwrap()).unwrap();
         }
+    }
+
+    /// Run the relay inside `ns` (before its first start): it listens on the
+    /// namespace's address, and agent and target reach it over the veth pair.
+    pub fn relay_in_netns(&mut self, ns: &tools::Netns) {
+        let path = self.path("relay.toml");
+        let mut cfg = RelayConfig::load(&path).unwrap();
+        cfg.relay.listen = (ns.ns_addr, 0).into();
+        fs::write(&path, cfg.to_toml_string().unwrap()).unwrap();
+        self.relay_netns = Some(ns.name.clone());
     }
 
     pub fn start_target(&mut self) {

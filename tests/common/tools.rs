@@ -225,3 +225,104 @@ pub fn qemu_compare(a: &Path, b: &Path) {
         Duration::from_secs(120),
     );
 }
+
+/// A network namespace joined to this one by a veth pair: a second "host" for a
+/// role (`ip netns exec`), with its own kernel TCP state. Deleted on drop.
+pub struct Netns {
+    /// Namespace name.
+    pub name: String,
+    /// The veth end in this (the test's) namespace.
+    host_if: String,
+    /// The veth end inside the namespace.
+    ns_if: String,
+    /// This namespace's address on the pair.
+    pub host_addr: std::net::Ipv4Addr,
+    /// The namespace's address on the pair.
+    pub ns_addr: std::net::Ipv4Addr,
+}
+
+impl Netns {
+    /// A namespace named after this test process, with a /30 of 10.231.0.0/16
+    /// derived from the PID (so concurrent test processes do not collide).
+    pub fn create() -> Netns {
+        require_root("network namespaces");
+        require_tool("ip", "iproute2");
+        let pid = std::process::id();
+        let (a, b) = (((pid >> 6) & 0xff) as u8, ((pid & 0x3f) * 4) as u8);
+        let ns = Netns {
+            name: format!("tmk{pid}"),
+            host_if: format!("tmk{pid}h"),
+            ns_if: format!("tmk{pid}n"),
+            host_addr: [10, 231, a, b + 1].into(),
+            ns_addr: [10, 231, a, b + 2].into(),
+        };
+        ns.up();
+        ns
+    }
+
+    fn ip(args: &[&str]) {
+        run_ok(Command::new("ip").args(args), Duration::from_secs(30));
+    }
+
+    fn up(&self) {
+        let (n, h, i) = (&self.name, &self.host_if, &self.ns_if);
+        Self::ip(&["netns", "add", n]);
+        Self::ip(&[
+            "link", "add", h, "type", "veth", "peer", "name", i, "netns", n,
+        ]);
+        Self::ip(&["addr", "add", &format!("{}/30", self.host_addr), "dev", h]);
+        Self::ip(&["link", "set", h, "up"]);
+        Self::ip(&[
+            "-n",
+            n,
+            "addr",
+            "add",
+            &format!("{}/30", self.ns_addr),
+            "dev",
+            i,
+        ]);
+        Self::ip(&["-n", n, "link", "set", i, "up"]);
+        Self::ip(&["-n", n, "link", "set", "lo", "up"]);
+    }
+
+    /// Cut the link: from now on packets between the namespaces are dropped
+    /// silently (no reset, no FIN reaches the other side).
+    pub fn partition(&self) {
+        Self::ip(&["-n", &self.name, "link", "set", &self.ns_if, "down"]);
+    }
+
+    /// The host "reboots": its kernel state (every socket of it, including
+    /// the FINs of processes killed during the partition) is gone, and it comes
+    /// back with the same address. End its processes first.
+    pub fn reboot(&self) {
+        self.remove();
+        // The host end of the pair goes with the namespace, asynchronously.
+        let until = Instant::now() + Duration::from_secs(10);
+        while std::path::Path::new(&format!("/sys/class/net/{}", self.host_if)).exists() {
+            assert!(
+                Instant::now() < until,
+                "veth {} still exists after 10 s",
+                self.host_if
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.up();
+    }
+
+    fn remove(&self) {
+        let _ = run(
+            Command::new("ip").args(["netns", "del", &self.name]),
+            Duration::from_secs(30),
+        );
+        let _ = run(
+            Command::new("ip").args(["link", "del", &self.host_if]),
+            Duration::from_secs(30),
+        );
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}

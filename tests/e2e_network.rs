@@ -1,0 +1,116 @@
+//! The network between the roles fails the way real ones do: the relay's host
+//! vanishes (power loss, kernel panic) in the middle of replication, so no FIN
+//! or reset reaches the agent or the target, and comes back with the same
+//! address and no memory of their connections. The relay runs in its own
+//! network namespace, which the test cuts off, empties and creates again.
+//!
+//! The target only ever answers frames: on an idle connection it sends nothing,
+//! so without TCP keepalive (src/transport/tcp.rs) it would wait for ever on a
+//! connection the new host does not know, while the new relay waits for it.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Cluster;
+use common::tools::Netns;
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn e2e_a_relay_host_that_vanishes_and_reboots_is_found_again_by_agent_and_target() {
+    // Declared first, dropped last: after every process in it has ended.
+    let ns = Netns::create();
+    let mut c = Cluster::new(64 * MIB);
+    c.prefill(41, 8 * MIB);
+    c.relay_in_netns(&ns);
+    c.start_relay();
+    c.start_target();
+    c.start_agent(&["--workload-bytes", "8M", "--workload-seed", "42"]);
+    c.wait_workload_done(Duration::from_secs(120));
+    c.wait_caught_up(Duration::from_secs(120));
+    // Let the target's last acknowledgements leave: from here on it has
+    // nothing to send until a frame arrives (heartbeats come every 2 s).
+    std::thread::sleep(Duration::from_millis(500));
+
+    // The host goes dark: the link drops every packet, the relay dies with it
+    // (its FINs are lost), and the host boots again with empty TCP state.
+    ns.partition();
+    c.relay.as_mut().unwrap().kill9();
+    std::thread::sleep(Duration::from_secs(2));
+    ns.reboot();
+    c.start_relay();
+
+    // More writes, from an agent started afresh (it reconnects anyway; the
+    // target is the one that must find the new relay by itself, through a
+    // keepalive probe that the rebooted host answers with a reset).
+    c.agent.as_mut().unwrap().stop(Duration::from_secs(40));
+    c.start_agent(&["--workload-bytes", "8M", "--workload-seed", "43"]);
+    c.wait_workload_done(Duration::from_secs(120));
+    c.wait_caught_up(Duration::from_secs(120));
+    c.assert_replica_equals_source();
+    let target_log = c.target.as_ref().unwrap().log_text();
+    assert!(
+        target_log.matches("connected to the relay").count() >= 2,
+        "the target never reconnected:\n{}",
+        c.logs()
+    );
+    c.stop_all();
+}
+
+/// The relay's process hangs (SIGSTOP: its kernel still accepts and
+/// acknowledges bytes, the process answers nothing). The agent must give the
+/// connection up after `relay_silence_ms` and say so, instead of reporting a
+/// healthy connection for the quarter of an hour TCP would wait, and continue
+/// without loss once the relay resumes.
+#[test]
+fn e2e_a_hung_relay_is_given_up_on_and_found_again_when_it_resumes() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+
+    let mut c = Cluster::new(64 * MIB);
+    c.start_relay();
+    c.start_target();
+    c.configure_agent(|cfg| cfg.agent.relay_silence_ms = 3000);
+    c.start_agent(&[
+        "--workload-seconds",
+        "15",
+        "--workload-rate-mb-s",
+        "1",
+        "--workload-write-size",
+        "16K",
+        "--workload-seed",
+        "44",
+    ]);
+    c.wait_applied(1, Duration::from_secs(60));
+
+    let relay = Pid::from_raw(c.relay.as_ref().unwrap().pid() as i32);
+    kill(relay, Signal::SIGSTOP).unwrap();
+    let given_up = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        common::wait_until(
+            Duration::from_secs(60),
+            "the agent to give up on the hung relay",
+            || {
+                let a = c.agent.as_ref().unwrap();
+                a.log_text()
+                    .contains("no answer from the relay for 3 s")
+                    .then_some(())
+            },
+        );
+        common::wait_until(
+            Duration::from_secs(30),
+            "the agent's status to say disconnected",
+            || (!c.agent_status()?.groups[0].connected).then_some(()),
+        );
+    }));
+    kill(relay, Signal::SIGCONT).unwrap();
+    if let Err(e) = given_up {
+        eprintln!("{}", c.logs());
+        std::panic::resume_unwind(e);
+    }
+
+    c.wait_workload_done(Duration::from_secs(120));
+    c.wait_caught_up(Duration::from_secs(120));
+    c.assert_replica_equals_source();
+    c.stop_all();
+}
