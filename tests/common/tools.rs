@@ -291,6 +291,11 @@ impl Netns {
         Self::ip(&["-n", &self.name, "link", "set", &self.ns_if, "down"]);
     }
 
+    /// Undo [`Netns::partition`]: packets flow again.
+    pub fn heal(&self) {
+        Self::ip(&["-n", &self.name, "link", "set", &self.ns_if, "up"]);
+    }
+
     /// The host "reboots": its kernel state (every socket of it, including
     /// the FINs of processes killed during the partition) is gone, and it comes
     /// back with the same address. End its processes first.
