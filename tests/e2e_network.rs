@@ -93,7 +93,7 @@ fn e2e_a_hung_relay_is_given_up_on_and_found_again_when_it_resumes() {
             || {
                 let a = c.agent.as_ref().unwrap();
                 a.log_text()
-                    .contains("no answer from the relay for 3 s")
+                    .contains("no answer from the relay for 3000 ms")
                     .then_some(())
             },
         );
@@ -115,14 +115,16 @@ fn e2e_a_hung_relay_is_given_up_on_and_found_again_when_it_resumes() {
     c.stop_all();
 }
 
-/// The link to the relay's host drops every packet for longer than keepalive
-/// allows, while the workload writes, then comes back. Both sides give the
-/// old connections up (the agent after `relay_silence_ms` with frames in
-/// flight, the target and the relay through keepalive), reconnect once
-/// packets flow, and the replica ends equal to the source: nothing lost,
-/// nothing applied twice or out of order.
+/// The link to the relay's host drops every packet for a while, as the
+/// workload writes, then comes back. The agent gives its connection up once
+/// its frames are neither answered nor taken for `relay_silence_ms`, and
+/// keeps trying; the target's connection may live through it (TCP resumes
+/// once packets flow). Everyone ends connected and the replica equal to the
+/// source: nothing lost, nothing applied twice or out of order. (Keepalive's
+/// own expiry, 30 s, is left to the kernel: the reboot test above shows the
+/// option at work, a unit test that it is set.)
 #[test]
-fn e2e_a_partition_longer_than_keepalive_heals_without_loss() {
+fn e2e_a_partition_mid_workload_heals_without_loss() {
     let ns = Netns::create();
     let mut c = Cluster::new(64 * MIB);
     c.relay_in_netns(&ns);
@@ -131,7 +133,7 @@ fn e2e_a_partition_longer_than_keepalive_heals_without_loss() {
     c.configure_agent(|cfg| cfg.agent.relay_silence_ms = 3000);
     c.start_agent(&[
         "--workload-seconds",
-        "25",
+        "15",
         "--workload-rate-mb-s",
         "1",
         "--workload-write-size",
@@ -143,8 +145,8 @@ fn e2e_a_partition_longer_than_keepalive_heals_without_loss() {
     std::thread::sleep(Duration::from_secs(2));
 
     ns.partition();
-    // Keepalive gives an idle connection up after 10 s + 4 × 5 s.
-    std::thread::sleep(Duration::from_secs(36));
+    // Long enough for the agent to fill its socket buffers and give up.
+    std::thread::sleep(Duration::from_secs(12));
     ns.heal();
 
     c.wait_workload_done(Duration::from_secs(120));

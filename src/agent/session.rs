@@ -20,7 +20,7 @@ use crate::target::gate::ChainPos;
 use crate::transport::client::{
     Backoff, ConnectError, Hello, RelayEndpoint, Stream, Welcome, open_session,
 };
-use crate::transport::conn::{Outgoing, spawn_reader, spawn_writer};
+use crate::transport::conn::{Outgoing, WriteProgress, spawn_reader, spawn_writer};
 use crate::transport::wire::{Message, WireError, WireErrorKind};
 use crate::util::shutdown::Shutdown;
 
@@ -96,12 +96,14 @@ pub(crate) struct Session {
     /// Fires when the journal is closed and the session should drain.
     pub drain: Shutdown,
     pub drain_timeout: Duration,
-    /// Longest the relay may stay silent while sent frames wait for its ack
-    /// (`agent.relay_silence_ms`); then the connection counts as lost. The
-    /// relay answers every frame once it is durable (or refuses it, or
-    /// throttles), and idle heartbeats keep frames in flight, so such a
-    /// silence means its host or process is gone or hung: TCP alone would
-    /// retransmit for about 15 minutes with the status saying "connected".
+    /// Longest the relay may stay silent, and the connection take no byte,
+    /// while sent frames wait for the relay's ack (`agent.relay_silence_ms`);
+    /// then the connection counts as lost. The relay answers every frame once
+    /// it is durable (or refuses it, or throttles, also as a sign of life
+    /// while its disk is slow), idle heartbeats keep frames in flight, and a
+    /// slow link keeps taking bytes, so such a silence means its host or
+    /// process is gone or hung: TCP alone would retransmit for about 15
+    /// minutes with the status saying "connected".
     pub silence_limit: Duration,
     /// Sealed digest requests to carry to the relay (checksum resync).
     pub resync_out: Option<mpsc::Receiver<Vec<u8>>>,
@@ -248,12 +250,19 @@ impl Session {
     ) -> Result<ConnEnd, SessionError> {
         let (r, w) = tokio::io::split(stream);
         let (mut rx, reader) = spawn_reader(r, 256);
-        let (tx, writer) = spawn_writer(w, 2);
+        // A slow link is not a silent relay: the deadline also moves while
+        // the connection keeps taking bytes.
+        let written = WriteProgress::new();
+        let (tx, mut writer) = spawn_writer(written.wrap(w), 2);
         let mut frames_closed = false;
         let mut paused: Option<Instant> = None;
         // When the relay last said anything, or when the first frame that is
         // still unanswered was sent, whichever is later.
         let mut heard = Instant::now();
+        // A digest request taken from the resync channel, waiting for room in
+        // the writer's queue (never awaited outside the `select!`, so a stuck
+        // writer cannot stop the silence deadline).
+        let mut resync_req: Option<Vec<u8>> = None;
         let mut drain = self.drain.clone();
         let end = loop {
             if draining.is_some() && frames_closed && self.outbox.is_empty() {
@@ -263,7 +272,8 @@ impl Session {
             let can_take = !frames_closed
                 && self.outbox.len() < self.max_frames
                 && self.outbox.bytes() < self.max_bytes;
-            let answer_due = (self.outbox.in_flight() > 0).then(|| heard + self.silence_limit);
+            let answer_due = (self.outbox.in_flight() > 0)
+                .then(|| heard.max(written.last().into()) + self.silence_limit);
             tokio::select! {
                 biased;
                 m = rx.recv() => { heard = Instant::now(); match m {
@@ -287,7 +297,8 @@ impl Session {
                     Some(Ok(Message::Throttle { retry_after_ms })) => {
                         self.info.throttles.fetch_add(1, Ordering::Relaxed);
                         let ms = u64::from(retry_after_ms).clamp(10, 60_000);
-                        paused = Some(Instant::now() + Duration::from_millis(ms));
+                        let until = Instant::now() + Duration::from_millis(ms);
+                        paused = Some(paused.map_or(until, |p| p.max(until)));
                     }
                     Some(Ok(Message::Error { kind: WireErrorKind::Io, message, .. })) => {
                         break Ok(ConnEnd::Lost(format!("relay: {message}")));
@@ -307,10 +318,15 @@ impl Session {
                 }
                 _ = sleep_until_opt(*draining) => break Ok(ConnEnd::DrainTimeout),
                 _ = sleep_until_opt(paused) => paused = None,
-                _ = sleep_until_opt(answer_due) => break Ok(ConnEnd::Lost(format!(
-                    "no answer from the relay for {} s while {} frames waited for its ack",
-                    self.silence_limit.as_secs(), self.outbox.in_flight()
-                ))),
+                _ = sleep_until_opt(answer_due) => {
+                    // Bytes may have got through since the deadline was set.
+                    if heard.max(written.last().into()) + self.silence_limit <= Instant::now() {
+                        break Ok(ConnEnd::Lost(format!(
+                            "no answer from the relay for {} ms, and no byte taken by the connection, while {} frames waited for its ack",
+                            self.silence_limit.as_millis(), self.outbox.in_flight()
+                        )));
+                    }
+                }
                 p = tx.reserve(), if can_send => {
                     let Ok(p) = p else { break Ok(ConnEnd::Lost("connection writer stopped".into())) };
                     if self.outbox.in_flight() == 0 {
@@ -320,9 +336,13 @@ impl Session {
                         p.send(Outgoing::Frame(f.bytes));
                     }
                 }
-                Some(req) = recv_opt(&mut self.resync_out) => {
-                    if tx.send(Outgoing::Msg(Message::Resync(req))).await.is_err() {
-                        break Ok(ConnEnd::Lost("connection writer stopped".into()));
+                Some(req) = recv_opt(&mut self.resync_out), if resync_req.is_none() => {
+                    resync_req = Some(req);
+                }
+                p = tx.reserve(), if resync_req.is_some() => {
+                    let Ok(p) = p else { break Ok(ConnEnd::Lost("connection writer stopped".into())) };
+                    if let Some(req) = resync_req.take() {
+                        p.send(Outgoing::Msg(Message::Resync(req)));
                     }
                 }
                 f = self.frames.recv(), if can_take => match f {
@@ -336,10 +356,13 @@ impl Session {
         };
         drop(tx);
         reader.abort();
-        if tokio::time::timeout(Duration::from_secs(2), writer)
+        if tokio::time::timeout(Duration::from_secs(2), &mut writer)
             .await
             .is_err()
         {
+            // Blocked on a peer that takes nothing: end it, and the socket
+            // and the frames it holds with it.
+            writer.abort();
             tracing::debug!(group = %self.hello.group, "connection writer did not finish in 2 s");
         }
         end

@@ -56,9 +56,11 @@ pub struct AgentSection {
     /// sent are dropped to the dirty bitmap, ms (0: never).
     #[serde(default = "d300000")]
     pub bitmap_after_ms: u64,
-    /// Longest the relay may stay silent while sent frames wait for its ack
-    /// before the connection counts as lost and is opened again, ms (its host
-    /// or process is gone or hung; TCP alone would take about 15 minutes).
+    /// Longest the relay may stay silent, and the connection take no byte,
+    /// while sent frames wait for the relay's ack, before the connection
+    /// counts as lost and is opened again, ms (its host or process is gone or
+    /// hung; TCP alone would take about 15 minutes). At least 3000: a relay
+    /// waiting on a slow disk sends a sign of life every second.
     #[serde(default = "d60000")]
     pub relay_silence_ms: u64,
     /// What a full capture budget does to writes: "degrade" (spill, then keep
@@ -397,7 +399,7 @@ impl AgentConfig {
         v.range("agent.spill_budget_mib", a.spill_budget_mib, 0, MIB_MAX)?;
         v.range("agent.bitmap_after_ms", a.bitmap_after_ms, 0, 24 * MS_MAX)?;
         v.range("agent.dirty_flush_ms", a.dirty_flush_ms, 100, MS_MAX)?;
-        v.range("agent.relay_silence_ms", a.relay_silence_ms, 1000, MS_MAX)?;
+        v.range("agent.relay_silence_ms", a.relay_silence_ms, 3000, MS_MAX)?;
         v.range("agent.pipeline_nice", a.pipeline_nice, 0, 19)?;
         if let Some(d) = &a.spill_dir {
             v.path("agent.spill_dir", d)?;

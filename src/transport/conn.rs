@@ -7,7 +7,11 @@
 //! that an owner never blocks on a slow socket while acknowledgements wait to be
 //! read: the owner reserves a slot in the writer's queue inside its `select!`.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -51,6 +55,83 @@ where
         Ok(())
     });
     (tx, handle)
+}
+
+/// When a stream last accepted bytes: shared between a [`ProgressWriter`] and
+/// whoever judges whether the peer is still taking data (a slow link keeps
+/// accepting bytes long before the peer has a whole frame to answer; a hung
+/// or vanished peer stops once the socket buffers are full).
+#[derive(Debug, Clone)]
+pub struct WriteProgress {
+    base: Instant,
+    ms: Arc<AtomicU64>,
+}
+
+impl WriteProgress {
+    /// Progress counted from now.
+    pub fn new() -> Self {
+        WriteProgress {
+            base: Instant::now(),
+            ms: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The last time bytes were accepted (or the creation time).
+    pub fn last(&self) -> Instant {
+        self.base + Duration::from_millis(self.ms.load(Ordering::Relaxed))
+    }
+
+    fn note(&self) {
+        let ms = self.base.elapsed().as_millis() as u64;
+        self.ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// Wrap `w` so that every write or flush that makes progress is noted.
+    pub fn wrap<W>(&self, w: W) -> ProgressWriter<W> {
+        ProgressWriter {
+            inner: w,
+            progress: self.clone(),
+        }
+    }
+}
+
+impl Default for WriteProgress {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// An `AsyncWrite` that notes in a [`WriteProgress`] when bytes get through.
+#[derive(Debug)]
+pub struct ProgressWriter<W> {
+    inner: W,
+    progress: WriteProgress,
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for ProgressWriter<W> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.progress.note();
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        if matches!(r, Poll::Ready(Ok(()))) {
+            self.progress.note();
+        }
+        r
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// Start a task that reads messages and forwards them on the returned channel.
@@ -112,5 +193,30 @@ mod tests {
         );
         assert!(matches!(rx.recv().await.unwrap(), Err(WireError::Closed)));
         wh.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn write_progress_moves_while_bytes_get_through_and_stops_when_they_do_not() {
+        use tokio::io::AsyncReadExt;
+        let (a, mut b) = tokio::io::duplex(1024);
+        let progress = WriteProgress::new();
+        let t0 = progress.last();
+        let mut w = progress.wrap(a);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        w.write_all(&[1; 512]).await.unwrap();
+        let t1 = progress.last();
+        assert!(t1 > t0, "a write that got through is noted");
+        // The peer reads nothing: the pipe fills and the writer stops.
+        let blocked =
+            tokio::time::timeout(Duration::from_millis(100), w.write_all(&[2; 4096])).await;
+        assert!(blocked.is_err(), "the pipe is full");
+        let t2 = progress.last();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert_eq!(progress.last(), t2, "no progress noted while blocked");
+        // The peer reads: bytes get through again.
+        let mut buf = vec![0; 1024];
+        b.read_exact(&mut buf).await.unwrap();
+        w.write_all(&[3; 100]).await.unwrap();
+        assert!(progress.last() > t2);
     }
 }

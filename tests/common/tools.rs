@@ -242,20 +242,32 @@ pub struct Netns {
 }
 
 impl Netns {
-    /// A namespace named after this test process, with a /30 of 10.231.0.0/16
-    /// derived from the PID (so concurrent test processes do not collide).
+    /// A namespace named after this test process and a per-process counter
+    /// (tests of one process may run as threads), with a /30 of 10.231.0.0/16
+    /// derived from both. A namespace of the same name left by a killed run
+    /// is removed first.
     pub fn create() -> Netns {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
         require_root("network namespaces");
         require_tool("ip", "iproute2");
         let pid = std::process::id();
-        let (a, b) = (((pid >> 6) & 0xff) as u8, ((pid & 0x3f) * 4) as u8);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let slot = pid.wrapping_mul(7).wrapping_add(n) % (1 << 14);
+        let (a, b) = ((slot >> 6) as u8, ((slot & 0x3f) * 4) as u8);
         let ns = Netns {
-            name: format!("tmk{pid}"),
-            host_if: format!("tmk{pid}h"),
-            ns_if: format!("tmk{pid}n"),
+            name: format!("tmk{pid}x{n}"),
+            host_if: format!("tmk{pid}x{n}h"),
+            ns_if: format!("tmk{pid}x{n}n"),
             host_addr: [10, 231, a, b + 1].into(),
             ns_addr: [10, 231, a, b + 2].into(),
         };
+        assert!(
+            ns.host_if.len() <= 15,
+            "interface name too long: {}",
+            ns.host_if
+        );
+        ns.remove();
         ns.up();
         ns
     }
