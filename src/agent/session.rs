@@ -294,6 +294,8 @@ impl Session {
                             dc.on_unreachable(request_id, &message);
                         }
                     }
+                    // Zero: the relay is alive, its spool slow (no pause).
+                    Some(Ok(Message::Throttle { retry_after_ms: 0 })) => {}
                     Some(Ok(Message::Throttle { retry_after_ms })) => {
                         self.info.throttles.fetch_add(1, Ordering::Relaxed);
                         let ms = u64::from(retry_after_ms).clamp(10, 60_000);

@@ -39,12 +39,13 @@ pub const READ_BATCH_FRAMES: usize = 32;
 /// Pause advised to a throttled agent.
 pub const THROTTLE_MS: u32 = 500;
 /// While the oldest append waits for the spool longer than this (a stalled
-/// disk), the agent hears a short throttle every such interval: the relay is
+/// disk), the agent hears a throttle of 0 ms every such interval: the relay is
 /// alive and busy, so the agent holds on instead of taking the silence for a
 /// hung relay (`agent.relay_silence_ms`, at least 3 s).
 pub const BUSY_NOTICE: Duration = Duration::from_secs(1);
-/// The pause a busy notice advises (short: it is a sign of life, not a brake).
-pub const BUSY_THROTTLE_MS: u32 = 50;
+/// The pause a busy notice advises: none (it is a sign of life, not a brake;
+/// the agent's window already limits what waits for a slow spool).
+pub const BUSY_THROTTLE_MS: u32 = 0;
 
 /// Why a session ended.
 #[derive(Debug, thiserror::Error)]
@@ -115,19 +116,16 @@ struct Pending {
 }
 
 /// The outcome of an append, telling the agent `every` ([`BUSY_NOTICE`]) that the
-/// relay is alive while the spool keeps it waiting (a short throttle, counted
-/// in `throttles`).
+/// relay is alive while the spool keeps it waiting (a throttle of 0 ms).
 async fn wait_append(
     done: &mut oneshot::Receiver<Result<AppendOutcome, SpoolError>>,
     tx: &Tx,
-    throttles: &std::sync::atomic::AtomicU64,
     every: Duration,
 ) -> Result<Result<AppendOutcome, SpoolError>, SessionError> {
     loop {
         match tokio::time::timeout(every, &mut *done).await {
             Ok(r) => return Ok(r.unwrap_or(Err(SpoolError::Shutdown))),
             Err(_) => {
-                throttles.fetch_add(1, Ordering::Relaxed);
                 let busy = Message::Throttle {
                     retry_after_ms: BUSY_THROTTLE_MS,
                 };
@@ -168,8 +166,7 @@ pub(crate) async fn run_agent(
         let tx = tx.clone();
         tokio::spawn(async move {
             while let Some(mut p) = pend_rx.recv().await {
-                let outcome =
-                    wait_append(&mut p.done, &tx, &hub.counters.throttles, BUSY_NOTICE).await?;
+                let outcome = wait_append(&mut p.done, &tx, BUSY_NOTICE).await?;
                 hub.append_latency
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -691,46 +688,34 @@ mod tests {
     async fn a_slow_append_sends_signs_of_life_until_it_completes() {
         let (tx, mut rx) = mpsc::channel(64);
         let (done_tx, mut done) = oneshot::channel();
-        let throttles = std::sync::atomic::AtomicU64::new(0);
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(600)).await;
             let _ = done_tx.send(Ok(AppendOutcome::Stored));
         });
         let every = Duration::from_millis(50);
-        let r = wait_append(&mut done, &tx, &throttles, every)
-            .await
-            .unwrap();
+        let r = wait_append(&mut done, &tx, every).await.unwrap();
         assert_eq!(r.unwrap(), AppendOutcome::Stored);
-        let n = throttles.load(Ordering::Relaxed);
-        assert!(n >= 1, "a late append is announced");
-        for _ in 0..n {
-            match rx.try_recv() {
-                Ok(Outgoing::Msg(Message::Throttle { retry_after_ms })) => {
-                    assert_eq!(retry_after_ms, BUSY_THROTTLE_MS)
-                }
-                other => panic!("expected a busy throttle, got {other:?}"),
+        let mut n = 0;
+        while let Ok(m) = rx.try_recv() {
+            match m {
+                Outgoing::Msg(Message::Throttle { retry_after_ms: 0 }) => n += 1,
+                other => panic!("expected a throttle of 0 ms, got {other:?}"),
             }
         }
-        assert!(rx.try_recv().is_err(), "nothing once the append completed");
+        assert!(n >= 1, "a late append is announced");
     }
 
     #[tokio::test]
     async fn a_prompt_append_sends_nothing_and_a_lost_one_is_a_shutdown() {
         let (tx, mut rx) = mpsc::channel(16);
-        let throttles = std::sync::atomic::AtomicU64::new(0);
         let (done_tx, mut done) = oneshot::channel();
         done_tx.send(Ok(AppendOutcome::Duplicate)).unwrap();
-        let r = wait_append(&mut done, &tx, &throttles, BUSY_NOTICE)
-            .await
-            .unwrap();
+        let r = wait_append(&mut done, &tx, BUSY_NOTICE).await.unwrap();
         assert_eq!(r.unwrap(), AppendOutcome::Duplicate);
         let (done_tx, mut done) = oneshot::channel::<Result<AppendOutcome, SpoolError>>();
         drop(done_tx);
-        let r = wait_append(&mut done, &tx, &throttles, BUSY_NOTICE)
-            .await
-            .unwrap();
+        let r = wait_append(&mut done, &tx, BUSY_NOTICE).await.unwrap();
         assert!(matches!(r, Err(SpoolError::Shutdown)));
         assert!(rx.try_recv().is_err());
-        assert_eq!(throttles.load(Ordering::Relaxed), 0);
     }
 }
