@@ -1038,6 +1038,11 @@ initial_copy = false
                 "agent.capture_budget_mib",
             ),
             (
+                "state_dir = \"agent-state\"",
+                "state_dir = \"agent-state\"\nrelay_silence_ms = 500",
+                "agent.relay_silence_ms",
+            ),
+            (
                 "relay = \"relay.example.com:7400\"",
                 "relay = \"relay.example.com\"",
                 "agent.relay",
