@@ -17,6 +17,27 @@ use common::tools::Netns;
 
 const MIB: u64 = 1 << 20;
 
+/// Relay, target, and an agent that gives a silent relay up after 3 s,
+/// running a workload paced at 1 MB/s for 15 s; returns once the target has
+/// applied something.
+fn start_paced(c: &mut Cluster, seed: u64) {
+    c.start_relay();
+    c.start_target();
+    c.configure_agent(|cfg| cfg.agent.relay_silence_ms = 3000);
+    let seed = seed.to_string();
+    c.start_agent(&[
+        "--workload-seconds",
+        "15",
+        "--workload-rate-mb-s",
+        "1",
+        "--workload-write-size",
+        "16K",
+        "--workload-seed",
+        &seed,
+    ]);
+    c.wait_applied(1, Duration::from_secs(60));
+}
+
 #[test]
 fn e2e_a_relay_host_that_vanishes_and_reboots_is_found_again_by_agent_and_target() {
     // Declared first, dropped last: after every process in it has ended.
@@ -69,20 +90,7 @@ fn e2e_a_hung_relay_is_given_up_on_and_found_again_when_it_resumes() {
     use nix::unistd::Pid;
 
     let mut c = Cluster::new(64 * MIB);
-    c.start_relay();
-    c.start_target();
-    c.configure_agent(|cfg| cfg.agent.relay_silence_ms = 3000);
-    c.start_agent(&[
-        "--workload-seconds",
-        "15",
-        "--workload-rate-mb-s",
-        "1",
-        "--workload-write-size",
-        "16K",
-        "--workload-seed",
-        "44",
-    ]);
-    c.wait_applied(1, Duration::from_secs(60));
+    start_paced(&mut c, 44);
 
     let relay = Pid::from_raw(c.relay.as_ref().unwrap().pid() as i32);
     kill(relay, Signal::SIGSTOP).unwrap();
@@ -128,20 +136,7 @@ fn e2e_a_partition_mid_workload_heals_without_loss() {
     let ns = Netns::create();
     let mut c = Cluster::new(64 * MIB);
     c.relay_in_netns(&ns);
-    c.start_relay();
-    c.start_target();
-    c.configure_agent(|cfg| cfg.agent.relay_silence_ms = 3000);
-    c.start_agent(&[
-        "--workload-seconds",
-        "15",
-        "--workload-rate-mb-s",
-        "1",
-        "--workload-write-size",
-        "16K",
-        "--workload-seed",
-        "45",
-    ]);
-    c.wait_applied(1, Duration::from_secs(60));
+    start_paced(&mut c, 45);
     std::thread::sleep(Duration::from_secs(2));
 
     ns.partition();
