@@ -1,6 +1,7 @@
 //! Socket options of every session connection (agent → relay, target → relay,
-//! and the relay's side of both): no Nagle delay, and TCP keepalive so that a
-//! peer whose host vanished is noticed while the connection is idle.
+//! and the relay's side of both), and of the NBD frontend's TCP clients: no
+//! Nagle delay, and TCP keepalive so that a peer whose host vanished is
+//! noticed while the connection is idle.
 //!
 //! Why keepalive: the target only ever answers frames, so while no frame
 //! arrives it sends nothing. If the relay's host loses power or reboots, no FIN

@@ -427,8 +427,10 @@ async fn connection(
     let _open = OpenGuard::new(&shared.ctx.stats);
     match a {
         Accepted::Tcp(s, peer) => {
-            // The spec: both sides SHOULD disable Nagle.
-            let _ = s.set_nodelay(true);
+            // The spec: both sides SHOULD disable Nagle. Keepalive as on the
+            // replication sessions: a client whose host vanished while idle
+            // would otherwise hold its connection slot for ever.
+            crate::transport::tcp::configure(&s);
             handle(&shared, s, peer, split_tcp, shutdown).await;
         }
         Accepted::Unix(s, peer) => handle(&shared, s, peer, split_unix, shutdown).await,
