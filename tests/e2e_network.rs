@@ -153,9 +153,6 @@ fn e2e_a_partition_mid_workload_heals_without_loss() {
         "the agent kept a connection to a relay it could not reach:\n{}",
         c.logs()
     );
-    let log = c.target_state_dir().join("g1").join("apply.log");
-    if let Err(e) = tidemark::target::check_apply_log(&log) {
-        panic!("apply log {}: {e}", log.display());
-    }
+    c.check_apply_log();
     c.stop_all();
 }

@@ -12,14 +12,6 @@ use common::Cluster;
 
 const MIB: u64 = 1 << 20;
 
-fn check_apply_log(c: &Cluster) -> tidemark::target::ApplyLogSummary {
-    let log = c.target_state_dir().join("g1").join("apply.log");
-    match tidemark::target::check_apply_log(&log) {
-        Ok(s) => s,
-        Err(e) => panic!("apply log {}: {e}", log.display()),
-    }
-}
-
 #[test]
 fn e2e_three_processes_replicate_256_mib_byte_for_byte() {
     let mut c = Cluster::new(512 * MIB);
@@ -33,7 +25,7 @@ fn e2e_three_processes_replicate_256_mib_byte_for_byte() {
     let relay = c.relay_status().expect("relay status");
     c.stop_all();
     c.assert_replica_equals_source();
-    let s = check_apply_log(&c);
+    let s = c.check_apply_log();
     assert_eq!(s.starts, 1, "the target ran once");
     assert!(s.applies > 10, "{s:?}");
     // The relay forwarded what it stored, and the target acknowledged it all.
@@ -90,7 +82,7 @@ fn kill_twice_mid_run(victim: &str) -> Cluster {
 #[test]
 fn e2e_relay_killed_twice_mid_run() {
     let c = kill_twice_mid_run("relay");
-    let s = check_apply_log(&c);
+    let s = c.check_apply_log();
     assert_eq!(s.starts, 1);
     let a = c.agent_status().unwrap();
     assert!(
@@ -103,7 +95,7 @@ fn e2e_relay_killed_twice_mid_run() {
 #[test]
 fn e2e_target_killed_twice_mid_run() {
     let c = kill_twice_mid_run("target");
-    let s = check_apply_log(&c);
+    let s = c.check_apply_log();
     assert_eq!(s.starts, 3, "one start and two restarts: {s:?}");
 }
 
@@ -170,5 +162,5 @@ fn e2e_agent_restarts_clean_continues_and_after_a_crash_resyncs_dirty_regions() 
     c.assert_unclean_start_resynced("crash");
     c.stop_all();
     c.assert_replica_equals_source();
-    check_apply_log(&c);
+    c.check_apply_log();
 }

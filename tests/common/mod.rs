@@ -328,6 +328,16 @@ impl Cluster {
         read_json(&self.relay_status_path())
     }
 
+    /// The target's apply log of group g1 shows every frame applied in chain
+    /// order (fails with the reason otherwise); its summary.
+    pub fn check_apply_log(&self) -> tidemark::target::ApplyLogSummary {
+        let log = self.target_state_dir().join("g1").join("apply.log");
+        match tidemark::target::check_apply_log(&log) {
+            Ok(s) => s,
+            Err(e) => panic!("apply log {}: {e}", log.display()),
+        }
+    }
+
     pub fn target_state_dir(&self) -> PathBuf {
         TargetConfig::load(&self.path("target.toml"))
             .unwrap()
