@@ -231,8 +231,15 @@ impl Cluster {
         let f = File::create(&log).unwrap();
         let mut cmd = match (&self.relay_netns, role) {
             (Some(ns), "relay") => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, exe()]);
+                // Only the network namespace is entered. `ip netns exec` would
+                // also give the relay a mount namespace holding a copy of every
+                // mount of that instant (`/` is private here, so later
+                // unmounts do not reach the copy): an ext4 that another test
+                // unmounts next would stay mounted in the copy, never shut
+                // down cleanly, and its last writes would never reach that
+                // test's frontend.
+                let mut c = Command::new(tools::require_tool("nsenter", "util-linux"));
+                c.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(exe());
                 c
             }
             _ => Command::new(exe()),

@@ -227,7 +227,8 @@ pub fn qemu_compare(a: &Path, b: &Path) {
 }
 
 /// A network namespace joined to this one by a veth pair: a second "host" for a
-/// role (`ip netns exec`), with its own kernel TCP state. Deleted on drop.
+/// role (entered with `nsenter --net`), with its own kernel TCP state. Deleted
+/// on drop.
 pub struct Netns {
     /// Namespace name.
     pub name: String,
