@@ -44,7 +44,10 @@ echo "== tests"
 # default build too (the frontends' tests adapt to the feature), and a second
 # full test build would add minutes to CI. Clippy above checks both builds.
 if cargo nextest --version >/dev/null 2>&1; then
-    cargo nextest run --no-fail-fast --features ublk
+    # At least 3 at once (see .config/nextest.toml), more on larger machines.
+    threads=$(nproc)
+    [ "$threads" -ge 3 ] || threads=3
+    cargo nextest run --no-fail-fast --features ublk --test-threads "$threads"
 else
     cargo test --no-fail-fast --features ublk
 fi
