@@ -360,6 +360,7 @@ fn role_configs(
             engine: Engine::Uring,
             apply_batch_mib: 32,
             direct_io: false,
+            relay_silence_ms: 60_000,
         },
         tls: tls(Role::Target),
         groups: opts

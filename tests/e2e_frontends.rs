@@ -286,22 +286,22 @@ fn e2e_fio_with_the_relay_down_degrades_capture_and_catches_up() {
         "fio.log",
     );
     std::thread::sleep(Duration::from_secs(3));
-    let mode_now = |c: &Cluster| c.agent_status().unwrap().groups[0].journal.mode.clone();
-    let until = Instant::now() + Duration::from_secs(9);
-    let mut before = mode_now(&c);
-    while before.mode != Data && Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(100));
-        before = mode_now(&c);
-    }
+    // The capture mode once it is `want`, or when `limit` has passed.
+    let wait_mode = |c: &Cluster, want: tidemark::capture::modes::Mode, limit: Duration| {
+        let until = Instant::now() + limit;
+        loop {
+            let m = c.agent_status().unwrap().groups[0].journal.mode.clone();
+            if m.mode == want || Instant::now() >= until {
+                return m;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let before = wait_mode(&c, Data, Duration::from_secs(9));
     assert_eq!(before.mode, Data, "fio at 20 MB/s for 3-12 s: {before:?}");
     let killed_us = tidemark::util::time::now_us();
     c.relay.as_mut().unwrap().kill9();
-    let until = Instant::now() + Duration::from_secs(15);
-    let mut m = mode_now(&c);
-    while m.mode != Bitmap && Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(100));
-        m = mode_now(&c);
-    }
+    let m = wait_mode(&c, Bitmap, Duration::from_secs(15));
     assert_eq!(m.mode, Bitmap, "relay down 15 s under fio: {m:?}");
     let seen: Vec<(_, _)> = m
         .history

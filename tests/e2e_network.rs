@@ -22,6 +22,7 @@ const MIB: u64 = 1 << 20;
 /// applied something.
 fn start_paced(c: &mut Cluster, seed: u64) {
     c.start_relay();
+    c.configure_target(|cfg| cfg.target.relay_silence_ms = 3000);
     c.start_target();
     c.configure_agent(|cfg| cfg.agent.relay_silence_ms = 3000);
     let seed = seed.to_string();
@@ -83,7 +84,9 @@ fn e2e_a_relay_host_that_vanishes_and_reboots_is_found_again_by_agent_and_target
 /// acknowledges bytes, the process answers nothing). The agent must give the
 /// connection up after `relay_silence_ms` and say so, instead of reporting a
 /// healthy connection for the quarter of an hour TCP would wait, and continue
-/// without loss once the relay resumes.
+/// without loss once the relay resumes. The target too: it misses the relay's
+/// sign of life of every second and gives its connection up after its own
+/// `relay_silence_ms` (keepalive alone would keep it "connected" for ever).
 #[test]
 fn e2e_a_hung_relay_is_given_up_on_and_found_again_when_it_resumes() {
     use nix::sys::signal::{Signal, kill};
@@ -110,6 +113,21 @@ fn e2e_a_hung_relay_is_given_up_on_and_found_again_when_it_resumes() {
             "the agent's status to say disconnected",
             || (!c.agent_status()?.groups[0].connected).then_some(()),
         );
+        common::wait_until(
+            Duration::from_secs(30),
+            "the target to give up on the hung relay",
+            || {
+                let t = c.target.as_ref().unwrap();
+                t.log_text()
+                    .contains("the relay sent nothing for")
+                    .then_some(())
+            },
+        );
+        common::wait_until(
+            Duration::from_secs(30),
+            "the target's status to say disconnected",
+            || (!c.target_status()?.groups[0].connected).then_some(()),
+        );
     }));
     kill(relay, Signal::SIGCONT).unwrap();
     if let Err(e) = given_up {
@@ -120,14 +138,30 @@ fn e2e_a_hung_relay_is_given_up_on_and_found_again_when_it_resumes() {
     c.wait_workload_done(Duration::from_secs(120));
     c.wait_caught_up(Duration::from_secs(120));
     c.assert_replica_equals_source();
+    c.check_apply_log();
+    // The agent stops (no more heartbeat frames), and the relay idles for
+    // longer than the target's limit: its signs of life keep the connection
+    // (the hang was the only silence the target noticed).
+    c.agent.as_mut().unwrap().stop(Duration::from_secs(40));
+    std::thread::sleep(Duration::from_secs(5));
+    let target_log = c.target.as_ref().unwrap().log_text();
+    assert_eq!(
+        target_log.matches("the relay sent nothing for").count(),
+        1,
+        "the target gave an idle relay up:\n{target_log}"
+    );
+    assert!(c.target_status().unwrap().groups[0].connected);
     c.stop_all();
 }
 
 /// The link to the relay's host drops every packet for a while, as the
 /// workload writes, then comes back. The agent gives its connection up once
 /// its frames are neither answered nor taken for `relay_silence_ms`, and
-/// keeps trying; the target's connection may live through it (TCP resumes
-/// once packets flow). Everyone ends connected and the replica equal to the
+/// keeps trying; so does the target, which misses the relay's signs of life
+/// (its `relay_silence_ms` is 3 s here; with the default 60 s its connection
+/// lives through a short cut, as TCP resumes once packets flow, and the relay
+/// takes a reconnecting target in place of the old session either way).
+/// Everyone ends connected and the replica equal to the
 /// source: nothing lost, nothing applied twice or out of order. (Keepalive's
 /// own expiry, 30 s, is left to the kernel: the reboot test above shows the
 /// option at work, a unit test that it is set.)

@@ -20,7 +20,7 @@ use crate::target::gate::ChainPos;
 use crate::transport::client::{
     Backoff, ConnectError, Hello, RelayEndpoint, Stream, Welcome, open_session,
 };
-use crate::transport::conn::{Outgoing, WriteProgress, spawn_reader, spawn_writer};
+use crate::transport::conn::{Outgoing, Progress, spawn_reader, spawn_writer};
 use crate::transport::wire::{Message, WireError, WireErrorKind};
 use crate::util::shutdown::Shutdown;
 
@@ -252,7 +252,7 @@ impl Session {
         let (mut rx, reader) = spawn_reader(r, 256);
         // A slow link is not a silent relay: the deadline also moves while
         // the connection keeps taking bytes.
-        let written = WriteProgress::new();
+        let written = Progress::new();
         let (tx, mut writer) = spawn_writer(written.wrap(w), 2);
         let mut frames_closed = false;
         let mut paused: Option<Instant> = None;

@@ -204,6 +204,14 @@ pub struct TargetSection {
     /// docs/IMAGE.md.
     #[serde(default)]
     pub direct_io: bool,
+    /// Longest the relay may send nothing (no frame, no byte of one, no sign
+    /// of life) while the target waits for it, before the connection counts
+    /// as lost and is opened again, ms: its process is hung (TCP keepalive
+    /// answers for a stopped process). At least 3000: the relay sends a sign
+    /// of life every second. Time the target spends not reading (its apply
+    /// queue full, a disk full) does not count.
+    #[serde(default = "d60000")]
+    pub relay_silence_ms: u64,
 }
 
 impl TargetSection {
@@ -441,6 +449,7 @@ impl TargetConfig {
         v.server_name("target.relay_name", &t.relay_name)?;
         v.path("target.state_dir", &t.state_dir)?;
         v.range("target.apply_batch_mib", t.apply_batch_mib, 1, 1024)?;
+        v.range("target.relay_silence_ms", t.relay_silence_ms, 3000, MS_MAX)?;
         v.tls(&self.tls)?;
         v.nonempty("group", self.groups.len())?;
         let mut names = HashSet::new();
@@ -1067,6 +1076,12 @@ initial_copy = false
         );
         let s = err_of(TargetConfig::load(&write(d.path(), "target.toml", &text)));
         assert!(s.contains("target.apply_batch_mib"), "{s}");
+        let text = TARGET.replace(
+            "engine = \"uring\"",
+            "engine = \"uring\"\nrelay_silence_ms = 2999",
+        );
+        let s = err_of(TargetConfig::load(&write(d.path(), "target.toml", &text)));
+        assert!(s.contains("target.relay_silence_ms"), "{s}");
     }
 
     #[test]

@@ -27,6 +27,7 @@ use crate::target::gate::ChainPos;
 use crate::transport::client::message_name;
 use crate::transport::conn::Outgoing;
 use crate::transport::wire::{Message, PROTOCOL_VERSION, PeerRole, WireError, WireErrorKind};
+use crate::util::task::AbortOnDrop;
 
 /// Frames forwarded to a target and not yet acknowledged, at most.
 pub const TARGET_WINDOW_FRAMES: usize = 64;
@@ -46,6 +47,33 @@ pub const BUSY_NOTICE: Duration = Duration::from_secs(1);
 /// The pause a busy notice advises: none (it is a sign of life, not a brake;
 /// the agent's window already limits what waits for a slow spool).
 pub const BUSY_THROTTLE_MS: u32 = 0;
+
+/// A target hears a throttle of 0 ms this often from its relay, whatever else
+/// is sent: a sign of life, so that the target can tell a hung relay (TCP
+/// keepalive is answered by the kernel of a stopped process) from an idle one
+/// (`target.relay_silence_ms`, at least 3 s). Targets ignore throttles, so
+/// older ones take it too.
+pub const TARGET_NOTICE: Duration = Duration::from_secs(1);
+
+/// Send `tx`'s peer a throttle of 0 ms every `every` until the session's
+/// writer is gone. A full queue skips a beat: the peer is not reading (or
+/// frames are on their way, which say as much).
+fn spawn_signs_of_life(tx: &Tx, every: Duration) -> tokio::task::JoinHandle<()> {
+    let tx = tx.clone();
+    tokio::spawn(async move {
+        let mut beat = tokio::time::interval(every);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            beat.tick().await;
+            let notice = Outgoing::Msg(Message::Throttle {
+                retry_after_ms: BUSY_THROTTLE_MS,
+            });
+            if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(notice) {
+                return;
+            }
+        }
+    })
+}
 
 /// Why a session ended.
 #[derive(Debug, thiserror::Error)]
@@ -395,6 +423,7 @@ pub(crate) async fn run_target(
     .await?;
     hub.counters.target_connected.store(true, Ordering::Relaxed);
     let _connected = ResetOnDrop(&hub.counters.target_connected);
+    let signs_of_life = AbortOnDrop(spawn_signs_of_life(tx, TARGET_NOTICE));
     let _route = Route::open(hub, PeerRole::Target, tx);
     let resync_slots = Arc::new(tokio::sync::Semaphore::new(RESYNC_IN_FLIGHT));
     hub.counters
@@ -563,6 +592,7 @@ pub(crate) async fn run_target(
             }
         }
     };
+    drop(signs_of_life);
     drop(trim_tx);
     let _ = trimmer.await;
     tracing::debug!(session = who, cursor, acked, "target session loop ended");

@@ -586,6 +586,7 @@ async fn start_group(
             progress: progress_rx,
             shutdown,
             digests,
+            relay_silence: std::time::Duration::from_millis(cfg.target.relay_silence_ms),
         },
         threads,
     })

@@ -11,10 +11,11 @@
 //! a second time out of order. See docs/TARGET.md ("Reconnects").
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Sender, TrySendError};
-use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncWriteExt, WriteHalf};
 use tokio::sync::{mpsc, watch};
 
 use super::TargetError;
@@ -29,6 +30,7 @@ use crate::frame::{FrameError, FrameHeader, GroupName};
 use crate::transport::client::{
     Backoff, Hello, RelayEndpoint, Stream, Welcome, message_name, open_session,
 };
+use crate::transport::conn::Progress as ByteClock;
 use crate::transport::wire::{self, Message, PeerRole, WireError, WireErrorKind};
 use crate::util::shutdown::Shutdown;
 
@@ -156,6 +158,45 @@ pub(crate) struct GroupSession {
     pub shutdown: Shutdown,
     /// The digest service (resync and verify requests from the agent).
     pub digests: super::digests::DigestService,
+    /// Longest the relay may send nothing while we wait for it
+    /// (`target.relay_silence_ms`).
+    pub relay_silence: Duration,
+}
+
+/// What the reader task tells the session about the relay's silence: when
+/// bytes last arrived, and whether the reader is waiting for the relay right
+/// now (not for room in the apply budget, nor for the session to take what it
+/// read: time the target itself is not reading does not count).
+#[derive(Clone)]
+struct Hearing {
+    bytes: ByteClock,
+    waiting: Arc<AtomicBool>,
+}
+
+impl Hearing {
+    fn new() -> Self {
+        Hearing {
+            bytes: ByteClock::new(),
+            waiting: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// The reader starts (`true`) or stops waiting for the relay.
+    fn set_waiting(&self, waiting: bool) {
+        if waiting {
+            // Silence is counted from here, not from the last message.
+            self.bytes.note();
+        }
+        self.waiting.store(waiting, Ordering::Release);
+    }
+
+    /// How long the relay has sent nothing while the reader waited for it
+    /// (`None`: the reader is not waiting).
+    fn silent_for(&self) -> Option<Duration> {
+        self.waiting
+            .load(Ordering::Acquire)
+            .then(|| self.bytes.last().elapsed())
+    }
 }
 
 struct Session {
@@ -255,7 +296,13 @@ impl Session {
         self.s.status.lock().connected = true;
         let (r, w) = tokio::io::split(stream);
         let (tx, mut rx) = mpsc::channel(READ_AHEAD);
-        let reader = tokio::spawn(reader_task(r, tx, Arc::clone(&self.s.budget)));
+        let hearing = Hearing::new();
+        let reader = tokio::spawn(reader_task(
+            hearing.bytes.wrap_reader(r),
+            tx,
+            Arc::clone(&self.s.budget),
+            hearing.clone(),
+        ));
         let mut conn = Conn {
             w: Some(w),
             acked: applied,
@@ -280,7 +327,7 @@ impl Session {
                     }
                     _ = tick.tick() => {
                         self.check_gap();
-                        Ok(())
+                        self.check_silence(&hearing)
                     }
                 };
                 if let Err(end) = step {
@@ -303,6 +350,25 @@ impl Session {
                 tracing::info!(group = %self.g(), frame_no = self.s.progress.borrow().durable.pos.frame_no, "session with the relay closed");
                 other
             }
+        }
+    }
+
+    /// The connection is lost when the relay has sent nothing, not even its
+    /// sign of life of every second, for `relay_silence` while we waited: its
+    /// process is hung (the kernel of a stopped process still answers TCP
+    /// keepalive) or its host unreachable with our acks unanswered.
+    fn check_silence(&self, hearing: &Hearing) -> Result<(), ConnEnd> {
+        match hearing.silent_for() {
+            Some(quiet) if quiet >= self.s.relay_silence => Err(ConnEnd::Lost {
+                reason: format!(
+                    "the relay sent nothing for {} ms (no frame, no sign of life; \
+                     target.relay_silence_ms = {}): its process is hung or its host unreachable",
+                    quiet.as_millis(),
+                    self.s.relay_silence.as_millis()
+                ),
+                healthy: false,
+            }),
+            _ => Ok(()),
         }
     }
 
@@ -615,9 +681,17 @@ impl Conn {
 
 /// Reads messages and forwards them; a frame is charged to the budget before
 /// the next message is read, so an exhausted budget stops reading the socket.
-async fn reader_task(mut r: ReadHalf<Stream>, tx: mpsc::Sender<Incoming>, budget: Arc<Budget>) {
+async fn reader_task<R: tokio::io::AsyncRead + Unpin>(
+    mut r: R,
+    tx: mpsc::Sender<Incoming>,
+    budget: Arc<Budget>,
+    hearing: Hearing,
+) {
     loop {
-        let item = match wire::read_message(&mut r).await {
+        hearing.set_waiting(true);
+        let read = wire::read_message(&mut r).await;
+        hearing.set_waiting(false);
+        let item = match read {
             Ok(Message::Frame(bytes)) => {
                 let header = FrameHeader::parse(&bytes);
                 let plain = header.as_ref().map_or(0, |h| u64::from(h.plain_len));

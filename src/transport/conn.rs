@@ -57,31 +57,34 @@ where
     (tx, handle)
 }
 
-/// When a stream last accepted bytes: shared between a [`ProgressWriter`] and
-/// whoever judges whether the peer is still taking data (a slow link keeps
-/// accepting bytes long before the peer has a whole frame to answer; a hung
-/// or vanished peer stops once the socket buffers are full).
+/// When a stream last moved bytes: shared between a [`ProgressWriter`] or a
+/// [`ProgressReader`] and whoever judges whether the peer is still there (a
+/// slow link keeps moving bytes long before a whole frame or its answer is
+/// through; a hung or vanished peer stops, on a write once the socket buffers
+/// are full, on a read at once).
 #[derive(Debug, Clone)]
-pub struct WriteProgress {
+pub struct Progress {
     base: Instant,
     ms: Arc<AtomicU64>,
 }
 
-impl WriteProgress {
+impl Progress {
     /// Progress counted from now.
     pub fn new() -> Self {
-        WriteProgress {
+        Progress {
             base: Instant::now(),
             ms: Arc::new(AtomicU64::new(0)),
         }
     }
 
-    /// The last time bytes were accepted (or the creation time).
+    /// The last time bytes moved (or was noted, or the creation time).
     pub fn last(&self) -> Instant {
         self.base + Duration::from_millis(self.ms.load(Ordering::Relaxed))
     }
 
-    fn note(&self) {
+    /// Count now as progress (e.g. when a reader starts waiting for a peer
+    /// that had nothing to say until then).
+    pub fn note(&self) {
         let ms = self.base.elapsed().as_millis() as u64;
         self.ms.fetch_max(ms, Ordering::Relaxed);
     }
@@ -93,19 +96,49 @@ impl WriteProgress {
             progress: self.clone(),
         }
     }
+
+    /// Wrap `r` so that every read that returns bytes is noted.
+    pub fn wrap_reader<R>(&self, r: R) -> ProgressReader<R> {
+        ProgressReader {
+            inner: r,
+            progress: self.clone(),
+        }
+    }
 }
 
-impl Default for WriteProgress {
+impl Default for Progress {
     fn default() -> Self {
         Self::new()
     }
 }
 
-/// An `AsyncWrite` that notes in a [`WriteProgress`] when bytes get through.
+/// An `AsyncRead` that notes in a [`Progress`] when bytes arrive.
+#[derive(Debug)]
+pub struct ProgressReader<R> {
+    inner: R,
+    progress: Progress,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for ProgressReader<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.progress.note();
+        }
+        r
+    }
+}
+
+/// An `AsyncWrite` that notes in a [`Progress`] when bytes get through.
 #[derive(Debug)]
 pub struct ProgressWriter<W> {
     inner: W,
-    progress: WriteProgress,
+    progress: Progress,
 }
 
 impl<W: AsyncWrite + Unpin> AsyncWrite for ProgressWriter<W> {
@@ -199,7 +232,7 @@ mod tests {
     async fn write_progress_moves_while_bytes_get_through_and_stops_when_they_do_not() {
         use tokio::io::AsyncReadExt;
         let (a, mut b) = tokio::io::duplex(1024);
-        let progress = WriteProgress::new();
+        let progress = Progress::new();
         let t0 = progress.last();
         let mut w = progress.wrap(a);
         tokio::time::sleep(Duration::from_millis(30)).await;
@@ -218,5 +251,28 @@ mod tests {
         b.read_exact(&mut buf).await.unwrap();
         w.write_all(&[3; 100]).await.unwrap();
         assert!(progress.last() > t2);
+    }
+
+    #[tokio::test]
+    async fn read_progress_moves_when_bytes_arrive_and_stops_when_none_do() {
+        use tokio::io::AsyncReadExt;
+        let (mut a, b) = tokio::io::duplex(1024);
+        let progress = Progress::new();
+        let t0 = progress.last();
+        let mut r = progress.wrap_reader(b);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        a.write_all(&[1; 100]).await.unwrap();
+        let mut buf = [0u8; 100];
+        r.read_exact(&mut buf).await.unwrap();
+        let t1 = progress.last();
+        assert!(t1 > t0, "bytes that arrived are noted");
+        // Nothing arrives: a read waits and notes nothing.
+        let waited = tokio::time::timeout(Duration::from_millis(60), r.read(&mut buf)).await;
+        assert!(waited.is_err(), "nothing to read");
+        assert_eq!(progress.last(), t1, "no progress noted while waiting");
+        // The end of the stream is not progress either.
+        drop(a);
+        assert_eq!(r.read(&mut buf).await.unwrap(), 0);
+        assert_eq!(progress.last(), t1);
     }
 }

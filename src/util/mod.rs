@@ -16,5 +16,6 @@ pub mod procstat;
 pub mod rate;
 pub mod shutdown;
 pub mod statusfile;
+pub mod task;
 pub mod time;
 pub mod zero;

@@ -407,6 +407,14 @@ impl Cluster {
         fs::write(&path, cfg.to_toml_string().unwrap()).unwrap();
     }
 
+    /// Change the target's config file (before `start_target`).
+    pub fn configure_target(&self, f: impl FnOnce(&mut TargetConfig)) {
+        let path = self.path("target.toml");
+        let mut cfg = TargetConfig::load(&path).unwrap();
+        f(&mut cfg);
+        fs::write(&path, cfg.to_toml_string().unwrap()).unwrap();
+    }
+
     /// The address of the running agent's first frontend of `kind` on disk 0
     /// ("nbd": its URIs, space-separated; "fuse": the file's path).
     pub fn wait_frontend(&mut self, kind: &str) -> String {

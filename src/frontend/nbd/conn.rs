@@ -23,6 +23,7 @@ use super::proto::{self, Command, Limits, Payload, REQUEST_HEADER_LEN, RequestHe
 use super::stats::NbdStats;
 use crate::frontend::BlockIo;
 use crate::util::shutdown::{self, Shutdown};
+use crate::util::task::AbortOnDrop;
 
 /// The read half of a connection (plain or TLS).
 pub(crate) type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
@@ -149,16 +150,6 @@ struct CancelOnDrop(Arc<AtomicBool>);
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
         self.0.store(true, Ordering::Relaxed);
-    }
-}
-
-/// Aborts a spawned task when dropped (a connection task cut short at the
-/// drain deadline takes its writer with it).
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
