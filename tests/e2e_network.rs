@@ -97,31 +97,27 @@ fn e2e_a_hung_relay_is_given_up_on_and_found_again_when_it_resumes() {
 
     let relay = Pid::from_raw(c.relay.as_ref().unwrap().pid() as i32);
     kill(relay, Signal::SIGSTOP).unwrap();
+    // Each role's log says it gave the relay up, then its status.
+    let wait_log = |what: &str, p: &common::Proc, text: &str| {
+        common::wait_until(Duration::from_secs(60), what, || {
+            p.log_text().contains(text).then_some(())
+        })
+    };
     let given_up = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        common::wait_until(
-            Duration::from_secs(60),
+        wait_log(
             "the agent to give up on the hung relay",
-            || {
-                let a = c.agent.as_ref().unwrap();
-                a.log_text()
-                    .contains("no answer from the relay for 3000 ms")
-                    .then_some(())
-            },
+            c.agent.as_ref().unwrap(),
+            "no answer from the relay for 3000 ms",
         );
         common::wait_until(
             Duration::from_secs(30),
             "the agent's status to say disconnected",
             || (!c.agent_status()?.groups[0].connected).then_some(()),
         );
-        common::wait_until(
-            Duration::from_secs(30),
+        wait_log(
             "the target to give up on the hung relay",
-            || {
-                let t = c.target.as_ref().unwrap();
-                t.log_text()
-                    .contains("the relay sent nothing for")
-                    .then_some(())
-            },
+            c.target.as_ref().unwrap(),
+            "the relay sent nothing for",
         );
         common::wait_until(
             Duration::from_secs(30),
