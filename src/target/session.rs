@@ -747,6 +747,27 @@ mod tests {
     }
 
     #[test]
+    fn silence_counts_only_while_the_reader_waits_for_the_relay() {
+        let h = Hearing::new();
+        assert_eq!(h.silent_for(), None, "not reading yet");
+        std::thread::sleep(Duration::from_millis(30));
+        let wait_began = Instant::now();
+        h.set_waiting(true);
+        let quiet = h.silent_for().expect("waiting");
+        // The clock keeps whole milliseconds.
+        assert!(
+            quiet <= wait_began.elapsed() + Duration::from_millis(1),
+            "counted from the start of the wait, not from creation: {quiet:?}"
+        );
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(h.silent_for().unwrap() >= Duration::from_millis(30));
+        // Waiting for room in the budget (or for the session) is not silence.
+        h.set_waiting(false);
+        std::thread::sleep(Duration::from_millis(10));
+        assert_eq!(h.silent_for(), None);
+    }
+
+    #[test]
     fn gap_watch_warns_once_after_ten_seconds_without_progress() {
         let t0 = Instant::now();
         let mut w = GapWatch::new(t0);
