@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use common::forgetful::Forgetful;
 use common::{Cluster, exe, tail, wait_until};
 use tidemark::agent::workload::{Pattern, WorkloadSpec, write_data};
-use tidemark::config::{AgentConfig, TargetConfig, TargetDisk};
+use tidemark::config::{AgentConfig, TargetDisk};
 use tidemark::util::prng::Prng;
 
 const MIB: u64 = 1 << 20;
@@ -145,13 +145,6 @@ fn spec(seconds: f64, write_size: usize, seed: u64, rate_mb_s: f64) -> WorkloadS
     }
 }
 
-fn configure_target(c: &Cluster, f: impl FnOnce(&mut TargetConfig)) {
-    let path = c.path("target.toml");
-    let mut cfg = TargetConfig::load(&path).unwrap();
-    f(&mut cfg);
-    std::fs::write(&path, cfg.to_toml_string().unwrap()).unwrap();
-}
-
 /// `tidemark target recover --json ...`: the point's seq.
 fn recover(c: &Cluster, point: &str, disk: Option<u16>, out: &Path) -> u64 {
     let mut cmd = Command::new(exe());
@@ -239,7 +232,7 @@ fn crash_loop(kills: usize, sweep: usize, power: Option<&Forgetful>) {
         c.replica = p.path("replica.img");
     }
     c.start_relay();
-    configure_target(&c, |t| {
+    c.configure_target(|t| {
         t.groups[0].retention.enabled = true;
         t.groups[0].retention.granularity_ms = 50;
         if let Some(p) = power {
@@ -436,7 +429,7 @@ fn e2e_a_group_of_three_disks_recovers_at_one_seq() {
             })
             .collect();
     });
-    configure_target(&c, |t| {
+    c.configure_target(|t| {
         t.groups[0].retention.enabled = true;
         t.groups[0].retention.granularity_ms = 20;
         t.groups[0].disks = (0..3u32)

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use common::tools::{LoopDev, Mounted, fsck_clean, require_root, require_tool, run, run_ok};
 use common::{Cluster, wait_until};
-use tidemark::config::{AgentConfig, FuseFrontend, TargetConfig};
+use tidemark::config::{AgentConfig, FuseFrontend};
 use tidemark::util::datagen;
 use tidemark::util::prng::Prng;
 use tidemark::util::statusfile::STATUS_FILE;
@@ -394,11 +394,10 @@ fn e2e_recovered_ext4_at_every_app_tag_holds_that_rounds_fsynced_files() {
 
     let mut c = Cluster::new(256 * MIB);
     c.start_relay();
-    let tpath = c.path("target.toml");
-    let mut tcfg = TargetConfig::load(&tpath).unwrap();
-    tcfg.groups[0].retention.enabled = true;
-    tcfg.groups[0].retention.granularity_ms = 200;
-    fs::write(&tpath, tcfg.to_toml_string().unwrap()).unwrap();
+    c.configure_target(|t| {
+        t.groups[0].retention.enabled = true;
+        t.groups[0].retention.granularity_ms = 200;
+    });
     c.start_target();
     let fuse = c.dir.path().join("fuse");
     fs::create_dir_all(&fuse).unwrap();

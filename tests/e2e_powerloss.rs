@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::Cluster;
 use common::forgetful::Forgetful;
-use tidemark::config::{RelayConfig, TargetConfig};
+use tidemark::config::RelayConfig;
 
 const MIB: u64 = 1 << 20;
 
@@ -238,10 +238,7 @@ fn e2e_target_power_cut_three_times_mid_run_converges() {
     let power = Forgetful::mount(0xc0ffee, Duration::from_millis(15));
     three_cuts("target", &power, "96M", "32", |c| {
         c.replica = power.path("replica.img");
-        let path = c.path("target.toml");
-        let mut cfg = TargetConfig::load(&path).unwrap();
-        cfg.target.state_dir = power.path("target-state");
-        fs::write(&path, cfg.to_toml_string().unwrap()).unwrap();
+        c.configure_target(|cfg| cfg.target.state_dir = power.path("target-state"));
     });
 }
 

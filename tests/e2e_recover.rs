@@ -10,18 +10,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{Cluster, exe, tail, wait_until};
-use tidemark::config::TargetConfig;
 use tidemark::target::catalog::Catalog;
 
 const MIB: u64 = 1 << 20;
 const LONG: Duration = Duration::from_secs(180);
-
-fn configure_target(c: &Cluster, f: impl FnOnce(&mut TargetConfig)) {
-    let path = c.path("target.toml");
-    let mut cfg = TargetConfig::load(&path).unwrap();
-    f(&mut cfg);
-    std::fs::write(&path, cfg.to_toml_string().unwrap()).unwrap();
-}
 
 fn same(a: &Path, b: &Path) -> bool {
     tidemark::bench::run::compare_files(a, b).unwrap()
@@ -100,7 +92,7 @@ fn wait_point(c: &Cluster, seq: u64) {
 fn e2e_older_points_recover_while_replicating_offline_and_by_promote() {
     let mut c = Cluster::new(64 * MIB);
     c.start_relay();
-    configure_target(&c, |t| {
+    c.configure_target(|t| {
         t.groups[0].retention.enabled = true;
         t.groups[0].retention.granularity_ms = 100;
     });
@@ -220,7 +212,7 @@ fn e2e_a_full_target_disk_pauses_the_group_until_space_returns() {
     let _fs = Mounted::tmpfs(&small, "40m");
     let state = small.join("target-state");
     let replica = small.join("replica.img");
-    configure_target(&c, |t| {
+    c.configure_target(|t| {
         t.target.state_dir = state.clone();
         t.groups[0].disks[0].path = replica.clone();
     });

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::Cluster;
 use common::tools::{require_tool, run_ok};
-use tidemark::config::{ReplicaFormat, TargetConfig};
+use tidemark::config::ReplicaFormat;
 
 const MIB: u64 = 1 << 20;
 const LONG: Duration = Duration::from_secs(180);
@@ -47,11 +47,10 @@ fn replicate(format: ReplicaFormat) -> Cluster {
     c.start_relay();
     let replica = c.dir.path().join("replica.vmdk");
     c.replica = replica.clone();
-    let path = c.path("target.toml");
-    let mut cfg = TargetConfig::load(&path).unwrap();
-    cfg.groups[0].disks[0].path = replica;
-    cfg.groups[0].disks[0].format = format;
-    std::fs::write(&path, cfg.to_toml_string().unwrap()).unwrap();
+    c.configure_target(|cfg| {
+        cfg.groups[0].disks[0].path = replica;
+        cfg.groups[0].disks[0].format = format;
+    });
     c.start_target();
     c.start_agent(&[
         "--workload-bytes",

@@ -279,20 +279,18 @@ impl Cluster {
             cfg.relay.listen = addr;
             cfg.relay.status_listen = None;
             fs::write(&path, cfg.to_toml_string().unwrap()).unwrap();
-            let path = self.path("target.toml");
-            let mut cfg = TargetConfig::load(&path).unwrap();
-            cfg.target.relay = addr.to_string();
-            cfg.target.relay_name = "127.0.0.1".into();
-            cfg.target.status_listen = None;
-            cfg.groups[0].disks[0].path = self.replica.clone();
-            fs::write(&path, cfg.to_toml_string().unwrap()).unwrap();
-            let path = self.path("agent.toml");
-            let mut cfg = AgentConfig::load(&path).unwrap();
-            cfg.agent.relay = addr.to_string();
-            cfg.agent.relay_name = "127.0.0.1".into();
-            cfg.agent.status_listen = None;
-            cfg.groups[0].disks[0].path = self.source.clone();
-            fs::write(&path, cfg.to_toml_string().unwrap()).unwrap();
+            self.configure_target(|cfg| {
+                cfg.target.relay = addr.to_string();
+                cfg.target.relay_name = "127.0.0.1".into();
+                cfg.target.status_listen = None;
+                cfg.groups[0].disks[0].path = self.replica.clone();
+            });
+            self.configure_agent(|cfg| {
+                cfg.agent.relay = addr.to_string();
+                cfg.agent.relay_name = "127.0.0.1".into();
+                cfg.agent.status_listen = None;
+                cfg.groups[0].disks[0].path = self.source.clone();
+            });
         }
     }
 
