@@ -149,6 +149,16 @@ pub struct RelaySection {
     /// buffered writes. See docs/SPOOL.md.
     #[serde(default)]
     pub spool_direct_io: bool,
+    /// Trimmed spool segment files each group keeps for reuse (0..=64; 0
+    /// deletes them): writing over an old file is cheaper than growing a new
+    /// one. Each takes up to `spool_segment_mib` of disk beyond
+    /// `spool_max_gib`. See docs/SPOOL.md, "Recycled segment files".
+    #[serde(default = "d_recycle")]
+    pub spool_recycle_segments: usize,
+}
+
+fn d_recycle() -> usize {
+    crate::spool::DEFAULT_RECYCLE_SEGMENTS
 }
 
 impl RelaySection {
@@ -406,6 +416,12 @@ impl RelayConfig {
         v.name("relay.name", &r.name)?;
         v.range("relay.spool_segment_mib", r.spool_segment_mib, 1, 4096)?;
         v.range("relay.spool_max_gib", r.spool_max_gib, 1, GIB_MAX)?;
+        v.range(
+            "relay.spool_recycle_segments",
+            r.spool_recycle_segments as u64,
+            0,
+            crate::spool::MAX_RECYCLE_SEGMENTS as u64,
+        )?;
         v.path("relay.spool_dir", &r.spool_dir)?;
         v.tls(&self.tls)
     }
@@ -853,6 +869,10 @@ initial_copy = false
         assert_eq!(c.relay.spool_segment_mib, 64);
         assert_eq!(c.relay.spool_max_gib, 64);
         assert_eq!(c.relay.spool_max_bytes(), 64 << 30);
+        assert_eq!(c.relay.spool_recycle_segments, 2);
+        let text = RELAY.replace("[tls]", "spool_recycle_segments = 65\n[tls]");
+        let s = err_of(RelayConfig::load(&write(d.path(), "r65.toml", &text)));
+        assert!(s.contains("relay.spool_recycle_segments"), "{s}");
         assert_eq!(
             c.relay.status_listen,
             Some("127.0.0.1:7401".parse().unwrap())

@@ -188,6 +188,7 @@ pub async fn run(cfg: RelayConfig, shutdown: Shutdown) -> Result<(), RelayError>
     let mut opts = SpoolOptions::new(&cfg.relay.spool_dir);
     opts.segment_bytes = cfg.relay.spool_segment_bytes();
     opts.direct_io = cfg.relay.spool_direct_io;
+    opts.recycle_segments = cfg.relay.spool_recycle_segments;
     // One group commit may take everything that can be waiting: an fdatasync
     // then covers all queued frames instead of leaving some for the next one.
     opts.max_batch_bytes = APPEND_MEMORY;

@@ -2,6 +2,7 @@
 //! the record is. 16 bytes per frame; payloads stay on disk.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use super::SpoolHead;
@@ -60,6 +61,9 @@ pub struct GroupIndex {
     pub disk_bytes: u64,
     /// Serializes trims of this group (state file updates and deletions).
     pub trim_lock: Arc<Mutex<()>>,
+    /// Trimmed segment files waiting for reuse as new segments (`*.free`):
+    /// trims add to it, the writer takes from it.
+    pub free: Vec<PathBuf>,
 }
 
 impl GroupIndex {

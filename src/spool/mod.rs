@@ -33,6 +33,8 @@ mod writer;
 #[cfg(test)]
 mod direct_tests;
 #[cfg(test)]
+mod recycle_tests;
+#[cfg(test)]
 mod tests;
 
 use std::collections::HashMap;
@@ -62,6 +64,12 @@ pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
 pub const DEFAULT_MAX_BATCH_BYTES: usize = 8 << 20;
 /// Default number of appends the queue holds before [`Spool::append`] throttles.
 pub const DEFAULT_QUEUE_DEPTH: usize = 1024;
+/// How often [`Spool::read_after`] plans again when trims overtake its plan.
+const MAX_READ_PLANS: u32 = 16;
+/// Default number of trimmed segment files each group keeps for reuse.
+pub const DEFAULT_RECYCLE_SEGMENTS: usize = 2;
+/// Largest accepted `recycle_segments`.
+pub const MAX_RECYCLE_SEGMENTS: usize = 64;
 /// Smallest accepted `segment_bytes`.
 pub const MIN_SEGMENT_BYTES: u64 = 4096;
 /// Largest accepted `segment_bytes` (record offsets are kept as 32 bits).
@@ -84,6 +92,12 @@ pub struct SpoolOptions {
     /// (probed at open; buffered I/O otherwise). Default false: on the virtual
     /// disks measured so far buffered writes gave more throughput (docs/SPOOL.md).
     pub direct_io: bool,
+    /// Trimmed segment files each group keeps for its next segments instead of
+    /// deleting them (0: delete at once). Writing over a file the spool wrote
+    /// before costs no block allocation and no new page-cache pages, and its
+    /// `fdatasync` has no file size to commit (docs/SPOOL.md, "Recycled segment
+    /// files"). Each kept file takes up to `segment_bytes` of disk.
+    pub recycle_segments: usize,
 }
 
 impl SpoolOptions {
@@ -95,6 +109,7 @@ impl SpoolOptions {
             max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
             queue_depth: DEFAULT_QUEUE_DEPTH,
             direct_io: false,
+            recycle_segments: DEFAULT_RECYCLE_SEGMENTS,
         }
     }
 
@@ -112,6 +127,15 @@ impl SpoolOptions {
             return Err(SpoolError::BadOption {
                 field: "max_batch_bytes",
                 reason: "must be at least 1".into(),
+            });
+        }
+        if self.recycle_segments > MAX_RECYCLE_SEGMENTS {
+            return Err(SpoolError::BadOption {
+                field: "recycle_segments",
+                reason: format!(
+                    "{} above the limit of {MAX_RECYCLE_SEGMENTS}",
+                    self.recycle_segments
+                ),
             });
         }
         if self.queue_depth == 0 {
@@ -642,14 +666,31 @@ impl Spool {
                         // leave a stale page in the page cache.
                         match dio::open_options(self.inner.direct).read(true).open(&path) {
                             Ok(f) => v.insert((path, f)),
-                            Err(err) if err.kind() == io::ErrorKind::NotFound && attempts < 4 => {
+                            Err(err)
+                                if err.kind() == io::ErrorKind::NotFound
+                                    && attempts < MAX_READ_PLANS =>
+                            {
                                 continue 'plan;
                             }
                             Err(err) => return Err(io_err("open", &path)(err)),
                         }
                     }
                 };
-                let (h, bytes) = reader.read(f, path, u64::from(e.offset), e.frame_no, e.len)?;
+                #[cfg(test)]
+                read_fault::between_open_and_read(group);
+                let (h, bytes) = match reader.read(f, path, u64::from(e.offset), e.frame_no, e.len)
+                {
+                    Ok(r) => r,
+                    // A trim may also hand the segment to the writer for
+                    // reuse after it was opened here; the record check then
+                    // fails on the new bytes. Plan again if that is what
+                    // happened (the frame is trimmed), else it is damage.
+                    Err(err) if attempts < MAX_READ_PLANS && self.trimmed(group, e.frame_no) => {
+                        tracing::debug!(group, frame_no = e.frame_no, error = %err, "planned frame trimmed while read; planning again");
+                        continue 'plan;
+                    }
+                    Err(err) => return Err(err),
+                };
                 out.push(SpooledFrame {
                     frame_no: h.frame_no,
                     prev_frame_no: h.prev_frame_no,
@@ -659,6 +700,15 @@ impl Spool {
             }
             return Ok(out);
         }
+    }
+
+    /// True when the group's frames up to `frame_no` are trimmed.
+    fn trimmed(&self, group: &str, frame_no: u64) -> bool {
+        self.inner
+            .index()
+            .groups
+            .get(group)
+            .is_some_and(|g| g.trimmed_through >= frame_no)
     }
 
     /// Drop frames up to `frame_no` (the target acknowledged them): reads stop
@@ -718,15 +768,31 @@ impl Spool {
         }
         for first in &removable {
             let path = gdir.join(segment::segment_file_name(*first));
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_err("delete trimmed segment", &path)(e)),
+            let keep = self
+                .inner
+                .index()
+                .groups
+                .get(group)
+                .is_some_and(|g| g.free.len() < self.inner.opts.recycle_segments);
+            // A kept file holds acknowledged frames only; whether the rename is
+            // durable or not, recovery finds either a fully trimmed segment or a
+            // free file, and both are safe to drop or reuse.
+            let free_path = gdir.join(segment::free_file_name(*first));
+            let kept = keep && fs::rename(&path, &free_path).is_ok();
+            if !kept {
+                match fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_err("delete trimmed segment", &path)(e)),
+                }
             }
             if let Some(g) = self.inner.index().groups.get_mut(group) {
                 g.remove_segment(*first);
+                if kept {
+                    g.free.push(free_path);
+                }
             }
-            tracing::debug!(group, file = %path.display(), "deleted trimmed segment");
+            tracing::debug!(group, file = %path.display(), kept, "trimmed segment removed");
         }
         state::fsync_dir(&gdir)
     }
@@ -777,3 +843,31 @@ impl Spool {
 
 /// The format version this build writes.
 pub const FORMAT_VERSION: FormatVersion = FormatVersion::CURRENT;
+
+/// Test-only: run code in [`Spool::read_after`] after it opened a planned
+/// segment and before it reads from it.
+#[cfg(test)]
+pub(crate) mod read_fault {
+    use std::sync::Mutex;
+
+    type Hook = Box<dyn FnOnce() + Send>;
+    static HOOK: Mutex<Option<(String, Hook)>> = Mutex::new(None);
+
+    /// Run `f` once, at the next read of `group`.
+    pub fn once(group: &str, f: impl FnOnce() + Send + 'static) {
+        *super::lock(&HOOK) = Some((group.to_string(), Box::new(f)));
+    }
+
+    pub(super) fn between_open_and_read(group: &str) {
+        let hook = {
+            let mut h = super::lock(&HOOK);
+            match h.as_ref() {
+                Some((g, _)) if g == group => h.take(),
+                _ => None,
+            }
+        };
+        if let Some((_, f)) = hook {
+            f();
+        }
+    }
+}

@@ -11,7 +11,11 @@
 //!   the last record before the damage; nothing is deleted.
 //! * Bad bytes in an older segment are corruption: the file is left unchanged,
 //!   the scan resumes at the next valid record, and the hole is reported.
+//! * In the newest segment, a record below the segment's first frame is bytes
+//!   left in a reused file (docs/SPOOL.md, "Recycled segment files"): it counts
+//!   as bad bytes, so old bytes after the last new record are cut as a torn tail.
 //! * Files the spool cannot use are renamed to `<name>.damaged`, never deleted.
+//! * Free files (`*.free`, trimmed segments kept for reuse) are removed.
 //! * A run of zeros shorter than 4096 bytes that ends a segment at a 4096-aligned
 //!   size is padding written by the direct-I/O writer: the segment's logical
 //!   length ends before it, nothing is cut or reported.
@@ -372,6 +376,7 @@ fn recover_group(
         problems: Vec::new(),
     };
     let mut seg_names = Vec::new();
+    let mut removed_free = false;
     for ent in fs::read_dir(&gdir).map_err(io_err("list", &gdir))? {
         let ent = ent.map_err(io_err("list", &gdir))?;
         let path = ent.path();
@@ -384,6 +389,13 @@ fn recover_group(
             // An interrupted state update; `state` (if any) is still the durable one.
             fs::remove_file(&path).map_err(io_err("remove", &path))?;
             tracing::info!(file = %path.display(), "removed an interrupted state update");
+            continue;
+        }
+        if is_file && segment::is_free_file_name(&name) {
+            // A trimmed segment file kept for reuse: its bytes are acknowledged
+            // frames only. The free list starts empty after a restart.
+            fs::remove_file(&path).map_err(io_err("remove free segment file", &path))?;
+            removed_free = true;
             continue;
         }
         if let Some(first) = parse_segment_name(&name).filter(|_| is_file) {
@@ -405,6 +417,9 @@ fn recover_group(
         }
     }
 
+    if removed_free {
+        fsync_dir(&gdir)?;
+    }
     let st = match state::read_state(&gdir) {
         Ok(st) => st,
         Err(StateError::Format(FormatError::UnsupportedVersion { version, supported })) => {
@@ -445,35 +460,45 @@ fn recover_group(
         let mut seg = SegIndex::new(sf.first, sf.len);
         let mut cut: Option<(u64, String, Option<u64>)> = None;
         let mut padding_at: Option<u64> = None;
-        let scanned = segment::scan(&sf.file, SEGMENT_HEADER_LEN as u64, sf.len, |ev| match ev {
-            ScanEvent::Record { offset, header: h } => {
-                if let Some((lf, _)) = last
-                    && h.frame_no <= lf
-                {
-                    gr.problems.push(problem(
-                        ProblemKind::OutOfOrder,
-                        &sf.path,
-                        offset,
-                        format!("frame {} is not after frame {lf}; not indexed", h.frame_no),
-                    ));
-                    return ControlFlow::Continue(());
-                }
-                if h.frame_no < sf.first {
-                    gr.problems.push(problem(
-                        ProblemKind::OutOfOrder,
-                        &sf.path,
-                        offset,
-                        format!(
-                            "frame {} is below the segment's first frame {}; not indexed",
-                            h.frame_no, sf.first
-                        ),
-                    ));
-                    return ControlFlow::Continue(());
-                }
-                if let Some((lf, _)) = last
-                    && h.prev_frame_no != lf
-                {
-                    gr.problems.push(problem(
+        // The newest segment may be a recycled file (docs/SPOOL.md, "Recycled
+        // segment files"): records older than its first frame are what is left
+        // of its earlier use, so they end it like a torn tail. Older segments
+        // were cut to their logical length before the next one was made.
+        let min_frame = if newest { sf.first } else { 0 };
+        let scanned = segment::scan(
+            &sf.file,
+            SEGMENT_HEADER_LEN as u64,
+            sf.len,
+            min_frame,
+            |ev| match ev {
+                ScanEvent::Record { offset, header: h } => {
+                    if let Some((lf, _)) = last
+                        && h.frame_no <= lf
+                    {
+                        gr.problems.push(problem(
+                            ProblemKind::OutOfOrder,
+                            &sf.path,
+                            offset,
+                            format!("frame {} is not after frame {lf}; not indexed", h.frame_no),
+                        ));
+                        return ControlFlow::Continue(());
+                    }
+                    if h.frame_no < sf.first {
+                        gr.problems.push(problem(
+                            ProblemKind::OutOfOrder,
+                            &sf.path,
+                            offset,
+                            format!(
+                                "frame {} is below the segment's first frame {}; not indexed",
+                                h.frame_no, sf.first
+                            ),
+                        ));
+                        return ControlFlow::Continue(());
+                    }
+                    if let Some((lf, _)) = last
+                        && h.prev_frame_no != lf
+                    {
+                        gr.problems.push(problem(
                         ProblemKind::ChainGap,
                         &sf.path,
                         offset,
@@ -482,50 +507,51 @@ fn recover_group(
                             h.frame_no, h.prev_frame_no
                         ),
                     ));
+                    }
+                    last = Some((h.frame_no, h.last_seq));
+                    seg.last_frame_no = h.frame_no;
+                    if h.frame_no > trimmed {
+                        seg.entries.push_back(Entry {
+                            frame_no: h.frame_no,
+                            offset: offset as u32,
+                            len: h.payload_len,
+                        });
+                    }
+                    ControlFlow::Continue(())
                 }
-                last = Some((h.frame_no, h.last_seq));
-                seg.last_frame_no = h.frame_no;
-                if h.frame_no > trimmed {
-                    seg.entries.push_back(Entry {
-                        frame_no: h.frame_no,
-                        offset: offset as u32,
-                        len: h.payload_len,
-                    });
-                }
-                ControlFlow::Continue(())
-            }
-            ScanEvent::Bad {
-                offset,
-                why,
-                resume_at,
-            } => {
-                if newest {
-                    cut = Some((offset, why, resume_at));
-                    return ControlFlow::Break(());
-                }
-                let action = match resume_at {
-                    Some(r) => format!(
-                        "skipped {} bytes to the next valid record at offset {r}",
-                        r - offset
-                    ),
-                    None => format!(
-                        "no valid record follows: the last {} bytes are not indexed",
-                        sf.len - offset
-                    ),
-                };
-                gr.problems.push(problem(
-                    ProblemKind::BadRecord,
-                    &sf.path,
+                ScanEvent::Bad {
                     offset,
-                    format!("{why}; {action}; file left unchanged"),
-                ));
-                ControlFlow::Continue(())
-            }
-            ScanEvent::Padding { offset } => {
-                padding_at = Some(offset);
-                ControlFlow::Break(())
-            }
-        });
+                    why,
+                    resume_at,
+                } => {
+                    if newest {
+                        cut = Some((offset, why, resume_at));
+                        return ControlFlow::Break(());
+                    }
+                    let action = match resume_at {
+                        Some(r) => format!(
+                            "skipped {} bytes to the next valid record at offset {r}",
+                            r - offset
+                        ),
+                        None => format!(
+                            "no valid record follows: the last {} bytes are not indexed",
+                            sf.len - offset
+                        ),
+                    };
+                    gr.problems.push(problem(
+                        ProblemKind::BadRecord,
+                        &sf.path,
+                        offset,
+                        format!("{why}; {action}; file left unchanged"),
+                    ));
+                    ControlFlow::Continue(())
+                }
+                ScanEvent::Padding { offset } => {
+                    padding_at = Some(offset);
+                    ControlFlow::Break(())
+                }
+            },
+        );
         scanned.map_err(|e: io::Error| io_err("scan segment", &sf.path)(e))?;
         if let Some((x, why, resume_at)) = cut {
             match resume_at {

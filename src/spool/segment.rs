@@ -15,6 +15,9 @@ use super::record::{RECORD_HEADER_LEN, RECORD_MAGIC, RecordHeader};
 
 /// Suffix of segment file names.
 pub const SEGMENT_SUFFIX: &str = ".seg";
+/// Suffix of a trimmed segment file kept for reuse (docs/SPOOL.md, "Recycled
+/// segment files"): `<old first frame, 20 digits>.free`.
+pub const FREE_SUFFIX: &str = ".free";
 /// Digits in a segment file name (enough for any u64, so names sort numerically).
 pub const SEGMENT_NAME_DIGITS: usize = 20;
 const WINDOW: usize = 1 << 20;
@@ -26,7 +29,22 @@ pub fn segment_file_name(first_frame_no: u64) -> String {
 
 /// The first frame number encoded in a segment file name, if `name` is one.
 pub fn parse_segment_name(name: &str) -> Option<u64> {
-    let digits = name.strip_suffix(SEGMENT_SUFFIX)?;
+    parse_numbered(name, SEGMENT_SUFFIX)
+}
+
+/// File name of a trimmed segment file, whose first frame was `first_frame_no`,
+/// waiting in the free list.
+pub fn free_file_name(first_frame_no: u64) -> String {
+    format!("{first_frame_no:020}{FREE_SUFFIX}")
+}
+
+/// True when `name` is a free segment file's name.
+pub fn is_free_file_name(name: &str) -> bool {
+    parse_numbered(name, FREE_SUFFIX).is_some()
+}
+
+fn parse_numbered(name: &str, suffix: &str) -> Option<u64> {
+    let digits = name.strip_suffix(suffix)?;
     if digits.len() != SEGMENT_NAME_DIGITS || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
@@ -38,6 +56,8 @@ pub fn parse_segment_name(name: &str) -> Option<u64> {
 struct Window<'a> {
     file: &'a File,
     end: u64,
+    /// Records of lower frame numbers are not valid here (see [`scan`]).
+    min_frame_no: u64,
     base: u64,
     buf: AlignedBuf,
     /// Valid bytes in `buf`, from file offset `base`.
@@ -45,10 +65,11 @@ struct Window<'a> {
 }
 
 impl<'a> Window<'a> {
-    fn new(file: &'a File, end: u64) -> Self {
+    fn new(file: &'a File, end: u64, min_frame_no: u64) -> Self {
         Window {
             file,
             end,
+            min_frame_no,
             base: 0,
             // One block more than the window, so that the block-aligned read at or
             // below any offset still covers WINDOW bytes from that offset.
@@ -163,6 +184,16 @@ fn check_at(w: &mut Window<'_>, off: u64) -> io::Result<Check> {
             extent: Some(rec_end),
         });
     }
+    if h.frame_no < w.min_frame_no {
+        return Ok(Check::Bad {
+            why: format!(
+                "record of frame {} below the segment's first frame {} (bytes left from the file's \
+                 earlier use as a segment)",
+                h.frame_no, w.min_frame_no
+            ),
+            extent: Some(rec_end),
+        });
+    }
     Ok(Check::Valid(h))
 }
 
@@ -230,14 +261,18 @@ pub enum ScanEvent {
 /// next valid record: right after the bad record when its header was intact, or
 /// else at the next offset with a valid record. A run of zeros shorter than a
 /// block that ends at a block-aligned end of file is padding, not bad bytes.
-/// `visit` may stop the scan early.
+/// A record of a frame below `min_frame_no` counts as bad bytes, and resyncs
+/// skip it: in a recycled segment file such records are what is left of the
+/// file's earlier use (0 accepts every frame number). `visit` may stop the scan
+/// early.
 pub fn scan(
     file: &File,
     start: u64,
     end: u64,
+    min_frame_no: u64,
     mut visit: impl FnMut(ScanEvent) -> ControlFlow<()>,
 ) -> io::Result<()> {
-    let mut w = Window::new(file, end);
+    let mut w = Window::new(file, end, min_frame_no);
     let mut off = start;
     while off < end {
         if is_padding(&mut w, off)? {
@@ -428,7 +463,7 @@ mod tests {
         let mut f = tempfile::tempfile().unwrap();
         f.write_all(bytes).unwrap();
         let mut out = Vec::new();
-        scan(&f, 0, bytes.len() as u64, |ev| {
+        scan(&f, 0, bytes.len() as u64, 0, |ev| {
             out.push(match ev {
                 ScanEvent::Record { offset, header } => {
                     format!("rec {} @{offset}", header.frame_no)

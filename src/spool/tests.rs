@@ -18,6 +18,7 @@ pub(super) fn opts(dir: &Path, segment_bytes: u64, direct: bool) -> SpoolOptions
         max_batch_bytes: 1 << 20,
         queue_depth: 4096,
         direct_io: direct,
+        recycle_segments: DEFAULT_RECYCLE_SEGMENTS,
     }
 }
 

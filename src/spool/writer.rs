@@ -75,6 +75,9 @@ struct Active {
     /// Direct mode: bytes `[floor(len), len)` as they are in the file, when
     /// known; `None` makes the next write read them from the file first.
     tail: Option<Vec<u8>>,
+    /// A recycled file's size when it was taken: bytes past the logical length
+    /// may be left from its earlier use until [`Active::cut_stale`].
+    stale_end: u64,
 }
 
 impl Active {
@@ -86,7 +89,28 @@ impl Active {
             file: None,
             direct,
             tail: None,
+            stale_end: 0,
         }
+    }
+
+    /// Cut what is left of a recycled file's earlier use past the logical
+    /// length (keeping a direct writer's zero padding), so that only the newest
+    /// segment of a group can hold such bytes. Not synced here: the caller's
+    /// next `fdatasync` commits the new size.
+    fn cut_stale(&mut self) -> Result<(), SpoolError> {
+        let keep = if self.direct {
+            dio::ceil(self.len)
+        } else {
+            self.len
+        };
+        if self.stale_end > keep {
+            let path = self.path.clone();
+            self.file()?
+                .set_len(keep)
+                .map_err(io_err("cut the old bytes of a recycled segment", &path))?;
+        }
+        self.stale_end = 0;
+        Ok(())
     }
 
     fn file(&mut self) -> Result<&File, SpoolError> {
@@ -187,6 +211,8 @@ struct Work<'s> {
     dirty: bool,
     new_dir: bool,
     new_files: Vec<PathBuf>,
+    /// Free files taken for new segments (their old names, removed on undo).
+    recycled: Vec<PathBuf>,
     new_segs: Vec<u64>,
     entries: Vec<(u64, Entry)>,
     /// Latest logical length of each segment written in this batch.
@@ -200,6 +226,7 @@ impl<'s> Work<'s> {
             dirty: false,
             new_dir: false,
             new_files: Vec::new(),
+            recycled: Vec::new(),
             new_segs: Vec::new(),
             entries: Vec::new(),
             seg_lens: Vec::new(),
@@ -367,9 +394,26 @@ impl Writer {
                 break;
             }
         }
+        self.cut_stale_on_exit();
         while let Ok(cmd) = self.rx.try_recv() {
             if let Cmd::Append(_, reply) = cmd {
                 let _ = reply.send(Err(SpoolError::Shutdown));
+            }
+        }
+    }
+
+    /// At a clean stop, cut each recycled active segment to its logical
+    /// length and sync it, so that the next start finds no old bytes to cut.
+    fn cut_stale_on_exit(&mut self) {
+        for (name, g) in &mut self.groups {
+            if g.poisoned.is_some() {
+                continue;
+            }
+            if let Some(a) = g.active.as_mut()
+                && a.stale_end > 0
+                && let Err(e) = a.cut_stale().and_then(|()| a.sync())
+            {
+                tracing::warn!(group = %name, error = %e, "could not cut a recycled segment at stop; the next start will");
             }
         }
     }
@@ -431,6 +475,7 @@ impl Writer {
             g,
             name,
             self.segment_bytes,
+            &self.index,
             durable_head,
             &items,
             &mut outcomes,
@@ -468,10 +513,12 @@ impl Writer {
 }
 
 /// Check and write every append of one group's part of the batch (not yet synced).
+#[allow(clippy::too_many_arguments)]
 fn write_group(
     g: &mut WGroup,
     name: &str,
     segment_bytes: u64,
+    index: &Mutex<SpoolIndex>,
     durable_head: u64,
     items: &[(AppendRequest, Reply)],
     outcomes: &mut Vec<Outcome>,
@@ -496,7 +543,7 @@ fn write_group(
             continue;
         }
         outcomes.push(Outcome::Stored);
-        if let Err(e) = write_one(g, name, segment_bytes, req, work) {
+        if let Err(e) = write_one(g, name, segment_bytes, index, req, work) {
             // Later items of this group never ran: they fail with the batch.
             while outcomes.len() < items.len() {
                 outcomes.push(Outcome::Stored);
@@ -510,10 +557,26 @@ fn write_group(
     Ok(())
 }
 
+/// Create a new, empty segment file.
+fn create_segment(path: &std::path::Path, direct: bool) -> Result<File, SpoolError> {
+    dio::open_options(direct)
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(io_err("create segment", path))
+}
+
+/// A trimmed segment file of `group` to reuse, if its free list has one.
+fn take_free(index: &Mutex<SpoolIndex>, group: &str) -> Option<PathBuf> {
+    lock(index).groups.get_mut(group)?.free.pop()
+}
+
 fn write_one(
     g: &mut WGroup,
     name: &str,
     segment_bytes: u64,
+    index: &Mutex<SpoolIndex>,
     req: &AppendRequest,
     work: &mut Work<'_>,
 ) -> Result<(), SpoolError> {
@@ -538,20 +601,34 @@ fn write_one(
     if rotate {
         if let Some(a) = g.active.as_mut() {
             // The old segment is complete and durable before the next one exists,
-            // so only the newest segment of a group can ever have a torn tail.
+            // so only the newest segment of a group can ever have a torn tail
+            // (or, for a recycled file, bytes of its earlier use).
             work.flush(a)?;
+            if a.stale_end > 0 {
+                a.cut_stale()?;
+                work.dirty = true;
+            }
             if work.dirty {
                 a.sync()?;
                 work.dirty = false;
             }
         }
         let path = g.dir.join(segment_file_name(req.frame_no));
-        let file = dio::open_options(direct)
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(io_err("create segment", &path))?;
+        let (file, recycled) = match take_free(index, name) {
+            Some(free) => match dio::open_options(direct).read(true).write(true).open(&free) {
+                Ok(f) => {
+                    let size = f.metadata().map_err(io_err("stat", &free))?.len();
+                    work.recycled.push(free.clone());
+                    (f, Some((free, size)))
+                }
+                Err(e) => {
+                    tracing::warn!(file = %free.display(), error = %e, "cannot reuse a free segment file; creating a new one");
+                    let _ = fs::remove_file(&free);
+                    (create_segment(&path, direct)?, None)
+                }
+            },
+            None => (create_segment(&path, direct)?, None),
+        };
         work.new_files.push(path.clone());
         work.new_segs.push(req.frame_no);
         let mut a = Active::new(req.frame_no, path, 0, direct);
@@ -566,6 +643,16 @@ fn write_one(
         };
         work.dirty = true;
         work.put(a, &header.encode())?;
+        if let Some((free, size)) = recycled {
+            // The new header is durable before the file takes the segment's
+            // name: a crash leaves either a free file (dropped at recovery) or
+            // a segment whose header matches its name, whose old records are
+            // below its first frame and end it like a torn tail.
+            work.flush(a)?;
+            a.sync()?;
+            a.stale_end = size;
+            fs::rename(&free, &a.path).map_err(io_err("rename free segment file", &free))?;
+        }
     }
     let Some(a) = g.active.as_mut() else {
         unreachable!("an active segment exists after rotation")
@@ -652,7 +739,7 @@ fn publish(index: &Mutex<SpoolIndex>, name: &str, g: &WGroup, work: &Work<'_>) {
 fn undo(g: &mut WGroup, name: &str, saved: Option<(u64, u64)>, work: &Work<'_>) {
     let direct = work.direct();
     let mut failures = Vec::new();
-    for p in &work.new_files {
+    for p in work.new_files.iter().chain(&work.recycled) {
         if let Err(e) = fs::remove_file(p)
             && e.kind() != std::io::ErrorKind::NotFound
         {
