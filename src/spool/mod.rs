@@ -353,6 +353,13 @@ pub enum SpoolError {
 }
 
 impl SpoolError {
+    /// True when the error is the disk being full.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, SpoolError::Io { source, .. }
+            if source.raw_os_error() == Some(nix::libc::ENOSPC)
+                || source.kind() == io::ErrorKind::StorageFull)
+    }
+
     /// A copy of this error for each append of a failed batch (io::Error is not
     /// Clone: the copy keeps its kind and message).
     fn duplicate(&self) -> SpoolError {
@@ -766,14 +773,14 @@ impl Spool {
         if removable.is_empty() {
             return Ok(());
         }
+        let mut kept_files = Vec::new();
+        let mut failed = None;
         for first in &removable {
             let path = gdir.join(segment::segment_file_name(*first));
-            let keep = self
-                .inner
-                .index()
-                .groups
-                .get(group)
-                .is_some_and(|g| g.free.len() < self.inner.opts.recycle_segments);
+            let keep =
+                self.inner.index().groups.get(group).is_some_and(|g| {
+                    g.free.len() + g.free_pending < self.inner.opts.recycle_segments
+                });
             // A kept file holds acknowledged frames only; whether the rename is
             // durable or not, recovery finds either a fully trimmed segment or a
             // free file, and both are safe to drop or reuse.
@@ -783,18 +790,37 @@ impl Spool {
                 match fs::remove_file(&path) {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(io_err("delete trimmed segment", &path)(e)),
+                    Err(e) => {
+                        failed = Some(io_err("delete trimmed segment", &path)(e));
+                        break;
+                    }
                 }
             }
             if let Some(g) = self.inner.index().groups.get_mut(group) {
                 g.remove_segment(*first);
                 if kept {
-                    g.free.push(free_path);
+                    g.free_pending += 1;
                 }
+            }
+            if kept {
+                kept_files.push(free_path);
             }
             tracing::debug!(group, file = %path.display(), kept, "trimmed segment removed");
         }
-        state::fsync_dir(&gdir)
+        let synced = state::fsync_dir(&gdir);
+        // A free file is offered to the writer only once its new name is
+        // durable: the writer rewrites its header, and a rename lost at a power
+        // cut would otherwise leave a segment whose header names another frame.
+        if let Some(g) = self.inner.index().groups.get_mut(group) {
+            g.free_pending -= kept_files.len();
+            if synced.is_ok() {
+                g.free.append(&mut kept_files);
+            }
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => synced,
+        }
     }
 
     /// Names of all groups the spool knows, sorted.

@@ -310,3 +310,38 @@ fn reads_racing_trims_and_reuse_return_the_right_frames_direct() {
 fn reads_racing_trims_and_reuse_return_the_right_frames_buffered() {
     reads_racing_trims_and_reuse_return_the_right_frames(false);
 }
+
+/// A write that finds the disk full deletes every group's free files, so that
+/// the space they hold goes to frames; the failed appends succeed when retried.
+#[test]
+fn a_full_disk_releases_the_free_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _) = open(opts(dir.path(), SEG, false));
+    for g in ["nospace-a", "nospace-b"] {
+        for f in 1..=144 {
+            s.append_blocking(req(g, f, OLD_LEN)).unwrap();
+        }
+        s.trim_through(g, 96).unwrap();
+        assert_eq!(free_files(dir.path(), g).len(), 2);
+    }
+    super::writer::fault::fail_sync_no_space("nospace-a", 0);
+    let e = s
+        .append_blocking(req("nospace-a", 145, OLD_LEN))
+        .unwrap_err();
+    assert!(e.is_no_space(), "{e}");
+    for g in ["nospace-a", "nospace-b"] {
+        assert!(free_files(dir.path(), g).is_empty(), "{g}");
+    }
+    assert_eq!(
+        s.append_blocking(req("nospace-a", 145, OLD_LEN)).unwrap(),
+        AppendOutcome::Stored
+    );
+    assert_eq!(
+        frame_nos(&all(&s, "nospace-a")),
+        (97..=145).collect::<Vec<_>>()
+    );
+    s.shutdown();
+    drop(s);
+    let (_, report) = open(opts(dir.path(), SEG, false));
+    assert!(report.is_clean(), "{report:?}");
+}

@@ -167,10 +167,8 @@ impl Active {
 
     fn sync(&mut self) -> Result<(), SpoolError> {
         #[cfg(test)]
-        if fault::hit(&self.path) {
-            return Err(io_err("fdatasync segment", &self.path)(
-                std::io::Error::other("injected fault"),
-            ));
+        if let Some(e) = fault::hit(&self.path) {
+            return Err(io_err("fdatasync segment", &self.path)(e));
         }
         let f = self.file()?;
         f.sync_data()
@@ -498,6 +496,9 @@ impl Writer {
             Err(e) => {
                 tracing::error!(group = name, error = %e, "spool group commit failed; undoing the batch");
                 undo(g, name, saved_active, &work);
+                if e.is_no_space() {
+                    release_free(&self.index);
+                }
                 g.head = durable_head;
                 g.head_seq = durable_seq;
                 for ((_, reply), out) in items.into_iter().zip(outcomes) {
@@ -567,6 +568,55 @@ fn create_segment(path: &std::path::Path, direct: bool) -> Result<File, SpoolErr
         .map_err(io_err("create segment", path))
 }
 
+/// Rename `from` to `to`, failing if `to` exists (as creating a segment with
+/// `create_new` does): a segment file is never replaced.
+fn rename_noreplace(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    match nix::fcntl::renameat2(
+        nix::fcntl::AT_FDCWD,
+        from,
+        nix::fcntl::AT_FDCWD,
+        to,
+        nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+    ) {
+        Ok(()) => Ok(()),
+        // A file system without the flag: check, then rename (only this thread
+        // creates segment names).
+        Err(nix::errno::Errno::EINVAL) => {
+            if to.exists() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "a segment of that name exists",
+                ));
+            }
+            fs::rename(from, to)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Delete every group's free files (and forget them): called when a write
+/// found the disk full, so that the space they hold goes to frames.
+fn release_free(index: &Mutex<SpoolIndex>) {
+    let files: Vec<PathBuf> = lock(index)
+        .groups
+        .values_mut()
+        .flat_map(|g| std::mem::take(&mut g.free))
+        .collect();
+    for f in &files {
+        if let Err(e) = fs::remove_file(f)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(file = %f.display(), error = %e, "could not delete a free segment file");
+        }
+    }
+    if !files.is_empty() {
+        tracing::warn!(
+            files = files.len(),
+            "disk full: deleted the spool's free segment files"
+        );
+    }
+}
+
 /// A trimmed segment file of `group` to reuse, if its free list has one.
 fn take_free(index: &Mutex<SpoolIndex>, group: &str) -> Option<PathBuf> {
     lock(index).groups.get_mut(group)?.free.pop()
@@ -617,8 +667,9 @@ fn write_one(
         let (file, recycled) = match take_free(index, name) {
             Some(free) => match dio::open_options(direct).read(true).write(true).open(&free) {
                 Ok(f) => {
-                    let size = f.metadata().map_err(io_err("stat", &free))?.len();
+                    // Removed by undo if this batch fails from here on.
                     work.recycled.push(free.clone());
+                    let size = f.metadata().map_err(io_err("stat", &free))?.len();
                     (f, Some((free, size)))
                 }
                 Err(e) => {
@@ -651,7 +702,7 @@ fn write_one(
             work.flush(a)?;
             a.sync()?;
             a.stale_end = size;
-            fs::rename(&free, &a.path).map_err(io_err("rename free segment file", &free))?;
+            rename_noreplace(&free, &a.path).map_err(io_err("rename free segment file", &free))?;
         }
     }
     let Some(a) = g.active.as_mut() else {
@@ -785,7 +836,7 @@ pub mod fault {
     use std::path::Path;
     use std::sync::Mutex;
 
-    static PLAN: Mutex<Vec<(String, u32)>> = Mutex::new(Vec::new());
+    static PLAN: Mutex<Vec<(String, u32, bool)>> = Mutex::new(Vec::new());
     static HELD: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
     /// Make the writer stop before committing anything of `group` until released.
@@ -807,21 +858,28 @@ pub mod fault {
     /// Fail the sync after `skip` successful ones in group directory `group`
     /// (matched as a path component, so use a name no other test uses).
     pub fn fail_sync(group: &str, skip: u32) {
-        super::lock(&PLAN).push((format!("/{group}/"), skip));
+        super::lock(&PLAN).push((format!("/{group}/"), skip, false));
     }
 
-    pub(super) fn hit(path: &Path) -> bool {
+    /// As [`fail_sync`], with the error of a full disk (ENOSPC).
+    pub fn fail_sync_no_space(group: &str, skip: u32) {
+        super::lock(&PLAN).push((format!("/{group}/"), skip, true));
+    }
+
+    pub(super) fn hit(path: &Path) -> Option<std::io::Error> {
         let p = path.to_string_lossy();
         let mut plan = super::lock(&PLAN);
-        let Some(i) = plan.iter().position(|(g, _)| p.contains(g.as_str())) else {
-            return false;
-        };
+        let i = plan.iter().position(|(g, _, _)| p.contains(g.as_str()))?;
         if plan[i].1 == 0 {
-            plan.remove(i);
-            true
+            let (_, _, no_space) = plan.remove(i);
+            Some(if no_space {
+                std::io::Error::from_raw_os_error(nix::libc::ENOSPC)
+            } else {
+                std::io::Error::other("injected fault")
+            })
         } else {
             plan[i].1 -= 1;
-            false
+            None
         }
     }
 }
