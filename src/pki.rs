@@ -345,7 +345,7 @@ fn role_configs(
             status_listen: status(1),
             spool_segment_mib: 64,
             spool_max_gib: 64,
-            spool_direct_io: true,
+            spool_direct_io: false,
             spool_recycle_segments: crate::spool::DEFAULT_RECYCLE_SEGMENTS,
         },
         tls: tls(Role::Relay),

@@ -57,8 +57,7 @@ pub struct BenchOptions {
     pub progress: bool,
     /// Skip measuring the per-stage bound (no efficiency figure).
     pub skip_bound: bool,
-    /// Run the relay's spool with O_DIRECT (`spool_direct_io` in relay.toml,
-    /// on by default).
+    /// Run the relay's spool with O_DIRECT (`spool_direct_io` in relay.toml).
     pub spool_direct_io: bool,
     /// Put the relay's spool here instead of in the scratch directory (e.g. on
     /// a second disk, as a relay on its own machine would have). Must not exist

@@ -45,10 +45,9 @@ pub struct BenchArgs {
     /// Skip measuring the per-stage bound (no efficiency figure).
     #[arg(long)]
     skip_bound: bool,
-    /// Run the relay's spool through the page cache instead of with O_DIRECT
-    /// (`spool_direct_io = false` in relay.toml; see docs/SPOOL.md).
+    /// Run the relay's spool with O_DIRECT (see docs/SPOOL.md).
     #[arg(long)]
-    spool_buffered_io: bool,
+    spool_direct_io: bool,
     /// Put the relay's spool in this (new) directory, e.g. on a second disk as a
     /// relay on its own machine has; by default it shares the scratch directory's
     /// disk with the replica.
@@ -99,7 +98,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         exe: std::env::current_exe()?,
         progress: true,
         skip_bound: a.skip_bound,
-        spool_direct_io: !a.spool_buffered_io,
+        spool_direct_io: a.spool_direct_io,
         spool_dir: a.spool_dir,
     };
     let report = tidemark::bench::run::run(&opts)?;

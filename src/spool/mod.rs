@@ -89,8 +89,8 @@ pub struct SpoolOptions {
     /// Capacity of the append queue.
     pub queue_depth: usize,
     /// Write and read segments with `O_DIRECT` when the filesystem supports it
-    /// (probed at open; buffered I/O otherwise). Default false here; the relay
-    /// turns it on by default (relay.toml `spool_direct_io`, docs/SPOOL.md).
+    /// (probed at open; buffered I/O otherwise). Default false: on the virtual
+    /// disks measured so far buffered writes gave more throughput (docs/SPOOL.md).
     pub direct_io: bool,
     /// Trimmed segment files each group keeps for its next segments instead of
     /// deleting them (0: delete at once). Writing over a file the spool wrote
