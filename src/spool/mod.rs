@@ -353,11 +353,9 @@ pub enum SpoolError {
 }
 
 impl SpoolError {
-    /// True when the error is the disk being full.
+    /// True when the error is the disk (or the quota) being full.
     pub fn is_no_space(&self) -> bool {
-        matches!(self, SpoolError::Io { source, .. }
-            if source.raw_os_error() == Some(nix::libc::ENOSPC)
-                || source.kind() == io::ErrorKind::StorageFull)
+        matches!(self, SpoolError::Io { source, .. } if crate::util::durable::io_no_space(source))
     }
 
     /// A copy of this error for each append of a failed batch (io::Error is not

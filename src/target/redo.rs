@@ -206,30 +206,6 @@ impl Redo {
     }
 }
 
-/// ENOSPC or EDQUOT: the file system (or the quota) is full. The apply path
-/// then pauses and retries instead of stalling for good.
-pub(crate) fn no_space_errno(errno: i32) -> bool {
-    errno == libc::ENOSPC || errno == libc::EDQUOT
-}
-
-/// [`no_space_errno`] for an I/O error, also when only its kind survived (a
-/// copied error: ENOSPC is `StorageFull`, EDQUOT `QuotaExceeded`).
-pub(crate) fn io_no_space(e: &std::io::Error) -> bool {
-    e.raw_os_error().is_some_and(no_space_errno)
-        || matches!(
-            e.kind(),
-            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
-        )
-}
-
-/// [`io_no_space`] for a spool error.
-pub(crate) fn spool_no_space(e: &SpoolError) -> bool {
-    match e {
-        SpoolError::Io { source, .. } => io_no_space(source),
-        _ => false,
-    }
-}
-
 /// Classification of a failed redo append, for the stall message.
 pub(crate) fn redo_kind(e: &SpoolError) -> ErrorKind {
     match e.kind() {

@@ -69,6 +69,23 @@ pub fn create_dir_durable(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// ENOSPC or EDQUOT: the file system (or the quota) is full. Writers that
+/// can wait for space (the target's apply path, the spool's free files) look
+/// for this.
+pub fn no_space_errno(errno: i32) -> bool {
+    errno == nix::libc::ENOSPC || errno == nix::libc::EDQUOT
+}
+
+/// [`no_space_errno`] for an I/O error, also when only its kind survived (a
+/// copied error: ENOSPC is `StorageFull`, EDQUOT `QuotaExceeded`).
+pub fn io_no_space(e: &std::io::Error) -> bool {
+    e.raw_os_error().is_some_and(no_space_errno)
+        || matches!(
+            e.kind(),
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+        )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,13 +4,14 @@
 
 use super::super::TargetError;
 use super::super::gate::ChainPos;
-use super::super::redo::{RedoFailed, io_no_space, no_space_errno, spool_no_space};
+use super::super::redo::RedoFailed;
 use super::super::retention::Position;
 use super::super::status::Paused;
 use super::{Applier, ApplyError, PAUSE_RETRY, REPLAY_CHUNK, open_replica};
 use crate::frame::{FrameKind, NoteReason, OpenedFrame, Opener, RecordKind};
 use crate::image::{ImageError, OpKind, WriteOp};
 use crate::spool::SpoolError;
+use crate::util::durable::{io_no_space, no_space_errno};
 use crate::util::time::now_us;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -376,7 +377,7 @@ impl Applier {
         let mut retried = false;
         loop {
             if retried
-                && !(spool_no_space(&error) && self.pause_wait(&format!("redo journal: {error}")))
+                && !(error.is_no_space() && self.pause_wait(&format!("redo journal: {error}")))
             {
                 return Err(ApplyError::Redo {
                     group: self.group.clone(),

@@ -214,7 +214,7 @@ impl Classify for JournalError {
 impl JournalError {
     /// True when the file system is full.
     pub fn is_no_space(&self) -> bool {
-        matches!(self, JournalError::Io { source, .. } if crate::target::redo::io_no_space(source))
+        matches!(self, JournalError::Io { source, .. } if crate::util::durable::io_no_space(source))
     }
 }
 
