@@ -63,6 +63,32 @@ pub struct BenchOptions {
     /// a second disk, as a relay on its own machine would have). Must not exist
     /// yet; removed afterwards unless `keep`.
     pub spool_dir: Option<PathBuf>,
+    /// Where the source disk's image goes: `Auto` puts it in memory (tmpfs)
+    /// when it fits with room to spare, else in the scratch directory
+    /// ([`SourcePlace`]).
+    #[serde(default)]
+    pub source: SourcePlace,
+}
+
+/// Where the bench keeps the source disk (the protected machine's disk).
+///
+/// The source disk is not part of the pipeline: in a deployment it is the
+/// protected machine's own disk, written by its applications whatever
+/// tidemark does. On one machine its writeback would share the disk with the
+/// relay's spool and the replica, so by default the bench keeps it in memory
+/// when it fits (docs/BENCH.md, "The source disk").
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourcePlace {
+    /// In `/dev/shm` when it is tmpfs and holds the image twice over with
+    /// the machine's available memory at least four times the image; in the
+    /// scratch directory otherwise.
+    #[default]
+    Auto,
+    /// In the scratch directory, on the replica's disk.
+    Scratch,
+    /// In this directory (created, and removed afterwards unless `keep`).
+    Dir(PathBuf),
 }
 
 /// A figure per role.
@@ -113,6 +139,10 @@ pub struct BenchReport {
     pub frames: u64,
     /// The per-stage costs behind the bound.
     pub costs: Option<StageCosts>,
+    /// The source disk's image, and whether it was on tmpfs (in memory).
+    pub source_path: PathBuf,
+    /// True when the source image was on tmpfs.
+    pub source_in_memory: bool,
     /// The options of this run.
     pub options: BenchOptions,
 }
@@ -274,13 +304,69 @@ fn wait_for<T>(
     }
 }
 
+/// Where `Auto` looks for memory to hold the source image.
+const SHM_DIR: &str = "/dev/shm";
+
+/// The directory the source image goes to (`None`: the scratch directory),
+/// and whether it is tmpfs.
+fn source_dir(opts: &BenchOptions) -> Result<(Option<PathBuf>, bool), BenchError> {
+    let is_tmpfs = |d: &Path| {
+        nix::sys::statfs::statfs(d)
+            .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+    };
+    match &opts.source {
+        SourcePlace::Scratch => Ok((None, false)),
+        SourcePlace::Dir(d) => {
+            if d.exists() {
+                return Err(setup_err(format!(
+                    "--source-dir {} exists; give a path the bench may create and remove",
+                    d.display()
+                )));
+            }
+            let parent = d
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            Ok((Some(d.clone()), is_tmpfs(parent)))
+        }
+        SourcePlace::Auto => {
+            let shm = Path::new(SHM_DIR);
+            let free = nix::sys::statvfs::statvfs(shm)
+                .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
+                .unwrap_or(0);
+            let fits = is_tmpfs(shm)
+                && free >= opts.image_size.saturating_mul(2)
+                && procstat::mem_available().unwrap_or(0) >= opts.image_size.saturating_mul(4);
+            let name = opts.dir.file_name().map_or_else(
+                || "tidemark-bench".into(),
+                |n| n.to_string_lossy().into_owned(),
+            );
+            Ok(if fits {
+                (Some(shm.join(format!("{name}-source"))), true)
+            } else {
+                (None, false)
+            })
+        }
+    }
+}
+
 /// Run the bench.
 pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let dir = &opts.dir;
     fs::create_dir_all(dir).map_err(|e| setup_err(format!("{}: {e}", dir.display())))?;
     // Never remove a spool directory that was there before (run_in refuses it).
     let spool_was_there = opts.spool_dir.as_ref().is_some_and(|d| d.exists());
-    let result = run_in(opts, dir);
+    let source = source_dir(opts);
+    let result = source
+        .as_ref()
+        .map_err(|e| setup_err(e.to_string()))
+        .and_then(|(src, tmpfs)| {
+            if let Some(d) = src {
+                fs::create_dir(d).map_err(|e| setup_err(format!("{}: {e}", d.display())))?;
+            }
+            let in_dir = src.as_deref().unwrap_or(dir);
+            run_in(opts, dir, in_dir, *tmpfs)
+        });
     if !opts.keep {
         let _ = fs::remove_dir_all(dir);
         if let Some(d) = &opts.spool_dir
@@ -289,10 +375,21 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             let _ = fs::remove_dir_all(d);
         }
     }
+    // The source directory is removed even with `keep` when it is in memory.
+    if let Ok((Some(d), tmpfs)) = &source
+        && (!opts.keep || *tmpfs)
+    {
+        let _ = fs::remove_dir_all(d);
+    }
     result
 }
 
-fn run_in(opts: &BenchOptions, dir: &Path) -> Result<BenchReport, BenchError> {
+fn run_in(
+    opts: &BenchOptions,
+    dir: &Path,
+    source_dir: &Path,
+    source_in_memory: bool,
+) -> Result<BenchReport, BenchError> {
     let conf = dir.join("conf");
     // The clients' relay address is patched in once the relay has bound its
     // ephemeral port; until then the configs carry init's placeholder.
@@ -300,7 +397,7 @@ fn run_in(opts: &BenchOptions, dir: &Path) -> Result<BenchReport, BenchError> {
     init.relay_listen = "127.0.0.1:7400".into();
     crate::pki::init(&init).map_err(setup_err)?;
 
-    let source = dir.join("source.img");
+    let source = source_dir.join("source.img");
     let replica = dir.join("replica.img");
     File::create(&source)
         .and_then(|f| f.set_len(opts.image_size))
@@ -537,6 +634,8 @@ fn run_in(opts: &BenchOptions, dir: &Path) -> Result<BenchReport, BenchError> {
         writes: work.writes,
         frames,
         costs,
+        source_path: source,
+        source_in_memory,
         options: opts.clone(),
     })
 }
@@ -587,6 +686,56 @@ fn next_data(f: &File, off: u64, len: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn options(dir: &Path, image_size: u64, source: SourcePlace) -> BenchOptions {
+        BenchOptions {
+            seconds: 1.0,
+            image_size,
+            write_size: 4096,
+            pattern: Pattern::Random,
+            compressibility: 50,
+            zstd_level: 1,
+            rate_mb_s: 0.0,
+            seed: 1,
+            dir: dir.join("scratch"),
+            keep: false,
+            exe: PathBuf::from("tidemark"),
+            progress: false,
+            skip_bound: true,
+            spool_direct_io: false,
+            spool_dir: None,
+            source,
+        }
+    }
+
+    #[test]
+    fn the_source_goes_to_memory_only_when_it_fits() {
+        let d = tempfile::tempdir().unwrap();
+        // Far more than any machine's memory: the scratch directory.
+        let huge = options(d.path(), 1 << 60, SourcePlace::Auto);
+        assert_eq!(source_dir(&huge).unwrap(), (None, false));
+        // Small, with /dev/shm as tmpfs (it is on Linux machines with systemd
+        // or docker; skip the check where it is not).
+        let small = options(d.path(), 1 << 20, SourcePlace::Auto);
+        let shm_is_tmpfs = nix::sys::statfs::statfs(SHM_DIR)
+            .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
+        if shm_is_tmpfs {
+            let (dir, tmpfs) = source_dir(&small).unwrap();
+            assert!(tmpfs);
+            let dir = dir.unwrap();
+            assert!(dir.starts_with(SHM_DIR), "{}", dir.display());
+            assert!(dir.to_string_lossy().ends_with("scratch-source"));
+        }
+        let scratch = options(d.path(), 1 << 20, SourcePlace::Scratch);
+        assert_eq!(source_dir(&scratch).unwrap(), (None, false));
+        // An explicit directory must not exist yet (it is removed afterwards).
+        let there = options(d.path(), 1 << 20, SourcePlace::Dir(d.path().to_path_buf()));
+        let err = source_dir(&there).unwrap_err().to_string();
+        assert!(err.contains("exists"), "{err}");
+        let new = d.path().join("src");
+        let fresh = options(d.path(), 1 << 20, SourcePlace::Dir(new.clone()));
+        assert_eq!(source_dir(&fresh).unwrap().0, Some(new));
+    }
 
     #[test]
     fn compare_detects_differences_and_skips_common_holes() {

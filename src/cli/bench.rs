@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use tidemark::agent::workload::Pattern;
-use tidemark::bench::run::{BenchOptions, BenchReport};
+use tidemark::bench::run::{BenchOptions, BenchReport, SourcePlace};
 
 use super::agent::parse_size;
 
@@ -53,6 +53,14 @@ pub struct BenchArgs {
     /// disk with the replica.
     #[arg(long)]
     spool_dir: Option<PathBuf>,
+    /// Put the source disk's image in this (new) directory. By default it goes
+    /// to /dev/shm when it fits in memory (the protected machine's own disk is
+    /// not the pipeline's; docs/BENCH.md), else to the scratch directory.
+    #[arg(long, conflicts_with = "source_on_scratch")]
+    source_dir: Option<PathBuf>,
+    /// Keep the source disk's image in the scratch directory, on the replica's disk.
+    #[arg(long)]
+    source_on_scratch: bool,
     /// Print one JSON object on stdout instead of a table.
     #[arg(long)]
     json: bool,
@@ -100,6 +108,11 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         skip_bound: a.skip_bound,
         spool_direct_io: a.spool_direct_io,
         spool_dir: a.spool_dir,
+        source: match (a.source_dir, a.source_on_scratch) {
+            (Some(d), _) => SourcePlace::Dir(d),
+            (None, true) => SourcePlace::Scratch,
+            (None, false) => SourcePlace::Auto,
+        },
     };
     let report = tidemark::bench::run::run(&opts)?;
     if a.json {
@@ -132,6 +145,11 @@ fn print_table(r: &BenchReport) {
     println!(
         "  verified (replica == source)   {}",
         if r.verified { "yes" } else { "NO" }
+    );
+    println!(
+        "  source disk                    {}{}",
+        r.source_path.display(),
+        if r.source_in_memory { " (tmpfs)" } else { "" }
     );
     println!(
         "  written at source              {:9.1} MB/s",

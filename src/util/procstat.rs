@@ -214,6 +214,19 @@ fn parse_status(text: &[u8]) -> Result<Option<StatusMem>, String> {
     }
 }
 
+/// `MemAvailable` of `/proc/meminfo` in bytes: the memory the kernel can give
+/// to new work without swapping (None when it cannot be read).
+pub fn mem_available() -> Option<u64> {
+    parse_mem_available(&std::fs::read("/proc/meminfo").ok()?)
+}
+
+fn parse_mem_available(text: &[u8]) -> Option<u64> {
+    text.split(|&b| b == b'\n')
+        .find_map(|l| l.strip_prefix(b"MemAvailable:"))
+        .and_then(|v| parse_kb("MemAvailable", v).ok())
+        .and_then(|kb| kb.checked_mul(1024))
+}
+
 /// Parse the value of a status line such as `"\t  1234 kB"`.
 fn parse_kb(name: &str, value: &[u8]) -> Result<u64, String> {
     let value = std::str::from_utf8(value).map_err(|_| format!("{name} value is not UTF-8"))?;
@@ -276,6 +289,23 @@ mod tests {
             "4242 ({comm}) S 1 4242 4242 0 -1 4194560 1234 0 5 0 {utime} {stime} 0 0 20 0 3 0 \
              123456 10000000 500 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0\n"
         )
+    }
+
+    #[test]
+    fn mem_available_is_read_in_bytes_and_refuses_garbage() {
+        let text = b"MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   2048 kB\n";
+        assert_eq!(parse_mem_available(text), Some(2048 * 1024));
+        assert_eq!(parse_mem_available(b"MemTotal: 1 kB\n"), None);
+        assert_eq!(parse_mem_available(b"MemAvailable: lots\n"), None);
+        assert_eq!(
+            parse_mem_available(b"MemAvailable: 99999999999999999999 kB\n"),
+            None
+        );
+        assert_eq!(
+            parse_mem_available(b"MemAvailable: 18014398509481984 kB\n"),
+            None
+        );
+        assert!(mem_available().is_some_and(|b| b > 0));
     }
 
     #[test]
