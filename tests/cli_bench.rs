@@ -1,0 +1,96 @@
+//! `tidemark bench` through the built binary: the README's first command, cut
+//! short (a 64 MiB image, 2 s of workload, no bound), must verify the replica,
+//! report where the source disk was, and leave nothing in memory behind.
+
+use std::path::Path;
+use std::process::Command;
+
+fn tidemark() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tidemark"))
+}
+
+fn short_bench(scratch: &Path) -> Command {
+    let mut c = tidemark();
+    c.args([
+        "bench",
+        "--seconds",
+        "2",
+        "--image-size",
+        "64M",
+        "--skip-bound",
+        "--json",
+        "--dir",
+    ])
+    .arg(scratch);
+    c
+}
+
+fn is_tmpfs(p: &Path) -> bool {
+    nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+}
+
+#[test]
+fn e2e_bench_verifies_the_replica_with_the_source_in_memory_or_where_asked() {
+    let d = tempfile::tempdir().unwrap();
+
+    // Default placement: /dev/shm when it is tmpfs (a 64 MiB image fits).
+    let scratch = d.path().join("scratch");
+    let out = short_bench(&scratch).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["verified"], true, "{r}");
+    assert!(r["applied_mb_s"].as_f64().unwrap() > 0.0, "{r}");
+    let source = Path::new(r["source_path"].as_str().unwrap()).to_path_buf();
+    let in_memory = r["source_in_memory"].as_bool().unwrap();
+    if is_tmpfs(Path::new("/dev/shm")) {
+        assert!(in_memory, "{r}");
+        assert!(source.starts_with("/dev/shm"), "{r}");
+    } else {
+        assert!(!in_memory && source.starts_with(&scratch), "{r}");
+    }
+    // Nothing left behind: neither the scratch directory nor the image.
+    assert!(!source.exists(), "{} left behind", source.display());
+    assert!(!source.parent().unwrap().exists());
+    assert!(!scratch.exists());
+
+    // An explicit directory, kept afterwards with --keep.
+    let src = d.path().join("src");
+    let scratch = d.path().join("scratch2");
+    let out = short_bench(&scratch)
+        .arg("--source-dir")
+        .arg(&src)
+        .arg("--keep")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["verified"], true, "{r}");
+    assert_eq!(
+        r["source_path"].as_str().unwrap(),
+        src.join("source.img").to_str().unwrap()
+    );
+    // (An explicit directory on tmpfs is removed even with --keep.)
+    assert_eq!(src.join("source.img").exists(), !is_tmpfs(d.path()));
+
+    // A source directory that exists is refused, naming it, before any role starts.
+    let out = short_bench(&d.path().join("scratch3"))
+        .arg("--source-dir")
+        .arg(&src)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--source-dir") && err.contains("exists"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
