@@ -353,20 +353,21 @@ fn source_dir(opts: &BenchOptions) -> Result<(Option<PathBuf>, bool), BenchError
 /// Run the bench.
 pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let dir = &opts.dir;
+    let (source, source_in_memory) = source_dir(opts)?;
     fs::create_dir_all(dir).map_err(|e| setup_err(format!("{}: {e}", dir.display())))?;
     // Never remove a spool directory that was there before (run_in refuses it).
     let spool_was_there = opts.spool_dir.as_ref().is_some_and(|d| d.exists());
-    let source = source_dir(opts);
-    let result = source
-        .as_ref()
-        .map_err(|e| setup_err(e.to_string()))
-        .and_then(|(src, tmpfs)| {
-            if let Some(d) = src {
-                fs::create_dir(d).map_err(|e| setup_err(format!("{}: {e}", d.display())))?;
+    let mut created_source = false;
+    let result = match &source {
+        Some(d) => match fs::create_dir(d) {
+            Ok(()) => {
+                created_source = true;
+                run_in(opts, dir, d, source_in_memory)
             }
-            let in_dir = src.as_deref().unwrap_or(dir);
-            run_in(opts, dir, in_dir, *tmpfs)
-        });
+            Err(e) => Err(setup_err(format!("source directory {}: {e}", d.display()))),
+        },
+        None => run_in(opts, dir, dir, false),
+    };
     if !opts.keep {
         let _ = fs::remove_dir_all(dir);
         if let Some(d) = &opts.spool_dir
@@ -376,8 +377,9 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         }
     }
     // The source directory is removed even with `keep` when it is in memory.
-    if let Ok((Some(d), tmpfs)) = &source
-        && (!opts.keep || *tmpfs)
+    if let Some(d) = &source
+        && created_source
+        && (!opts.keep || source_in_memory)
     {
         let _ = fs::remove_dir_all(d);
     }
