@@ -50,6 +50,13 @@ fn e2e_bench_verifies_the_replica_with_the_source_in_memory_or_where_asked() {
     let scratch = d.path().join("scratch");
     let r = run_ok(&mut short_bench(&scratch));
     assert!(r["applied_mb_s"].as_f64().unwrap() > 0.0, "{r}");
+    // The workload's writer thread is part of the agent process.
+    let workload = r["workload_cpu_s_per_gb"].as_f64().unwrap();
+    assert!(workload > 0.0, "{r}");
+    assert!(
+        workload <= r["cpu_s_per_gb"]["agent"].as_f64().unwrap(),
+        "{r}"
+    );
     let source = Path::new(r["source_path"].as_str().unwrap()).to_path_buf();
     let in_memory = r["source_in_memory"].as_bool().unwrap();
     let shm = Path::new("/dev/shm");

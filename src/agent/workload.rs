@@ -90,6 +90,11 @@ pub struct WorkloadReport {
     pub done: bool,
     /// Why it ended early, if it did.
     pub error: Option<String>,
+    /// CPU seconds of the thread that ran the workload: generating the data,
+    /// writing it to the source disks and recording it in the capture journal
+    /// (`tidemark bench` shows it beside the agent's total).
+    #[serde(default)]
+    pub cpu_seconds: f64,
 }
 
 impl WorkloadReport {
@@ -226,6 +231,13 @@ impl Log {
     }
 }
 
+/// CPU time of the calling thread, seconds (0 when the clock cannot be read).
+fn thread_cpu_seconds() -> f64 {
+    use nix::time::{ClockId, clock_gettime};
+    clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map_or(0.0, |t| t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9)
+}
+
 /// Run `spec` against the group's `disks` until a limit is reached or `stop`
 /// is set, appending to the workload log at `log` when given. `progress` is
 /// updated after every write; the final report is returned (not yet `done`:
@@ -251,6 +263,7 @@ pub fn run(
         ..WorkloadReport::default()
     };
     let start = Instant::now();
+    let cpu_start = thread_cpu_seconds();
     let deadline = (spec.seconds > 0.0).then(|| start + Duration::from_secs_f64(spec.seconds));
     let tag_every =
         (spec.tag_every_secs > 0.0).then(|| Duration::from_secs_f64(spec.tag_every_secs));
@@ -322,6 +335,7 @@ pub fn run(
         .map_or(Ok(()), |l| l.line(format_args!(""), true));
     let result = result.and(flushed);
     report.seconds = start.elapsed().as_secs_f64();
+    report.cpu_seconds = (thread_cpu_seconds() - cpu_start).max(0.0);
     if let Err(e) = &result {
         report.error = Some(e.to_string());
     }
@@ -424,6 +438,13 @@ mod tests {
         assert_eq!(r.writes, 3);
         assert_eq!((r.first_seq, r.last_seq), (1, 3));
         assert!(!r.done, "the caller marks it done");
+        // The writer thread's own CPU time: generating and writing 10,000 bytes
+        // takes some, and far less than a second.
+        assert!(
+            r.cpu_seconds > 0.0 && r.cpu_seconds < 1.0,
+            "{}",
+            r.cpu_seconds
+        );
         assert_eq!(*p.lock().unwrap(), r);
         let entries = j.take_batch(usize::MAX, Duration::ZERO, Duration::ZERO);
         let lens: Vec<usize> = entries.iter().map(|e| e.payload_len()).collect();

@@ -125,6 +125,10 @@ pub struct BenchReport {
     pub lag_p99_ms: f64,
     /// CPU seconds per GB of workload, per role.
     pub cpu_s_per_gb: PerRole,
+    /// Of the agent's CPU seconds per GB, those of the workload's writer
+    /// thread (generating data, writing the source image, recording each write
+    /// in the capture journal): what stands for the protected applications.
+    pub workload_cpu_s_per_gb: f64,
     /// Peak RSS per role, MiB.
     pub peak_rss_mib: PerRole,
     /// Seconds of the end-to-end interval.
@@ -625,6 +629,7 @@ fn run_in(
             relay: per_gb(&ur),
             target: per_gb(&ut),
         },
+        workload_cpu_s_per_gb: if gb > 0.0 { work.cpu_seconds / gb } else { 0.0 },
         peak_rss_mib: PerRole {
             agent: mib(&ua),
             relay: mib(&ur),

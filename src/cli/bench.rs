@@ -178,6 +178,10 @@ fn print_table(r: &BenchReport) {
         r.cpu_s_per_gb.agent, r.cpu_s_per_gb.relay, r.cpu_s_per_gb.target
     );
     println!(
+        "    of which the workload's writer {:7.2}",
+        r.workload_cpu_s_per_gb
+    );
+    println!(
         "  peak RSS MiB                   {:9.1} {:9.1} {:9.1}",
         r.peak_rss_mib.agent, r.peak_rss_mib.relay, r.peak_rss_mib.target
     );
