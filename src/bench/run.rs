@@ -311,13 +311,15 @@ fn wait_for<T>(
 /// Where `Auto` looks for memory to hold the source image.
 const SHM_DIR: &str = "/dev/shm";
 
+/// True when `dir` is on tmpfs (memory).
+fn is_tmpfs(dir: &Path) -> bool {
+    nix::sys::statfs::statfs(dir)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+}
+
 /// The directory the source image goes to (`None`: the scratch directory),
 /// and whether it is tmpfs.
 fn source_dir(opts: &BenchOptions) -> Result<(Option<PathBuf>, bool), BenchError> {
-    let is_tmpfs = |d: &Path| {
-        nix::sys::statfs::statfs(d)
-            .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
-    };
     match &opts.source {
         SourcePlace::Scratch => Ok((None, false)),
         SourcePlace::Dir(d) => {
@@ -724,9 +726,7 @@ mod tests {
         // Small, with /dev/shm as tmpfs (it is on Linux machines with systemd
         // or docker; skip the check where it is not).
         let small = options(d.path(), 1 << 20, SourcePlace::Auto);
-        let shm_is_tmpfs = nix::sys::statfs::statfs(SHM_DIR)
-            .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
-        if shm_is_tmpfs {
+        if is_tmpfs(Path::new(SHM_DIR)) {
             let (dir, tmpfs) = source_dir(&small).unwrap();
             assert!(tmpfs);
             let dir = dir.unwrap();

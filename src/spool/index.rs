@@ -64,8 +64,6 @@ pub struct GroupIndex {
     /// Trimmed segment files waiting for reuse as new segments (`*.free`):
     /// trims add to it, the writer takes from it.
     pub free: Vec<PathBuf>,
-    /// Free files renamed by a trim in progress, not yet durable (not in `free`).
-    pub free_pending: usize,
 }
 
 impl GroupIndex {

@@ -775,10 +775,11 @@ impl Spool {
         let mut failed = None;
         for first in &removable {
             let path = gdir.join(segment::segment_file_name(*first));
-            let keep =
-                self.inner.index().groups.get(group).is_some_and(|g| {
-                    g.free.len() + g.free_pending < self.inner.opts.recycle_segments
-                });
+            // Trims of a group are serial (trim_lock): the files this trim
+            // kept so far are the only ones renamed and not yet offered.
+            let keep = self.inner.index().groups.get(group).is_some_and(|g| {
+                g.free.len() + kept_files.len() < self.inner.opts.recycle_segments
+            });
             // A kept file holds acknowledged frames only; whether the rename is
             // durable or not, recovery finds either a fully trimmed segment or a
             // free file, and both are safe to drop or reuse.
@@ -796,9 +797,6 @@ impl Spool {
             }
             if let Some(g) = self.inner.index().groups.get_mut(group) {
                 g.remove_segment(*first);
-                if kept {
-                    g.free_pending += 1;
-                }
             }
             if kept {
                 kept_files.push(free_path);
@@ -809,11 +807,10 @@ impl Spool {
         // A free file is offered to the writer only once its new name is
         // durable: the writer rewrites its header, and a rename lost at a power
         // cut would otherwise leave a segment whose header names another frame.
-        if let Some(g) = self.inner.index().groups.get_mut(group) {
-            g.free_pending -= kept_files.len();
-            if synced.is_ok() {
-                g.free.append(&mut kept_files);
-            }
+        if synced.is_ok()
+            && let Some(g) = self.inner.index().groups.get_mut(group)
+        {
+            g.free.append(&mut kept_files);
         }
         match failed {
             Some(e) => Err(e),
