@@ -306,6 +306,17 @@ impl DiskDirty {
     }
 }
 
+/// The threads waiting in `take_batch` (one batcher per group in practice).
+#[derive(Debug, Default)]
+struct BatchWaiters {
+    /// Waiting for a first unbatched entry.
+    first: u32,
+    /// Lingering until `linger_bytes` are pending (or their linger ends).
+    linger: u32,
+    /// The smallest byte target among the lingering waiters.
+    linger_bytes: usize,
+}
+
 struct Inner {
     slots: VecDeque<Slot>,
     /// Index in `slots` of the first entry not yet handed to the batcher.
@@ -313,6 +324,10 @@ struct Inner {
     unbatched_bytes: usize,
     /// Tags among the entries not yet handed to the batcher.
     unbatched_tags: usize,
+    /// Who waits in `take_batch` and for what, so that a recorded write wakes
+    /// the batcher only when that can end its wait (a wake-up per write cost
+    /// a futex call and a context switch each, thousands a second).
+    waiters: BatchWaiters,
     mem: usize,
     spill: Option<Spill>,
     next_seq: u64,
@@ -418,6 +433,15 @@ impl Inner {
         let seq = self.next_seq;
         self.next_seq += 1;
         Ok(seq)
+    }
+
+    /// Whether an entry just pushed can end a `take_batch` wait: a waiter for
+    /// a first entry, or a lingering one whose byte target is now met or that
+    /// must send a tag at once.
+    fn batcher_should_wake(&self) -> bool {
+        let w = &self.waiters;
+        w.first > 0
+            || (w.linger > 0 && (self.unbatched_bytes >= w.linger_bytes || self.unbatched_tags > 0))
     }
 
     fn push(&mut self, slot: Slot) {
@@ -591,6 +615,7 @@ impl CaptureJournal {
                 unbatched: 0,
                 unbatched_bytes: 0,
                 unbatched_tags: 0,
+                waiters: BatchWaiters::default(),
                 mem: 0,
                 spill,
                 next_seq,
@@ -852,8 +877,11 @@ impl CaptureJournal {
                         },
                         held: Held::Spilled(pos, meta.len),
                     });
+                    let wake = g.batcher_should_wake();
                     drop(g);
-                    self.avail.notify_one();
+                    if wake {
+                        self.avail.notify_all();
+                    }
                     return Ok(Recorded::Seq(seq));
                 }
             };
@@ -874,8 +902,11 @@ impl CaptureJournal {
                 g.mark_unacked(disk, offset, range_len);
             }
             g.push(slot);
+            let wake = g.batcher_should_wake();
             drop(g);
-            self.avail.notify_one();
+            if wake {
+                self.avail.notify_all();
+            }
             return Ok(Recorded::Seq(seq));
         }
     }
@@ -1172,11 +1203,13 @@ impl CaptureJournal {
             if now >= deadline {
                 return Vec::new();
             }
+            g.waiters.first += 1;
             g = self
                 .avail
                 .wait_timeout(g, deadline - now)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
+            g.waiters.first -= 1;
         }
         if g.unbatched >= g.slots.len() {
             return Vec::new();
@@ -1189,11 +1222,19 @@ impl CaptureJournal {
             if now >= linger_until {
                 break;
             }
+            let w = &mut g.waiters;
+            w.linger_bytes = if w.linger == 0 {
+                max_bytes
+            } else {
+                w.linger_bytes.min(max_bytes)
+            };
+            w.linger += 1;
             g = self
                 .avail
                 .wait_timeout(g, linger_until - now)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
+            g.waiters.linger -= 1;
             if g.unbatched >= g.slots.len() {
                 // Dropped to the bitmap meanwhile.
                 return Vec::new();

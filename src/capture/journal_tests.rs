@@ -427,6 +427,60 @@ fn a_tag_ends_its_batch() {
 }
 
 #[test]
+fn a_waiting_batcher_is_woken_by_what_can_end_its_wait() {
+    // Writes below a lingering batcher's byte target do not wake it (no
+    // futex call per write); the write that meets the target does, at once
+    // rather than at the end of its (long) linger. The same for a waiter for a
+    // first entry and for a tag.
+    let j = Arc::new(journal(MIB as usize));
+    let long = Duration::from_secs(60);
+    let batcher = {
+        let j = j.clone();
+        std::thread::spawn(move || {
+            let t0 = Instant::now();
+            let first = j.take_batch(usize::MAX, Duration::ZERO, long);
+            let lingered = j.take_batch(3000, long, long);
+            let tagged = j.take_batch(usize::MAX, long, long);
+            (first, lingered, tagged, t0.elapsed())
+        })
+    };
+    let wait_for = |cond: &dyn Fn(&Inner) -> bool| {
+        for _ in 0..10_000 {
+            if cond(&j.lock()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        panic!("the batcher never reached the expected wait");
+    };
+    wait_for(&|g| g.waiters.first == 1);
+    j.record_write(0, 0, vec![1; 1000]).unwrap();
+    // The batcher took the first write and waits for a first entry again, then
+    // lingers for 3000 bytes.
+    wait_for(&|g| g.unbatched == 1 && g.waiters.first == 1);
+    j.record_write(0, 4096, vec![2; 1000]).unwrap();
+    wait_for(&|g| g.waiters.linger == 1 && g.waiters.linger_bytes == 3000);
+    assert!(!j.lock().batcher_should_wake(), "1000 of 3000 bytes");
+    j.record_write(0, 8192, vec![3; 1000]).unwrap();
+    assert!(!j.lock().batcher_should_wake(), "2000 of 3000 bytes");
+    j.record_write(0, 12288, vec![4; 1000]).unwrap();
+    wait_for(&|g| g.unbatched == 4 && g.waiters.first == 1);
+    j.record_write(0, 16384, vec![5; 10]).unwrap();
+    wait_for(&|g| g.waiters.linger == 1);
+    j.record_tag("now", 0).unwrap();
+    let (first, lingered, tagged, took) = batcher.join().unwrap();
+    assert_eq!(first.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1]);
+    assert_eq!(
+        lingered.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![2, 3, 4]
+    );
+    assert_eq!(tagged.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![5, 6]);
+    assert!(took < long / 2, "woken, not timed out ({took:?})");
+    let g = j.lock();
+    assert_eq!((g.waiters.first, g.waiters.linger), (0, 0));
+}
+
+#[test]
 fn unsent_tags_are_dropped_with_the_writes_when_capture_degrades() {
     let j = degrading(MIB as usize, None);
     j.record_write(0, 0, vec![1; 4096]).unwrap();
