@@ -5,6 +5,8 @@
 use std::path::Path;
 use std::process::Command;
 
+use tidemark::bench::run::{free_bytes, is_tmpfs};
+
 fn tidemark() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tidemark"))
 }
@@ -38,10 +40,6 @@ fn run_ok(c: &mut Command) -> serde_json::Value {
     r
 }
 
-fn is_tmpfs(p: &Path) -> bool {
-    nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
-}
-
 #[test]
 fn e2e_bench_verifies_the_replica_with_the_source_in_memory_or_where_asked() {
     let d = tempfile::tempdir().unwrap();
@@ -63,9 +61,7 @@ fn e2e_bench_verifies_the_replica_with_the_source_in_memory_or_where_asked() {
     // With plenty of room (1 GiB) in a tmpfs /dev/shm the 64 MiB image must go
     // there; a small /dev/shm (a container's 64 MiB) may send it to the scratch
     // directory. Either way the report and the path agree.
-    let roomy = is_tmpfs(shm)
-        && nix::sys::statvfs::statvfs(shm)
-            .is_ok_and(|s| s.blocks_available().saturating_mul(s.fragment_size()) >= 1 << 30);
+    let roomy = is_tmpfs(shm) && free_bytes(shm) >= 1 << 30;
     if roomy {
         assert!(in_memory, "{r}");
     }

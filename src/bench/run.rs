@@ -312,9 +312,17 @@ fn wait_for<T>(
 const SHM_DIR: &str = "/dev/shm";
 
 /// True when `dir` is on tmpfs (memory).
-fn is_tmpfs(dir: &Path) -> bool {
+pub fn is_tmpfs(dir: &Path) -> bool {
     nix::sys::statfs::statfs(dir)
         .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+}
+
+/// Bytes an unprivileged writer may still put in `dir`'s file system (0 when
+/// it cannot be read).
+pub fn free_bytes(dir: &Path) -> u64 {
+    nix::sys::statvfs::statvfs(dir)
+        .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
+        .unwrap_or(0)
 }
 
 /// The directory the source image goes to (`None`: the scratch directory),
@@ -337,11 +345,8 @@ fn source_dir(opts: &BenchOptions) -> Result<(Option<PathBuf>, bool), BenchError
         }
         SourcePlace::Auto => {
             let shm = Path::new(SHM_DIR);
-            let free = nix::sys::statvfs::statvfs(shm)
-                .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
-                .unwrap_or(0);
             let fits = is_tmpfs(shm)
-                && free >= opts.image_size.saturating_mul(2)
+                && free_bytes(shm) >= opts.image_size.saturating_mul(2)
                 && procstat::mem_available().unwrap_or(0) >= opts.image_size.saturating_mul(4);
             let name = opts.dir.file_name().map_or_else(
                 || "tidemark-bench".into(),

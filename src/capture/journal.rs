@@ -324,9 +324,7 @@ struct Inner {
     unbatched_bytes: usize,
     /// Tags among the entries not yet handed to the batcher.
     unbatched_tags: usize,
-    /// Who waits in `take_batch` and for what, so that a recorded write wakes
-    /// the batcher only when that can end its wait (a wake-up per write cost
-    /// a futex call and a context switch each, thousands a second).
+    /// Who waits in `take_batch` and for what (see [`CaptureJournal::pushed`]).
     waiters: BatchWaiters,
     mem: usize,
     spill: Option<Spill>,
@@ -669,6 +667,18 @@ impl CaptureJournal {
         Arc::new(Self::new(cfg, 1, Box::new(|f| Ok(f + 1_000_000))).expect("no spill directory"))
     }
 
+    /// Release the lock after entries were pushed, waking a batcher waiting in
+    /// `take_batch` only when they can end its wait
+    /// ([`Inner::batcher_should_wake`]): a wake-up per entry cost the recorder
+    /// a futex call and the batcher a context switch, thousands a second.
+    fn pushed(&self, g: MutexGuard<'_, Inner>) {
+        let wake = g.batcher_should_wake();
+        drop(g);
+        if wake {
+            self.avail.notify_all();
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -877,11 +887,7 @@ impl CaptureJournal {
                         },
                         held: Held::Spilled(pos, meta.len),
                     });
-                    let wake = g.batcher_should_wake();
-                    drop(g);
-                    if wake {
-                        self.avail.notify_all();
-                    }
+                    self.pushed(g);
                     return Ok(Recorded::Seq(seq));
                 }
             };
@@ -902,11 +908,7 @@ impl CaptureJournal {
                 g.mark_unacked(disk, offset, range_len);
             }
             g.push(slot);
-            let wake = g.batcher_should_wake();
-            drop(g);
-            if wake {
-                self.avail.notify_all();
-            }
+            self.pushed(g);
             return Ok(Recorded::Seq(seq));
         }
     }
@@ -933,8 +935,7 @@ impl CaptureJournal {
             ordering,
             held: Held::Change(Change::DiskSize(size)),
         });
-        drop(g);
-        self.avail.notify_one();
+        self.pushed(g);
         Ok(seq)
     }
 
@@ -1107,8 +1108,7 @@ impl CaptureJournal {
         if d.pending.is_empty() {
             d.cause = None;
         }
-        drop(g);
-        self.avail.notify_one();
+        self.pushed(g);
         Ok(true)
     }
 

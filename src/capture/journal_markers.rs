@@ -64,8 +64,7 @@ impl CaptureJournal {
             }),
         });
         g.tags += 1;
-        drop(g);
-        self.avail.notify_one();
+        self.pushed(g);
         tracing::info!(
             group = %self.cfg.group,
             seq,
