@@ -27,7 +27,7 @@ fn apply(c: &mut Criterion) {
             format: ImageFormat::Raw,
             engine,
             create_size: Some(IMAGE_SIZE),
-            direct_io: false,
+            direct_io: tidemark::image::DirectIo::Off,
         };
         let mut image = match open_image(&spec) {
             Ok(image) => image,

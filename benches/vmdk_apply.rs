@@ -31,7 +31,7 @@ fn open(dir: &std::path::Path, name: &str, format: ImageFormat, size: u64) -> Bo
         format,
         engine: Engine::Uring,
         create_size: Some(size),
-        direct_io: false,
+        direct_io: tidemark::image::DirectIo::Off,
     })
     .expect("open image")
 }

@@ -61,7 +61,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
 use tidemark::config::{ReplicaFormat, TargetConfig, TargetDisk};
 use tidemark::frame::{DataKey, FrameKind, FrameMeta, GroupName, Opener, RecordRef, Sealer};
-use tidemark::image::{Engine, ImageFormat, ImageSpec, WriteOp, open_image};
+use tidemark::image::{DirectIo, Engine, ImageFormat, ImageSpec, RawImage, WriteOp, open_image};
 use tidemark::pki::{InitOptions, init};
 use tidemark::spool::{AppendRequest, Spool, SpoolOptions};
 use tidemark::target::recover::{PointSpec, PointView};
@@ -103,6 +103,25 @@ enum Format {
     Vmdk,
 }
 
+/// `--direct-io`: target.toml's `direct_io`.
+#[derive(Clone, Copy, Debug, ValueEnum, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+enum DirectIoArg {
+    Auto,
+    On,
+    Off,
+}
+
+impl From<DirectIoArg> for tidemark::config::DirectIo {
+    fn from(d: DirectIoArg) -> Self {
+        match d {
+            DirectIoArg::Auto => tidemark::config::DirectIo::Auto,
+            DirectIoArg::On => tidemark::config::DirectIo::On,
+            DirectIoArg::Off => tidemark::config::DirectIo::Off,
+        }
+    }
+}
+
 #[derive(clap::Args)]
 struct PrepareArgs {
     /// Work directory (must not exist, or be empty).
@@ -132,9 +151,9 @@ struct PrepareArgs {
     /// Writes per frame.
     #[arg(long, default_value_t = 1024)]
     frame_records: usize,
-    /// The target's `direct_io` setting.
-    #[arg(long)]
-    direct_io: bool,
+    /// The target's `direct_io` setting (as target.toml's: auto by default).
+    #[arg(long, value_enum, default_value = "auto")]
+    direct_io: DirectIoArg,
     /// The target's `apply_batch_mib` (default: the config's default).
     #[arg(long)]
     apply_batch_mib: Option<u64>,
@@ -172,7 +191,7 @@ struct Meta {
     format: Format,
     retention: bool,
     fill: bool,
-    direct_io: bool,
+    direct_io: DirectIoArg,
     disk_size: u64,
     /// Timed writes (the seed frame's write is not counted).
     writes: u64,
@@ -370,7 +389,7 @@ fn prepare(a: PrepareArgs) -> anyhow::Result<()> {
         Format::Vmdk => (a.dir.join("replica.vmdk"), ReplicaFormat::Vmdk),
     };
     let mut cfg = site(&a.dir, &replica, format)?;
-    cfg.target.direct_io = a.direct_io;
+    cfg.target.direct_io = a.direct_io.into();
     if let Some(m) = a.apply_batch_mib {
         cfg.target.apply_batch_mib = m;
     }
@@ -519,7 +538,7 @@ fn fill(path: &Path, format: ImageFormat, size: u64, seed: u64) -> anyhow::Resul
         format,
         engine: Engine::Uring,
         create_size: Some(size),
-        direct_io: false,
+        direct_io: DirectIo::Off,
     })?;
     const CHUNK: u64 = 1 << 20;
     const BATCH: u64 = 64;
@@ -563,6 +582,19 @@ fn dir_bytes(p: &Path) -> u64 {
 fn apply(a: ApplyArgs) -> anyhow::Result<()> {
     let meta: Meta = serde_json::from_slice(&std::fs::read(a.dir.join("meta.json"))?)?;
     let cfg = TargetConfig::load(&a.dir.join("target.toml"))?;
+    // What the setting gives this replica as the apply starts (raw only:
+    // sparse VMDKs always write through the page cache).
+    let direct_used = match meta.format {
+        Format::Raw => RawImage::open(&ImageSpec {
+            path: meta.replica.clone(),
+            format: ImageFormat::Raw,
+            engine: Engine::Sync,
+            create_size: None,
+            direct_io: cfg.target.direct_io.into(),
+        })?
+        .direct_io(),
+        Format::Vmdk => false,
+    };
     let lock = lock_dir(&cfg.target.state_dir)?;
     let t = Instant::now();
     run_group_offline(&cfg, GROUP)?;
@@ -579,7 +611,7 @@ fn apply(a: ApplyArgs) -> anyhow::Result<()> {
         },
         engine: Engine::Sync,
         create_size: None,
-        direct_io: false,
+        direct_io: DirectIo::Off,
     })?;
     let mut buf = vec![0u8; BLOCK as usize];
     let mut bad = 0;
@@ -599,6 +631,7 @@ fn apply(a: ApplyArgs) -> anyhow::Result<()> {
             "retention": meta.retention,
             "fill": meta.fill,
             "direct_io": meta.direct_io,
+            "direct_io_used": direct_used,
             "disk_size": meta.disk_size,
             "writes": meta.writes,
             "frames": meta.frames,

@@ -360,7 +360,7 @@ fn role_configs(
             status_listen: status(2),
             engine: Engine::Uring,
             apply_batch_mib: 32,
-            direct_io: false,
+            direct_io: crate::config::DirectIo::Auto,
             relay_silence_ms: 60_000,
         },
         tls: tls(Role::Target),

@@ -113,6 +113,61 @@ pub enum Engine {
     Sync,
 }
 
+/// target.toml's `direct_io`: `true`, `false` or `"auto"` (see
+/// [`crate::image::DirectIo`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DirectIo {
+    /// `false`.
+    Off,
+    /// `true`.
+    On,
+    /// `"auto"`.
+    #[default]
+    Auto,
+}
+
+impl From<DirectIo> for crate::image::DirectIo {
+    fn from(d: DirectIo) -> Self {
+        match d {
+            DirectIo::Off => crate::image::DirectIo::Off,
+            DirectIo::On => crate::image::DirectIo::On,
+            DirectIo::Auto => crate::image::DirectIo::Auto,
+        }
+    }
+}
+
+impl Serialize for DirectIo {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            DirectIo::Off => s.serialize_bool(false),
+            DirectIo::On => s.serialize_bool(true),
+            DirectIo::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DirectIo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = DirectIo;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(r#"true, false or "auto""#)
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<DirectIo, E> {
+                Ok(if v { DirectIo::On } else { DirectIo::Off })
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<DirectIo, E> {
+                match v {
+                    "auto" => Ok(DirectIo::Auto),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 // ---------------------------------------------------------------- relay.toml
 
 /// `relay.toml`.
@@ -207,13 +262,12 @@ pub struct TargetSection {
     /// Maximum bytes applied per durability batch, MiB.
     #[serde(default = "d32")]
     pub apply_batch_mib: u64,
-    /// Write block-aligned data to the replicas with O_DIRECT (when the file
-    /// system takes it; other writes go through the page cache). Pays off on
-    /// block devices and fully allocated images; on sparse image files ext4
-    /// serialises direct writes that allocate, so the default is off. See
-    /// docs/IMAGE.md.
+    /// Write block-aligned data to the raw replicas (and flat VMDK extents)
+    /// with O_DIRECT: `true`, `false`, or `"auto"` (the default: on for block
+    /// devices and files without holes, off for sparse files, where ext4 runs
+    /// direct writes that allocate one at a time). See docs/IMAGE.md.
     #[serde(default)]
-    pub direct_io: bool,
+    pub direct_io: DirectIo,
     /// Longest the relay may send nothing (no frame, no byte of one, no sign
     /// of life) while the target waits for it, before the connection counts
     /// as lost and is opened again, ms: its process is hung (TCP keepalive
@@ -908,6 +962,38 @@ initial_copy = false
         assert!(g1.disks[0].initial_copy);
         assert_eq!(a.groups[1].key_epoch, 4);
         assert!(!a.groups[1].disks[0].initial_copy);
+    }
+
+    #[test]
+    fn direct_io_is_true_false_or_auto_and_auto_by_default() {
+        let d = tempfile::tempdir().unwrap();
+        let t = TargetConfig::load(&write(d.path(), "target.toml", TARGET)).unwrap();
+        assert_eq!(t.target.direct_io, DirectIo::Auto);
+        for (v, want) in [
+            ("true", DirectIo::On),
+            ("false", DirectIo::Off),
+            ("\"auto\"", DirectIo::Auto),
+        ] {
+            let text = TARGET.replace(
+                "engine = \"uring\"",
+                &format!("engine = \"uring\"\ndirect_io = {v}"),
+            );
+            let t = TargetConfig::load(&write(d.path(), "t.toml", &text)).unwrap();
+            assert_eq!(t.target.direct_io, want, "{v}");
+            // It is written back as it was given.
+            assert_eq!(t, toml::from_str(&t.to_toml_string().unwrap()).unwrap());
+        }
+        for v in ["\"yes\"", "1"] {
+            let text = TARGET.replace(
+                "engine = \"uring\"",
+                &format!("engine = \"uring\"\ndirect_io = {v}"),
+            );
+            let s = err_of(TargetConfig::load(&write(d.path(), "t.toml", &text)));
+            assert!(
+                s.contains("direct_io") && s.contains(r#"true, false or "auto""#),
+                "{s}"
+            );
+        }
     }
 
     #[test]

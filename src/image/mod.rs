@@ -161,6 +161,22 @@ impl fmt::Display for Engine {
     }
 }
 
+/// Whether a raw image (or a flat VMDK's extent) takes its block-aligned
+/// writes with `O_DIRECT`. See docs/IMAGE.md, "Direct I/O".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DirectIo {
+    /// Everything through the page cache.
+    Off,
+    /// `O_DIRECT` when the file system takes it.
+    On,
+    /// Decided at open: on for a block device and for a file without holes
+    /// (every block written, so no direct write has to allocate), off for a
+    /// sparse file, where ext4 would run allocating direct writes one at a
+    /// time.
+    #[default]
+    Auto,
+}
+
 /// What to open: path, format, engine, and whether to create it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageSpec {
@@ -177,7 +193,7 @@ pub struct ImageSpec {
     /// Write block-aligned data with `O_DIRECT` (through an aligned bounce
     /// buffer), when the file system takes it; everything else goes through the
     /// page cache. See docs/IMAGE.md, "Direct I/O".
-    pub direct_io: bool,
+    pub direct_io: DirectIo,
 }
 
 /// How an engine makes a range read back as zeros.

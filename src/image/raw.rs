@@ -10,7 +10,7 @@ use nix::errno::Errno;
 use nix::unistd::{Whence, lseek};
 
 use super::{
-    DirectReads, Engine, EngineError, Image, ImageError, ImageSpec, IoEngine, SyncEngine,
+    DirectIo, DirectReads, Engine, EngineError, Image, ImageError, ImageSpec, IoEngine, SyncEngine,
     URING_ENTRIES, UringEngine, WriteOp, ZeroMode, check_read_batch, check_read_range,
     check_write_ranges, create_image_file,
 };
@@ -31,6 +31,25 @@ pub struct RawImage {
     block_device: bool,
     zero_mode: ZeroMode,
     engine: Box<dyn IoEngine>,
+}
+
+/// Whether to open the direct descriptor: [`DirectIo::Auto`] takes it for a
+/// block device and for a file whose first hole is its end (`SEEK_HOLE`; ext4
+/// reports unwritten extents as holes too), where every direct write is an
+/// overwrite that ext4 runs concurrently.
+fn direct_wanted(mode: DirectIo, file: &File, size: u64, block_device: bool) -> bool {
+    match mode {
+        DirectIo::Off => false,
+        DirectIo::On => true,
+        DirectIo::Auto if block_device => true,
+        DirectIo::Auto => {
+            size > 0
+                && lseek(file, 0, Whence::SeekHole)
+                    .ok()
+                    .and_then(|h| u64::try_from(h).ok())
+                    .is_some_and(|h| h >= size)
+        }
+    }
 }
 
 /// The bounce buffer is given back after a batch larger than this.
@@ -115,7 +134,7 @@ impl RawImage {
         } else {
             ZeroMode::PunchHole
         };
-        let direct = if spec.direct_io {
+        let direct = if direct_wanted(spec.direct_io, &file, size, block_device) {
             match OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -131,6 +150,9 @@ impl RawImage {
         } else {
             None
         };
+        if spec.direct_io == DirectIo::Auto {
+            tracing::info!(path = %path.display(), block_device, direct_io = direct.is_some(), "direct I/O auto: {}", if direct.is_some() { "on (a block device or a file without holes)" } else { "off (a sparse file: direct writes that allocate run one at a time)" });
+        }
         tracing::debug!(path = %path.display(), size, block_device, direct_io = direct.is_some(), engine = %engine.kind(), "opened raw image");
         Ok(RawImage {
             path,

@@ -17,7 +17,7 @@ fn spec(path: &Path, engine: Engine, create_size: Option<u64>) -> ImageSpec {
         format: ImageFormat::Raw,
         engine,
         create_size,
-        direct_io: false,
+        direct_io: crate::image::DirectIo::Off,
     }
 }
 
@@ -38,7 +38,7 @@ fn open_config(path: &Path, engine: Engine, depth: u32, zero: ZeroMode, direct: 
         Engine::Sync => Box::new(SyncEngine::new()),
     };
     let mut s = spec(path, engine, None);
-    s.direct_io = direct;
+    s.direct_io = if direct { DirectIo::On } else { DirectIo::Off };
     let mut img = RawImage::open_with(&s, eng).expect("open image");
     assert_eq!(
         img.direct_io(),
@@ -342,6 +342,37 @@ fn create_sparse_64_gib_takes_no_space() {
         assert_eq!(buf, [1u8; 4096]);
         assert!(std::fs::metadata(&path).unwrap().blocks() <= 128);
     }
+}
+
+/// `DirectIo::Auto` takes `O_DIRECT` for a file without holes and leaves a
+/// sparse one (or one with a hole anywhere) to the page cache; `On` and `Off`
+/// are taken as said.
+#[test]
+fn direct_io_auto_is_on_for_a_file_without_holes_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r.img");
+    let direct = |mode: DirectIo| {
+        let mut s = spec(&path, Engine::Sync, None);
+        s.direct_io = mode;
+        RawImage::open(&s).unwrap().direct_io()
+    };
+    let size = 8u64 << 20;
+    File::create(&path).unwrap().set_len(size).unwrap();
+    assert!(!direct(DirectIo::Auto), "a sparse file");
+    assert!(direct(DirectIo::On));
+    random_file(&path, size as usize, 3);
+    assert!(direct(DirectIo::Auto), "every block written");
+    assert!(!direct(DirectIo::Off));
+    // A hole in the middle.
+    let mut img = open_image(&spec(&path, Engine::Sync, None)).unwrap();
+    img.write_batch(&[WriteOp::Zero {
+        offset: 1 << 20,
+        len: 1 << 20,
+    }])
+    .unwrap();
+    img.flush().unwrap();
+    drop(img);
+    assert!(!direct(DirectIo::Auto), "a hole punched by a zero op");
 }
 
 #[test]

@@ -181,24 +181,31 @@ struct Batch {
     free: Vec<usize>,
     /// Pieces waiting for a slot, in order; remainders go to the front.
     work: VecDeque<Piece>,
-    /// Per op: pieces in flight or waiting. The op is complete at zero.
+    /// Per op: pieces in flight or waiting. The op is complete at zero (ops
+    /// start in order, so an op below the next one to start with a count
+    /// above zero is started and not complete: active).
     refs: Vec<u32>,
-    /// Ops started and not yet complete (bounded by the ring depth + 1).
-    active: Vec<usize>,
+    /// Which ops may have to wait for an earlier one (see [`Overlaps`]).
+    overlaps: Overlaps,
     /// The failure with the lowest op index, if any.
     failure: Option<(usize, io::Error)>,
 }
 
 impl Batch {
-    fn new(ops: usize, depth: usize) -> Self {
+    fn new(ops: &[WriteOp<'_>], depth: usize) -> Self {
         Batch {
             slots: vec![None; depth],
             free: (0..depth).rev().collect(),
             work: VecDeque::new(),
-            refs: vec![0; ops],
-            active: Vec::new(),
+            refs: vec![0; ops.len()],
+            overlaps: Overlaps::of(ops),
             failure: None,
         }
+    }
+
+    /// True while op `op` (started) has pieces in flight or waiting.
+    fn is_active(&self, op: usize) -> bool {
+        self.refs[op] > 0
     }
 
     fn in_flight(&self) -> usize {
@@ -207,11 +214,6 @@ impl Batch {
 
     fn release(&mut self, op: usize) {
         self.refs[op] -= 1;
-        if self.refs[op] == 0
-            && let Some(i) = self.active.iter().position(|&a| a == op)
-        {
-            self.active.swap_remove(i);
-        }
     }
 
     fn fail(&mut self, op: usize, e: io::Error) {
@@ -225,8 +227,73 @@ impl Batch {
         self.release(op);
     }
 
+    /// True if op `next` (not started; every op before it is) overlaps an
+    /// active op: it must wait until that one is complete.
     fn overlaps_active(&self, ops: &[WriteOp<'_>], next: usize) -> bool {
-        self.active.iter().any(|&a| ops[a].overlaps(&ops[next]))
+        self.overlaps
+            .earlier(next)
+            .iter()
+            .any(|&a| self.is_active(a) && ops[a].overlaps(&ops[next]))
+    }
+}
+
+/// The ops of a batch grouped by overlap, so that the ordering rule costs
+/// nothing for the usual op that overlaps no other. A cluster is a maximal run
+/// of ops, in offset order, each starting before the furthest end of those
+/// before it; ops of different clusters never overlap. An op alone in its
+/// cluster never waits; any other is checked only against its cluster's
+/// members with a lower index.
+#[derive(Debug, Default)]
+struct Overlaps {
+    /// Per op: index of its cluster in `clusters`, or `NONE` when alone.
+    cluster: Vec<u32>,
+    /// Members of each cluster of two or more ops, in index order.
+    clusters: Vec<Vec<usize>>,
+}
+
+impl Overlaps {
+    const NONE: u32 = u32::MAX;
+
+    fn of(ops: &[WriteOp<'_>]) -> Overlaps {
+        let mut order: Vec<usize> = (0..ops.len()).filter(|&i| !ops[i].is_empty()).collect();
+        order.sort_unstable_by_key(|&i| ops[i].offset());
+        let mut o = Overlaps {
+            cluster: vec![Self::NONE; ops.len()],
+            clusters: Vec::new(),
+        };
+        let mut start = 0;
+        while start < order.len() {
+            // Saturating, as `WriteOp::overlaps` is (ranges are checked first).
+            let end_of = |i: usize| ops[i].offset().saturating_add(ops[i].len());
+            let mut reach = end_of(order[start]);
+            let mut end = start + 1;
+            while end < order.len() && ops[order[end]].offset() < reach {
+                reach = reach.max(end_of(order[end]));
+                end += 1;
+            }
+            if end - start > 1 {
+                let id = u32::try_from(o.clusters.len()).unwrap_or(Self::NONE - 1);
+                let mut members = order[start..end].to_vec();
+                members.sort_unstable();
+                for &m in &members {
+                    o.cluster[m] = id;
+                }
+                o.clusters.push(members);
+            }
+            start = end;
+        }
+        o
+    }
+
+    /// The ops before `op` that it may overlap (a superset of those it does).
+    fn earlier(&self, op: usize) -> &[usize] {
+        match self.cluster.get(op).copied() {
+            Some(c) if c != Self::NONE => {
+                let members = &self.clusters[c as usize];
+                &members[..members.partition_point(|&m| m < op)]
+            }
+            _ => &[],
+        }
     }
 }
 
@@ -475,7 +542,7 @@ impl IoEngine for UringEngine {
         zero: &mut ZeroMode,
     ) -> Result<(), EngineError> {
         let fd = types::Fd(file.as_raw_fd());
-        let mut batch = Batch::new(ops.len(), self.depth);
+        let mut batch = Batch::new(ops, self.depth);
         let mut next = 0usize;
         loop {
             // Fill the ring: waiting pieces first, then new ops in order. A full
@@ -509,7 +576,6 @@ impl IoEngine for UringEngine {
                     len: op.len(),
                 });
                 batch.refs[next] = 1;
-                batch.active.push(next);
                 next += 1;
             }
             if batch.in_flight() == 0 {
@@ -729,9 +795,13 @@ mod tests {
 
     /// A batch with op 0 started and one piece of it in flight in slot `slot`.
     fn one_in_flight(piece: Piece) -> (Batch, u64) {
-        let mut b = Batch::new(2, 4);
+        let data = [0u8; 500];
+        let ops = [WriteOp::Write {
+            offset: 1000,
+            data: &data,
+        }; 2];
+        let mut b = Batch::new(&ops, 4);
         b.refs[piece.op] = 1;
-        b.active.push(piece.op);
         let slot = b.free.pop().unwrap();
         b.slots[slot] = Some(piece);
         (b, slot as u64)
@@ -757,7 +827,7 @@ mod tests {
             (1200, 300, PieceKind::Write)
         );
         assert_eq!((b.refs[0], b.in_flight()), (1, 0));
-        assert_eq!(b.active, vec![0]);
+        assert!(b.is_active(0));
     }
 
     #[test]
@@ -784,7 +854,13 @@ mod tests {
             (fallback.kind, fallback.pos, fallback.len),
             (PieceKind::ZeroWrite, 1000, 500)
         );
-        assert_eq!(b.active, vec![0], "still blocks overlapping ops");
+        assert!(b.is_active(0), "still blocks overlapping ops");
+        let data = [0u8; 500];
+        let ops = [WriteOp::Write {
+            offset: 1000,
+            data: &data,
+        }; 2];
+        assert!(b.overlaps_active(&ops, 1));
     }
 
     #[test]
@@ -802,10 +878,9 @@ mod tests {
         UringEngine::complete(&mut b, &mut zero, slot, -libc::EIO);
         assert!(b.work.is_empty());
         assert_eq!(b.refs[1], 0);
-        assert!(b.active.is_empty());
+        assert!(!b.is_active(1));
         assert_eq!(b.failure.as_ref().map(|f| f.0), Some(1));
         b.refs[0] = 1;
-        b.active.push(0);
         b.fail(0, io::Error::from_raw_os_error(libc::ENOSPC));
         assert_eq!(b.failure.as_ref().map(|f| f.0), Some(0));
         // A completion for an unknown slot is ignored, not a panic.
@@ -819,6 +894,48 @@ mod tests {
         let mut zero = ZeroMode::PunchHole;
         UringEngine::complete(&mut b, &mut zero, slot, 500);
         assert_eq!((b.refs[0], b.in_flight()), (0, 0));
-        assert!(b.active.is_empty() && b.work.is_empty());
+        assert!(!b.is_active(0) && b.work.is_empty());
+    }
+
+    fn w(offset: u64, data: &[u8]) -> WriteOp<'_> {
+        WriteOp::Write { offset, data }
+    }
+
+    #[test]
+    fn overlap_clusters_join_what_overlaps_and_nothing_else() {
+        let d = [0u8; 100];
+        let ops = [
+            w(0, &d),                             // 0: [0, 100)
+            w(500, &d[..8]),                      // 1: alone
+            w(50, &d[..10]),                      // 2: inside 0
+            w(10, &d[..10]),                      // 3: inside 0, before 2 in offset order
+            w(100, &d[..1]),                      // 4: touches 0's end: alone
+            WriteOp::Zero { offset: 20, len: 0 }, // 5: empty: alone
+            w(1000, &d),                          // 6: with 7
+            w(1099, &d[..2]),                     // 7
+        ];
+        let o = Overlaps::of(&ops);
+        let earlier: Vec<&[usize]> = (0..ops.len()).map(|i| o.earlier(i)).collect();
+        assert_eq!(earlier, [&[][..], &[], &[0], &[0, 2], &[], &[], &[], &[6]],);
+    }
+
+    proptest::proptest! {
+        /// Every earlier op an op overlaps is among those it is checked against.
+        #[test]
+        fn overlap_clusters_cover_every_overlapping_pair(
+            ranges in proptest::collection::vec((0u64..64, 0usize..16), 0..40)
+        ) {
+            let d = [0u8; 16];
+            let ops: Vec<WriteOp<'_>> = ranges.iter().map(|&(o, l)| w(o, &d[..l])).collect();
+            let o = Overlaps::of(&ops);
+            for j in 0..ops.len() {
+                for i in 0..j {
+                    if ops[i].overlaps(&ops[j]) {
+                        proptest::prop_assert!(o.earlier(j).contains(&i), "{i} before {j}");
+                    }
+                }
+                proptest::prop_assert!(o.earlier(j).iter().all(|&i| i < j));
+            }
+        }
     }
 }

@@ -756,7 +756,7 @@ mod tests {
             format: ImageFormat::Raw,
             engine: Engine::Sync,
             create_size: Some(size),
-            direct_io: false,
+            direct_io: crate::image::DirectIo::Off,
         };
         let mut img = open_image(&spec).unwrap();
         let bs = BlockSize::DEFAULT;

@@ -162,7 +162,7 @@ fn disk_spec(d: &DiskSpec, engine: Engine) -> ImageSpec {
         format: d.format,
         engine,
         create_size: None,
-        direct_io: false,
+        direct_io: crate::image::DirectIo::Off,
     }
 }
 

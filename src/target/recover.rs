@@ -338,7 +338,7 @@ impl PointView {
                 format: d.format.image_format(),
                 engine: Engine::Sync,
                 create_size: None,
-                direct_io: false,
+                direct_io: crate::image::DirectIo::Off,
             })?;
             let size = image.size();
             replicas.push(Replica { id, image, size });
@@ -472,7 +472,7 @@ impl PointView {
             },
             engine: Engine::Sync,
             create_size: Some(size),
-            direct_io: false,
+            direct_io: crate::image::DirectIo::Off,
         })?;
         // Reads here, writes on a second thread: the two disks' work overlaps.
         let (full_tx, full_rx) = crossbeam_channel::bounded::<(u64, Vec<u8>)>(2);

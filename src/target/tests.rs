@@ -882,6 +882,49 @@ async fn the_redo_journal_is_replayed_at_start_without_the_relay() {
     assert_eq!(log.applies, frames.len() as u64);
 }
 
+/// A frame of the redo journal that does not open (its tag altered after it
+/// was journaled) stops the replay with an error naming the frame; the frames
+/// before it are applied, nothing after it is, and the journal keeps every
+/// frame (nothing is trimmed past the watermark).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redo_frame_that_does_not_open_stops_the_replay_naming_it() {
+    let site = Site::new(&["g1"]).await;
+    let mut c = site.chain("g1");
+    let size = 4 * MIB;
+    let mut rng = Prng::new(12);
+    let mut frames = vec![c.w(&[Rec::Size(0, size)])];
+    for i in 0..5 {
+        let recs = random_records(&mut rng, 200 + i, &[0], size, 8);
+        frames.push(c.w(&recs));
+    }
+    let bad = frames[3].header.frame_no;
+    let mut sealed: Vec<Vec<u8>> = frames.iter().map(|f| f.bytes.clone()).collect();
+    *sealed[3].last_mut().unwrap() ^= 1;
+    let (gdir, cfg) = (site.group_dir("g1"), site.cfg.clone());
+    let (err, head) = tokio::task::spawn_blocking(move || {
+        {
+            let (redo, _) = super::redo::Redo::open(&gdir, "g1", 0).expect("open redo");
+            for b in sealed {
+                redo.append_blocking(&std::sync::Arc::new(b))
+                    .expect("append");
+            }
+        }
+        let err = super::run_group_offline(&cfg, "g1").expect_err("a frame does not open");
+        let (redo, _) = super::redo::Redo::open(&gdir, "g1", 0).expect("open redo");
+        (err, redo.head())
+    })
+    .await
+    .unwrap();
+    assert!(matches!(err, TargetError::Redo { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("frame {bad} does not open")),
+        "{err}"
+    );
+    assert_eq!(head, c.tip.frame_no, "the journal keeps every frame");
+    assert!(watermark_of(&site, "g1").frame_no < bad);
+}
+
 /// A VMDK replica that is not a valid VMDK (here: garbage where its header
 /// should be) stops the target at start with an error naming the file, and
 /// the file is left as it was.

@@ -90,7 +90,7 @@ pub(super) fn spec(
         format,
         engine,
         create_size: create,
-        direct_io: false,
+        direct_io: crate::image::DirectIo::Off,
     }
 }
 

@@ -22,28 +22,34 @@ impl Applier {
     /// and make them durable. Until this returns the session does not start,
     /// so the relay's redelivery of these frames is dropped by the gate as
     /// duplicates.
-    pub(super) fn replay(&mut self, mut opener: Opener) -> Result<(), TargetError> {
+    pub(super) fn replay(&mut self, opener: Opener) -> Result<(), TargetError> {
         let mut replayed = 0u64;
-        loop {
-            let frames = self
-                .redo
-                .read_after(self.applied.frame_no, REPLAY_CHUNK)
+        // Frames are read and opened (AES-GCM, zstd) on a helper thread a
+        // few frames ahead, as a live session's open pool does, so this
+        // thread's time goes to the writes.
+        let (tx, rx) = crossbeam_channel::bounded(REPLAY_AHEAD);
+        let reader = ReplayReader {
+            redo: self.redo.clone(),
+            after: self.applied.frame_no,
+            opener,
+            group: self.group.clone(),
+            dir: self.redo_dir(),
+        };
+        std::thread::scope(|s| -> Result<(), TargetError> {
+            std::thread::Builder::new()
+                .name(format!("replay-{}", self.group))
+                .spawn_scoped(s, move || reader.run(&tx))
                 .map_err(|e| TargetError::Redo {
                     group: self.group.clone(),
-                    source: Box::new(e),
-                })?;
-            if frames.is_empty() {
-                break;
-            }
-            for f in frames {
-                let frame = opener.open_owned(f.bytes).map_err(|e| TargetError::Redo {
-                    group: self.group.clone(),
-                    source: Box::new(SpoolError::Corrupt {
-                        file: self.redo_dir(),
-                        offset: 0,
-                        what: format!("frame {} does not open: {e}", f.frame_no),
+                    source: Box::new(SpoolError::Io {
+                        op: "start the replay's reader thread for",
+                        path: self.redo_dir(),
+                        source: e,
                     }),
                 })?;
+            // Returning early drops `rx`: the reader's next send fails and it ends.
+            for frame in rx {
+                let frame = frame?;
                 // No new point during a replay: until the journal's last
                 // frame, blocks that later frames wrote before the crash
                 // already hold their later content, so a before-image read
@@ -61,7 +67,8 @@ impl Applier {
                     })?;
                 }
             }
-        }
+            Ok(())
+        })?;
         if replayed > 0 {
             self.commit()
                 .and_then(|()| self.wait_flush())
@@ -562,4 +569,57 @@ struct Plan {
     create: Vec<Option<u64>>,
     /// Per slot: grow the open replica to this size.
     grow: Vec<Option<u64>>,
+}
+
+/// Frames opened ahead of the replay (each up to a frame's plaintext).
+const REPLAY_AHEAD: usize = 4;
+
+/// Reads the redo journal after the watermark and opens its frames, in chain
+/// order, for [`Applier::replay`].
+struct ReplayReader {
+    redo: super::super::redo::Redo,
+    after: u64,
+    opener: Opener,
+    group: String,
+    dir: PathBuf,
+}
+
+impl ReplayReader {
+    /// Send every frame after `after`, opened, then end (the channel closes);
+    /// the first error is sent and ends it too.
+    fn run(mut self, tx: &crossbeam_channel::Sender<Result<OpenedFrame, TargetError>>) {
+        loop {
+            let frames = match self.redo.read_after(self.after, REPLAY_CHUNK) {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = tx.send(Err(TargetError::Redo {
+                        group: self.group.clone(),
+                        source: Box::new(e),
+                    }));
+                    return;
+                }
+            };
+            if frames.is_empty() {
+                return;
+            }
+            for f in frames {
+                self.after = f.frame_no;
+                let opened = self
+                    .opener
+                    .open_owned(f.bytes)
+                    .map_err(|e| TargetError::Redo {
+                        group: self.group.clone(),
+                        source: Box::new(SpoolError::Corrupt {
+                            file: self.dir.clone(),
+                            offset: 0,
+                            what: format!("frame {} does not open: {e}", f.frame_no),
+                        }),
+                    });
+                let failed = opened.is_err();
+                if tx.send(opened).is_err() || failed {
+                    return;
+                }
+            }
+        }
+    }
 }

@@ -116,7 +116,7 @@ pub(crate) struct ApplySetup {
     /// Bytes of frames (plaintext) per group commit, at most.
     pub batch_bytes: u64,
     /// Write block-aligned data to the replicas with O_DIRECT when possible.
-    pub direct_io: bool,
+    pub direct_io: crate::image::DirectIo,
     /// The group's watermark file.
     pub watermark: Watermark,
     /// The group's apply log path.
@@ -199,7 +199,7 @@ struct Applier {
     group: String,
     slots: Vec<Slot>,
     engine: Engine,
-    direct_io: bool,
+    direct_io: crate::image::DirectIo,
     batch_bytes: u64,
     log: ApplyLog,
     status: SharedStatus,
@@ -263,7 +263,7 @@ pub(crate) fn spawn(
 /// for good if io_uring is unavailable.
 fn open_replica(
     engine: &mut Engine,
-    direct_io: bool,
+    direct_io: crate::image::DirectIo,
     group: &str,
     path: &Path,
     format: ImageFormat,

@@ -457,7 +457,7 @@ fn batched_preserve_keeps_the_same_images_as_the_per_run_path() {
             format,
             engine: Engine::Uring,
             create_size: Some(size),
-            direct_io: false,
+            direct_io: crate::image::DirectIo::Off,
         })
         .unwrap();
         let mut rng = Prng::new(11);
