@@ -7,6 +7,8 @@
 //! in the received buffer and never shifts the plaintext.
 
 use std::io::Cursor;
+
+use crate::util::aligned::BLOCK;
 use std::ops::Range;
 
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, Tag, UnboundKey};
@@ -505,13 +507,59 @@ impl<'a> Iterator for AllRecords<'a> {
 
 impl ExactSizeIterator for AllRecords<'_> {}
 
+/// Decompress `src`, which must be exactly one zstd frame recording a content
+/// size of `plain` bytes, into `out` from index `pad` on (`out` is empty with
+/// room for `pad + plain` bytes; the pad is zeroed). With the content size
+/// checked first and the room there, zstd decodes the frame in one pass
+/// straight into `out`, in one call.
+fn decompress_one_frame(
+    dctx: &mut zstd::zstd_safe::DCtx<'static>,
+    src: &[u8],
+    out: &mut Vec<u8>,
+    pad: usize,
+    plain: usize,
+) -> Result<(), String> {
+    use zstd::zstd_safe::{InBuffer, OutBuffer, ResetDirective, get_error_name};
+    match zstd::zstd_safe::get_frame_content_size(src) {
+        Ok(Some(n)) if n == plain as u64 => {}
+        Ok(Some(n)) => return Err(format!("the zstd frame records {n} bytes")),
+        Ok(None) => return Err("the zstd frame records no content size".into()),
+        Err(e) => return Err(format!("no zstd frame header: {e}")),
+    }
+    match zstd::zstd_safe::find_frame_compressed_size(src) {
+        Ok(n) if n == src.len() => {}
+        Ok(n) => {
+            return Err(format!(
+                "{} bytes follow the zstd frame",
+                src.len().saturating_sub(n)
+            ));
+        }
+        Err(code) => return Err(get_error_name(code).to_string()),
+    }
+    if out.capacity() < pad.saturating_add(plain) || !out.is_empty() {
+        return Err("no room for the payload".into());
+    }
+    dctx.reset(ResetDirective::SessionOnly)
+        .map_err(|code| get_error_name(code).to_string())?;
+    let mut output = OutBuffer::around_pos(out, pad);
+    let mut input = InBuffer::around(src);
+    let left = dctx
+        .decompress_stream(&mut output, &mut input)
+        .map_err(|code| get_error_name(code).to_string())?;
+    let got = output.pos() - pad;
+    if left != 0 || input.pos() != src.len() || got != plain {
+        return Err(format!("got {got} bytes"));
+    }
+    Ok(())
+}
+
 /// Opens frames of one group: checks the header, the group, the key epoch and the
 /// tag, then decompresses and checks the records. Reuses a zstd context and a
 /// ciphertext buffer across calls.
 pub struct Opener {
     group: GroupName,
     keys: Vec<(u32, LessSafeKey)>,
-    zstd: zstd::bulk::Decompressor<'static>,
+    zstd: zstd::zstd_safe::DCtx<'static>,
 }
 
 impl std::fmt::Debug for Opener {
@@ -529,7 +577,11 @@ impl Opener {
         let mut o = Opener {
             group,
             keys: Vec::with_capacity(keys.len()),
-            zstd: zstd::bulk::Decompressor::new().map_err(FrameError::Zstd)?,
+            zstd: zstd::zstd_safe::DCtx::try_create().ok_or_else(|| {
+                FrameError::Zstd(std::io::Error::other(
+                    "zstd cannot create a decompression context",
+                ))
+            })?,
         };
         for (epoch, key) in keys {
             o.add_key(epoch, &key)?;
@@ -635,15 +687,22 @@ impl Opener {
                     plain_len: h.plain_len,
                     detail,
                 };
-                let mut out = Vec::with_capacity(plain);
-                let n = self
-                    .zstd
-                    .decompress_to_buffer(&bytes[HEADER_LEN..HEADER_LEN + stored], &mut out)
-                    .map_err(|e| decompress(e.to_string()))?;
-                if n != plain || out.len() != plain {
-                    return Err(decompress(format!("got {n} bytes")));
-                }
-                (out, 0)
+                // The data area (after the record headers) is placed on a
+                // block boundary of the buffer, so a replica written with
+                // O_DIRECT takes block-aligned writes without a copy.
+                let mut out = Vec::with_capacity(plain + BLOCK);
+                let hdr_len = h.record_count as usize * RECORD_HEADER_LEN;
+                let misalign = (out.as_ptr() as usize).wrapping_add(hdr_len) % BLOCK;
+                let pad = (BLOCK - misalign) % BLOCK;
+                decompress_one_frame(
+                    &mut self.zstd,
+                    &bytes[HEADER_LEN..HEADER_LEN + stored],
+                    &mut out,
+                    pad,
+                    plain,
+                )
+                .map_err(decompress)?;
+                (out, pad)
             }
         };
         let payload = &buf[start..start + plain];

@@ -900,6 +900,16 @@ fn authenticated_but_invalid_payloads_are_refused() {
         ("garbage", n, vec![0xAB; 40]),
         ("trailing", n, [z.as_slice(), &[0]].concat()),
         ("truncated", n, z[..z.len() - 1].to_vec()),
+        ("two frames", n, {
+            let half = zstd::bulk::compress(&plain[..2000], 3).unwrap();
+            [half, zstd::bulk::compress(&plain[2000..], 3).unwrap()].concat()
+        }),
+        ("no content size", n, {
+            let mut e = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+            e.include_contentsize(false).unwrap();
+            std::io::Write::write_all(&mut e, &plain).unwrap();
+            e.finish().unwrap()
+        }),
     ] {
         let f = forge(
             &forged_header(1, plain_len, Codec::Zstd, stored.len() as u32),
@@ -911,7 +921,13 @@ fn authenticated_but_invalid_payloads_are_refused() {
     }
     // And the same forge path accepts the honest payload.
     let f = forge(&forged_header(1, n, Codec::Zstd, z.len() as u32), &z);
-    assert_eq!(o.open(&f).unwrap().data(), vec![5u8; 4000]);
+    let opened = o.open(&f).unwrap();
+    assert_eq!(opened.data(), vec![5u8; 4000]);
+    // The data area starts on a block boundary (for direct I/O without a copy).
+    assert_eq!(
+        opened.data().as_ptr() as usize % crate::util::aligned::BLOCK,
+        0
+    );
 }
 
 #[test]

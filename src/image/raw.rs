@@ -194,39 +194,42 @@ impl RawImage {
     }
 
     /// Write a run of direct-eligible `ops` (already range-checked) through the
-    /// `O_DIRECT` descriptor, their data copied into the aligned bounce buffer.
+    /// `O_DIRECT` descriptor: data at a block-aligned address as it is (an
+    /// opened frame places its data so), other data copied into the aligned
+    /// bounce buffer first.
     /// If the file system refuses direct writes after all (EINVAL), direct I/O is
     /// switched off for this image and the run is written through the page cache.
     fn write_direct(&mut self, ops: &[WriteOp<'_>], first: usize) -> Result<(), ImageError> {
         let Some(direct) = self.direct.as_ref() else {
             return self.write_buffered(ops, first);
         };
-        let bytes: usize = ops
-            .iter()
-            .map(|op| match op {
-                WriteOp::Write { data, .. } => data.len(),
-                WriteOp::Zero { .. } => 0,
-            })
-            .sum();
+        // Data the kernel cannot take in place: not at a block-aligned address.
+        fn staged_data<'a>(op: &WriteOp<'a>) -> Option<&'a [u8]> {
+            match *op {
+                WriteOp::Write { data, .. } if !(data.as_ptr() as usize).is_multiple_of(BLOCK) => {
+                    Some(data)
+                }
+                _ => None,
+            }
+        }
+        let bytes: usize = ops.iter().filter_map(staged_data).map(<[u8]>::len).sum();
         self.bounce.reserve(bytes);
         let mut at = 0;
-        for op in ops {
-            if let WriteOp::Write { data, .. } = op {
-                self.bounce.bytes_mut()[at..at + data.len()].copy_from_slice(data);
-                at += data.len();
-            }
+        for data in ops.iter().filter_map(staged_data) {
+            self.bounce.bytes_mut()[at..at + data.len()].copy_from_slice(data);
+            at += data.len();
         }
         let staged = self.bounce.bytes();
         let mut at = 0;
         let aligned: Vec<WriteOp<'_>> = ops
             .iter()
-            .map(|op| match *op {
-                WriteOp::Write { offset, data } => {
+            .map(|op| match (*op, staged_data(op)) {
+                (WriteOp::Write { offset, data }, Some(_)) => {
                     let d = &staged[at..at + data.len()];
                     at += data.len();
                     WriteOp::Write { offset, data: d }
                 }
-                zero => zero,
+                (op, _) => op,
             })
             .collect();
         let before = self.zero_mode;
