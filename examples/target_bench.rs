@@ -29,8 +29,9 @@
 //!   whole workload is one epoch: a block written twice keeps one
 //!   before-image); and appends them to the group's redo journal (the same
 //!   spool options as `target::redo`). It also times opening every frame
-//!   once (`open_secs`, the decrypt + decompress work the replay does on the
-//!   apply thread, which a live target does in its open pool instead).
+//!   once (`open_secs`, the decrypt + decompress work the replay does on its
+//!   reader thread, a few frames ahead of the apply thread, as a live target
+//!   does in its open pool).
 //! - `apply` (timed, in its own process, which does nothing else) takes the
 //!   state directory's lock and runs `run_group_offline`; it reports the
 //!   seconds, the writes per second, the process's peak RSS (`VmHWM`), the
