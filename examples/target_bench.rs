@@ -591,7 +591,7 @@ fn apply(a: ApplyArgs) -> anyhow::Result<()> {
             format: ImageFormat::Raw,
             engine: Engine::Sync,
             create_size: None,
-            direct_io: cfg.target.direct_io.into(),
+            direct_io: cfg.target.direct_io,
         })?
         .direct_io(),
         Format::Vmdk => false,

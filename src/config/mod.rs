@@ -113,29 +113,11 @@ pub enum Engine {
     Sync,
 }
 
-/// target.toml's `direct_io`: `true`, `false` or `"auto"` (see
-/// [`crate::image::DirectIo`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum DirectIo {
-    /// `false`.
-    Off,
-    /// `true`.
-    On,
-    /// `"auto"`.
-    #[default]
-    Auto,
-}
+/// target.toml's `direct_io`: `true`, `false` or `"auto"`.
+pub use crate::image::DirectIo;
 
-impl From<DirectIo> for crate::image::DirectIo {
-    fn from(d: DirectIo) -> Self {
-        match d {
-            DirectIo::Off => crate::image::DirectIo::Off,
-            DirectIo::On => crate::image::DirectIo::On,
-            DirectIo::Auto => crate::image::DirectIo::Auto,
-        }
-    }
-}
-
+// In target.toml: `false`, `true`, or the string "auto" (a bool from older
+// configs keeps its meaning).
 impl Serialize for DirectIo {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match self {

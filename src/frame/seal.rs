@@ -345,7 +345,8 @@ pub struct OpenedFrame {
     /// Marker records in seq order.
     markers: Vec<Marker>,
     /// The buffer the data lives in (the decrypted frame for a raw frame,
-    /// the decompressed payload for a zstd frame).
+    /// the decompressed payload for a zstd frame, after a pad that puts the
+    /// data area on a block boundary).
     buf: Vec<u8>,
     /// Where in `buf` the data area is.
     data: Range<usize>,
@@ -509,7 +510,7 @@ impl ExactSizeIterator for AllRecords<'_> {}
 
 /// Decompress `src`, which must be exactly one zstd frame recording a content
 /// size of `plain` bytes, into `out` from index `pad` on (`out` is empty with
-/// room for `pad + plain` bytes; the pad is zeroed). With the content size
+/// room for `pad + plain` bytes; the pad is zeroed first). With the content size
 /// checked first and the room there, zstd decodes the frame in one pass
 /// straight into `out`, in one call.
 fn decompress_one_frame(
@@ -539,6 +540,7 @@ fn decompress_one_frame(
     if out.capacity() < pad.saturating_add(plain) || !out.is_empty() {
         return Err("no room for the payload".into());
     }
+    out.resize(pad, 0);
     dctx.reset(ResetDirective::SessionOnly)
         .map_err(|code| get_error_name(code).to_string())?;
     let mut output = OutBuffer::around_pos(out, pad);
@@ -672,6 +674,7 @@ impl Opener {
         }
         // Authenticated from here on.
         let plain = h.plain_len as usize; // <= MAX_PLAIN_LEN, checked by parse()
+        let hdr_len = h.record_count as usize * RECORD_HEADER_LEN;
         let (buf, start) = match h.codec {
             Codec::Raw => {
                 if stored != plain {
@@ -691,7 +694,6 @@ impl Opener {
                 // block boundary of the buffer, so a replica written with
                 // O_DIRECT takes block-aligned writes without a copy.
                 let mut out = Vec::with_capacity(plain + BLOCK);
-                let hdr_len = h.record_count as usize * RECORD_HEADER_LEN;
                 let misalign = (out.as_ptr() as usize).wrapping_add(hdr_len) % BLOCK;
                 let pad = (BLOCK - misalign) % BLOCK;
                 decompress_one_frame(
@@ -706,7 +708,6 @@ impl Opener {
             }
         };
         let payload = &buf[start..start + plain];
-        let hdr_len = h.record_count as usize * RECORD_HEADER_LEN;
         let invalid = |RecordIssue {
                            index,
                            field,

@@ -904,6 +904,12 @@ fn authenticated_but_invalid_payloads_are_refused() {
             let half = zstd::bulk::compress(&plain[..2000], 3).unwrap();
             [half, zstd::bulk::compress(&plain[2000..], 3).unwrap()].concat()
         }),
+        // The first frame records the right size; a second one follows.
+        (
+            "a frame after the frame",
+            n,
+            [z.as_slice(), z.as_slice()].concat(),
+        ),
         ("no content size", n, {
             let mut e = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
             e.include_contentsize(false).unwrap();

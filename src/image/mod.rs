@@ -43,8 +43,13 @@ pub const ZERO_CHUNK: usize = 1 << 20;
 pub(crate) const MAX_IO_CHUNK: usize = 1 << 30;
 
 /// One immutable, shared buffer of zeros (in .bss: costs no file size and no
-/// allocation). `'static`, so the kernel may read it at any time.
-pub(crate) static ZEROS: [u8; ZERO_CHUNK] = [0u8; ZERO_CHUNK];
+/// allocation). `'static`, so the kernel may read it at any time; aligned to
+/// a block, so zero writes may go through an `O_DIRECT` descriptor.
+pub(crate) static ZEROS: &[u8; ZERO_CHUNK] = &ZERO_BLOCKS.0;
+
+#[repr(C, align(4096))]
+struct ZeroBlocks([u8; ZERO_CHUNK]);
+static ZERO_BLOCKS: ZeroBlocks = ZeroBlocks([0u8; ZERO_CHUNK]);
 
 /// One change to apply to an image, at a byte offset of the virtual disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

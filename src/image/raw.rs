@@ -22,6 +22,9 @@ pub struct RawImage {
     file: File,
     /// A second descriptor with `O_DIRECT`, for block-aligned writes.
     direct: Option<File>,
+    /// `direct` was taken by [`DirectIo::Auto`] for a file without holes: the
+    /// first hole punched drops it (see [`RawImage::write_batch`]).
+    direct_auto_file: bool,
     /// Aligned copies of the data of direct writes.
     bounce: AlignedBuf,
     /// A read-only `O_DIRECT` descriptor for aligned batch reads, once
@@ -55,15 +58,11 @@ fn direct_wanted(mode: DirectIo, file: &File, size: u64, block_device: bool) -> 
 /// The bounce buffer is given back after a batch larger than this.
 const BOUNCE_KEEP: usize = 16 << 20;
 
-/// True for an op the direct descriptor can take: a write whose offset and
-/// length are whole blocks, or a zero range (a metadata operation either way).
+/// True for an op the direct descriptor can take: a write or a zero range
+/// whose offset and length are whole blocks (a zero range may be written
+/// with zeros, from the block-aligned [`super::ZEROS`]).
 fn direct_ok(op: &WriteOp<'_>) -> bool {
-    match *op {
-        WriteOp::Write { offset, data } => {
-            offset.is_multiple_of(BLOCK as u64) && data.len().is_multiple_of(BLOCK)
-        }
-        WriteOp::Zero { .. } => true,
-    }
+    op.offset().is_multiple_of(BLOCK as u64) && op.len().is_multiple_of(BLOCK as u64)
 }
 
 impl std::fmt::Debug for RawImage {
@@ -134,7 +133,8 @@ impl RawImage {
         } else {
             ZeroMode::PunchHole
         };
-        let direct = if direct_wanted(spec.direct_io, &file, size, block_device) {
+        let wanted = direct_wanted(spec.direct_io, &file, size, block_device);
+        let direct = if wanted {
             match OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -151,12 +151,19 @@ impl RawImage {
             None
         };
         if spec.direct_io == DirectIo::Auto {
-            tracing::info!(path = %path.display(), block_device, direct_io = direct.is_some(), "direct I/O auto: {}", if direct.is_some() { "on (a block device or a file without holes)" } else { "off (a sparse file: direct writes that allocate run one at a time)" });
+            let why = match (wanted, direct.is_some()) {
+                (true, true) if block_device => "on: a block device",
+                (true, true) => "on: a file without holes",
+                (true, false) => "off: the file system refused O_DIRECT",
+                (false, _) => "off: a sparse file (direct writes that allocate run one at a time)",
+            };
+            tracing::info!(path = %path.display(), direct_io = direct.is_some(), "direct I/O auto: {why}");
         }
         tracing::debug!(path = %path.display(), size, block_device, direct_io = direct.is_some(), engine = %engine.kind(), "opened raw image");
         Ok(RawImage {
             path,
             file,
+            direct_auto_file: spec.direct_io == DirectIo::Auto && !block_device && direct.is_some(),
             direct,
             bounce: AlignedBuf::new(BLOCK),
             direct_read: DirectReads::default(),
@@ -206,7 +213,9 @@ impl RawImage {
         // Data the kernel cannot take in place: not at a block-aligned address.
         fn staged_data<'a>(op: &WriteOp<'a>) -> Option<&'a [u8]> {
             match *op {
-                WriteOp::Write { data, .. } if !(data.as_ptr() as usize).is_multiple_of(BLOCK) => {
+                WriteOp::Write { offset, data }
+                    if !crate::util::aligned::direct_ok(offset, data) =>
+                {
                     Some(data)
                 }
                 _ => None,
@@ -287,6 +296,18 @@ impl Image for RawImage {
 
     fn write_batch(&mut self, ops: &[WriteOp<'_>]) -> Result<(), ImageError> {
         self.check_ranges(ops)?;
+        if self.direct_auto_file
+            && self.zero_mode == ZeroMode::PunchHole
+            && ops
+                .iter()
+                .any(|op| matches!(op, WriteOp::Zero { len, .. } if *len > 0))
+        {
+            // Auto chose direct I/O because the file had no hole; a zero op
+            // punches one, and direct writes into holes run one at a time.
+            tracing::info!(path = %self.path.display(), "direct I/O auto: off from now on: a zero range punches a hole");
+            self.direct = None;
+            self.direct_auto_file = false;
+        }
         if self.direct.is_none() {
             return self.write_buffered(ops, 0);
         }

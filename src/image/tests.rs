@@ -405,6 +405,64 @@ fn direct_writes_from_aligned_and_unaligned_memory_keep_batch_order() {
     assert!(std::fs::read(&path).unwrap() == std::fs::read(&ref_path).unwrap());
 }
 
+/// Zero ranges written with zeros (block devices; forced here on a file) go
+/// through the direct descriptor when block-aligned, from the aligned zero
+/// buffer, and direct I/O stays on; unaligned ones go through the page cache.
+/// Under `DirectIo::Auto`, a file's direct I/O ends at the first zero range,
+/// which punches a hole.
+#[test]
+fn zero_ranges_keep_direct_io_and_auto_drops_it_at_the_first_hole() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 1usize << 20;
+    let path = dir.path().join("z.img");
+    random_file(&path, size, 8);
+    let mut want = std::fs::read(&path).unwrap();
+    let mut img = open_config(&path, Engine::Uring, 8, ZeroMode::WriteZeros, true);
+    let zeros = [
+        WriteOp::Zero {
+            offset: 4096,
+            len: 3 * 4096,
+        },
+        WriteOp::Zero {
+            offset: 100_000,
+            len: 50,
+        },
+    ];
+    img.write_batch(&zeros).unwrap();
+    img.flush().unwrap();
+    assert!(img.direct_io(), "direct I/O stays on after zero writes");
+    want[4096..4 * 4096].fill(0);
+    want[100_000..100_050].fill(0);
+    drop(img);
+    assert!(std::fs::read(&path).unwrap() == want);
+
+    let path = dir.path().join("auto.img");
+    random_file(&path, size, 9);
+    let mut s = spec(&path, Engine::Uring, None);
+    s.direct_io = DirectIo::Auto;
+    let mut img = RawImage::open(&s).unwrap();
+    assert!(img.direct_io());
+    let block = [7u8; 4096];
+    img.write_batch(&[WriteOp::Write {
+        offset: 8192,
+        data: &block,
+    }])
+    .unwrap();
+    assert!(img.direct_io(), "writes keep it");
+    img.write_batch(&[WriteOp::Zero {
+        offset: 65536,
+        len: 65536,
+    }])
+    .unwrap();
+    assert!(!img.direct_io(), "a punched hole ends it");
+    img.flush().unwrap();
+    let mut got = vec![1u8; 65536];
+    img.read_at(65536, &mut got).unwrap();
+    assert!(got.iter().all(|&b| b == 0));
+    img.read_at(8192, &mut got[..4096]).unwrap();
+    assert_eq!(&got[..4096], &block);
+}
+
 /// `DirectIo::Auto` takes `O_DIRECT` for a file without holes and leaves a
 /// sparse one (or one with a hole anywhere) to the page cache; `On` and `Off`
 /// are taken as said.

@@ -181,9 +181,7 @@ struct Batch {
     free: Vec<usize>,
     /// Pieces waiting for a slot, in order; remainders go to the front.
     work: VecDeque<Piece>,
-    /// Per op: pieces in flight or waiting. The op is complete at zero (ops
-    /// start in order, so an op below the next one to start with a count
-    /// above zero is started and not complete: active).
+    /// Per op: pieces in flight or waiting. The op is complete at zero.
     refs: Vec<u32>,
     /// Which ops may have to wait for an earlier one (see [`Overlaps`]).
     overlaps: Overlaps,
@@ -204,8 +202,15 @@ impl Batch {
     }
 
     /// True while op `op` (started) has pieces in flight or waiting.
+    #[cfg(test)]
     fn is_active(&self, op: usize) -> bool {
         self.refs[op] > 0
+    }
+
+    /// Op `op` starts with one piece.
+    fn start(&mut self, op: usize) {
+        self.refs[op] = 1;
+        self.overlaps.started(op);
     }
 
     fn in_flight(&self) -> usize {
@@ -214,6 +219,9 @@ impl Batch {
 
     fn release(&mut self, op: usize) {
         self.refs[op] -= 1;
+        if self.refs[op] == 0 {
+            self.overlaps.completed(op);
+        }
     }
 
     fn fail(&mut self, op: usize, e: io::Error) {
@@ -231,9 +239,9 @@ impl Batch {
     /// active op: it must wait until that one is complete.
     fn overlaps_active(&self, ops: &[WriteOp<'_>], next: usize) -> bool {
         self.overlaps
-            .earlier(next)
+            .active_with(next)
             .iter()
-            .any(|&a| self.is_active(a) && ops[a].overlaps(&ops[next]))
+            .any(|&a| ops[a].overlaps(&ops[next]))
     }
 }
 
@@ -241,18 +249,20 @@ impl Batch {
 /// nothing for the usual op that overlaps no other. A cluster is a maximal run
 /// of ops, in offset order, each starting before the furthest end of those
 /// before it; ops of different clusters never overlap. An op alone in its
-/// cluster never waits; any other is checked only against its cluster's
-/// members with a lower index.
+/// cluster never waits; any other is checked only against the active members
+/// of its cluster (started, not complete: at most the ring's depth + 1).
 #[derive(Debug, Default)]
 struct Overlaps {
     /// Per op: index of its cluster in `clusters`, or `NONE` when alone.
-    cluster: Vec<u32>,
+    cluster: Vec<usize>,
     /// Members of each cluster of two or more ops, in index order.
     clusters: Vec<Vec<usize>>,
+    /// Per cluster: its members started and not complete.
+    active: Vec<Vec<usize>>,
 }
 
 impl Overlaps {
-    const NONE: u32 = u32::MAX;
+    const NONE: usize = usize::MAX;
 
     fn of(ops: &[WriteOp<'_>]) -> Overlaps {
         let mut order: Vec<usize> = (0..ops.len()).filter(|&i| !ops[i].is_empty()).collect();
@@ -260,6 +270,7 @@ impl Overlaps {
         let mut o = Overlaps {
             cluster: vec![Self::NONE; ops.len()],
             clusters: Vec::new(),
+            active: Vec::new(),
         };
         let mut start = 0;
         while start < order.len() {
@@ -272,28 +283,50 @@ impl Overlaps {
                 end += 1;
             }
             if end - start > 1 {
-                let id = u32::try_from(o.clusters.len()).unwrap_or(Self::NONE - 1);
+                let id = o.clusters.len();
                 let mut members = order[start..end].to_vec();
                 members.sort_unstable();
                 for &m in &members {
                     o.cluster[m] = id;
                 }
                 o.clusters.push(members);
+                o.active.push(Vec::new());
             }
             start = end;
         }
         o
     }
 
-    /// The ops before `op` that it may overlap (a superset of those it does).
-    fn earlier(&self, op: usize) -> &[usize] {
-        match self.cluster.get(op).copied() {
-            Some(c) if c != Self::NONE => {
-                let members = &self.clusters[c as usize];
-                &members[..members.partition_point(|&m| m < op)]
-            }
-            _ => &[],
+    fn cluster_of(&self, op: usize) -> Option<usize> {
+        self.cluster.get(op).copied().filter(|&c| c != Self::NONE)
+    }
+
+    fn started(&mut self, op: usize) {
+        if let Some(c) = self.cluster_of(op) {
+            self.active[c].push(op);
         }
+    }
+
+    fn completed(&mut self, op: usize) {
+        if let Some(c) = self.cluster_of(op)
+            && let Some(i) = self.active[c].iter().position(|&a| a == op)
+        {
+            self.active[c].swap_remove(i);
+        }
+    }
+
+    /// The active ops `op` may overlap (those of its cluster).
+    fn active_with(&self, op: usize) -> &[usize] {
+        self.cluster_of(op).map_or(&[], |c| &self.active[c])
+    }
+
+    /// The ops before `op` that it may overlap (a superset of those it does).
+    #[cfg(test)]
+    fn earlier(&self, op: usize) -> &[usize] {
+        self.cluster_of(op).map_or(&[], |c| {
+            let members = &self.clusters[c];
+            &members[..members.partition_point(|&m| m < op)]
+        })
     }
 }
 
@@ -575,7 +608,7 @@ impl IoEngine for UringEngine {
                     pos: op.offset(),
                     len: op.len(),
                 });
-                batch.refs[next] = 1;
+                batch.start(next);
                 next += 1;
             }
             if batch.in_flight() == 0 {
@@ -801,7 +834,7 @@ mod tests {
             data: &data,
         }; 2];
         let mut b = Batch::new(&ops, 4);
-        b.refs[piece.op] = 1;
+        b.start(piece.op);
         let slot = b.free.pop().unwrap();
         b.slots[slot] = Some(piece);
         (b, slot as u64)
@@ -880,7 +913,7 @@ mod tests {
         assert_eq!(b.refs[1], 0);
         assert!(!b.is_active(1));
         assert_eq!(b.failure.as_ref().map(|f| f.0), Some(1));
-        b.refs[0] = 1;
+        b.start(0);
         b.fail(0, io::Error::from_raw_os_error(libc::ENOSPC));
         assert_eq!(b.failure.as_ref().map(|f| f.0), Some(0));
         // A completion for an unknown slot is ignored, not a panic.

@@ -470,7 +470,7 @@ fn apply_setup(
         disks: p.disks,
         engine,
         batch_bytes: cfg.target.apply_batch_bytes(),
-        direct_io: cfg.target.direct_io.into(),
+        direct_io: cfg.target.direct_io,
         watermark: p.watermark,
         log_path: p.log_path,
         status: status.clone(),

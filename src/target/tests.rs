@@ -883,9 +883,9 @@ async fn the_redo_journal_is_replayed_at_start_without_the_relay() {
 }
 
 /// A frame of the redo journal that does not open (its tag altered after it
-/// was journaled) stops the replay with an error naming the frame; the frames
-/// before it are applied, nothing after it is, and the journal keeps every
-/// frame (nothing is trimmed past the watermark).
+/// was journaled) stops the replay with an error naming the frame; the
+/// watermark does not pass it and the journal keeps every frame (nothing is
+/// trimmed past the watermark).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redo_frame_that_does_not_open_stops_the_replay_naming_it() {
     let site = Site::new(&["g1"]).await;
@@ -923,6 +923,43 @@ async fn a_redo_frame_that_does_not_open_stops_the_replay_naming_it() {
     );
     assert_eq!(head, c.tip.frame_no, "the journal keeps every frame");
     assert!(watermark_of(&site, "g1").frame_no < bad);
+}
+
+/// A journaled frame the apply refuses (a write to a disk the group does not
+/// have) ends the replay with that error while the replay's reader is still
+/// ahead of it, blocked on a full queue: the reader ends too, nothing hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redo_frame_the_apply_refuses_ends_the_replay_and_its_reader() {
+    let site = Site::new(&["g1"]).await;
+    let mut c = site.chain("g1");
+    let size = 4 * MIB;
+    let mut rng = Prng::new(13);
+    let mut frames = vec![c.w(&[Rec::Size(0, size)])];
+    frames.push(c.w(&[Rec::Size(9, size), Rec::Write(9, 0, data(1, 4096))]));
+    for i in 0..24 {
+        let recs = random_records(&mut rng, 300 + i, &[0], size, 4);
+        frames.push(c.w(&recs));
+    }
+    let sealed: Vec<Vec<u8>> = frames.iter().map(|f| f.bytes.clone()).collect();
+    let (gdir, cfg) = (site.group_dir("g1"), site.cfg.clone());
+    let err = tokio::time::timeout(
+        WAIT,
+        tokio::task::spawn_blocking(move || {
+            {
+                let (redo, _) = super::redo::Redo::open(&gdir, "g1", 0).expect("open redo");
+                for b in sealed {
+                    redo.append_blocking(&std::sync::Arc::new(b))
+                        .expect("append");
+                }
+            }
+            super::run_group_offline(&cfg, "g1").expect_err("disk 9 is not in the group")
+        }),
+    )
+    .await
+    .expect("the replay ends")
+    .unwrap();
+    assert!(matches!(err, TargetError::Replay { .. }), "{err}");
+    assert!(err.to_string().contains("disk 9"), "{err}");
 }
 
 /// A VMDK replica that is not a valid VMDK (here: garbage where its header

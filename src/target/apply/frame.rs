@@ -15,6 +15,7 @@ use crate::util::durable::{io_no_space, no_space_errno};
 use crate::util::time::now_us;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 impl Applier {
     /// Apply again, in chain order, the frames of the redo journal after the
@@ -34,6 +35,7 @@ impl Applier {
             opener,
             group: self.group.clone(),
             dir: self.redo_dir(),
+            ahead: Arc::new(Ahead::default()),
         };
         std::thread::scope(|s| -> Result<(), TargetError> {
             std::thread::Builder::new()
@@ -48,8 +50,10 @@ impl Applier {
                     }),
                 })?;
             // Returning early drops `rx`: the reader's next send fails and it ends.
-            for frame in rx {
-                let frame = frame?;
+            for item in rx {
+                // The charge is given back when `frame` has been applied (or
+                // dropped on an early return).
+                let (frame, _charge) = item?;
                 // No new point during a replay: until the journal's last
                 // frame, blocks that later frames wrote before the crash
                 // already hold their later content, so a before-image read
@@ -571,9 +575,63 @@ struct Plan {
     grow: Vec<Option<u64>>,
 }
 
-/// Frames opened ahead of the replay (each up to a frame's plaintext).
+/// Frames opened ahead of the replay, at most.
 const REPLAY_AHEAD: usize = 4;
+/// Plaintext bytes opened ahead of the replay, at most (one frame, whatever
+/// its size, may always go when nothing else is ahead).
+const REPLAY_AHEAD_BYTES: u64 = 16 << 20;
 
+/// The plaintext bytes opened and not yet applied, shared by the replay's
+/// reader (which waits for room) and the apply thread (which frees it).
+#[derive(Debug, Default)]
+struct Ahead {
+    bytes: Mutex<u64>,
+    freed: Condvar,
+}
+
+impl Ahead {
+    /// Wait until `n` more bytes fit (or nothing is ahead), and take them.
+    fn take(self: &Arc<Self>, n: u64) -> AheadCharge {
+        let mut used = self.bytes.lock().unwrap_or_else(PoisonError::into_inner);
+        while *used > 0 && used.saturating_add(n) > REPLAY_AHEAD_BYTES {
+            // Bounded wait: a charge dropped anywhere notifies; the timeout
+            // only re-checks.
+            used = self
+                .freed
+                .wait_timeout(used, std::time::Duration::from_millis(100))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        *used += n;
+        AheadCharge {
+            ahead: Arc::clone(self),
+            n,
+        }
+    }
+}
+
+/// `n` bytes of [`Ahead`], given back when dropped.
+#[derive(Debug)]
+struct AheadCharge {
+    ahead: Arc<Ahead>,
+    n: u64,
+}
+
+impl Drop for AheadCharge {
+    fn drop(&mut self) {
+        let mut used = self
+            .ahead
+            .bytes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *used = used.saturating_sub(self.n);
+        self.ahead.freed.notify_all();
+    }
+}
+
+/// What the replay's reader sends: a frame opened with its charge, or the
+/// error that ends the replay.
+type ReplayItem = Result<(OpenedFrame, AheadCharge), TargetError>;
 /// Reads the redo journal after the watermark and opens its frames, in chain
 /// order, for [`Applier::replay`].
 struct ReplayReader {
@@ -582,12 +640,13 @@ struct ReplayReader {
     opener: Opener,
     group: String,
     dir: PathBuf,
+    ahead: Arc<Ahead>,
 }
 
 impl ReplayReader {
     /// Send every frame after `after`, opened, then end (the channel closes);
     /// the first error is sent and ends it too.
-    fn run(mut self, tx: &crossbeam_channel::Sender<Result<OpenedFrame, TargetError>>) {
+    fn run(mut self, tx: &crossbeam_channel::Sender<ReplayItem>) {
         loop {
             let frames = match self.redo.read_after(self.after, REPLAY_CHUNK) {
                 Ok(f) => f,
@@ -604,9 +663,14 @@ impl ReplayReader {
             }
             for f in frames {
                 self.after = f.frame_no;
+                // Room for its plaintext first, then open it.
+                let plain = crate::frame::FrameHeader::parse(&f.bytes)
+                    .map_or(0, |h| u64::from(h.plain_len));
+                let charge = self.ahead.take(plain);
                 let opened = self
                     .opener
                     .open_owned(f.bytes)
+                    .map(|o| (o, charge))
                     .map_err(|e| TargetError::Redo {
                         group: self.group.clone(),
                         source: Box::new(SpoolError::Corrupt {
