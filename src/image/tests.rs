@@ -71,7 +71,24 @@ fn reference_apply(file: &File, ops: &[WriteOp<'_>]) {
 /// An op description for the property test: (is_zero, offset, len, seed).
 type OpDesc = (bool, u64, u64, u64);
 
-fn materialize(descs: &[OpDesc], size: u64) -> Vec<(bool, u64, Vec<u8>, u64)> {
+/// An op's data: on the heap (any address), or in block-aligned memory, so
+/// direct runs mix writes taken in place with writes copied to the bounce
+/// buffer.
+enum OpData {
+    Heap(Vec<u8>),
+    Aligned(crate::util::aligned::AlignedBuf, usize),
+}
+
+impl OpData {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            OpData::Heap(v) => v,
+            OpData::Aligned(b, n) => &b.bytes()[..*n],
+        }
+    }
+}
+
+fn materialize(descs: &[OpDesc], size: u64) -> Vec<(bool, u64, OpData, u64)> {
     descs
         .iter()
         .map(|&(is_zero, offset, len, seed)| {
@@ -83,17 +100,24 @@ fn materialize(descs: &[OpDesc], size: u64) -> Vec<(bool, u64, Vec<u8>, u64)> {
                 offset -= offset % 4096;
                 len -= len % 4096;
             }
-            let mut data = Vec::new();
+            let mut data = OpData::Heap(Vec::new());
             if !is_zero {
-                data = vec![0u8; len as usize];
-                Prng::new(seed).fill(&mut data);
+                let mut v = vec![0u8; len as usize];
+                Prng::new(seed).fill(&mut v);
+                data = if seed % 2 == 0 {
+                    let mut b = crate::util::aligned::AlignedBuf::new(v.len());
+                    b.bytes_mut()[..v.len()].copy_from_slice(&v);
+                    OpData::Aligned(b, v.len())
+                } else {
+                    OpData::Heap(v)
+                };
             }
             (is_zero, offset, data, len)
         })
         .collect()
 }
 
-fn as_ops(owned: &[(bool, u64, Vec<u8>, u64)]) -> Vec<WriteOp<'_>> {
+fn as_ops(owned: &[(bool, u64, OpData, u64)]) -> Vec<WriteOp<'_>> {
     owned
         .iter()
         .map(|(is_zero, offset, data, len)| {
@@ -105,7 +129,7 @@ fn as_ops(owned: &[(bool, u64, Vec<u8>, u64)]) -> Vec<WriteOp<'_>> {
             } else {
                 WriteOp::Write {
                     offset: *offset,
-                    data,
+                    data: data.bytes(),
                 }
             }
         })
