@@ -803,6 +803,24 @@ async fn a_config_with_an_oversized_disk_id_is_refused() {
     assert!(e.to_string().contains("70000 is above 65535"), "{e}");
 }
 
+/// Append `sealed` frames to group g1's redo journal in `gdir` (a fresh one).
+fn journal(gdir: &std::path::Path, sealed: Vec<Vec<u8>>) {
+    let (redo, reset) = super::redo::Redo::open(gdir, "g1", 0).expect("open redo");
+    assert!(reset.is_none());
+    for b in sealed {
+        redo.append_blocking(&std::sync::Arc::new(b))
+            .expect("append");
+    }
+}
+
+/// The last frame in group g1's redo journal in `gdir`.
+fn redo_head(gdir: &std::path::Path) -> u64 {
+    super::redo::Redo::open(gdir, "g1", 0)
+        .expect("open redo")
+        .0
+        .head()
+}
+
 /// The frames of the redo journal after the watermark are applied at start,
 /// without the relay: a crash left the replica partly written (here: garbage
 /// where the frames write), the replay makes it equal the frames' result and
@@ -829,13 +847,8 @@ async fn the_redo_journal_is_replayed_at_start_without_the_relay() {
         frames.iter().map(|f| f.bytes.clone()).collect::<Vec<_>>(),
     );
     let head = tokio::task::spawn_blocking(move || {
-        let (redo, reset) = super::redo::Redo::open(&gdir, "g1", 0).expect("open redo");
-        assert!(reset.is_none());
-        for b in sealed {
-            redo.append_blocking(&std::sync::Arc::new(b))
-                .expect("append");
-        }
-        redo.head()
+        journal(&gdir, sealed);
+        redo_head(&gdir)
     })
     .await
     .unwrap();
@@ -902,16 +915,9 @@ async fn a_redo_frame_that_does_not_open_stops_the_replay_naming_it() {
     *sealed[3].last_mut().unwrap() ^= 1;
     let (gdir, cfg) = (site.group_dir("g1"), site.cfg.clone());
     let (err, head) = tokio::task::spawn_blocking(move || {
-        {
-            let (redo, _) = super::redo::Redo::open(&gdir, "g1", 0).expect("open redo");
-            for b in sealed {
-                redo.append_blocking(&std::sync::Arc::new(b))
-                    .expect("append");
-            }
-        }
+        journal(&gdir, sealed);
         let err = super::run_group_offline(&cfg, "g1").expect_err("a frame does not open");
-        let (redo, _) = super::redo::Redo::open(&gdir, "g1", 0).expect("open redo");
-        (err, redo.head())
+        (err, redo_head(&gdir))
     })
     .await
     .unwrap();
@@ -945,13 +951,7 @@ async fn a_redo_frame_the_apply_refuses_ends_the_replay_and_its_reader() {
     let err = tokio::time::timeout(
         WAIT,
         tokio::task::spawn_blocking(move || {
-            {
-                let (redo, _) = super::redo::Redo::open(&gdir, "g1", 0).expect("open redo");
-                for b in sealed {
-                    redo.append_blocking(&std::sync::Arc::new(b))
-                        .expect("append");
-                }
-            }
+            journal(&gdir, sealed);
             super::run_group_offline(&cfg, "g1").expect_err("disk 9 is not in the group")
         }),
     )
