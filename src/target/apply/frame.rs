@@ -632,6 +632,7 @@ impl Drop for AheadCharge {
 /// What the replay's reader sends: a frame opened with its charge, or the
 /// error that ends the replay.
 type ReplayItem = Result<(OpenedFrame, AheadCharge), TargetError>;
+
 /// Reads the redo journal after the watermark and opens its frames, in chain
 /// order, for [`Applier::replay`].
 struct ReplayReader {
