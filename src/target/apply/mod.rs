@@ -259,6 +259,14 @@ pub(crate) fn spawn(
     Ok((handle, ready_rx))
 }
 
+/// An applier dropped without running to its end (a start that failed in the
+/// replay) stops its flusher too.
+impl Drop for Applier {
+    fn drop(&mut self) {
+        self.stop_flusher();
+    }
+}
+
 /// Open (or create, with `create`) a replica, falling back to the sync engine
 /// for good if io_uring is unavailable.
 fn open_replica(
@@ -435,6 +443,16 @@ impl Applier {
         Ok(a)
     }
 
+    /// Stop the flusher (it ends when its queue is closed) and wait for it,
+    /// so that nothing of the group (its redo journal's lock, its watermark)
+    /// is held once the applier is gone.
+    fn stop_flusher(&mut self) {
+        self.flush_tx = None;
+        if let Some(h) = self.flusher.take() {
+            let _ = h.join();
+        }
+    }
+
     /// The applied position, as retention sees it.
     fn position(&self) -> Position {
         Position {
@@ -548,11 +566,7 @@ impl Applier {
         }
         self.commit_or_stall();
         self.wait_flush_or_stall();
-        // Stop the flusher (it ends when its queue is closed) and wait for it.
-        self.flush_tx = None;
-        if let Some(h) = self.flusher.take() {
-            let _ = h.join();
-        }
+        self.stop_flusher();
         tracing::info!(
             group = %self.group,
             frame_no = self.progress.borrow().durable.pos.frame_no,
