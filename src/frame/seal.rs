@@ -7,8 +7,6 @@
 //! in the received buffer and never shifts the plaintext.
 
 use std::io::Cursor;
-
-use crate::util::aligned::BLOCK;
 use std::ops::Range;
 
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, Tag, UnboundKey};
@@ -20,6 +18,7 @@ use super::{
     Codec, DataKey, FormatVersion, FrameError, FrameHeader, FrameKind, GroupName, HEADER_LEN,
     MAX_PLAIN_LEN, RECORD_HEADER_LEN, RecordHeader, RecordRef, TAG_LEN, WireKind, WireRecord,
 };
+use crate::util::aligned::BLOCK;
 
 /// What the caller decides about a frame; everything else in the header is derived
 /// from the records.

@@ -195,9 +195,10 @@ pub struct ImageSpec {
     /// sparse file; VMDK: a new image of that capacity, which must be a
     /// multiple of 512). An existing image is opened as is, whatever this says.
     pub create_size: Option<u64>,
-    /// Write block-aligned data with `O_DIRECT` (through an aligned bounce
-    /// buffer), when the file system takes it; everything else goes through the
-    /// page cache. See docs/IMAGE.md, "Direct I/O".
+    /// Write block-aligned data with `O_DIRECT` (in place from block-aligned
+    /// memory, else through an aligned bounce buffer), when the file system
+    /// takes it; everything else goes through the page cache. See
+    /// docs/IMAGE.md, "Direct I/O".
     pub direct_io: DirectIo,
 }
 

@@ -253,10 +253,8 @@ impl Batch {
 /// of its cluster (started, not complete: at most the ring's depth + 1).
 #[derive(Debug, Default)]
 struct Overlaps {
-    /// Per op: index of its cluster in `clusters`, or `NONE` when alone.
+    /// Per op: index of its cluster (of two or more ops), or `NONE` when alone.
     cluster: Vec<usize>,
-    /// Members of each cluster of two or more ops, in index order.
-    clusters: Vec<Vec<usize>>,
     /// Per cluster: its members started and not complete.
     active: Vec<Vec<usize>>,
 }
@@ -269,7 +267,6 @@ impl Overlaps {
         order.sort_unstable_by_key(|&i| ops[i].offset());
         let mut o = Overlaps {
             cluster: vec![Self::NONE; ops.len()],
-            clusters: Vec::new(),
             active: Vec::new(),
         };
         let mut start = 0;
@@ -283,13 +280,10 @@ impl Overlaps {
                 end += 1;
             }
             if end - start > 1 {
-                let id = o.clusters.len();
-                let mut members = order[start..end].to_vec();
-                members.sort_unstable();
-                for &m in &members {
+                let id = o.active.len();
+                for &m in &order[start..end] {
                     o.cluster[m] = id;
                 }
-                o.clusters.push(members);
                 o.active.push(Vec::new());
             }
             start = end;
@@ -322,10 +316,9 @@ impl Overlaps {
 
     /// The ops before `op` that it may overlap (a superset of those it does).
     #[cfg(test)]
-    fn earlier(&self, op: usize) -> &[usize] {
-        self.cluster_of(op).map_or(&[], |c| {
-            let members = &self.clusters[c];
-            &members[..members.partition_point(|&m| m < op)]
+    fn earlier(&self, op: usize) -> Vec<usize> {
+        self.cluster_of(op).map_or(Vec::new(), |c| {
+            (0..op).filter(|&m| self.cluster[m] == c).collect()
         })
     }
 }
@@ -948,7 +941,7 @@ mod tests {
             w(1099, &d[..2]),                     // 7
         ];
         let o = Overlaps::of(&ops);
-        let earlier: Vec<&[usize]> = (0..ops.len()).map(|i| o.earlier(i)).collect();
+        let earlier: Vec<Vec<usize>> = (0..ops.len()).map(|i| o.earlier(i)).collect();
         assert_eq!(earlier, [&[][..], &[], &[0], &[0, 2], &[], &[], &[], &[6]],);
     }
 
